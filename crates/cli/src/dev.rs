@@ -1,0 +1,128 @@
+//! The single-process dev stack behind `esq dev` (also what the system tests start).
+
+use anyhow::Context as _;
+use esq_eventstore::embedded::EmbeddedStore;
+use esq_readstore::memory::MemoryStore;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Where the dev stack keeps its data and listens.
+#[derive(Debug, Clone)]
+pub struct DevConfig {
+    /// Folder of the embedded event store (created if missing).
+    pub data_dir: PathBuf,
+    /// write-svc address (port 0 picks a free port).
+    pub write_addr: SocketAddr,
+    /// read-svc address (port 0 picks a free port).
+    pub read_addr: SocketAddr,
+    /// Projector tunables.
+    pub projector: esq_projector::Config,
+    /// read-svc tunables.
+    pub read: esq_read_svc::Config,
+}
+
+impl DevConfig {
+    /// Defaults for a data folder: loopback, ports 50051 (write) and 50052 (read).
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            write_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            read_addr: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            projector: esq_projector::Config::default(),
+            read: esq_read_svc::Config::default(),
+        }
+    }
+}
+
+/// A running dev stack.
+pub struct DevStack {
+    /// Where write-svc listens.
+    pub write_addr: SocketAddr,
+    /// Where read-svc listens.
+    pub read_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl DevStack {
+    /// Opens the store, rebuilds the read model from the change log, then serves both gRPC
+    /// services and tails the log until `shutdown` is cancelled.
+    pub async fn start(config: DevConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let store = Arc::new(
+            EmbeddedStore::open(&config.data_dir)
+                .with_context(|| format!("cannot open the event store in {}", config.data_dir.display()))?,
+        );
+        let read = Arc::new(MemoryStore::default());
+        let projector = esq_projector::Projector::new(
+            Arc::clone(&store),
+            Arc::clone(&store),
+            Arc::clone(&read),
+            config.projector.clone(),
+        );
+        // Catch up before serving, so the first query after a restart sees every event.
+        let mut changes = 0u32;
+        while projector.poll_once().await.context("rebuilding the read model")? {
+            changes += 1;
+        }
+        tracing::info!(pages = changes, "read model rebuilt from the change log");
+
+        let write_listener = esq_runtime::bind(config.write_addr).await?;
+        let read_listener = esq_runtime::bind(config.read_addr).await?;
+        let write_addr = write_listener.local_addr()?;
+        let read_addr = read_listener.local_addr()?;
+
+        let wake = Arc::new(Notify::new());
+        let nudge_target = Arc::clone(&wake);
+        let nudge: esq_write_svc::Nudge = Arc::new(move |_, _| nudge_target.notify_one());
+
+        let mut tasks = JoinSet::new();
+        let s = shutdown.clone();
+        tasks.spawn(async move {
+            projector.run(wake, s).await;
+            Ok(())
+        });
+        tasks.spawn(esq_write_svc::run(
+            write_listener,
+            esq_write_svc::Deps {
+                store,
+                nudge: Some(nudge),
+            },
+            shutdown.clone(),
+        ));
+        tasks.spawn(esq_read_svc::run(
+            read_listener,
+            read,
+            config.read,
+            shutdown.clone(),
+        ));
+        Ok(Self {
+            write_addr,
+            read_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Waits until every component has stopped; the first failure cancels the others.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        while let Some(done) = self.tasks.join_next().await {
+            let result = done.context("a dev-stack task panicked").and_then(|r| r);
+            if let Err(e) = result {
+                self.shutdown.cancel();
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Stops every component and waits for them.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}

@@ -1,0 +1,5 @@
+//! The `esq` command-line tool: `esq dev` runs write-svc, the projector and read-svc in one
+//! process on the embedded defaults (redb event store in a local folder, in-memory read model
+//! rebuilt from the log at start), so a new user needs no external service.
+
+pub mod dev;

@@ -1,0 +1,654 @@
+//! The shopping cart: add and remove priced items, then check out once.
+
+use crate::aggregate::{decode, encode, Aggregate};
+use crate::ids::validate_id;
+use crate::projection::{doc_version, Changes, FieldOp, Projection};
+use crate::{DomainError, NewEvent, RecordedEvent};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+/// The stream type of carts.
+pub const KIND: &str = "cart";
+/// Most units one command may add or remove.
+pub const MAX_QUANTITY: i64 = 1_000_000;
+/// Highest unit price accepted, in cents.
+pub const MAX_UNIT_PRICE_CENTS: i64 = 100_000_000;
+
+/// What a client may ask a cart to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CartCommand {
+    /// Put `quantity` units of `sku` in the cart at `unit_price_cents` each.
+    AddItem {
+        /// The product.
+        sku: String,
+        /// Units to add, 1..=[`MAX_QUANTITY`].
+        quantity: i64,
+        /// Price of one unit, 0..=[`MAX_UNIT_PRICE_CENTS`].
+        unit_price_cents: i64,
+    },
+    /// Take `quantity` units of `sku` out of the cart.
+    RemoveItem {
+        /// The product.
+        sku: String,
+        /// Units to remove, 1..=[`MAX_QUANTITY`].
+        quantity: i64,
+    },
+    /// Close the cart for good.
+    Checkout,
+}
+
+impl CartCommand {
+    /// Checks the command's fields, independently of any cart.
+    pub fn validate(&self) -> Result<(), DomainError> {
+        match self {
+            Self::AddItem {
+                sku,
+                quantity,
+                unit_price_cents,
+            } => {
+                validate_id("sku", sku)?;
+                validate_quantity(*quantity)?;
+                if !(0..=MAX_UNIT_PRICE_CENTS).contains(unit_price_cents) {
+                    return Err(DomainError::invalid(
+                        "unit_price_cents",
+                        format!("must be between 0 and {MAX_UNIT_PRICE_CENTS}"),
+                    ));
+                }
+                Ok(())
+            }
+            Self::RemoveItem { sku, quantity } => {
+                validate_id("sku", sku)?;
+                validate_quantity(*quantity)
+            }
+            Self::Checkout => Ok(()),
+        }
+    }
+}
+
+fn validate_quantity(quantity: i64) -> Result<(), DomainError> {
+    if quantity <= 0 {
+        Err(DomainError::invalid("quantity", "must be greater than 0"))
+    } else if quantity > MAX_QUANTITY {
+        Err(DomainError::invalid(
+            "quantity",
+            format!("must be at most {MAX_QUANTITY}"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// What happened to a cart, at the current schema of each event type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum CartEvent {
+    /// Units of a product went into the cart (schema v2; v1 had `qty` and no price).
+    ItemAdded {
+        /// The product.
+        sku: String,
+        /// Units added.
+        quantity: i64,
+        /// Price of one unit, in cents.
+        unit_price_cents: i64,
+    },
+    /// Units of a product came out of the cart.
+    ItemRemoved {
+        /// The product.
+        sku: String,
+        /// Units removed.
+        quantity: i64,
+        /// The line's unit price, so that readers can adjust totals without history.
+        unit_price_cents: i64,
+    },
+    /// The cart was checked out; nothing changes it afterwards.
+    CheckedOut {
+        /// Sum of quantity × unit price over all lines, in cents.
+        total_cents: i64,
+        /// Sum of quantities over all lines.
+        item_count: i64,
+    },
+}
+
+/// Whether a cart still accepts changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CartStatus {
+    /// Items may be added and removed.
+    #[default]
+    Open,
+    /// Checked out: closed for good.
+    CheckedOut,
+}
+
+/// One product in a cart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Line {
+    /// Units held, always > 0 (a line that reaches 0 is removed).
+    pub quantity: i64,
+    /// Price of one unit, in cents.
+    pub unit_price_cents: i64,
+}
+
+/// A cart's write-side state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cart {
+    /// Open or checked out.
+    pub status: CartStatus,
+    /// Lines by sku.
+    pub lines: BTreeMap<String, Line>,
+}
+
+impl Cart {
+    /// Sum of quantity × unit price, in cents. Saturating, because events appended raw through
+    /// the generic API may hold any numbers and must not crash the fold.
+    pub fn total_cents(&self) -> i64 {
+        self.lines.values().fold(0i64, |sum, l| {
+            sum.saturating_add(l.quantity.saturating_mul(l.unit_price_cents))
+        })
+    }
+
+    /// Sum of quantities.
+    pub fn item_count(&self) -> i64 {
+        self.lines
+            .values()
+            .fold(0i64, |sum, l| sum.saturating_add(l.quantity))
+    }
+}
+
+impl Aggregate for Cart {
+    const KIND: &'static str = KIND;
+    type Command = CartCommand;
+
+    fn apply(&mut self, event: &RecordedEvent) {
+        match decode(event) {
+            Some(CartEvent::ItemAdded {
+                sku,
+                quantity,
+                unit_price_cents,
+            }) => {
+                let line = self.lines.entry(sku).or_insert(Line {
+                    quantity: 0,
+                    unit_price_cents,
+                });
+                line.quantity = line.quantity.saturating_add(quantity);
+                line.unit_price_cents = unit_price_cents;
+            }
+            Some(CartEvent::ItemRemoved { sku, quantity, .. }) => {
+                if let Some(line) = self.lines.get_mut(&sku) {
+                    line.quantity = line.quantity.saturating_sub(quantity);
+                    if line.quantity <= 0 {
+                        self.lines.remove(&sku);
+                    }
+                }
+            }
+            Some(CartEvent::CheckedOut { .. }) => self.status = CartStatus::CheckedOut,
+            None => {}
+        }
+    }
+
+    fn decide(&self, command: &CartCommand) -> Result<Vec<NewEvent>, DomainError> {
+        command.validate()?;
+        if self.status == CartStatus::CheckedOut {
+            return Err(DomainError::Rule("cart is checked out".into()));
+        }
+        let event = match command {
+            CartCommand::AddItem {
+                sku,
+                quantity,
+                unit_price_cents,
+            } => {
+                if let Some(line) = self.lines.get(sku) {
+                    if line.unit_price_cents != *unit_price_cents {
+                        return Err(DomainError::Rule(format!(
+                            "sku {sku} is already in the cart at {} cents a unit, not {unit_price_cents}; \
+                             remove it first to change its price",
+                            line.unit_price_cents
+                        )));
+                    }
+                }
+                CartEvent::ItemAdded {
+                    sku: sku.clone(),
+                    quantity: *quantity,
+                    unit_price_cents: *unit_price_cents,
+                }
+            }
+            CartCommand::RemoveItem { sku, quantity } => {
+                let line = self.lines.get(sku).ok_or_else(|| {
+                    DomainError::Rule(format!("cannot remove sku {sku}: it is not in the cart"))
+                })?;
+                if line.quantity < *quantity {
+                    return Err(DomainError::Rule(format!(
+                        "cannot remove {quantity} of sku {sku}: the cart holds {}",
+                        line.quantity
+                    )));
+                }
+                CartEvent::ItemRemoved {
+                    sku: sku.clone(),
+                    quantity: *quantity,
+                    unit_price_cents: line.unit_price_cents,
+                }
+            }
+            CartCommand::Checkout => {
+                if self.lines.is_empty() {
+                    return Err(DomainError::Rule("cannot check out an empty cart".into()));
+                }
+                CartEvent::CheckedOut {
+                    total_cents: self.total_cents(),
+                    item_count: self.item_count(),
+                }
+            }
+        };
+        Ok(vec![encode(&event)])
+    }
+}
+
+/// Document field prefix of a line's quantity (`item:<sku>`).
+const ITEM_PREFIX: &str = "item:";
+/// Document field prefix of a line's unit price (`price:<sku>`).
+const PRICE_PREFIX: &str = "price:";
+
+/// The cart read model: one document per cart with its lines, totals and status.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CartProjection;
+
+impl Projection for CartProjection {
+    fn name(&self) -> &'static str {
+        "cart"
+    }
+
+    fn handles(&self, stream_kind: &str) -> bool {
+        stream_kind == KIND
+    }
+
+    fn project(&self, event: &RecordedEvent, out: &mut Changes) {
+        let (sku, quantity, unit_price_cents) = match decode(event) {
+            Some(CartEvent::ItemAdded {
+                sku,
+                quantity,
+                unit_price_cents,
+            }) => {
+                out.fields.push(FieldOp::Set(
+                    format!("{PRICE_PREFIX}{sku}"),
+                    unit_price_cents.to_string(),
+                ));
+                (sku, quantity, unit_price_cents)
+            }
+            // Removal is an addition of minus the quantity at the line's price.
+            Some(CartEvent::ItemRemoved {
+                sku,
+                quantity,
+                unit_price_cents,
+            }) => (sku, quantity.saturating_neg(), unit_price_cents),
+            Some(CartEvent::CheckedOut { .. }) => {
+                out.fields.extend([
+                    FieldOp::Set("status".into(), "checked_out".into()),
+                    FieldOp::Set("checked_out_at_us".into(), event.recorded_at_us.to_string()),
+                ]);
+                return;
+            }
+            None => return,
+        };
+        out.fields.extend([
+            FieldOp::Set("status".into(), "open".into()),
+            FieldOp::Incr(format!("{ITEM_PREFIX}{sku}"), quantity),
+            FieldOp::Incr(
+                "total_cents".into(),
+                quantity.saturating_mul(unit_price_cents),
+            ),
+            FieldOp::Incr("item_count".into(), quantity),
+        ]);
+    }
+}
+
+/// One line of a [`CartView`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CartLine {
+    /// The product.
+    pub sku: String,
+    /// Units held.
+    pub quantity: i64,
+    /// Price of one unit, in cents.
+    pub unit_price_cents: i64,
+}
+
+/// A cart as queries see it, read from a [`CartProjection`] document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CartView {
+    /// `open` or `checked_out`.
+    pub status: String,
+    /// Lines holding at least one unit, sorted by sku.
+    pub items: Vec<CartLine>,
+    /// Sum of quantity × unit price, in cents.
+    pub total_cents: i64,
+    /// Sum of quantities.
+    pub item_count: i64,
+    /// The last stream version the document reflects (0: no events yet).
+    pub version: u64,
+    /// When the cart was checked out, microseconds since the Unix epoch.
+    pub checked_out_at_us: Option<i64>,
+}
+
+impl CartView {
+    /// Reads a cart document; missing fields read as an empty open cart.
+    pub fn from_doc(doc: &HashMap<String, String>) -> CartView {
+        let int = |field: &str| doc.get(field).and_then(|v| v.parse::<i64>().ok());
+        let mut items: Vec<CartLine> = doc
+            .iter()
+            .filter_map(|(k, v)| {
+                let sku = k.strip_prefix(ITEM_PREFIX)?;
+                let quantity = v.parse().ok().filter(|q| *q > 0)?;
+                Some(CartLine {
+                    sku: sku.to_owned(),
+                    quantity,
+                    unit_price_cents: int(&format!("{PRICE_PREFIX}{sku}")).unwrap_or(0),
+                })
+            })
+            .collect();
+        items.sort_by(|a, b| a.sku.cmp(&b.sku));
+        CartView {
+            status: doc.get("status").map_or("open", String::as_str).to_owned(),
+            items,
+            total_cents: int("total_cents").unwrap_or(0),
+            item_count: int("item_count").unwrap_or(0),
+            version: doc_version(doc),
+            checked_out_at_us: int("checked_out_at_us"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projection::fold;
+    use crate::testing::{recorded_at, Given};
+    use serde_json::json;
+
+    fn add(sku: &str, quantity: i64, unit_price_cents: i64) -> CartCommand {
+        CartCommand::AddItem {
+            sku: sku.into(),
+            quantity,
+            unit_price_cents,
+        }
+    }
+
+    fn remove(sku: &str, quantity: i64) -> CartCommand {
+        CartCommand::RemoveItem {
+            sku: sku.into(),
+            quantity,
+        }
+    }
+
+    fn cart() -> Given<Cart> {
+        Given::new("c-1")
+    }
+
+    fn invalid_field(result: Result<usize, DomainError>) -> String {
+        match result {
+            Err(DomainError::Invalid { field, .. }) => field,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    fn rule(result: Result<usize, DomainError>) -> String {
+        match result {
+            Err(DomainError::Rule(message)) => message,
+            other => panic!("expected Rule, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sku_must_be_a_valid_id() {
+        assert_eq!(invalid_field(cart().run(add("", 1, 1))), "sku");
+        assert_eq!(invalid_field(cart().run(add("a b", 1, 1))), "sku");
+        assert_eq!(invalid_field(cart().run(remove("a{b}", 1))), "sku");
+    }
+
+    #[test]
+    fn quantity_must_be_greater_than_zero() {
+        for q in [0, -1] {
+            let err = cart().run(add("A", q, 1)).expect_err("refused");
+            assert_eq!(
+                err,
+                DomainError::invalid("quantity", "must be greater than 0")
+            );
+        }
+        assert_eq!(
+            invalid_field(cart().ok(add("A", 1, 1)).run(remove("A", 0))),
+            "quantity"
+        );
+    }
+
+    #[test]
+    fn quantity_is_at_most_a_million() {
+        assert_eq!(cart().run(add("A", MAX_QUANTITY, 0)), Ok(1));
+        assert_eq!(
+            invalid_field(cart().run(add("A", MAX_QUANTITY + 1, 0))),
+            "quantity"
+        );
+        assert_eq!(
+            invalid_field(cart().run(remove("A", MAX_QUANTITY + 1))),
+            "quantity"
+        );
+    }
+
+    #[test]
+    fn unit_price_must_be_within_bounds() {
+        assert_eq!(cart().run(add("A", 1, 0)), Ok(1));
+        assert_eq!(cart().run(add("A", 1, MAX_UNIT_PRICE_CENTS)), Ok(1));
+        assert_eq!(
+            invalid_field(cart().run(add("A", 1, -1))),
+            "unit_price_cents"
+        );
+        assert_eq!(
+            invalid_field(cart().run(add("A", 1, MAX_UNIT_PRICE_CENTS + 1))),
+            "unit_price_cents"
+        );
+    }
+
+    #[test]
+    fn validation_comes_before_rules() {
+        let mut done = cart().ok(add("A", 1, 1)).ok(CartCommand::Checkout);
+        assert_eq!(invalid_field(done.run(add("A", 0, 1))), "quantity");
+    }
+
+    #[test]
+    fn adding_accumulates_lines() {
+        let c = cart()
+            .ok(add("B", 2, 100))
+            .ok(add("A", 1, 50))
+            .ok(add("B", 3, 100));
+        assert_eq!(
+            c.state.lines["B"],
+            Line {
+                quantity: 5,
+                unit_price_cents: 100
+            }
+        );
+        assert_eq!((c.state.total_cents(), c.state.item_count()), (550, 6));
+    }
+
+    #[test]
+    fn adding_a_sku_at_a_different_price_is_refused() {
+        let message = rule(cart().ok(add("A", 1, 100)).run(add("A", 1, 120)));
+        assert!(
+            message.contains("sku A is already in the cart at 100 cents"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_removed_line_can_come_back_at_a_new_price() {
+        let c = cart()
+            .ok(add("A", 1, 100))
+            .ok(remove("A", 1))
+            .ok(add("A", 1, 120));
+        assert_eq!(c.state.lines["A"].unit_price_cents, 120);
+    }
+
+    #[test]
+    fn cannot_remove_a_sku_not_in_the_cart() {
+        let message = rule(cart().ok(add("A", 1, 1)).run(remove("X", 1)));
+        assert_eq!(message, "cannot remove sku X: it is not in the cart");
+    }
+
+    #[test]
+    fn cannot_remove_more_than_the_cart_holds() {
+        let message = rule(cart().ok(add("X", 1, 1)).run(remove("X", 3)));
+        assert_eq!(message, "cannot remove 3 of sku X: the cart holds 1");
+    }
+
+    #[test]
+    fn removing_everything_drops_the_line() {
+        let c = cart().ok(add("A", 2, 1)).ok(remove("A", 1));
+        assert_eq!(c.state.lines["A"].quantity, 1);
+        let c = c.ok(remove("A", 1));
+        assert!(c.state.lines.is_empty());
+    }
+
+    #[test]
+    fn cannot_check_out_an_empty_cart() {
+        assert_eq!(
+            rule(cart().run(CartCommand::Checkout)),
+            "cannot check out an empty cart"
+        );
+        let mut emptied = cart().ok(add("A", 1, 1)).ok(remove("A", 1));
+        assert_eq!(
+            rule(emptied.run(CartCommand::Checkout)),
+            "cannot check out an empty cart"
+        );
+    }
+
+    #[test]
+    fn cannot_check_out_twice() {
+        let mut c = cart().ok(add("A", 1, 1)).ok(CartCommand::Checkout);
+        assert_eq!(c.state.status, CartStatus::CheckedOut);
+        assert_eq!(rule(c.run(CartCommand::Checkout)), "cart is checked out");
+    }
+
+    #[test]
+    fn no_change_after_checkout() {
+        let mut c = cart().ok(add("A", 1, 1)).ok(CartCommand::Checkout);
+        assert_eq!(rule(c.run(add("B", 1, 1))), "cart is checked out");
+        assert_eq!(rule(c.run(remove("A", 1))), "cart is checked out");
+    }
+
+    #[test]
+    fn events_are_self_describing_json() {
+        let c = cart()
+            .ok(add("A", 2, 150))
+            .ok(remove("A", 1))
+            .ok(CartCommand::Checkout);
+        let shapes: Vec<_> = c
+            .history
+            .iter()
+            .map(|e| {
+                (
+                    e.event_type.as_str(),
+                    e.schema_version,
+                    e.json().expect("JSON"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                (
+                    "ItemAdded",
+                    2,
+                    json!({"sku": "A", "quantity": 2, "unit_price_cents": 150})
+                ),
+                (
+                    "ItemRemoved",
+                    1,
+                    json!({"sku": "A", "quantity": 1, "unit_price_cents": 150})
+                ),
+                (
+                    "CheckedOut",
+                    1,
+                    json!({"total_cents": 150, "item_count": 1})
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn v1_item_added_is_read_through_the_upcaster() {
+        let old = NewEvent::json("ItemAdded", 1, &json!({"sku": "A", "qty": 4}));
+        let c = cart().raw(old).ok(add("A", 1, 0));
+        assert_eq!(
+            c.state.lines["A"],
+            Line {
+                quantity: 5,
+                unit_price_cents: 0
+            }
+        );
+        let view = CartView::from_doc(&fold(&CartProjection, &c.history));
+        assert_eq!(view.items[0].quantity, 5);
+        assert_eq!(view.item_count, 5);
+    }
+
+    #[test]
+    fn unknown_and_undecodable_events_are_ignored() {
+        let c = cart()
+            .raw(NewEvent::json("Renamed", 1, &json!({"name": "x"})))
+            .raw(NewEvent::json("ItemAdded", 9, &json!({"sku": "A"})))
+            .raw(NewEvent::json("ItemAdded", 2, &json!({"sku": 5})));
+        assert_eq!(c.state, Cart::default());
+        let view = CartView::from_doc(&fold(&CartProjection, &c.history));
+        assert_eq!((view.items.len(), view.version), (0, 3));
+    }
+
+    #[test]
+    fn projection_folds_into_the_view() {
+        let c = cart()
+            .ok(add("B", 2, 100))
+            .ok(add("A", 1, 250))
+            .ok(add("C", 1, 5))
+            .ok(remove("C", 1))
+            .ok(remove("B", 1));
+        let view = CartView::from_doc(&fold(&CartProjection, &c.history));
+        assert_eq!(
+            view,
+            CartView {
+                status: "open".into(),
+                items: vec![
+                    CartLine {
+                        sku: "A".into(),
+                        quantity: 1,
+                        unit_price_cents: 250
+                    },
+                    CartLine {
+                        sku: "B".into(),
+                        quantity: 1,
+                        unit_price_cents: 100
+                    },
+                ],
+                total_cents: 350,
+                item_count: 2,
+                version: 5,
+                checked_out_at_us: None,
+            }
+        );
+        assert_eq!(view.total_cents, c.state.total_cents());
+    }
+
+    #[test]
+    fn projection_records_checkout() {
+        let c = cart().ok(add("A", 3, 10)).ok(CartCommand::Checkout);
+        let view = CartView::from_doc(&fold(&CartProjection, &c.history));
+        assert_eq!(view.status, "checked_out");
+        assert_eq!(view.checked_out_at_us, Some(recorded_at(2)));
+        assert_eq!(
+            (view.total_cents, view.item_count, view.version),
+            (30, 3, 2)
+        );
+    }
+
+    #[test]
+    fn empty_document_is_an_empty_open_cart() {
+        let view = CartView::from_doc(&HashMap::new());
+        assert_eq!(
+            (view.status.as_str(), view.version, view.items.len()),
+            ("open", 0, 0)
+        );
+    }
+}

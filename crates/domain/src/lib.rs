@@ -1,0 +1,54 @@
+//! The esq domain: stream identities, versions, events, the cart and bookshop aggregates, the
+//! projections that turn events into read-model changes, and the upcasters that lift old event
+//! schemas to the current one.
+//!
+//! This crate does no IO and depends on no gRPC, database or Redis crate: adapters and services
+//! depend on it, never the reverse. Everything here is a pure function of its inputs, so it is
+//! tested with plain unit and property tests.
+
+pub mod aggregate;
+pub mod bookshop;
+pub mod cart;
+pub mod event;
+pub mod ids;
+pub mod projection;
+pub mod state;
+pub mod upcast;
+
+pub use aggregate::Aggregate;
+pub use event::{
+    AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamInfo, JSON_CONTENT_TYPE,
+};
+pub use ids::StreamId;
+
+#[cfg(test)]
+mod testing;
+
+/// Why a command, an append or a field was refused by the domain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    /// Malformed input: `field` names the offending field (as the client spelled it).
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The field that is wrong, e.g. `stream.id` or `events[2].data`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A business rule refused the command (cart checked out, removing what is not there, ...).
+    #[error("{0}")]
+    Rule(String),
+    /// The aggregate does not exist (a command that needs an existing aggregate).
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl DomainError {
+    /// Shorthand for [`DomainError::Invalid`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}

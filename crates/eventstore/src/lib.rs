@@ -1,0 +1,176 @@
+//! The esq event store: the [`EventStore`] and [`ChangeFeed`] traits the services are written
+//! against, and their adapters — [`embedded`] (redb, for `esq dev` and tests) and, in the
+//! distributed setup, CQL (ScyllaDB or Apache Cassandra).
+//!
+//! The store is the single source of truth. It is append-only: nothing here updates or deletes
+//! an event. Adapters translate driver errors into [`StoreError`] at this boundary, so services
+//! never see a driver type.
+
+pub mod contract;
+pub mod embedded;
+
+use esq_domain::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId, StreamInfo};
+use std::future::Future;
+
+/// Why a store call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Optimistic concurrency: the stream is not at the expected version.
+    #[error("wrong expected version: expected {expected}, actual {actual}")]
+    WrongExpectedVersion {
+        /// What the caller expected.
+        expected: ExpectedVersion,
+        /// The stream's current version.
+        actual: u64,
+    },
+    /// An event id of the append is already stored in the stream, but not as the same append
+    /// at the same position: a client reused an id for different events.
+    #[error("event id {event_id} is already recorded in this stream at version {version}")]
+    EventIdReused {
+        /// The reused id.
+        event_id: uuid::Uuid,
+        /// Where it is recorded.
+        version: u64,
+    },
+    /// The backing store cannot be reached or did not answer in time.
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else; the text is for logs, not for clients.
+    #[error("event store internal error: {0}")]
+    Internal(String),
+}
+
+/// Direction of a stream read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Direction {
+    /// Ascending versions.
+    #[default]
+    Forwards,
+    /// Descending versions.
+    Backwards,
+}
+
+/// One page of a stream read.
+///
+/// `until_version` and `until_time_us` describe the stream *as of* a point: only events with
+/// `version <= until_version` and `recorded_at_us <= until_time_us` are visible, whichever the
+/// direction. That is what temporal queries are built on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadRequest {
+    /// Ascending or descending.
+    pub direction: Direction,
+    /// First version to return: forwards, the lowest (default 1); backwards, the highest
+    /// (default: the newest visible event).
+    pub from_version: Option<u64>,
+    /// At most this many events (adapters may return fewer; 0 returns none).
+    pub limit: u32,
+    /// Only events with a version at or below this are visible.
+    pub until_version: Option<u64>,
+    /// Only events recorded at or before this time (µs since the Unix epoch) are visible.
+    pub until_time_us: Option<i64>,
+}
+
+impl ReadRequest {
+    /// Reads forwards from `from` (inclusive), at most `limit` events.
+    pub fn forwards(from: u64, limit: u32) -> Self {
+        Self {
+            direction: Direction::Forwards,
+            from_version: Some(from),
+            limit,
+            until_version: None,
+            until_time_us: None,
+        }
+    }
+}
+
+/// A page of stream ids, for rebuilds that walk every stream.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StreamPage {
+    /// The streams of this page.
+    pub streams: Vec<StreamId>,
+    /// Cursor for the next page; `None` when this was the last one.
+    pub next: Option<String>,
+}
+
+/// The append-only, per-stream-ordered event store.
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` (already validated) atomically if `expected` admits the stream's
+    /// version. Idempotent: if the first event's id is already recorded in the stream as part of
+    /// the same events at consecutive versions, returns the original result and stores nothing;
+    /// if an id is recorded otherwise, fails with [`StoreError::EventIdReused`].
+    fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> impl Future<Output = Result<AppendResult, StoreError>> + Send;
+
+    /// Reads one page of a stream. A stream that does not exist reads as empty.
+    fn read(
+        &self,
+        stream: &StreamId,
+        request: ReadRequest,
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>, StoreError>> + Send;
+
+    /// The stream's summary, or `None` if it holds no events.
+    fn stream_info(
+        &self,
+        stream: &StreamId,
+    ) -> impl Future<Output = Result<Option<StreamInfo>, StoreError>> + Send;
+
+    /// One page of all stream ids, in an adapter-defined but stable order.
+    fn list_streams(
+        &self,
+        cursor: Option<String>,
+        limit: u32,
+    ) -> impl Future<Output = Result<StreamPage, StoreError>> + Send;
+}
+
+/// A notification that a stream changed up to a version. Duplicates, late arrivals and
+/// notifications of appends that never committed are all possible: consumers fence by version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The stream that changed.
+    pub stream: StreamId,
+    /// First version of the append.
+    pub first_version: u64,
+    /// Last version of the append.
+    pub last_version: u64,
+    /// When the notification was written, µs since the Unix epoch. A notification whose events
+    /// are not in the store once the append deadline has passed since then is an orphan.
+    pub noted_at_us: i64,
+}
+
+/// One page of a change-feed shard.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChangePage {
+    /// Changes after the checkpoint, in feed order.
+    pub changes: Vec<Change>,
+    /// Checkpoint to resume from after `changes` (each change's position, in order); the
+    /// caller saves the position of the last change it has fully processed.
+    pub positions: Vec<String>,
+}
+
+/// The ordered log of changes the projector tails.
+pub trait ChangeFeed: Send + Sync + 'static {
+    /// Number of shards; each is tailed independently and has its own checkpoint.
+    fn shard_count(&self) -> u32;
+
+    /// Changes of `shard` after the position `after` (from the start when `None`), at most
+    /// `limit`. `positions[i]` is the position of `changes[i]`, to be saved as the checkpoint
+    /// once that change is processed.
+    fn poll(
+        &self,
+        shard: u32,
+        after: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<ChangePage, StoreError>> + Send;
+}
+
+/// Current time in µs since the Unix epoch.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,257 @@
+//! esq projector: tails the change log and folds events into the read store.
+//!
+//! A change says only *which stream changed up to which version*; the projector then pulls the
+//! stream's events after the read model's version and applies them behind the version fence.
+//! So duplicate, late or reordered notifications are harmless, a crash between any two steps
+//! only repeats fenced no-ops, and the read store can be rebuilt from the event store at any
+//! time ([`Projector::rebuild`]). The projector never writes the event store.
+
+use esq_domain::bookshop::BookProjection;
+use esq_domain::cart::CartProjection;
+use esq_domain::projection::{batch, ApplyOutcome, Projection};
+use esq_domain::state::StateProjection;
+use esq_domain::{RecordedEvent, StreamId};
+use esq_eventstore::{now_us, Change, ChangeFeed, EventStore, ReadRequest, StoreError};
+use esq_readstore::{ReadError, ReadStore};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Tunables of a projector.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How often the change log is polled when no nudge arrives.
+    pub poll_interval: Duration,
+    /// Changes read per poll of one shard.
+    pub poll_limit: u32,
+    /// Events pulled from a stream per read.
+    pub read_page: u32,
+    /// A notification whose events are still not in the store this long after it was written
+    /// belongs to an append that never committed, and is skipped.
+    pub append_deadline: Duration,
+    /// Prefix of the checkpoint names (one checkpoint per shard).
+    pub checkpoint_prefix: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(250),
+            poll_limit: 512,
+            read_page: 500,
+            append_deadline: Duration::from_secs(10),
+            checkpoint_prefix: "projector".to_owned(),
+        }
+    }
+}
+
+/// The projections esq maintains: cart, book and the generic state of every stream.
+pub fn default_projections() -> Vec<Arc<dyn Projection>> {
+    vec![
+        Arc::new(CartProjection),
+        Arc::new(BookProjection),
+        Arc::new(StateProjection),
+    ]
+}
+
+/// Why projecting failed; always transient from the projector's point of view.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectError {
+    /// The event store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The read store failed.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+}
+
+/// How far a stream could be brought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Synced {
+    /// Every projection is at the target version (or at the stream's end).
+    Done,
+    /// The store does not (yet) hold the events up to the target.
+    Missing,
+}
+
+/// Folds events from an event store into a read store.
+pub struct Projector<E, F, R> {
+    store: Arc<E>,
+    feed: Arc<F>,
+    read: Arc<R>,
+    projections: Vec<Arc<dyn Projection>>,
+    config: Config,
+}
+
+impl<E: EventStore, F: ChangeFeed, R: ReadStore> Projector<E, F, R> {
+    /// A projector with the [`default_projections`].
+    pub fn new(store: Arc<E>, feed: Arc<F>, read: Arc<R>, config: Config) -> Self {
+        Self {
+            store,
+            feed,
+            read,
+            projections: default_projections(),
+            config,
+        }
+    }
+
+    /// Tails every shard until `shutdown`; `wake` is notified by the fast path (a nudge) to poll
+    /// at once instead of waiting for the poll interval. Transient errors are logged and
+    /// retried; the current batch finishes and its checkpoint is saved before returning.
+    pub async fn run(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        tracing::info!(shards = self.feed.shard_count(), "projector running");
+        let mut backoff = Duration::from_millis(50);
+        while !shutdown.is_cancelled() {
+            match self.poll_once().await {
+                Ok(true) => {
+                    backoff = Duration::from_millis(50);
+                    continue; // more may be waiting
+                }
+                Ok(false) => backoff = Duration::from_millis(50),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "projection failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+        tracing::info!("projector stopped");
+    }
+
+    /// Polls every shard once; true if a full page was processed (so more may be waiting).
+    pub async fn poll_once(&self) -> Result<bool, ProjectError> {
+        let mut more = false;
+        for shard in 0..self.feed.shard_count() {
+            more |= self.poll_shard(shard).await?;
+        }
+        Ok(more)
+    }
+
+    fn checkpoint_name(&self, shard: u32) -> String {
+        format!("{}:shard:{shard}", self.config.checkpoint_prefix)
+    }
+
+    /// Processes one page of a shard; true if the page was full.
+    pub async fn poll_shard(&self, shard: u32) -> Result<bool, ProjectError> {
+        let name = self.checkpoint_name(shard);
+        let after = self.read.checkpoint(&name).await?;
+        let page = self
+            .feed
+            .poll(shard, after.as_deref(), self.config.poll_limit)
+            .await?;
+        let full = page.changes.len() == self.config.poll_limit as usize;
+        let mut done: Option<&str> = None;
+        for (change, position) in page.changes.iter().zip(&page.positions) {
+            match self.sync(&change.stream, Some(change.last_version)).await? {
+                Synced::Done => done = Some(position),
+                Synced::Missing if self.is_orphan(change) => {
+                    tracing::warn!(stream = %change.stream, last = change.last_version,
+                        "skipping a notification whose append never committed");
+                    done = Some(position);
+                }
+                Synced::Missing => {
+                    // The append may still be in flight: stop here and retry from this change.
+                    if let Some(p) = done {
+                        self.read.save_checkpoint(&name, p).await?;
+                    }
+                    return Ok(false);
+                }
+            }
+        }
+        if let Some(p) = done {
+            self.read.save_checkpoint(&name, p).await?;
+        }
+        Ok(full)
+    }
+
+    fn is_orphan(&self, change: &Change) -> bool {
+        let age_us = now_us().saturating_sub(change.noted_at_us);
+        age_us > self.config.append_deadline.as_micros() as i64
+    }
+
+    /// Brings every projection of `stream` up to `target` (or to the stream's end when
+    /// `None`), pulling events after the lowest projected version, in pages.
+    async fn sync(&self, stream: &StreamId, target: Option<u64>) -> Result<Synced, ProjectError> {
+        let projections: Vec<&Arc<dyn Projection>> = self
+            .projections
+            .iter()
+            .filter(|p| p.handles(&stream.kind))
+            .collect();
+        let mut versions = Vec::with_capacity(projections.len());
+        for p in &projections {
+            versions.push(self.read.version(p.name(), &p.doc_id(stream)).await?);
+        }
+        loop {
+            let low = versions.iter().copied().min().unwrap_or(u64::MAX);
+            if target.is_some_and(|t| low >= t) || projections.is_empty() {
+                return Ok(Synced::Done);
+            }
+            let events = self
+                .store
+                .read(stream, ReadRequest::forwards(low + 1, self.config.read_page))
+                .await?;
+            if events.is_empty() {
+                return Ok(if target.is_some() {
+                    Synced::Missing
+                } else {
+                    Synced::Done
+                });
+            }
+            for (p, version) in projections.iter().zip(versions.iter_mut()) {
+                *version = self.apply(p.as_ref(), stream, &events, *version).await?;
+            }
+            if events.len() < self.config.read_page as usize && target.is_none() {
+                return Ok(Synced::Done);
+            }
+        }
+    }
+
+    /// Applies the events after `version` to one projection; returns its version afterwards.
+    async fn apply(
+        &self,
+        projection: &dyn Projection,
+        stream: &StreamId,
+        events: &[RecordedEvent],
+        version: u64,
+    ) -> Result<u64, ProjectError> {
+        let start = events.partition_point(|e| e.version <= version);
+        let Some(b) = batch(projection, &events[start..]) else {
+            return Ok(version);
+        };
+        let doc_id = projection.doc_id(stream);
+        match self.read.apply(projection.name(), &doc_id, &b).await? {
+            ApplyOutcome::Applied | ApplyOutcome::Duplicate => Ok(b.last_version.max(version)),
+            // Another projector moved the document: continue from where it really is.
+            ApplyOutcome::Stale { current } => Ok(current),
+        }
+    }
+
+    /// Brings every stream of the event store into the read store: a complete rebuild after
+    /// the read store was lost, or a check that nothing was missed. Streams the store instead
+    /// of loading it: one page of stream ids and one page of events at a time.
+    pub async fn rebuild(&self) -> Result<u64, ProjectError> {
+        let mut cursor = None;
+        let mut streams = 0u64;
+        loop {
+            let page = self.store.list_streams(cursor, 500).await?;
+            for stream in &page.streams {
+                self.sync(stream, None).await?;
+                streams += 1;
+            }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(streams),
+            }
+        }
+    }
+}

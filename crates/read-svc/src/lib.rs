@@ -1,0 +1,63 @@
+//! esq read-svc: the query side. It serves `esq.cart.v1.CartQueries`,
+//! `esq.bookshop.v1.BookQueries` and `esq.v1.StateQueries` from the read store alone.
+//!
+//! It never talks to the event store, so it keeps answering while the event store is down.
+//! Queries carry an optional `min_version` for read-your-writes: the call waits, bounded by its
+//! deadline and a server maximum, until the projection has caught up.
+
+mod queries;
+mod wait;
+
+pub use wait::parse_grpc_timeout;
+
+use esq::pb::bookshop::v1::book_queries_server::BookQueriesServer;
+use esq::pb::cart::v1::cart_queries_server::CartQueriesServer;
+use esq::pb::v1::state_queries_server::StateQueriesServer;
+use esq_readstore::ReadStore;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The gRPC services read-svc reports in health checks.
+pub const SERVICES: &[&str] = &[
+    "esq.cart.v1.CartQueries",
+    "esq.bookshop.v1.BookQueries",
+    "esq.v1.StateQueries",
+];
+
+/// Tunables of read-svc.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// Longest a `min_version` wait may last when the call sets no shorter deadline.
+    pub max_wait: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The gRPC routes of read-svc, for embedding in a larger server.
+pub fn routes<R: ReadStore>(store: Arc<R>, config: Config) -> tonic::service::Routes {
+    let reader = wait::Reader::new(store, config);
+    tonic::service::Routes::new(CartQueriesServer::new(queries::CartQueriesApi(
+        reader.clone(),
+    )))
+    .add_service(BookQueriesServer::new(queries::BookQueriesApi(reader.clone())))
+    .add_service(StateQueriesServer::new(queries::StateQueriesApi(reader)))
+}
+
+/// Serves read-svc on `listener` until `shutdown` is cancelled, then drains.
+pub async fn run<R: ReadStore>(
+    listener: TcpListener,
+    store: Arc<R>,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    tracing::info!(addr = ?listener.local_addr().ok(), "read-svc listening");
+    esq_runtime::serve_grpc(listener, routes(store, config), SERVICES, shutdown).await
+}

@@ -1,0 +1,184 @@
+//! The query services: requests in, read-model documents out.
+
+use crate::wait::{status_from_read, Reader};
+use esq::convert::{self, status_from_domain};
+use esq::pb::bookshop::v1 as book_pb;
+use esq::pb::cart::v1 as cart_pb;
+use esq::pb::v1 as pb;
+use esq_domain::bookshop::{self, BookProjection, BookView};
+use esq_domain::cart::{CartProjection, CartView};
+use esq_domain::ids::validate_id;
+use esq_domain::projection::{doc_version, Projection};
+use esq_domain::state::{state_json, StateProjection};
+use esq_readstore::ReadStore;
+use tonic::{Request, Response, Status};
+
+/// Default and largest ListBooks page.
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 500;
+
+/// `esq.cart.v1.CartQueries`.
+pub(crate) struct CartQueriesApi<R>(pub(crate) Reader<R>);
+
+#[tonic::async_trait]
+impl<R: ReadStore> cart_pb::cart_queries_server::CartQueries for CartQueriesApi<R> {
+    async fn get_cart(
+        &self,
+        request: Request<cart_pb::GetCartRequest>,
+    ) -> Result<Response<cart_pb::Cart>, Status> {
+        let (metadata, _, r) = request.into_parts();
+        validate_id("cart_id", &r.cart_id).map_err(status_from_domain)?;
+        let doc = self
+            .0
+            .get_at_least(&metadata, CartProjection.name(), &r.cart_id, r.min_version)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("cart {} not found", r.cart_id)))?;
+        let view = CartView::from_doc(&doc);
+        let status = match view.status.as_str() {
+            "open" => cart_pb::CartStatus::Open,
+            "checked_out" => cart_pb::CartStatus::CheckedOut,
+            _ => cart_pb::CartStatus::Unspecified,
+        };
+        Ok(Response::new(cart_pb::Cart {
+            cart_id: r.cart_id,
+            status: status.into(),
+            items: view
+                .items
+                .into_iter()
+                .map(|l| cart_pb::CartItem {
+                    line_total_cents: l.quantity.saturating_mul(l.unit_price_cents),
+                    sku: l.sku,
+                    quantity: l.quantity,
+                    unit_price_cents: l.unit_price_cents,
+                })
+                .collect(),
+            total_cents: view.total_cents,
+            item_count: view.item_count,
+            version: view.version,
+            checked_out_at: view.checked_out_at_us.map(convert::timestamp),
+        }))
+    }
+}
+
+/// `esq.bookshop.v1.BookQueries`.
+pub(crate) struct BookQueriesApi<R>(pub(crate) Reader<R>);
+
+fn book(view: BookView) -> book_pb::Book {
+    book_pb::Book {
+        isbn: view.isbn,
+        title: view.title,
+        author: view.author,
+        price_cents: view.price_cents,
+        created_at: Some(convert::timestamp(view.created_at_us)),
+        updated_at: Some(convert::timestamp(view.updated_at_us)),
+        version: view.version,
+    }
+}
+
+#[tonic::async_trait]
+impl<R: ReadStore> book_pb::book_queries_server::BookQueries for BookQueriesApi<R> {
+    async fn get_book(
+        &self,
+        request: Request<book_pb::GetBookRequest>,
+    ) -> Result<Response<book_pb::Book>, Status> {
+        let (metadata, _, r) = request.into_parts();
+        let isbn = bookshop::normalize_isbn(&r.isbn).map_err(status_from_domain)?;
+        let doc = self
+            .0
+            .get_at_least(&metadata, BookProjection.name(), &isbn, r.min_version)
+            .await?;
+        doc.as_ref()
+            .and_then(BookView::from_doc)
+            .map(|v| Response::new(book(v)))
+            .ok_or_else(|| Status::not_found(format!("book {isbn} not found")))
+    }
+
+    async fn list_books(
+        &self,
+        request: Request<book_pb::ListBooksRequest>,
+    ) -> Result<Response<book_pb::ListBooksResponse>, Status> {
+        let r = request.into_inner();
+        let page_size = match r.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n if n > MAX_PAGE => {
+                return Err(Status::invalid_argument(format!(
+                    "invalid page_size: {n}, at most {MAX_PAGE} allowed"
+                )))
+            }
+            n => n,
+        };
+        let index = if r.author.is_empty() {
+            "all".to_owned()
+        } else {
+            format!("author:{}", r.author)
+        };
+        let store = &self.0.store;
+        let projection = BookProjection.name();
+        let mut cursor = (!r.page_token.is_empty()).then_some(r.page_token);
+        let mut books = Vec::with_capacity(page_size);
+        let mut next_page_token = String::new();
+        // Index entries are maintained after the fenced apply, so an entry may be stale (a
+        // deleted book, an old author): each is confirmed against its document.
+        'pages: loop {
+            let ids = store
+                .index_page(projection, &index, cursor.as_deref(), page_size)
+                .await
+                .map_err(status_from_read)?;
+            let exhausted = ids.len() < page_size;
+            let docs = futures::future::try_join_all(ids.iter().map(|id| store.get(projection, id)))
+                .await
+                .map_err(status_from_read)?;
+            for (id, doc) in ids.iter().zip(docs) {
+                cursor = Some(id.clone());
+                let Some(view) = doc.as_ref().and_then(BookView::from_doc) else { continue };
+                if !r.author.is_empty() && view.author != r.author {
+                    continue;
+                }
+                books.push(book(view));
+                if books.len() == page_size {
+                    let more = !store
+                        .index_page(projection, &index, Some(id), 1)
+                        .await
+                        .map_err(status_from_read)?
+                        .is_empty();
+                    if more {
+                        next_page_token = id.clone();
+                    }
+                    break 'pages;
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+        Ok(Response::new(book_pb::ListBooksResponse {
+            books,
+            next_page_token,
+        }))
+    }
+}
+
+/// `esq.v1.StateQueries`.
+pub(crate) struct StateQueriesApi<R>(pub(crate) Reader<R>);
+
+#[tonic::async_trait]
+impl<R: ReadStore> pb::state_queries_server::StateQueries for StateQueriesApi<R> {
+    async fn get_state(
+        &self,
+        request: Request<pb::GetStateRequest>,
+    ) -> Result<Response<pb::GetStateResponse>, Status> {
+        let (metadata, _, r) = request.into_parts();
+        let stream = convert::stream_id(r.stream.as_ref()).map_err(status_from_domain)?;
+        let doc_id = StateProjection.doc_id(&stream);
+        let doc = self
+            .0
+            .get_at_least(&metadata, StateProjection.name(), &doc_id, r.min_version)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("stream {stream} not found")))?;
+        Ok(Response::new(pb::GetStateResponse {
+            stream: Some(convert::stream_ref(&stream)),
+            version: doc_version(&doc),
+            state: Some(convert::to_struct(state_json(&doc))),
+        }))
+    }
+}

@@ -1,0 +1,112 @@
+//! Reading a document with read-your-writes: wait until it reaches a version, within a deadline.
+
+use crate::Config;
+use esq_domain::projection::doc_version;
+use esq_readstore::{Doc, ReadError, ReadStore};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::Status;
+
+/// Shared access to the read store for all query services.
+pub(crate) struct Reader<R> {
+    pub(crate) store: Arc<R>,
+    config: Config,
+}
+
+impl<R> Clone for Reader<R> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            config: self.config,
+        }
+    }
+}
+
+/// The one mapping from read-store errors to statuses.
+pub(crate) fn status_from_read(e: ReadError) -> Status {
+    match e {
+        ReadError::Unavailable(cause) => {
+            tracing::warn!(%cause, "read store unavailable");
+            Status::unavailable("read store unavailable; retry later")
+        }
+        ReadError::Internal(cause) => {
+            tracing::error!(%cause, "read store internal error");
+            Status::internal("internal error")
+        }
+    }
+}
+
+impl<R: ReadStore> Reader<R> {
+    pub(crate) fn new(store: Arc<R>, config: Config) -> Self {
+        Self { store, config }
+    }
+
+    /// The document once its version is at least `min_version`. Polls with a short backoff;
+    /// DEADLINE_EXCEEDED once the call's deadline (or the server maximum) has passed.
+    pub(crate) async fn get_at_least(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        projection: &str,
+        doc_id: &str,
+        min_version: u64,
+    ) -> Result<Option<Doc>, Status> {
+        let budget = metadata
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map_or(self.config.max_wait, |d| d.min(self.config.max_wait));
+        let deadline = Instant::now() + budget;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let doc = self
+                .store
+                .get(projection, doc_id)
+                .await
+                .map_err(status_from_read)?;
+            let version = doc.as_ref().map_or(0, doc_version);
+            if version >= min_version {
+                return Ok(doc);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "the read model of {doc_id} is at version {version}; min_version {min_version} \
+                     was not reached within {budget:?}"
+                )));
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Parses a `grpc-timeout` header value (`<digits><unit>`, unit one of H M S m u n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+        assert_eq!(parse_grpc_timeout("10q"), None);
+    }
+}

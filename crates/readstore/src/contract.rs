@@ -1,0 +1,453 @@
+//! Test support: the behaviour every [`ReadStore`] adapter must show, as checks that panic on the
+//! first difference. Run [`run_all`] against each adapter (the in-memory store in its unit tests,
+//! Redis standalone and Cluster in `tests/redis.rs`).
+//!
+//! Expected documents come from [`apply_to_doc`] on a `HashMap`, the reference semantics.
+//! Every name a check uses starts with the caller's `prefix`, so checks can share a store.
+
+use crate::{Doc, ReadStore};
+use esq_domain::projection::{
+    apply_to_doc, is_deleted, ApplyOutcome, Batch, Changes, FieldOp, IndexOp, DELETED_FIELD,
+    VERSION_FIELD,
+};
+
+/// Runs every check below against `store`. `prefix` must be unique to this run.
+pub async fn run_all<S: ReadStore>(store: &S, prefix: &str) {
+    check_absent(store, prefix).await;
+    check_field_ops(store, prefix).await;
+    check_duplicate(store, prefix).await;
+    check_stale(store, prefix).await;
+    check_tombstone(store, prefix).await;
+    check_index_paging(store, prefix).await;
+    check_index_ops_follow_fence(store, prefix).await;
+    check_checkpoints(store, prefix).await;
+    check_concurrent_same_batch(store, prefix).await;
+}
+
+/// A batch of field ops only.
+pub fn fields(first: u64, last: u64, ops: Vec<FieldOp>) -> Batch {
+    Batch {
+        first_version: first,
+        last_version: last,
+        changes: Changes {
+            fields: ops,
+            indexes: Vec::new(),
+        },
+    }
+}
+
+fn set(k: &str, v: &str) -> FieldOp {
+    FieldOp::Set(k.to_owned(), v.to_owned())
+}
+
+fn add(index: &str, member: &str) -> IndexOp {
+    IndexOp::Add {
+        index: index.to_owned(),
+        member: member.to_owned(),
+    }
+}
+
+fn remove(index: &str, member: &str) -> IndexOp {
+    IndexOp::Remove {
+        index: index.to_owned(),
+        member: member.to_owned(),
+    }
+}
+
+/// Applies `batch` to the store and to `model`, and asserts the same outcome and document.
+async fn apply_both<S: ReadStore>(
+    store: &S,
+    projection: &str,
+    doc_id: &str,
+    model: &mut Doc,
+    batch: &Batch,
+) -> ApplyOutcome {
+    let expected = apply_to_doc(model, batch);
+    let outcome = store.apply(projection, doc_id, batch).await.expect("apply");
+    assert_eq!(outcome, expected, "outcome of {batch:?} on {doc_id:?}");
+    assert_doc(store, projection, doc_id, model).await;
+    outcome
+}
+
+/// Asserts that the stored document equals `model` (absent when `model` is empty).
+async fn assert_doc<S: ReadStore>(store: &S, projection: &str, doc_id: &str, model: &Doc) {
+    let stored = store.get(projection, doc_id).await.expect("get");
+    let expected = (!model.is_empty()).then(|| model.clone());
+    assert_eq!(stored, expected, "document {projection}/{doc_id}");
+    let version = store.version(projection, doc_id).await.expect("version");
+    assert_eq!(
+        version,
+        esq_domain::projection::doc_version(model),
+        "version of {projection}/{doc_id}"
+    );
+}
+
+async fn page<S: ReadStore>(
+    store: &S,
+    projection: &str,
+    index: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Vec<String> {
+    store
+        .index_page(projection, index, after, limit)
+        .await
+        .expect("index_page")
+}
+
+/// A document nothing was applied to: `get` is `None`, `version` is 0; an index nothing was added
+/// to is empty; a checkpoint never saved is `None`.
+pub async fn check_absent<S: ReadStore>(store: &S, prefix: &str) {
+    let projection = format!("{prefix}-absent");
+    assert_eq!(store.get(&projection, "nope").await.expect("get"), None);
+    assert_eq!(
+        store.version(&projection, "nope").await.expect("version"),
+        0
+    );
+    assert!(page(store, &projection, "all", None, 10).await.is_empty());
+    assert_eq!(
+        store
+            .checkpoint(&format!("{prefix}-never"))
+            .await
+            .expect("checkpoint"),
+        None
+    );
+}
+
+/// Every [`FieldOp`], including the corners of `Incr` (missing field, non-integer text, `+7`
+/// and `007`, overflow saturating), in document ids and values with spaces, `:`, `@`, `.`, `-`
+/// and non-ASCII text.
+pub async fn check_field_ops<S: ReadStore>(store: &S, prefix: &str) {
+    let projection = format!("{prefix}-ops");
+    for doc_id in ["cart-1", "user@example.com:cart.2", "Ursula K. Le Guin"] {
+        let mut model = Doc::new();
+        let batches = [
+            fields(
+                1,
+                1,
+                vec![
+                    set("title", "The Dispossessed"),
+                    set("author", "Ursula K. Le Guin"),
+                    set("empty", ""),
+                    set("with:colon", "a: b @ c.d - é ✓"),
+                ],
+            ),
+            fields(
+                2,
+                3,
+                vec![
+                    FieldOp::Incr("count".to_owned(), 5),
+                    FieldOp::Incr("count".to_owned(), -7),
+                    FieldOp::Del("empty".to_owned()),
+                    FieldOp::Del("never-there".to_owned()),
+                    set("title", "The Lathe of Heaven"),
+                ],
+            ),
+            fields(
+                4,
+                4,
+                vec![
+                    set("text", "abc"),
+                    FieldOp::Incr("text".to_owned(), 3),
+                    set("plus", "+7"),
+                    FieldOp::Incr("plus".to_owned(), 1),
+                    set("zeros", "007"),
+                    FieldOp::Incr("zeros".to_owned(), 0),
+                    set("minus-zero", "-0"),
+                    FieldOp::Incr("minus-zero".to_owned(), -1),
+                    set("too-big", "99999999999999999999"),
+                    FieldOp::Incr("too-big".to_owned(), 1),
+                ],
+            ),
+            fields(
+                5,
+                5,
+                vec![
+                    set("max", &i64::MAX.to_string()),
+                    FieldOp::Incr("max".to_owned(), 1),
+                    set("min", &i64::MIN.to_string()),
+                    FieldOp::Incr("min".to_owned(), i64::MIN),
+                    FieldOp::Incr("fresh-min".to_owned(), i64::MIN),
+                    FieldOp::Incr("fresh-max".to_owned(), i64::MAX),
+                ],
+            ),
+            fields(
+                6,
+                9,
+                vec![
+                    set("before", "gone"),
+                    FieldOp::Tombstone,
+                    set("after", "kept"),
+                ],
+            ),
+        ];
+        for batch in &batches {
+            let outcome = apply_both(store, &projection, doc_id, &mut model, batch).await;
+            assert_eq!(outcome, ApplyOutcome::Applied);
+        }
+        // Spot checks that the model is what the reference says, so a wrong model cannot hide a
+        // wrong store.
+        assert_eq!(model.get("after").map(String::as_str), Some("kept"));
+        assert_eq!(model.get(VERSION_FIELD).map(String::as_str), Some("9"));
+        assert_eq!(model.get(DELETED_FIELD).map(String::as_str), Some("1"));
+    }
+}
+
+/// A batch whose events are all applied already is a `Duplicate` and changes nothing.
+pub async fn check_duplicate<S: ReadStore>(store: &S, prefix: &str) {
+    let projection = format!("{prefix}-dup");
+    let mut model = Doc::new();
+    let first = fields(1, 3, vec![set("a", "1"), FieldOp::Incr("n".to_owned(), 1)]);
+    apply_both(store, &projection, "d", &mut model, &first).await;
+    for (f, l) in [(1, 3), (2, 3), (1, 1), (3, 3), (0, 2)] {
+        let again = fields(f, l, vec![set("a", "changed"), FieldOp::Tombstone]);
+        let outcome = apply_both(store, &projection, "d", &mut model, &again).await;
+        assert_eq!(outcome, ApplyOutcome::Duplicate, "batch {f}..={l}");
+    }
+    assert_eq!(model.get("a").map(String::as_str), Some("1"));
+}
+
+/// A gap (`first > _v + 1`) or an overlap (`first <= _v < last`) is `Stale { current }` and
+/// changes nothing, also on a document that does not exist yet (which stays absent).
+pub async fn check_stale<S: ReadStore>(store: &S, prefix: &str) {
+    let projection = format!("{prefix}-stale");
+    let mut fresh = Doc::new();
+    for (f, l) in [(2, 2), (3, 5), (0, 1)] {
+        let outcome = apply_both(
+            store,
+            &projection,
+            "fresh",
+            &mut fresh,
+            &fields(f, l, vec![set("x", "y")]),
+        )
+        .await;
+        assert_eq!(outcome, ApplyOutcome::Stale { current: 0 }, "{f}..={l}");
+    }
+    assert_eq!(store.get(&projection, "fresh").await.expect("get"), None);
+
+    let mut model = Doc::new();
+    apply_both(
+        store,
+        &projection,
+        "d",
+        &mut model,
+        &fields(1, 3, vec![set("a", "1")]),
+    )
+    .await;
+    for (f, l) in [(5, 6), (3, 4), (2, 7), (1, 4), (0, 4)] {
+        let outcome = apply_both(
+            store,
+            &projection,
+            "d",
+            &mut model,
+            &fields(f, l, vec![set("a", "2"), FieldOp::Tombstone]),
+        )
+        .await;
+        assert_eq!(outcome, ApplyOutcome::Stale { current: 3 }, "{f}..={l}");
+    }
+    let next = fields(4, 4, vec![set("a", "4")]);
+    let outcome = apply_both(store, &projection, "d", &mut model, &next).await;
+    assert_eq!(outcome, ApplyOutcome::Applied);
+}
+
+/// A tombstone removes every field but keeps the version, so the fence survives the delete.
+pub async fn check_tombstone<S: ReadStore>(store: &S, prefix: &str) {
+    let projection = format!("{prefix}-tomb");
+    let mut model = Doc::new();
+    apply_both(
+        store,
+        &projection,
+        "d",
+        &mut model,
+        &fields(1, 2, vec![set("a", "1"), set("b", "2")]),
+    )
+    .await;
+    apply_both(
+        store,
+        &projection,
+        "d",
+        &mut model,
+        &fields(3, 3, vec![FieldOp::Tombstone]),
+    )
+    .await;
+    let doc = store
+        .get(&projection, "d")
+        .await
+        .expect("get")
+        .expect("a tombstone is still a document");
+    assert!(is_deleted(&doc));
+    assert_eq!(doc.len(), 2, "only _v and _deleted remain: {doc:?}");
+    assert_eq!(store.version(&projection, "d").await.expect("version"), 3);
+    for (f, l, expected) in [
+        (1, 2, ApplyOutcome::Duplicate),
+        (5, 5, ApplyOutcome::Stale { current: 3 }),
+        (4, 4, ApplyOutcome::Applied),
+    ] {
+        let outcome = apply_both(
+            store,
+            &projection,
+            "d",
+            &mut model,
+            &fields(f, l, vec![set("a", "again")]),
+        )
+        .await;
+        assert_eq!(outcome, expected, "{f}..={l}");
+    }
+}
+
+/// Index membership in byte-wise lexicographic order, paged with an exclusive `after` cursor
+/// (which need not be a member) and a `limit`; removal; idempotent adds and removes.
+pub async fn check_index_paging<S: ReadStore>(store: &S, prefix: &str) {
+    let projection = format!("{prefix}-idx");
+    let index = "author:Ursula K. Le Guin";
+    let members = [
+        "b", "a", "ab", "B", "aa", "a b", "a:b", "x@y.z", "é", "-", "[", "(", "10", "9",
+    ];
+    let ops = members.iter().map(|m| add(index, m)).collect();
+    let batch = Batch {
+        first_version: 1,
+        last_version: 1,
+        changes: Changes {
+            fields: vec![set("n", "1")],
+            indexes: ops,
+        },
+    };
+    store.apply(&projection, "d", &batch).await.expect("apply");
+    let mut sorted: Vec<String> = members.iter().map(|m| (*m).to_owned()).collect();
+    sorted.sort();
+
+    assert_eq!(page(store, &projection, index, None, 100).await, sorted);
+    assert_eq!(page(store, &projection, index, None, 3).await, sorted[..3]);
+    assert!(page(store, &projection, index, None, 0).await.is_empty());
+    // Walk the whole index two at a time.
+    let mut walked = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let got = page(store, &projection, index, after.as_deref(), 2).await;
+        if got.is_empty() {
+            break;
+        }
+        assert!(got.len() <= 2);
+        after = got.last().cloned();
+        walked.extend(got);
+    }
+    assert_eq!(walked, sorted);
+    // Cursors that are not members, and cursors past the end.
+    let expected: Vec<String> = sorted
+        .iter()
+        .filter(|m| m.as_str() > "a ")
+        .cloned()
+        .collect();
+    assert_eq!(
+        page(store, &projection, index, Some("a "), 100).await,
+        expected
+    );
+    assert!(page(store, &projection, index, Some("\u{10FFFF}"), 10)
+        .await
+        .is_empty());
+    assert!(page(store, &projection, "other", None, 10).await.is_empty());
+
+    let batch = Batch {
+        first_version: 2,
+        last_version: 2,
+        changes: Changes {
+            fields: Vec::new(),
+            indexes: vec![
+                remove(index, "a"),
+                remove(index, "not-a-member"),
+                add(index, "b"),
+                add("other", "z"),
+                remove("other", "z"),
+                add("other", "y"),
+            ],
+        },
+    };
+    let outcome = store.apply(&projection, "d", &batch).await.expect("apply");
+    assert_eq!(outcome, ApplyOutcome::Applied);
+    sorted.retain(|m| m != "a");
+    assert_eq!(page(store, &projection, index, None, 100).await, sorted);
+    assert_eq!(page(store, &projection, "other", None, 10).await, ["y"]);
+}
+
+/// Index ops are applied on `Applied` and on `Duplicate` (a retry after a crash between the
+/// document and its indexes repairs them), never on `Stale`.
+pub async fn check_index_ops_follow_fence<S: ReadStore>(store: &S, prefix: &str) {
+    let projection = format!("{prefix}-fence-idx");
+    let with = |f: u64, l: u64, indexes: Vec<IndexOp>| Batch {
+        first_version: f,
+        last_version: l,
+        changes: Changes {
+            fields: vec![set("t", &l.to_string())],
+            indexes,
+        },
+    };
+    let outcome = store
+        .apply(&projection, "d", &with(1, 2, vec![add("all", "d")]))
+        .await
+        .expect("apply");
+    assert_eq!(outcome, ApplyOutcome::Applied);
+    assert_eq!(page(store, &projection, "all", None, 10).await, ["d"]);
+
+    let outcome = store
+        .apply(&projection, "d", &with(1, 2, vec![add("dup", "d")]))
+        .await
+        .expect("apply");
+    assert_eq!(outcome, ApplyOutcome::Duplicate);
+    assert_eq!(page(store, &projection, "dup", None, 10).await, ["d"]);
+
+    let outcome = store
+        .apply(
+            &projection,
+            "d",
+            &with(4, 5, vec![add("stale", "d"), remove("all", "d")]),
+        )
+        .await
+        .expect("apply");
+    assert_eq!(outcome, ApplyOutcome::Stale { current: 2 });
+    assert!(page(store, &projection, "stale", None, 10).await.is_empty());
+    assert_eq!(page(store, &projection, "all", None, 10).await, ["d"]);
+    assert_eq!(
+        store
+            .get(&projection, "d")
+            .await
+            .expect("get")
+            .and_then(|d| d.get("t").cloned()),
+        Some("2".to_owned())
+    );
+}
+
+/// Checkpoints round-trip and can be overwritten; names do not collide.
+pub async fn check_checkpoints<S: ReadStore>(store: &S, prefix: &str) {
+    let a = format!("{prefix}-shard-0");
+    let b = format!("{prefix}-shard-1");
+    store.save_checkpoint(&a, "pos 1").await.expect("save");
+    assert_eq!(
+        store.checkpoint(&a).await.expect("load").as_deref(),
+        Some("pos 1")
+    );
+    assert_eq!(store.checkpoint(&b).await.expect("load"), None);
+    store
+        .save_checkpoint(&a, "2026-11-01T00:00:00Z/ab:cd")
+        .await
+        .expect("save");
+    assert_eq!(
+        store.checkpoint(&a).await.expect("load").as_deref(),
+        Some("2026-11-01T00:00:00Z/ab:cd")
+    );
+}
+
+/// The same batch applied many times concurrently is applied exactly once.
+pub async fn check_concurrent_same_batch<S: ReadStore>(store: &S, prefix: &str) {
+    let projection = format!("{prefix}-race");
+    let batch = fields(1, 1, vec![FieldOp::Incr("n".to_owned(), 1)]);
+    let outcomes =
+        futures::future::join_all((0..16).map(|_| store.apply(&projection, "d", &batch))).await;
+    let applied = outcomes
+        .into_iter()
+        .map(|o| o.expect("apply"))
+        .filter(|o| *o == ApplyOutcome::Applied)
+        .count();
+    assert_eq!(applied, 1);
+    let doc = store.get(&projection, "d").await.expect("get");
+    assert_eq!(doc.and_then(|d| d.get("n").cloned()).as_deref(), Some("1"));
+}

@@ -1,0 +1,81 @@
+//! The esq read store: where projections are kept for queries. The [`ReadStore`] trait, an
+//! in-memory adapter ([`memory`], for `esq dev` and tests, rebuilt from the log at start) and,
+//! in the distributed setup, a Redis adapter ([`redis`], standalone or Cluster), plus the
+//! behaviour both must show ([`contract`], test support).
+//!
+//! A read store holds only derived data: it can be thrown away and rebuilt from the event store
+//! at any time. Every write to a document goes through the version fence of
+//! [`esq_domain::projection::apply_to_doc`], so duplicate and late batches are harmless.
+
+pub mod contract;
+pub mod memory;
+pub mod redis;
+
+use esq_domain::projection::{ApplyOutcome, Batch};
+use std::collections::HashMap;
+use std::future::Future;
+
+/// Why a read-store call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// The backing store cannot be reached or did not answer in time.
+    #[error("read store unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else; the text is for logs, not for clients.
+    #[error("read store internal error: {0}")]
+    Internal(String),
+}
+
+/// A document: the flat field map of one aggregate in one projection.
+pub type Doc = HashMap<String, String>;
+
+/// Storage for projected documents, indexes and projector checkpoints.
+pub trait ReadStore: Send + Sync + 'static {
+    /// Applies `batch` to document `doc_id` of `projection` behind the version fence, atomically
+    /// (all field ops and the new version, or nothing). On [`ApplyOutcome::Applied`] and
+    /// [`ApplyOutcome::Duplicate`] the batch's index ops are then applied (idempotently); on
+    /// [`ApplyOutcome::Stale`] nothing changes.
+    fn apply(
+        &self,
+        projection: &str,
+        doc_id: &str,
+        batch: &Batch,
+    ) -> impl Future<Output = Result<ApplyOutcome, ReadError>> + Send;
+
+    /// The document, or `None` if nothing was ever applied to it. Tombstones are returned (the
+    /// caller checks [`esq_domain::projection::is_deleted`]).
+    fn get(
+        &self,
+        projection: &str,
+        doc_id: &str,
+    ) -> impl Future<Output = Result<Option<Doc>, ReadError>> + Send;
+
+    /// The document's version (0 if absent).
+    fn version(
+        &self,
+        projection: &str,
+        doc_id: &str,
+    ) -> impl Future<Output = Result<u64, ReadError>> + Send;
+
+    /// Members of `index` strictly after `after`, in lexicographic order, at most `limit`.
+    fn index_page(
+        &self,
+        projection: &str,
+        index: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<String>, ReadError>> + Send;
+
+    /// A saved projector checkpoint.
+    fn checkpoint(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<String>, ReadError>> + Send;
+
+    /// Saves a projector checkpoint.
+    fn save_checkpoint(
+        &self,
+        name: &str,
+        position: &str,
+    ) -> impl Future<Output = Result<(), ReadError>> + Send;
+}

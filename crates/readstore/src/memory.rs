@@ -1,0 +1,262 @@
+//! The in-memory read store: for `esq dev` (rebuilt from the embedded log at start) and tests.
+//!
+//! Documents go through [`apply_to_doc`] itself, so this adapter *is* the reference semantics.
+//! Locks are plain `std` locks: nothing awaits while holding one and every critical section is a
+//! few map operations.
+
+use crate::{Doc, ReadError, ReadStore};
+use esq_domain::projection::{apply_to_doc, doc_version, ApplyOutcome, Batch, IndexOp};
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+/// Documents of one projection, by document id.
+type Docs = HashMap<String, Doc>;
+/// Indexes of one projection, by index name.
+type Indexes = HashMap<String, BTreeSet<String>>;
+
+/// A [`ReadStore`] held in process memory. Cloning is cheap and clones share the data.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// projection → document id → document.
+    docs: RwLock<HashMap<String, Docs>>,
+    /// projection → index name → members.
+    indexes: RwLock<HashMap<String, Indexes>>,
+    checkpoints: RwLock<HashMap<String, String>>,
+    /// lease name → (owner, expiry).
+    leases: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes lease `name` for `owner` for `ttl` if it is free or expired, or renews it if
+    /// `owner` already holds it. Returns whether `owner` holds the lease afterwards.
+    pub async fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, ReadError> {
+        let now = Instant::now();
+        let mut leases = self
+            .inner
+            .leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match leases.get_mut(name) {
+            Some((holder, expiry)) if holder != owner && *expiry > now => Ok(false),
+            Some((holder, expiry)) => {
+                owner.clone_into(holder);
+                *expiry = now + ttl;
+                Ok(true)
+            }
+            None => {
+                leases.insert(name.to_owned(), (owner.to_owned(), now + ttl));
+                Ok(true)
+            }
+        }
+    }
+
+    /// Gives up lease `name` if `owner` holds it. Returns whether it was released.
+    pub async fn release_lease(&self, name: &str, owner: &str) -> Result<bool, ReadError> {
+        let mut leases = self
+            .inner
+            .leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let ours = leases
+            .get(name)
+            .is_some_and(|(holder, expiry)| holder == owner && *expiry > Instant::now());
+        if ours {
+            leases.remove(name);
+        }
+        Ok(ours)
+    }
+
+    fn apply_doc(&self, projection: &str, doc_id: &str, batch: &Batch) -> ApplyOutcome {
+        let mut docs = self
+            .inner
+            .docs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(doc) = docs.get_mut(projection).and_then(|p| p.get_mut(doc_id)) {
+            return apply_to_doc(doc, batch);
+        }
+        // A document that nothing was applied to must stay absent (as a Redis key would), so it
+        // is only inserted when the batch applies.
+        let mut doc = Doc::new();
+        let outcome = apply_to_doc(&mut doc, batch);
+        if outcome == ApplyOutcome::Applied {
+            docs.entry(projection.to_owned())
+                .or_default()
+                .insert(doc_id.to_owned(), doc);
+        }
+        outcome
+    }
+
+    fn apply_indexes(&self, projection: &str, ops: &[IndexOp]) {
+        if ops.is_empty() {
+            return;
+        }
+        let mut indexes = self
+            .inner
+            .indexes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let projection = match indexes.get_mut(projection) {
+            Some(p) => p,
+            None => indexes.entry(projection.to_owned()).or_default(),
+        };
+        for op in ops {
+            match op {
+                IndexOp::Add { index, member } => {
+                    let set = match projection.get_mut(index) {
+                        Some(set) => set,
+                        None => projection.entry(index.clone()).or_default(),
+                    };
+                    if !set.contains(member) {
+                        set.insert(member.clone());
+                    }
+                }
+                IndexOp::Remove { index, member } => {
+                    if let Some(set) = projection.get_mut(index) {
+                        set.remove(member);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl ReadStore for MemoryStore {
+    async fn apply(
+        &self,
+        projection: &str,
+        doc_id: &str,
+        batch: &Batch,
+    ) -> Result<ApplyOutcome, ReadError> {
+        let outcome = self.apply_doc(projection, doc_id, batch);
+        if !matches!(outcome, ApplyOutcome::Stale { .. }) {
+            self.apply_indexes(projection, &batch.changes.indexes);
+        }
+        Ok(outcome)
+    }
+
+    async fn get(&self, projection: &str, doc_id: &str) -> Result<Option<Doc>, ReadError> {
+        let docs = self
+            .inner
+            .docs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(docs.get(projection).and_then(|p| p.get(doc_id)).cloned())
+    }
+
+    async fn version(&self, projection: &str, doc_id: &str) -> Result<u64, ReadError> {
+        let docs = self
+            .inner
+            .docs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(docs
+            .get(projection)
+            .and_then(|p| p.get(doc_id))
+            .map_or(0, doc_version))
+    }
+
+    async fn index_page(
+        &self,
+        projection: &str,
+        index: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, ReadError> {
+        let indexes = self
+            .inner
+            .indexes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(set) = indexes.get(projection).and_then(|p| p.get(index)) else {
+            return Ok(Vec::new());
+        };
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(set
+            .range::<str, _>((lower, Bound::Unbounded))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn checkpoint(&self, name: &str) -> Result<Option<String>, ReadError> {
+        let checkpoints = self
+            .inner
+            .checkpoints
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(checkpoints.get(name).cloned())
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: &str) -> Result<(), ReadError> {
+        let mut checkpoints = self
+            .inner
+            .checkpoints
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        match checkpoints.get_mut(name) {
+            Some(saved) => position.clone_into(saved),
+            None => {
+                checkpoints.insert(name.to_owned(), position.to_owned());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn contract() {
+        crate::contract::run_all(&MemoryStore::new(), "mem").await;
+    }
+
+    #[tokio::test]
+    async fn leases() {
+        let store = MemoryStore::new();
+        let ttl = Duration::from_secs(30);
+        assert!(store.acquire_lease("shard-1", "a", ttl).await.unwrap());
+        assert!(!store.acquire_lease("shard-1", "b", ttl).await.unwrap());
+        assert!(
+            store.acquire_lease("shard-1", "a", ttl).await.unwrap(),
+            "renewal"
+        );
+        assert!(!store.release_lease("shard-1", "b").await.unwrap());
+        assert!(store.release_lease("shard-1", "a").await.unwrap());
+        assert!(store.acquire_lease("shard-1", "b", ttl).await.unwrap());
+
+        let short = Duration::from_millis(20);
+        assert!(store.acquire_lease("shard-2", "a", short).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            store.acquire_lease("shard-2", "b", ttl).await.unwrap(),
+            "expired"
+        );
+        assert!(!store.release_lease("shard-2", "a").await.unwrap());
+    }
+}

@@ -1,0 +1,538 @@
+//! The Redis read store, for standalone Redis or Redis Cluster, over one multiplexed connection.
+//!
+//! Key layout (`<prefix>` is [`RedisConfig::prefix`]):
+//!
+//! | what | key | type |
+//! |---|---|---|
+//! | document | `<prefix>:<projection>:{<doc_id>}` | hash, `_v` = version |
+//! | index | `<prefix>:<projection>:idx:<index>` | sorted set, every score 0 |
+//! | checkpoint | `<prefix>:cp:<name>` | string |
+//! | lease | `<prefix>:lease:<name>` | string (owner) with an expiry |
+//!
+//! The `{…}` hash tag puts every key of one aggregate in one Cluster slot, so the fenced apply is
+//! one Lua script on one key (`apply.lua`, invoked by SHA). Index keys live in other slots: their
+//! changes follow the script in one pipeline per node, and are idempotent. Document ids and index
+//! names must not contain `{` or `}`.
+//!
+//! Every round trip is bounded by [`RedisConfig::timeout`]; connection failures and timeouts are
+//! [`ReadError::Unavailable`], everything else [`ReadError::Internal`].
+
+use crate::{Doc, ReadError, ReadStore};
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::ClusterClient;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, Value};
+use esq_domain::projection::{ApplyOutcome, Batch, FieldOp, IndexOp};
+use futures::StreamExt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+const APPLY_LUA: &str = include_str!("apply.lua");
+
+/// Takes the lease if free, renews it if already ours. ARGV: owner, ttl in ms.
+const ACQUIRE_LUA: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Deletes the lease only if it is ours. ARGV: owner.
+const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// How to reach Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://host:port` URLs: one for a standalone server, or the seed nodes of a Cluster.
+    pub urls: Vec<String>,
+    /// Whether `urls` are Redis Cluster nodes.
+    pub cluster: bool,
+    /// First part of every key name, so that several deployments (or tests) can share a server.
+    pub prefix: String,
+    /// Upper bound on each round trip (and on connecting); past it a call is `Unavailable`.
+    pub timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            urls: vec!["redis://127.0.0.1:6379".to_owned()],
+            cluster: false,
+            prefix: "esq".to_owned(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A [`ReadStore`] in Redis or Redis Cluster. Cloning is cheap and clones share the connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: Conn,
+    shared: Arc<Shared>,
+}
+
+/// What every clone shares and never changes.
+struct Shared {
+    prefix: String,
+    timeout: Duration,
+    apply: Script,
+    acquire: Script,
+    release: Script,
+}
+
+/// The one multiplexed connection; both variants reconnect by themselves.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("cluster", &matches!(self.conn, Conn::Cluster(_)))
+            .field("prefix", &self.shared.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Translates a driver error: connection trouble is `Unavailable`, the rest `Internal`.
+fn translate(err: RedisError) -> ReadError {
+    let unavailable = err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_timeout()
+        || matches!(
+            err.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                )
+        );
+    if unavailable {
+        ReadError::Unavailable(err.to_string())
+    } else {
+        ReadError::Internal(err.to_string())
+    }
+}
+
+/// Awaits `fut` for at most `timeout`, translating errors.
+async fn bounded<T>(
+    timeout: Duration,
+    fut: impl Future<Output = ::redis::RedisResult<T>>,
+) -> Result<T, ReadError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(result) => result.map_err(translate),
+        Err(_) => Err(ReadError::Unavailable(format!(
+            "Redis did not answer within {timeout:?}"
+        ))),
+    }
+}
+
+impl RedisStore {
+    /// Connects (within `config.timeout`) and loads the scripts.
+    pub async fn connect(config: RedisConfig) -> Result<Self, ReadError> {
+        if config.urls.is_empty() {
+            return Err(ReadError::Internal("no Redis URL configured".to_owned()));
+        }
+        if !config.cluster && config.urls.len() > 1 {
+            return Err(ReadError::Internal(
+                "several Redis URLs need cluster mode".to_owned(),
+            ));
+        }
+        if config.prefix.contains(['{', '}']) {
+            return Err(ReadError::Internal(
+                "the Redis key prefix must not contain '{' or '}'".to_owned(),
+            ));
+        }
+        let timeout = config.timeout;
+        let conn = if config.cluster {
+            let client = ClusterClient::builder(config.urls.iter().map(String::as_str))
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .build()
+                .map_err(translate)?;
+            Conn::Cluster(bounded(timeout, client.get_async_connection()).await?)
+        } else {
+            let client = ::redis::Client::open(config.urls[0].as_str()).map_err(translate)?;
+            let manager_config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_secs(1));
+            Conn::Single(
+                bounded(
+                    timeout,
+                    ConnectionManager::new_with_config(client, manager_config),
+                )
+                .await?,
+            )
+        };
+        let store = Self {
+            conn,
+            shared: Arc::new(Shared {
+                prefix: config.prefix,
+                timeout,
+                apply: Script::new(APPLY_LUA),
+                acquire: Script::new(ACQUIRE_LUA),
+                release: Script::new(RELEASE_LUA),
+            }),
+        };
+        // Load once up front (to every primary in a Cluster); a server that restarts and forgets
+        // them gets them again on the first NOSCRIPT.
+        for script in [
+            &store.shared.apply,
+            &store.shared.acquire,
+            &store.shared.release,
+        ] {
+            let mut conn = store.conn.clone();
+            bounded(timeout, script.load_async(&mut conn)).await?;
+        }
+        Ok(store)
+    }
+
+    /// Takes lease `name` for `owner` for `ttl` if it is free or expired, or renews it if
+    /// `owner` already holds it, atomically. Returns whether `owner` holds the lease afterwards.
+    pub async fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, ReadError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(self.shared.acquire.get_hash())
+            .arg(1)
+            .arg(self.lease_key(name))
+            .arg(owner)
+            .arg(ttl_ms);
+        let taken: i64 = self.eval(&self.shared.acquire, &cmd).await?;
+        Ok(taken == 1)
+    }
+
+    /// Gives up lease `name` if `owner` holds it. Returns whether it was released.
+    pub async fn release_lease(&self, name: &str, owner: &str) -> Result<bool, ReadError> {
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(self.shared.release.get_hash())
+            .arg(1)
+            .arg(self.lease_key(name))
+            .arg(owner);
+        let deleted: i64 = self.eval(&self.shared.release, &cmd).await?;
+        Ok(deleted == 1)
+    }
+
+    /// Publishes `message` on pub/sub `channel` (used verbatim, not prefixed). Best effort: a
+    /// failure is logged at debug level and otherwise ignored, since the change log is the
+    /// guarantee and the nudge only makes it faster.
+    pub async fn publish_nudge(&self, channel: &str, message: &str) {
+        let mut cmd = ::redis::cmd("PUBLISH");
+        cmd.arg(channel).arg(message);
+        if let Err(err) = self.query::<i64>(&cmd).await {
+            tracing::debug!(channel, error = %err, "nudge not published");
+        }
+    }
+
+    fn doc_key(&self, projection: &str, doc_id: &str) -> String {
+        let prefix = &self.shared.prefix;
+        format!("{prefix}:{projection}:{{{doc_id}}}")
+    }
+
+    fn index_key(&self, projection: &str, index: &str) -> String {
+        let prefix = &self.shared.prefix;
+        format!("{prefix}:{projection}:idx:{index}")
+    }
+
+    fn checkpoint_key(&self, name: &str) -> String {
+        let prefix = &self.shared.prefix;
+        format!("{prefix}:cp:{name}")
+    }
+
+    fn lease_key(&self, name: &str) -> String {
+        let prefix = &self.shared.prefix;
+        format!("{prefix}:lease:{name}")
+    }
+
+    async fn query<T: ::redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, ReadError> {
+        let mut conn = self.conn.clone();
+        bounded(self.shared.timeout, cmd.query_async(&mut conn)).await
+    }
+
+    /// Runs an `EVALSHA` of `script` built by the caller (one buffer for all arguments, rather
+    /// than one allocation per argument), loading the script on `NOSCRIPT` and retrying once.
+    async fn eval<T: ::redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        evalsha: &Cmd,
+    ) -> Result<T, ReadError> {
+        let mut conn = self.conn.clone();
+        let timeout = self.shared.timeout;
+        match tokio::time::timeout(timeout, evalsha.query_async(&mut conn)).await {
+            Ok(Err(err)) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                tracing::debug!("Redis lost the esq scripts; loading them again");
+                bounded(timeout, script.load_async(&mut conn)).await?;
+                bounded(timeout, evalsha.query_async(&mut conn)).await
+            }
+            Ok(result) => result.map_err(translate),
+            Err(_) => Err(ReadError::Unavailable(format!(
+                "Redis did not answer within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Applies index ops idempotently: one pipeline on a standalone server; on a Cluster one
+    /// pipeline per index key (keys of one pipeline must share a slot), sent concurrently.
+    async fn apply_indexes(&self, projection: &str, ops: &[IndexOp]) -> Result<(), ReadError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let timeout = self.shared.timeout;
+        match &self.conn {
+            Conn::Single(_) => {
+                let mut pipe = ::redis::pipe();
+                for op in ops {
+                    push_index_op(&mut pipe, self.index_key(projection, op_index(op)), op);
+                }
+                let mut conn = self.conn.clone();
+                bounded(timeout, pipe.exec_async(&mut conn)).await
+            }
+            Conn::Cluster(_) => {
+                // Few distinct indexes per batch: a linear search beats hashing here.
+                let mut pipes: Vec<(&str, Pipeline)> = Vec::new();
+                for op in ops {
+                    let index = op_index(op);
+                    let at = match pipes.iter().position(|(i, _)| *i == index) {
+                        Some(at) => at,
+                        None => {
+                            pipes.push((index, ::redis::pipe()));
+                            pipes.len() - 1
+                        }
+                    };
+                    push_index_op(&mut pipes[at].1, self.index_key(projection, index), op);
+                }
+                let sends = pipes.iter().map(|(_, pipe)| {
+                    let mut conn = self.conn.clone();
+                    async move { bounded(timeout, pipe.exec_async(&mut conn)).await }
+                });
+                futures::future::try_join_all(sends).await.map(|_| ())
+            }
+        }
+    }
+}
+
+fn op_index(op: &IndexOp) -> &str {
+    match op {
+        IndexOp::Add { index, .. } | IndexOp::Remove { index, .. } => index,
+    }
+}
+
+fn push_index_op(pipe: &mut Pipeline, key: String, op: &IndexOp) {
+    match op {
+        IndexOp::Add { member, .. } => pipe.cmd("ZADD").arg(key).arg(0).arg(member).ignore(),
+        IndexOp::Remove { member, .. } => pipe.cmd("ZREM").arg(key).arg(member).ignore(),
+    };
+}
+
+/// Encodes `batch` as an `EVALSHA` of `apply.lua` on `key` (see the script for the layout).
+fn apply_cmd(sha: &str, key: &str, batch: &Batch) -> Cmd {
+    let ops = &batch.changes.fields;
+    let mut cmd = Cmd::with_capacity(6 + 3 * ops.len(), 128 + 32 * ops.len());
+    cmd.arg("EVALSHA").arg(sha).arg(1).arg(key);
+    match batch.first_version.checked_sub(1) {
+        Some(previous) => cmd.arg(previous),
+        None => cmd.arg(""),
+    };
+    cmd.arg(batch.last_version);
+    for op in ops {
+        match op {
+            FieldOp::Set(field, value) => cmd.arg("S").arg(field).arg(value),
+            FieldOp::Del(field) => cmd.arg("D").arg(field),
+            FieldOp::Incr(field, by) => cmd.arg("I").arg(field).arg(*by),
+            FieldOp::Tombstone => cmd.arg("T"),
+        };
+    }
+    cmd
+}
+
+impl ReadStore for RedisStore {
+    async fn apply(
+        &self,
+        projection: &str,
+        doc_id: &str,
+        batch: &Batch,
+    ) -> Result<ApplyOutcome, ReadError> {
+        let key = self.doc_key(projection, doc_id);
+        let cmd = apply_cmd(self.shared.apply.get_hash(), &key, batch);
+        let (code, current): (u8, String) = self.eval(&self.shared.apply, &cmd).await?;
+        let outcome = match code {
+            0 => ApplyOutcome::Applied,
+            1 => ApplyOutcome::Duplicate,
+            2 => ApplyOutcome::Stale {
+                current: current.parse().map_err(|_| {
+                    ReadError::Internal(format!("apply script returned version {current:?}"))
+                })?,
+            },
+            other => {
+                return Err(ReadError::Internal(format!(
+                    "apply script returned outcome {other}"
+                )))
+            }
+        };
+        if !matches!(outcome, ApplyOutcome::Stale { .. }) {
+            self.apply_indexes(projection, &batch.changes.indexes)
+                .await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn get(&self, projection: &str, doc_id: &str) -> Result<Option<Doc>, ReadError> {
+        let mut cmd = ::redis::cmd("HGETALL");
+        cmd.arg(self.doc_key(projection, doc_id));
+        let doc: Doc = self.query(&cmd).await?;
+        Ok(if doc.is_empty() { None } else { Some(doc) })
+    }
+
+    async fn version(&self, projection: &str, doc_id: &str) -> Result<u64, ReadError> {
+        let mut cmd = ::redis::cmd("HGET");
+        cmd.arg(self.doc_key(projection, doc_id))
+            .arg(esq_domain::projection::VERSION_FIELD);
+        let version: Option<String> = self.query(&cmd).await?;
+        // Same reading as `doc_version`: absent or unreadable is 0.
+        Ok(version.and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
+
+    async fn index_page(
+        &self,
+        projection: &str,
+        index: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, ReadError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut cmd = ::redis::cmd("ZRANGE");
+        cmd.arg(self.index_key(projection, index));
+        match after {
+            // "(x" is the exclusive lexicographic bound just above x; "-" is below everything.
+            Some(after) => cmd.arg(format!("({after}")),
+            None => cmd.arg("-"),
+        };
+        cmd.arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(i64::try_from(limit).unwrap_or(i64::MAX));
+        self.query(&cmd).await
+    }
+
+    async fn checkpoint(&self, name: &str) -> Result<Option<String>, ReadError> {
+        let mut cmd = ::redis::cmd("GET");
+        cmd.arg(self.checkpoint_key(name));
+        self.query(&cmd).await
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: &str) -> Result<(), ReadError> {
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(self.checkpoint_key(name)).arg(position);
+        self.query(&cmd).await
+    }
+}
+
+/// Calls `notify.notify_one()` for every message published on `channel` at the Redis server at
+/// `url` (any node, for a Cluster: classic pub/sub is broadcast), until `shutdown` is cancelled.
+///
+/// Uses its own pub/sub connection. Best effort: when Redis goes away it reconnects with
+/// backoff (100 ms doubling to 5 s), and it notifies once after every (re)subscription because
+/// messages may have been missed meanwhile.
+pub async fn subscribe_nudges(
+    url: &str,
+    channel: &str,
+    notify: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    const MAX_BACKOFF: Duration = Duration::from_secs(5);
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    let mut backoff = FIRST_BACKOFF;
+    while !shutdown.is_cancelled() {
+        let subscribed = async {
+            let client = ::redis::Client::open(url)?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return,
+            outcome = tokio::time::timeout(CONNECT_TIMEOUT, subscribed) => outcome,
+        };
+        match outcome {
+            Ok(Ok(mut pubsub)) => {
+                tracing::debug!(url, channel, "subscribed to nudges");
+                backoff = FIRST_BACKOFF;
+                notify.notify_one();
+                let mut messages = pubsub.on_message();
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        message = messages.next() => match message {
+                            Some(_) => notify.notify_one(),
+                            None => break,
+                        },
+                    }
+                }
+                tracing::warn!(url, channel, "nudge subscription lost; reconnecting");
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(url, channel, error = %err, "cannot subscribe to nudges");
+            }
+            Err(_) => tracing::warn!(url, channel, "subscribing to nudges timed out"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}

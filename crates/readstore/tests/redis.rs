@@ -1,0 +1,364 @@
+//! The Redis adapter against real servers: standalone (`ESQ_TEST_REDIS`, e.g.
+//! `redis://127.0.0.1:6390`) and a Redis Cluster (`ESQ_TEST_REDIS_CLUSTER`, comma-separated seed
+//! URLs). `scripts/redis.sh start` / `start-cluster` start both. A missing variable fails the
+//! test unless `ESQ_SKIP_REAL_BACKENDS=1`, which skips it and says so.
+
+use esq_domain::projection::{apply_to_doc, ApplyOutcome, Batch, Changes, FieldOp};
+use esq_readstore::redis::{subscribe_nudges, RedisConfig, RedisStore};
+use esq_readstore::{contract, Doc, ReadError, ReadStore};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Standalone,
+    Cluster,
+}
+
+impl Backend {
+    fn var(self) -> &'static str {
+        match self {
+            Backend::Standalone => "ESQ_TEST_REDIS",
+            Backend::Cluster => "ESQ_TEST_REDIS_CLUSTER",
+        }
+    }
+
+    /// The URLs from the environment, or `None` when the run opted out of real backends.
+    fn urls(self, test: &str) -> Option<Vec<String>> {
+        match std::env::var(self.var()) {
+            Ok(v) if !v.trim().is_empty() => {
+                Some(v.split(',').map(|u| u.trim().to_owned()).collect())
+            }
+            _ if std::env::var("ESQ_SKIP_REAL_BACKENDS").as_deref() == Ok("1") => {
+                eprintln!("{test}: SKIPPED by request (ESQ_SKIP_REAL_BACKENDS=1)");
+                None
+            }
+            _ => panic!(
+                "{test} needs a real Redis: set {} (scripts/redis.sh start{} prints it), \
+                 or ESQ_SKIP_REAL_BACKENDS=1 to skip",
+                self.var(),
+                match self {
+                    Backend::Standalone => "",
+                    Backend::Cluster => "-cluster",
+                }
+            ),
+        }
+    }
+
+    /// A store with a key prefix no other test (or earlier run) uses.
+    async fn store(self, test: &str) -> Option<(RedisStore, String)> {
+        let urls = self.urls(test)?;
+        let prefix = unique(test);
+        let store = RedisStore::connect(RedisConfig {
+            urls,
+            cluster: matches!(self, Backend::Cluster),
+            prefix: prefix.clone(),
+            timeout: Duration::from_secs(5),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{test}: cannot connect to {}: {e}", self.var()));
+        Some((store, prefix))
+    }
+}
+
+fn unique(test: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos();
+    format!(
+        "esqtest-{test}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn contract(backend: Backend, test: &str) {
+    let Some((store, prefix)) = backend.store(test).await else {
+        return;
+    };
+    contract::run_all(&store, &prefix).await;
+}
+
+#[tokio::test]
+async fn standalone_contract() {
+    contract(Backend::Standalone, "standalone_contract").await;
+}
+
+#[tokio::test]
+async fn cluster_contract() {
+    contract(Backend::Cluster, "cluster_contract").await;
+}
+
+async fn leases(backend: Backend, test: &str) {
+    let Some((store, _)) = backend.store(test).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(30);
+    assert!(store.acquire_lease("shard-1", "a", ttl).await.unwrap());
+    assert!(!store.acquire_lease("shard-1", "b", ttl).await.unwrap());
+    assert!(
+        store.acquire_lease("shard-1", "a", ttl).await.unwrap(),
+        "renewal"
+    );
+    assert!(!store.release_lease("shard-1", "b").await.unwrap());
+    assert!(store.release_lease("shard-1", "a").await.unwrap());
+    assert!(store.acquire_lease("shard-1", "b", ttl).await.unwrap());
+
+    let short = Duration::from_millis(50);
+    assert!(store.acquire_lease("shard-2", "a", short).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        store.acquire_lease("shard-2", "b", ttl).await.unwrap(),
+        "expired"
+    );
+    assert!(!store.release_lease("shard-2", "a").await.unwrap());
+}
+
+#[tokio::test]
+async fn standalone_leases() {
+    leases(Backend::Standalone, "standalone_leases").await;
+}
+
+#[tokio::test]
+async fn cluster_leases() {
+    leases(Backend::Cluster, "cluster_leases").await;
+}
+
+/// A published nudge wakes a subscriber (through another node, for the Cluster).
+async fn nudges(backend: Backend, test: &str) {
+    let Some((store, prefix)) = backend.store(test).await else {
+        return;
+    };
+    let urls = backend.urls(test).expect("checked by store()");
+    let subscribe_url = urls.last().expect("at least one URL").clone();
+    let channel = format!("{prefix}:nudge");
+    let notify = Arc::new(Notify::new());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let (channel, notify, shutdown) = (channel.clone(), notify.clone(), shutdown.clone());
+        async move { subscribe_nudges(&subscribe_url, &channel, notify, shutdown).await }
+    });
+    // The first wake-up is the one after subscribing; from then on only messages wake it.
+    tokio::time::timeout(Duration::from_secs(5), notify.notified())
+        .await
+        .expect("subscribed");
+    store.publish_nudge(&channel, "cart/1@7").await;
+    tokio::time::timeout(Duration::from_secs(5), notify.notified())
+        .await
+        .expect("nudge received");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("stops on shutdown")
+        .expect("no panic");
+}
+
+#[tokio::test]
+async fn standalone_nudges() {
+    nudges(Backend::Standalone, "standalone_nudges").await;
+}
+
+#[tokio::test]
+async fn cluster_nudges() {
+    nudges(Backend::Cluster, "cluster_nudges").await;
+}
+
+/// Scripts are loaded at connect; a server that forgot them (restart, `SCRIPT FLUSH`) gets them
+/// again on the first `NOSCRIPT`.
+#[tokio::test]
+async fn standalone_reloads_flushed_scripts() {
+    let test = "standalone_reloads_flushed_scripts";
+    let Some((store, _)) = Backend::Standalone.store(test).await else {
+        return;
+    };
+    let batch = |v| contract::fields(v, v, vec![FieldOp::Incr("n".to_owned(), 1)]);
+    assert_eq!(
+        store.apply("p", "d", &batch(1)).await.unwrap(),
+        ApplyOutcome::Applied
+    );
+    let url = &Backend::Standalone.urls(test).expect("set")[0];
+    let mut raw = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .exec_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.apply("p", "d", &batch(2)).await.unwrap(),
+        ApplyOutcome::Applied
+    );
+    assert!(store
+        .acquire_lease("l", "me", Duration::from_secs(5))
+        .await
+        .unwrap());
+    assert_eq!(store.version("p", "d").await.unwrap(), 2);
+}
+
+/// A server that accepts connections and never answers: connecting or calling fails with
+/// `Unavailable` within about the configured timeout instead of hanging. Needs no Redis.
+#[tokio::test]
+async fn silent_server_is_unavailable_promptly() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    let result = RedisStore::connect(RedisConfig {
+        urls: vec![url],
+        cluster: false,
+        prefix: "esqtest-silent".to_owned(),
+        timeout,
+    })
+    .await;
+    let error = match result {
+        Err(e) => e,
+        Ok(store) => store.get("p", "d").await.expect_err("no answer"),
+    };
+    assert!(matches!(error, ReadError::Unavailable(_)), "{error:?}");
+    assert!(started.elapsed() < timeout * 4, "{:?}", started.elapsed());
+    hold.abort();
+}
+
+/// Nothing listening: `Unavailable`, promptly. Needs no Redis.
+#[tokio::test]
+async fn refused_connection_is_unavailable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = Instant::now();
+    let result = RedisStore::connect(RedisConfig {
+        urls: vec![format!("redis://127.0.0.1:{port}")],
+        cluster: false,
+        prefix: "esqtest-refused".to_owned(),
+        timeout: Duration::from_millis(500),
+    })
+    .await;
+    assert!(
+        matches!(result, Err(ReadError::Unavailable(_))),
+        "{result:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+fn field_op() -> impl Strategy<Value = FieldOp> {
+    let field = prop::sample::select(vec!["a", "b", "n", "_v", "_deleted"]);
+    let value = prop::sample::select(vec![
+        "",
+        "x",
+        "0",
+        "7",
+        "-3",
+        "+5",
+        "007",
+        "-0",
+        "12 ",
+        "9223372036854775807",
+        "-9223372036854775808",
+        "99999999999999999999",
+    ]);
+    let delta = prop_oneof![-5i64..5, Just(i64::MAX), Just(i64::MIN), Just(i64::MAX - 1),];
+    prop_oneof![
+        4 => (field.clone(), value).prop_map(|(f, v)| FieldOp::Set(f.to_owned(), v.to_owned())),
+        2 => field.clone().prop_map(|f| FieldOp::Del(f.to_owned())),
+        4 => (field, delta).prop_map(|(f, d)| FieldOp::Incr(f.to_owned(), d)),
+        1 => Just(FieldOp::Tombstone),
+    ]
+}
+
+/// Mostly in-order batches, with duplicates, overlaps and gaps mixed in.
+fn batches() -> impl Strategy<Value = Vec<Batch>> {
+    let batch = (0u64..8, 0u64..3, prop::collection::vec(field_op(), 0..6));
+    prop::collection::vec(batch, 1..12).prop_map(|raw| {
+        let mut next = 1;
+        raw.into_iter()
+            .map(|(jump, extra, fields)| {
+                // jump 0..=3: in order; otherwise somewhere around it.
+                let first = if jump <= 3 {
+                    next
+                } else {
+                    (next + jump).saturating_sub(6)
+                };
+                let last = first + extra;
+                if first == next {
+                    next = last + 1;
+                }
+                Batch {
+                    first_version: first,
+                    last_version: last,
+                    changes: Changes {
+                        fields,
+                        indexes: Vec::new(),
+                    },
+                }
+            })
+            .collect()
+    })
+}
+
+/// Random batch sequences give exactly what `apply_to_doc` gives on a `HashMap`.
+fn matches_reference(backend: Backend, test: &str) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let Some((store, _)) = runtime.block_on(backend.store(test)) else {
+        return;
+    };
+    let case = AtomicU64::new(0);
+    let mut runner = TestRunner::new(Config {
+        cases: 32,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&batches(), |batches| {
+            let doc_id = format!("case-{}", case.fetch_add(1, Ordering::Relaxed));
+            runtime.block_on(async {
+                let mut model = Doc::new();
+                for batch in &batches {
+                    let expected = apply_to_doc(&mut model, batch);
+                    let outcome = store
+                        .apply("prop", &doc_id, batch)
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(outcome, expected, "outcome of {:?}", batch);
+                    let stored = store
+                        .get("prop", &doc_id)
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let expected_doc = (!model.is_empty()).then(|| model.clone());
+                    prop_assert_eq!(stored, expected_doc, "document after {:?}", batch);
+                    if let ApplyOutcome::Stale { current } = outcome {
+                        prop_assert_eq!(current, esq_domain::projection::doc_version(&model));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .unwrap_or_else(|e| panic!("{test}: {e}"));
+}
+
+#[test]
+fn standalone_matches_reference() {
+    matches_reference(Backend::Standalone, "standalone_matches_reference");
+}
+
+#[test]
+fn cluster_matches_reference() {
+    matches_reference(Backend::Cluster, "cluster_matches_reference");
+}

@@ -1,0 +1,213 @@
+//! Conversions between wire types (`crate::pb`) and domain types (`esq_domain`).
+//!
+//! Inbound conversions validate and name the offending field the way the client spelled it, so
+//! that a service can return the error as INVALID_ARGUMENT unchanged.
+
+use crate::pb::v1 as pb;
+use esq_domain::event::validate_batch;
+use esq_domain::{DomainError, ExpectedVersion, NewEvent, RecordedEvent, StreamId, JSON_CONTENT_TYPE};
+use prost_types::Timestamp;
+use std::collections::BTreeMap;
+use tonic::Status;
+
+/// The content type given to `data` payloads that name none.
+pub const DEFAULT_BINARY_CONTENT_TYPE: &str = "application/octet-stream";
+
+/// Maps a domain refusal onto a gRPC status: malformed input is INVALID_ARGUMENT, a business
+/// rule FAILED_PRECONDITION, a missing aggregate NOT_FOUND.
+pub fn status_from_domain(e: DomainError) -> Status {
+    match e {
+        DomainError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        DomainError::Rule(m) => Status::failed_precondition(m),
+        DomainError::NotFound(m) => Status::not_found(m),
+    }
+}
+
+/// A required stream reference, validated.
+pub fn stream_id(stream: Option<&pb::StreamRef>) -> Result<StreamId, DomainError> {
+    let s = stream.ok_or_else(|| DomainError::invalid("stream", "is required"))?;
+    StreamId::new(s.r#type.clone(), s.id.clone())
+}
+
+/// The wire form of a stream id.
+pub fn stream_ref(stream: &StreamId) -> pb::StreamRef {
+    pb::StreamRef {
+        r#type: stream.kind.clone(),
+        id: stream.id.clone(),
+    }
+}
+
+/// A required expected version.
+pub fn expected_version(v: Option<&pb::ExpectedVersion>) -> Result<ExpectedVersion, DomainError> {
+    use pb::expected_version::Kind;
+    let kind = v.and_then(|v| v.kind.as_ref()).ok_or_else(|| {
+        DomainError::invalid(
+            "expected_version",
+            "is required: set one of any, no_stream, stream_exists or exact",
+        )
+    })?;
+    Ok(match kind {
+        Kind::Any(()) => ExpectedVersion::Any,
+        Kind::NoStream(()) => ExpectedVersion::NoStream,
+        Kind::StreamExists(()) => ExpectedVersion::StreamExists,
+        Kind::Exact(0) => ExpectedVersion::NoStream,
+        Kind::Exact(n) => ExpectedVersion::Exact(*n),
+    })
+}
+
+/// The events of an append request, validated as a batch.
+pub fn new_events(events: Vec<pb::NewEvent>) -> Result<Vec<NewEvent>, DomainError> {
+    let out = events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| new_event(i, e))
+        .collect::<Result<Vec<_>, _>>()?;
+    validate_batch(&out)?;
+    Ok(out)
+}
+
+fn new_event(i: usize, e: pb::NewEvent) -> Result<NewEvent, DomainError> {
+    use pb::new_event::Payload;
+    let event_id = if e.event_id.is_empty() {
+        uuid::Uuid::now_v7()
+    } else {
+        uuid::Uuid::parse_str(&e.event_id).map_err(|err| {
+            DomainError::invalid(format!("events[{i}].event_id"), format!("is not a UUID: {err}"))
+        })?
+    };
+    let (data, default_type) = match e.payload {
+        Some(Payload::Data(d)) => (d, DEFAULT_BINARY_CONTENT_TYPE),
+        Some(Payload::Json(j)) => (j.into_bytes(), JSON_CONTENT_TYPE),
+        None => {
+            return Err(DomainError::invalid(
+                format!("events[{i}].payload"),
+                "is required: set data or json",
+            ))
+        }
+    };
+    let content_type = if e.content_type.is_empty() {
+        default_type.to_owned()
+    } else {
+        e.content_type
+    };
+    Ok(NewEvent {
+        event_id,
+        event_type: e.r#type,
+        schema_version: e.schema_version.max(1),
+        content_type,
+        data,
+        metadata: e.metadata.into_iter().collect::<BTreeMap<_, _>>(),
+    })
+}
+
+/// The wire form of a recorded event: JSON payloads travel as text, others as bytes.
+pub fn recorded_event(e: RecordedEvent) -> pb::RecordedEvent {
+    use pb::recorded_event::Payload;
+    let payload = if esq_domain::event::is_json(&e.content_type) {
+        match String::from_utf8(e.data) {
+            Ok(text) => Payload::Json(text),
+            Err(err) => Payload::Data(err.into_bytes()),
+        }
+    } else {
+        Payload::Data(e.data)
+    };
+    pb::RecordedEvent {
+        stream: Some(stream_ref(&e.stream)),
+        version: e.version,
+        event_id: e.event_id.to_string(),
+        r#type: e.event_type,
+        schema_version: e.schema_version,
+        content_type: e.content_type,
+        payload: Some(payload),
+        metadata: e.metadata.into_iter().collect(),
+        recorded_at: Some(timestamp(e.recorded_at_us)),
+    }
+}
+
+/// A timestamp from microseconds since the Unix epoch.
+pub fn timestamp(us: i64) -> Timestamp {
+    Timestamp {
+        seconds: us.div_euclid(1_000_000),
+        nanos: (us.rem_euclid(1_000_000) * 1000) as i32,
+    }
+}
+
+/// Microseconds since the Unix epoch from a timestamp (saturating).
+pub fn micros(ts: &Timestamp) -> i64 {
+    ts.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(ts.nanos) / 1000)
+}
+
+/// A protobuf `Struct` from a JSON object.
+pub fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+    }
+}
+
+fn to_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(to_value).collect(),
+        }),
+        J::Object(o) => Kind::StructValue(to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// A JSON value from a protobuf `Value` (for clients and tests).
+pub fn from_value(v: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => J::Null,
+        Some(Kind::BoolValue(b)) => J::Bool(*b),
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n).map_or(J::Null, J::Number),
+        Some(Kind::StringValue(s)) => J::String(s.clone()),
+        Some(Kind::ListValue(l)) => J::Array(l.values.iter().map(from_value).collect()),
+        Some(Kind::StructValue(s)) => J::Object(
+            s.fields
+                .iter()
+                .map(|(k, v)| (k.clone(), from_value(v)))
+                .collect(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip() {
+        for us in [0, 1, 1_700_000_000_123_456, -1, -1_000_001] {
+            assert_eq!(micros(&timestamp(us)), us);
+        }
+    }
+
+    #[test]
+    fn expected_version_is_required() {
+        assert!(matches!(expected_version(None), Err(DomainError::Invalid { field, .. }) if field == "expected_version"));
+        let v = pb::ExpectedVersion { kind: Some(pb::expected_version::Kind::Exact(3)) };
+        assert_eq!(expected_version(Some(&v)), Ok(ExpectedVersion::Exact(3)));
+    }
+
+    #[test]
+    fn payload_is_required_and_json_checked() {
+        let e = pb::NewEvent { r#type: "A".into(), ..Default::default() };
+        assert!(matches!(new_events(vec![e]), Err(DomainError::Invalid { field, .. }) if field == "events[0].payload"));
+        let e = pb::NewEvent {
+            r#type: "A".into(),
+            payload: Some(pb::new_event::Payload::Json("{oops".into())),
+            ..Default::default()
+        };
+        assert!(matches!(new_events(vec![e]), Err(DomainError::Invalid { field, .. }) if field == "events[0].data"));
+    }
+}

@@ -1,0 +1,8 @@
+//! System tests of esq over real gRPC on loopback.
+//!
+//! `suite` holds backend-agnostic scenarios that take connected clients; `dev` runs them
+//! against the embedded single-process stack. Every scenario uses fresh stream ids, so
+//! scenarios can share a deployment.
+
+mod dev;
+mod suite;
