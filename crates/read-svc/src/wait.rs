@@ -56,6 +56,9 @@ impl<R: ReadStore> Reader<R> {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
             .map_or(self.config.max_wait, |d| d.min(self.config.max_wait));
+        // Answer a little before the client's deadline, so it gets DEADLINE_EXCEEDED with our
+        // explanation rather than cancelling the call itself.
+        let budget = budget.saturating_sub((budget / 5).min(Duration::from_millis(50)));
         let deadline = Instant::now() + budget;
         let mut pause = Duration::from_millis(1);
         loop {

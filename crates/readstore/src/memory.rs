@@ -228,6 +228,7 @@ impl ReadStore for MemoryStore {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -404,15 +404,11 @@ impl ReadStore for RedisStore {
     ) -> Result<ApplyOutcome, ReadError> {
         let key = self.doc_key(projection, doc_id);
         let cmd = apply_cmd(self.shared.apply.get_hash(), &key, batch);
-        let (code, current): (u8, String) = self.eval(&self.shared.apply, &cmd).await?;
+        let (code, current): (u8, u64) = self.eval(&self.shared.apply, &cmd).await?;
         let outcome = match code {
             0 => ApplyOutcome::Applied,
             1 => ApplyOutcome::Duplicate,
-            2 => ApplyOutcome::Stale {
-                current: current.parse().map_err(|_| {
-                    ReadError::Internal(format!("apply script returned version {current:?}"))
-                })?,
-            },
+            2 => ApplyOutcome::Stale { current },
             other => {
                 return Err(ReadError::Internal(format!(
                     "apply script returned outcome {other}"

@@ -3,6 +3,8 @@
 //! URLs). `scripts/redis.sh start` / `start-cluster` start both. A missing variable fails the
 //! test unless `ESQ_SKIP_REAL_BACKENDS=1`, which skips it and says so.
 
+#![allow(clippy::unwrap_used)]
+
 use esq_domain::projection::{apply_to_doc, ApplyOutcome, Batch, Changes, FieldOp};
 use esq_readstore::redis::{subscribe_nudges, RedisConfig, RedisStore};
 use esq_readstore::{contract, Doc, ReadError, ReadStore};

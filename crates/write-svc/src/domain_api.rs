@@ -113,7 +113,11 @@ impl<S: EventStore> BookCommandsApi<S> {
         let version = self
             .0
             .execute::<Book>(&stream, &command, options(expected_version, command_id)?)
-            .await?;
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => Status::not_found(format!("book {isbn} not found")),
+                _ => s,
+            })?;
         Ok(Response::new(book_pb::BookCommandResponse { isbn, version }))
     }
 }

@@ -1,0 +1,483 @@
+//! Appends: one conditional batch inside the stream's partition.
+//!
+//! The batch is `UPDATE … SET head = :new IF head = :expected` (or `IF head = NULL` for a
+//! stream's first append — on Apache Cassandra 5 that condition holds for a partition that does
+//! not exist, while `IF head = 0` does not, see the crate's tests) plus one INSERT per event. All
+//! rows share the partition, so Paxos makes the batch atomic and linearizable across any number
+//! of writers.
+//!
+//! Idempotency: an append whose first event id is already recorded returns the original
+//! result. The ids are looked up in the stream's *idempotency window* — its newest
+//! [`super::CqlConfig::id_window`] events, read in the same query as the head — rather than
+//! through a secondary index: the read is a single-partition slice that `Any` appends need
+//! anyway for the head, it is exact (no index lag, no index to build or to keep in step with
+//! the partition), and it is bounded whatever the stream's length. The price is the window: a
+//! retry arriving after more than `id_window` newer events of the same stream is not recognised.
+//! `Exact` appends are covered without the window too: a retry of one that committed finds the
+//! head moved, and the rows at the expected positions are read back (linearizably) and
+//! compared.
+
+use super::{error, Inner};
+use crate::StoreError;
+use esq_domain::{AppendResult, ExpectedVersion, NewEvent, StreamId};
+use scylla::response::query_result::QueryResult;
+use scylla::serialize::row::{RowSerializationContext, SerializeRow};
+use scylla::serialize::writers::RowWriter;
+use scylla::serialize::SerializationError;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::SerialConsistency;
+use scylla::value::{CqlValue, Row};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Attempts of an `Any`/`StreamExists` append that keeps losing races, within the append
+/// deadline.
+const MAX_ATTEMPTS: u32 = 64;
+
+/// The newest events of a stream and its head, from one read.
+pub(crate) struct Tail {
+    /// The stream's version (0: no events).
+    pub(crate) head: u64,
+    /// `(version, event id, recorded at)`, newest first.
+    pub(crate) events: Vec<(u64, Uuid, i64)>,
+}
+
+impl Tail {
+    /// Whether `events` (or any of their ids) are already in the window: the original result
+    /// when the first id starts the same events at consecutive versions, `EventIdReused` when
+    /// an id is recorded otherwise, `None` when no id is known.
+    pub(crate) fn find_ids(&self, events: &[NewEvent]) -> Option<Result<AppendResult, StoreError>> {
+        let by_id: HashMap<Uuid, (u64, i64)> = self
+            .events
+            .iter()
+            .map(|(version, id, at)| (*id, (*version, *at)))
+            .collect();
+        let first = events.first()?;
+        if let Some(&(start, recorded_at)) = by_id.get(&first.event_id) {
+            let by_version: HashMap<u64, Uuid> =
+                self.events.iter().map(|(v, id, _)| (*v, *id)).collect();
+            let same = events.iter().enumerate().all(|(i, e)| {
+                by_version.get(&(start + i as u64)) == Some(&e.event_id)
+            });
+            return Some(if same {
+                Ok(AppendResult {
+                    first_version: start,
+                    last_version: start + events.len() as u64 - 1,
+                    committed_at_us: recorded_at,
+                })
+            } else {
+                Err(StoreError::EventIdReused {
+                    event_id: first.event_id,
+                    version: start,
+                })
+            });
+        }
+        events.iter().find_map(|e| {
+            by_id.get(&e.event_id).map(|&(version, _)| {
+                Err(StoreError::EventIdReused {
+                    event_id: e.event_id,
+                    version,
+                })
+            })
+        })
+    }
+}
+
+/// What the conditional batch reported.
+enum Cas {
+    /// Written; the commit time recorded on the events.
+    Applied(i64),
+    /// The head was not the expected one; this is the head the engine reported (0 when the
+    /// partition does not exist).
+    Lost { head: u64 },
+}
+
+/// One row of the append batch: the head update or an event insert.
+enum BatchRow<'a> {
+    First((i64, i64, i64, &'a str, &'a str, i32)),
+    Next((i64, i64, &'a str, &'a str, i32, i64)),
+    #[allow(clippy::type_complexity)]
+    Event(
+        (
+            &'a str,
+            &'a str,
+            i32,
+            i64,
+            Uuid,
+            &'a str,
+            i32,
+            &'a str,
+            &'a [u8],
+            &'a BTreeMap<String, String>,
+            i64,
+        ),
+    ),
+}
+
+impl SerializeRow for BatchRow<'_> {
+    fn serialize(
+        &self,
+        ctx: &RowSerializationContext<'_>,
+        writer: &mut RowWriter,
+    ) -> Result<(), SerializationError> {
+        match self {
+            Self::First(values) => values.serialize(ctx, writer),
+            Self::Next(values) => values.serialize(ctx, writer),
+            Self::Event(values) => values.serialize(ctx, writer),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+fn to_i64(version: u64) -> Result<i64, StoreError> {
+    i64::try_from(version)
+        .map_err(|_| StoreError::Internal(format!("version {version} is out of range")))
+}
+
+impl Inner {
+    /// [`crate::EventStore::append`].
+    pub(crate) async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<AppendResult, StoreError> {
+        if events.is_empty() {
+            return Err(StoreError::Internal(
+                "an append needs at least one event".into(),
+            ));
+        }
+        let n = events.len() as u64;
+        let notify = self.config.feed == super::FeedKind::ChangesTable;
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut notified = false;
+            let base = match expected {
+                ExpectedVersion::Exact(v) if v > 0 && self.config.check_ids_on_exact => {
+                    // The id check runs beside the notification write, so it costs no latency.
+                    let note = async {
+                        if notify {
+                            self.note_change(stream, v + 1, v + n).await?;
+                        }
+                        Ok(())
+                    };
+                    let ((), tail) = tokio::try_join!(note, self.tail(stream))?;
+                    notified = true;
+                    if let Some(outcome) = tail.find_ids(events) {
+                        return outcome;
+                    }
+                    if tail.head > v {
+                        // Heads only grow: this append cannot succeed.
+                        return Err(StoreError::WrongExpectedVersion {
+                            expected,
+                            actual: tail.head,
+                        });
+                    }
+                    v
+                }
+                ExpectedVersion::Exact(v) => v,
+                ExpectedVersion::NoStream => 0,
+                ExpectedVersion::Any | ExpectedVersion::StreamExists => {
+                    let tail = self.tail(stream).await?;
+                    if let Some(outcome) = tail.find_ids(events) {
+                        return outcome;
+                    }
+                    if expected == ExpectedVersion::StreamExists && tail.head == 0 {
+                        return Err(StoreError::WrongExpectedVersion {
+                            expected,
+                            actual: 0,
+                        });
+                    }
+                    tail.head
+                }
+            };
+            if notify && !notified {
+                self.note_change(stream, base + 1, base + n).await?;
+            }
+            let head = match self.conditional_batch(stream, base, events).await? {
+                Cas::Applied(committed_at_us) => {
+                    return Ok(AppendResult {
+                        first_version: base + 1,
+                        last_version: base + n,
+                        committed_at_us,
+                    })
+                }
+                Cas::Lost { head } => head,
+            };
+            if let Some(outcome) = self.after_lost_race(stream, base, events, head).await? {
+                return outcome;
+            }
+            match expected {
+                ExpectedVersion::Any | ExpectedVersion::StreamExists => {
+                    if attempt >= MAX_ATTEMPTS || started.elapsed() >= self.config.append_deadline
+                    {
+                        return Err(StoreError::Unavailable(format!(
+                            "append to {stream} kept losing races: gave up after {attempt} attempts"
+                        )));
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                _ => {
+                    return Err(StoreError::WrongExpectedVersion {
+                        expected,
+                        actual: head,
+                    })
+                }
+            }
+        }
+    }
+
+    /// The head and the newest `id_window` event ids of a stream.
+    pub(crate) async fn tail(&self, stream: &StreamId) -> Result<Tail, StoreError> {
+        let limit = self.config.id_window.clamp(1, i32::MAX as u32) as i32;
+        let values = (stream.kind.as_str(), stream.id.as_str(), 0i32, limit);
+        let rows = self
+            .timed(self.session.execute_unpaged(&self.stmts.tail, values))
+            .await?
+            .into_rows_result()
+            .map_err(error::into_rows)?;
+        let mut tail = Tail {
+            head: 0,
+            events: Vec::with_capacity(rows.rows_num()),
+        };
+        for row in rows
+            .rows::<(Option<i64>, Option<i64>, Option<Uuid>, Option<i64>)>()
+            .map_err(error::rows)?
+        {
+            let (head, version, id, at) = row.map_err(error::deserialize)?;
+            tail.head = head.unwrap_or(0).max(0) as u64;
+            if let (Some(version), Some(id)) = (version, id) {
+                tail.events
+                    .push((version.max(0) as u64, id, at.unwrap_or_default()));
+            }
+        }
+        Ok(tail)
+    }
+
+    async fn conditional_batch(
+        &self,
+        stream: &StreamId,
+        base: u64,
+        events: &[NewEvent],
+    ) -> Result<Cas, StoreError> {
+        let n = events.len() as u64;
+        let new_head = to_i64(base + n)?;
+        let recorded_at = crate::now_us();
+        let (kind, id) = (stream.kind.as_str(), stream.id.as_str());
+        let mut batch = Batch::new(BatchType::Unlogged);
+        batch.set_serial_consistency(Some(SerialConsistency::LocalSerial));
+        let mut values = Vec::with_capacity(events.len() + 1);
+        if base == 0 {
+            batch.append_statement(self.stmts.head_first.clone());
+            values.push(BatchRow::First((
+                new_head,
+                recorded_at,
+                recorded_at,
+                kind,
+                id,
+                0,
+            )));
+        } else {
+            batch.append_statement(self.stmts.head_next.clone());
+            values.push(BatchRow::Next((
+                new_head,
+                recorded_at,
+                kind,
+                id,
+                0,
+                to_i64(base)?,
+            )));
+        }
+        for (i, event) in events.iter().enumerate() {
+            batch.append_statement(self.stmts.insert_event.clone());
+            values.push(BatchRow::Event((
+                kind,
+                id,
+                0,
+                to_i64(base + 1 + i as u64)?,
+                event.event_id,
+                event.event_type.as_str(),
+                i32::try_from(event.schema_version).unwrap_or(i32::MAX),
+                event.content_type.as_str(),
+                event.data.as_slice(),
+                &event.metadata,
+                recorded_at,
+            )));
+        }
+        let result = self.timed(self.session.batch(&batch, values)).await?;
+        Ok(match cas_outcome(result)? {
+            None => Cas::Applied(recorded_at),
+            Some(head) => Cas::Lost { head },
+        })
+    }
+
+    /// After the head moved under an append: whether the append is in fact already recorded
+    /// (a retry of one that committed), or reuses ids. `None`: a plain conflict.
+    async fn after_lost_race(
+        &self,
+        stream: &StreamId,
+        base: u64,
+        events: &[NewEvent],
+        head: u64,
+    ) -> Result<Option<Result<AppendResult, StoreError>>, StoreError> {
+        let n = events.len() as u64;
+        if head >= base + n {
+            let values = (
+                stream.kind.as_str(),
+                stream.id.as_str(),
+                0i32,
+                to_i64(base + 1)?,
+                to_i64(base + n)?,
+            );
+            let rows = self
+                .timed(self.session.execute_unpaged(&self.stmts.ids_in_range, values))
+                .await?
+                .into_rows_result()
+                .map_err(error::into_rows)?;
+            let mut recorded = Vec::with_capacity(events.len());
+            for row in rows.rows::<(i64, Uuid, i64)>().map_err(error::rows)? {
+                recorded.push(row.map_err(error::deserialize)?);
+            }
+            let ours = recorded.len() == events.len()
+                && recorded
+                    .iter()
+                    .zip(events)
+                    .all(|((_, id, _), e)| *id == e.event_id);
+            if ours {
+                return Ok(Some(Ok(AppendResult {
+                    first_version: base + 1,
+                    last_version: base + n,
+                    committed_at_us: recorded[0].2,
+                })));
+            }
+        }
+        if head > 0 {
+            // The ids may sit elsewhere in the stream (a retry with another expectation).
+            return Ok(self.tail(stream).await?.find_ids(events));
+        }
+        Ok(None)
+    }
+}
+
+/// Reads an LWT result as an untyped row: `None` if applied, else the current head. Scylla
+/// returns `[applied]` plus the current values of the conditioned columns (null for a missing
+/// partition) whatever the outcome, possibly one row per statement; Cassandra returns only
+/// `[applied]` on success, and on failure the current values of an existing partition.
+fn cas_outcome(result: QueryResult) -> Result<Option<u64>, StoreError> {
+    let rows = result.into_rows_result().map_err(error::into_rows)?;
+    let specs = rows.column_specs();
+    let applied_at = specs
+        .get_by_name("[applied]")
+        .map(|(i, _)| i)
+        .ok_or_else(|| StoreError::Internal("LWT result without an [applied] column".into()))?;
+    let head_at = specs.get_by_name("head").map(|(i, _)| i);
+    let mut applied = None;
+    let mut head = 0u64;
+    for row in rows.rows::<Row>().map_err(error::rows)? {
+        let row = row.map_err(error::deserialize)?;
+        if applied.is_none() {
+            applied = row.columns.get(applied_at).and_then(|v| match v {
+                Some(CqlValue::Boolean(b)) => Some(*b),
+                _ => None,
+            });
+        }
+        if let Some(Some(CqlValue::BigInt(h))) = head_at.and_then(|i| row.columns.get(i)) {
+            head = head.max((*h).max(0) as u64);
+        }
+    }
+    match applied {
+        Some(true) => Ok(None),
+        Some(false) => Ok(Some(head)),
+        None => Err(StoreError::Internal(
+            "LWT result without an [applied] value".into(),
+        )),
+    }
+}
+
+/// Pause before retrying an `Any` append that lost a race: grows with the attempt, with
+/// jitter so that racers spread out.
+fn backoff(attempt: u32) -> Duration {
+    let cap_us = 1_000u64 << attempt.min(6);
+    let jitter = (crate::now_us() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+    Duration::from_micros(500 + jitter % cap_us)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: u128) -> NewEvent {
+        NewEvent {
+            event_id: Uuid::from_u128(id),
+            event_type: "E".into(),
+            schema_version: 1,
+            content_type: "application/octet-stream".into(),
+            data: vec![],
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    fn tail() -> Tail {
+        // Versions 1..=4 hold ids 11..=14; versions 3 and 4 were one append at time 300.
+        Tail {
+            head: 4,
+            events: vec![
+                (4, Uuid::from_u128(14), 300),
+                (3, Uuid::from_u128(13), 300),
+                (2, Uuid::from_u128(12), 200),
+                (1, Uuid::from_u128(11), 100),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_retried_append_finds_its_original_result() {
+        let found = tail().find_ids(&[event(13), event(14)]);
+        assert_eq!(
+            found,
+            Some(Ok(AppendResult {
+                first_version: 3,
+                last_version: 4,
+                committed_at_us: 300
+            }))
+        );
+    }
+
+    #[test]
+    fn reused_ids_are_refused() {
+        assert_eq!(
+            tail().find_ids(&[event(13), event(99)]),
+            Some(Err(StoreError::EventIdReused {
+                event_id: Uuid::from_u128(13),
+                version: 3
+            }))
+        );
+        // Past the head.
+        assert!(matches!(
+            tail().find_ids(&[event(14), event(15)]),
+            Some(Err(StoreError::EventIdReused { version: 4, .. }))
+        ));
+        // A later event of the append reuses an id.
+        assert_eq!(
+            tail().find_ids(&[event(98), event(12)]),
+            Some(Err(StoreError::EventIdReused {
+                event_id: Uuid::from_u128(12),
+                version: 2
+            }))
+        );
+        assert_eq!(tail().find_ids(&[event(98), event(99)]), None);
+    }
+
+    #[test]
+    fn backoff_is_bounded() {
+        for attempt in 1..100 {
+            assert!(backoff(attempt) <= Duration::from_micros(500 + 64_000));
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! Every statement the store runs, prepared once at connect and held as fields.
+
+use super::error;
+use crate::StoreError;
+use scylla::client::session::Session;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::{Consistency, SerialConsistency};
+
+/// Rows per page of a stream read: events can be large (up to 512 KiB each), so pages stay
+/// small enough for one frame.
+pub(crate) const READ_PAGE_ROWS: i32 = 100;
+
+/// The columns of an event row, in the order [`super::read`] decodes them.
+pub(crate) const EVENT_COLUMNS: &str =
+    "version, event_id, event_type, schema_version, content_type, data, metadata, recorded_at";
+
+/// The prepared statements of one keyspace.
+pub(crate) struct Statements {
+    /// First append of a stream: sets the static columns if the stream has no head yet.
+    pub(crate) head_first: PreparedStatement,
+    /// Later appends: moves the head if it is still where the writer saw it.
+    pub(crate) head_next: PreparedStatement,
+    /// One event row of an append batch.
+    pub(crate) insert_event: PreparedStatement,
+    /// The head and the newest event ids of a stream (the idempotency window).
+    pub(crate) tail: PreparedStatement,
+    /// Event ids in a version range, read linearizably after a lost race.
+    pub(crate) ids_in_range: PreparedStatement,
+    /// Events in ascending version order.
+    pub(crate) read_forwards: PreparedStatement,
+    /// Events in descending version order.
+    pub(crate) read_backwards: PreparedStatement,
+    /// The static columns of a stream.
+    pub(crate) info: PreparedStatement,
+    /// One page of partition keys, in token order.
+    pub(crate) list_streams: PreparedStatement,
+    /// Writes a change notification.
+    pub(crate) note_change: PreparedStatement,
+    /// A bucket of changes after a position.
+    pub(crate) changes_after: PreparedStatement,
+    /// A bucket of changes from its start.
+    pub(crate) changes_from_start: PreparedStatement,
+}
+
+impl Statements {
+    pub(crate) async fn prepare(session: &Session, ks: &str) -> Result<Self, StoreError> {
+        let pk = "stream_type = ? AND stream_id = ? AND bucket = ?";
+        let prepare = |cql: String, idempotent: bool| async move {
+            let mut stmt = session.prepare(cql).await.map_err(error::prepare)?;
+            stmt.set_is_idempotent(idempotent);
+            Ok::<_, StoreError>(stmt)
+        };
+        let mut ids_in_range = prepare(
+            format!(
+                "SELECT version, event_id, recorded_at FROM {ks}.events \
+                 WHERE {pk} AND version >= ? AND version <= ?"
+            ),
+            true,
+        )
+        .await?;
+        // After a lost race the winner's rows must be visible: read them through Paxos.
+        ids_in_range.set_consistency(Consistency::LocalSerial);
+        let mut read_forwards = prepare(
+            format!(
+                "SELECT {EVENT_COLUMNS} FROM {ks}.events \
+                 WHERE {pk} AND version >= ? AND version <= ? LIMIT ?"
+            ),
+            true,
+        )
+        .await?;
+        read_forwards.set_page_size(READ_PAGE_ROWS);
+        let mut read_backwards = prepare(
+            format!(
+                "SELECT {EVENT_COLUMNS} FROM {ks}.events \
+                 WHERE {pk} AND version >= ? AND version <= ? ORDER BY version DESC LIMIT ?"
+            ),
+            true,
+        )
+        .await?;
+        read_backwards.set_page_size(READ_PAGE_ROWS);
+        let mut head_first = prepare(
+            format!(
+                "UPDATE {ks}.events SET head = ?, created_at = ?, updated_at = ? \
+                 WHERE {pk} IF head = NULL"
+            ),
+            false,
+        )
+        .await?;
+        head_first.set_serial_consistency(Some(SerialConsistency::LocalSerial));
+        let mut head_next = prepare(
+            format!("UPDATE {ks}.events SET head = ?, updated_at = ? WHERE {pk} IF head = ?"),
+            false,
+        )
+        .await?;
+        head_next.set_serial_consistency(Some(SerialConsistency::LocalSerial));
+        Ok(Self {
+            head_first,
+            head_next,
+            insert_event: prepare(
+                format!(
+                    "INSERT INTO {ks}.events (stream_type, stream_id, bucket, version, event_id, \
+                     event_type, schema_version, content_type, data, metadata, recorded_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                false,
+            )
+            .await?,
+            tail: prepare(
+                format!(
+                    "SELECT head, version, event_id, recorded_at FROM {ks}.events \
+                     WHERE {pk} ORDER BY version DESC LIMIT ?"
+                ),
+                true,
+            )
+            .await?,
+            ids_in_range,
+            read_forwards,
+            read_backwards,
+            info: prepare(
+                format!(
+                    "SELECT head, created_at, updated_at FROM {ks}.events WHERE {pk} LIMIT 1"
+                ),
+                true,
+            )
+            .await?,
+            list_streams: prepare(
+                format!(
+                    "SELECT DISTINCT stream_type, stream_id, bucket FROM {ks}.events \
+                     WHERE token(stream_type, stream_id, bucket) > ? LIMIT ?"
+                ),
+                true,
+            )
+            .await?,
+            note_change: prepare(
+                format!(
+                    "INSERT INTO {ks}.changes (shard, bucket, id, stream_type, stream_id, \
+                     first_version, last_version) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?"
+                ),
+                true,
+            )
+            .await?,
+            changes_after: prepare(
+                format!(
+                    "SELECT id, stream_type, stream_id, first_version, last_version \
+                     FROM {ks}.changes WHERE shard = ? AND bucket = ? \
+                     AND id > ? AND id < minTimeuuid(?) LIMIT ?"
+                ),
+                true,
+            )
+            .await?,
+            changes_from_start: prepare(
+                format!(
+                    "SELECT id, stream_type, stream_id, first_version, last_version \
+                     FROM {ks}.changes WHERE shard = ? AND bucket = ? \
+                     AND id < minTimeuuid(?) LIMIT ?"
+                ),
+                true,
+            )
+            .await?,
+        })
+    }
+}
