@@ -5,7 +5,9 @@
 
 use crate::pb::v1 as pb;
 use esq_domain::event::validate_batch;
-use esq_domain::{DomainError, ExpectedVersion, NewEvent, RecordedEvent, StreamId, JSON_CONTENT_TYPE};
+use esq_domain::{
+    DomainError, ExpectedVersion, NewEvent, RecordedEvent, StreamId, JSON_CONTENT_TYPE,
+};
 use prost_types::Timestamp;
 use std::collections::BTreeMap;
 use tonic::Status;
@@ -72,7 +74,10 @@ fn new_event(i: usize, e: pb::NewEvent) -> Result<NewEvent, DomainError> {
         uuid::Uuid::now_v7()
     } else {
         uuid::Uuid::parse_str(&e.event_id).map_err(|err| {
-            DomainError::invalid(format!("events[{i}].event_id"), format!("is not a UUID: {err}"))
+            DomainError::invalid(
+                format!("events[{i}].event_id"),
+                format!("is not a UUID: {err}"),
+            )
         })?
     };
     let (data, default_type) = match e.payload {
@@ -194,20 +199,31 @@ mod tests {
 
     #[test]
     fn expected_version_is_required() {
-        assert!(matches!(expected_version(None), Err(DomainError::Invalid { field, .. }) if field == "expected_version"));
-        let v = pb::ExpectedVersion { kind: Some(pb::expected_version::Kind::Exact(3)) };
+        assert!(
+            matches!(expected_version(None), Err(DomainError::Invalid { field, .. }) if field == "expected_version")
+        );
+        let v = pb::ExpectedVersion {
+            kind: Some(pb::expected_version::Kind::Exact(3)),
+        };
         assert_eq!(expected_version(Some(&v)), Ok(ExpectedVersion::Exact(3)));
     }
 
     #[test]
     fn payload_is_required_and_json_checked() {
-        let e = pb::NewEvent { r#type: "A".into(), ..Default::default() };
-        assert!(matches!(new_events(vec![e]), Err(DomainError::Invalid { field, .. }) if field == "events[0].payload"));
+        let e = pb::NewEvent {
+            r#type: "A".into(),
+            ..Default::default()
+        };
+        assert!(
+            matches!(new_events(vec![e]), Err(DomainError::Invalid { field, .. }) if field == "events[0].payload")
+        );
         let e = pb::NewEvent {
             r#type: "A".into(),
             payload: Some(pb::new_event::Payload::Json("{oops".into())),
             ..Default::default()
         };
-        assert!(matches!(new_events(vec![e]), Err(DomainError::Invalid { field, .. }) if field == "events[0].data"));
+        assert!(
+            matches!(new_events(vec![e]), Err(DomainError::Invalid { field, .. }) if field == "events[0].data")
+        );
     }
 }

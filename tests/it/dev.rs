@@ -42,7 +42,13 @@ async fn restart_keeps_events_and_rebuilds_queries() {
                 .clients
                 .carts
                 .clone()
-                .add_item(cart::AddItemRequest { cart_id: id.clone(), sku: (*sku).into(), quantity: i as i64 + 1, unit_price_cents: 99, ..Default::default() })
+                .add_item(cart::AddItemRequest {
+                    cart_id: id.clone(),
+                    sku: (*sku).into(),
+                    quantity: i as i64 + 1,
+                    unit_price_cents: 99,
+                    ..Default::default()
+                })
                 .await
                 .expect("add")
                 .into_inner()
@@ -54,7 +60,13 @@ async fn restart_keeps_events_and_rebuilds_queries() {
         .clients
         .books
         .clone()
-        .create_book(book::CreateBookRequest { isbn: "0-306-40615-2".into(), title: "T".into(), author: "A".into(), price_cents: 5, ..Default::default() })
+        .create_book(book::CreateBookRequest {
+            isbn: "0-306-40615-2".into(),
+            title: "T".into(),
+            author: "A".into(),
+            price_cents: 5,
+            ..Default::default()
+        })
         .await
         .expect("create")
         .into_inner()
@@ -63,13 +75,19 @@ async fn restart_keeps_events_and_rebuilds_queries() {
     h.clients
         .cart_queries
         .clone()
-        .get_cart(cart::GetCartRequest { cart_id: carts[4].clone(), min_version: last })
+        .get_cart(cart::GetCartRequest {
+            cart_id: carts[4].clone(),
+            min_version: last,
+        })
         .await
         .expect("caught up");
     h.clients
         .book_queries
         .clone()
-        .get_book(book::GetBookRequest { isbn: isbn.clone(), min_version: 1 })
+        .get_book(book::GetBookRequest {
+            isbn: isbn.clone(),
+            min_version: 1,
+        })
         .await
         .expect("caught up");
     let before = suite::snapshot(&h.clients, &carts, std::slice::from_ref(&isbn)).await;

@@ -43,10 +43,13 @@ pub fn json_event(event_type: &str, json: &str) -> pb::NewEvent {
 }
 
 pub async fn read_all(c: &Clients, kind: &str, id: &str) -> Vec<pb::RecordedEvent> {
-    read(c, pb::ReadStreamRequest {
-        stream: stream(kind, id),
-        ..Default::default()
-    })
+    read(
+        c,
+        pb::ReadStreamRequest {
+            stream: stream(kind, id),
+            ..Default::default()
+        },
+    )
     .await
 }
 
@@ -79,8 +82,14 @@ fn add(cart_id: &str, sku: &str, quantity: i64, price: i64) -> cart::AddItemRequ
 pub async fn append_then_query_with_min_version(c: &Clients) {
     let id = unique("cart");
     let mut carts = c.carts.clone();
-    carts.add_item(add(&id, "apple", 2, 150)).await.expect("add apple");
-    carts.add_item(add(&id, "pear", 1, 300)).await.expect("add pear");
+    carts
+        .add_item(add(&id, "apple", 2, 150))
+        .await
+        .expect("add apple");
+    carts
+        .add_item(add(&id, "pear", 1, 300))
+        .await
+        .expect("add pear");
     let v = carts
         .remove_item(cart::RemoveItemRequest {
             cart_id: id.clone(),
@@ -96,7 +105,10 @@ pub async fn append_then_query_with_min_version(c: &Clients) {
     let got = c
         .cart_queries
         .clone()
-        .get_cart(cart::GetCartRequest { cart_id: id.clone(), min_version: v })
+        .get_cart(cart::GetCartRequest {
+            cart_id: id.clone(),
+            min_version: v,
+        })
         .await
         .expect("get cart")
         .into_inner();
@@ -104,11 +116,18 @@ pub async fn append_then_query_with_min_version(c: &Clients) {
     assert_eq!(got.status(), cart::CartStatus::Open);
     assert_eq!(got.total_cents, 150 + 300);
     assert_eq!(got.item_count, 2);
-    let items: Vec<_> = got.items.iter().map(|i| (i.sku.as_str(), i.quantity, i.line_total_cents)).collect();
+    let items: Vec<_> = got
+        .items
+        .iter()
+        .map(|i| (i.sku.as_str(), i.quantity, i.line_total_cents))
+        .collect();
     assert_eq!(items, [("apple", 1, 150), ("pear", 1, 300)]);
 
     let v = carts
-        .checkout(cart::CheckoutRequest { cart_id: id.clone(), ..Default::default() })
+        .checkout(cart::CheckoutRequest {
+            cart_id: id.clone(),
+            ..Default::default()
+        })
         .await
         .expect("checkout")
         .into_inner()
@@ -116,7 +135,10 @@ pub async fn append_then_query_with_min_version(c: &Clients) {
     let got = c
         .cart_queries
         .clone()
-        .get_cart(cart::GetCartRequest { cart_id: id.clone(), min_version: v })
+        .get_cart(cart::GetCartRequest {
+            cart_id: id.clone(),
+            min_version: v,
+        })
         .await
         .expect("get cart")
         .into_inner();
@@ -143,23 +165,41 @@ pub async fn append_then_query_with_min_version(c: &Clients) {
     let state = c
         .state
         .clone()
-        .get_state(pb::GetStateRequest { stream: stream("profile", &sid), min_version: 2 })
+        .get_state(pb::GetStateRequest {
+            stream: stream("profile", &sid),
+            min_version: 2,
+        })
         .await
         .expect("get state")
         .into_inner();
     assert_eq!(state.version, 2);
     let fields = state.state.expect("state").fields;
     let keys: BTreeSet<_> = fields.keys().cloned().collect();
-    assert_eq!(keys, BTreeSet::from(["name".to_owned(), "country".to_owned()]));
+    assert_eq!(
+        keys,
+        BTreeSet::from(["name".to_owned(), "country".to_owned()])
+    );
 }
 
 /// A min_version that is never reached ends in DEADLINE_EXCEEDED, promptly.
 pub async fn min_version_wait_is_bounded(c: &Clients) {
     let id = unique("cart");
-    c.carts.clone().add_item(add(&id, "apple", 1, 1)).await.expect("add");
-    let mut req = Request::new(cart::GetCartRequest { cart_id: id, min_version: 99 });
+    c.carts
+        .clone()
+        .add_item(add(&id, "apple", 1, 1))
+        .await
+        .expect("add");
+    let mut req = Request::new(cart::GetCartRequest {
+        cart_id: id,
+        min_version: 99,
+    });
     req.set_timeout(std::time::Duration::from_millis(300));
-    let err = c.cart_queries.clone().get_cart(req).await.expect_err("must time out");
+    let err = c
+        .cart_queries
+        .clone()
+        .get_cart(req)
+        .await
+        .expect_err("must time out");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
 }
 
@@ -178,7 +218,9 @@ pub async fn concurrent_writers_one_winner_per_version(c: &Clients) {
             let mut conflicts = 0u32;
             while won.len() < APPENDS {
                 let version = match events
-                    .get_stream_info(pb::GetStreamInfoRequest { stream: stream("race", &id) })
+                    .get_stream_info(pb::GetStreamInfoRequest {
+                        stream: stream("race", &id),
+                    })
                     .await
                 {
                     Ok(info) => info.into_inner().version,
@@ -214,15 +256,26 @@ pub async fn concurrent_writers_one_winner_per_version(c: &Clients) {
     for t in tasks {
         let (won, _) = t.await.expect("writer");
         for (version, event_id) in won {
-            assert!(winners.insert(version, event_id).is_none(), "two winners for version {version}");
+            assert!(
+                winners.insert(version, event_id).is_none(),
+                "two winners for version {version}"
+            );
         }
     }
     let total = (WRITERS * APPENDS) as u64;
-    assert_eq!(winners.keys().copied().collect::<Vec<_>>(), (1..=total).collect::<Vec<_>>());
+    assert_eq!(
+        winners.keys().copied().collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>()
+    );
     let stored = read_all(c, "race", &id).await;
     assert_eq!(stored.len() as u64, total);
     for e in &stored {
-        assert_eq!(winners.get(&e.version), Some(&e.event_id), "stored event at {} is not the winner's", e.version);
+        assert_eq!(
+            winners.get(&e.version),
+            Some(&e.event_id),
+            "stored event at {} is not the winner's",
+            e.version
+        );
     }
 }
 
@@ -231,26 +284,60 @@ pub async fn retried_append_is_idempotent(c: &Clients) {
     let id = unique("retry");
     let mut events = c.events.clone();
     let batch = vec![json_event("A", "{}"), json_event("B", "{}")];
-    let req = pb::AppendRequest { stream: stream("retry", &id), expected_version: exact(0), events: batch };
-    let first = events.append(req.clone()).await.expect("first").into_inner();
-    let again = events.append(req.clone()).await.expect("retry").into_inner();
+    let req = pb::AppendRequest {
+        stream: stream("retry", &id),
+        expected_version: exact(0),
+        events: batch,
+    };
+    let first = events
+        .append(req.clone())
+        .await
+        .expect("first")
+        .into_inner();
+    let again = events
+        .append(req.clone())
+        .await
+        .expect("retry")
+        .into_inner();
     assert_eq!(first, again);
     // Also with `any`, after other events were appended.
     events
-        .append(pb::AppendRequest { stream: stream("retry", &id), expected_version: any(), events: vec![json_event("C", "{}")] })
+        .append(pb::AppendRequest {
+            stream: stream("retry", &id),
+            expected_version: any(),
+            events: vec![json_event("C", "{}")],
+        })
         .await
         .expect("third");
     let mut any_req = req.clone();
     any_req.expected_version = any();
-    let again = events.append(any_req).await.expect("retry with any").into_inner();
+    let again = events
+        .append(any_req)
+        .await
+        .expect("retry with any")
+        .into_inner();
     assert_eq!(first, again);
     assert_eq!(read_all(c, "retry", &id).await.len(), 3);
     // A retried command with the same command_id takes effect once.
     let cart_id = unique("cart");
     let mut r = add(&cart_id, "apple", 1, 10);
     r.command_id = "cmd-1".into();
-    let v1 = c.carts.clone().add_item(r.clone()).await.expect("add").into_inner().version;
-    let v2 = c.carts.clone().add_item(r).await.expect("retried add").into_inner().version;
+    let v1 = c
+        .carts
+        .clone()
+        .add_item(r.clone())
+        .await
+        .expect("add")
+        .into_inner()
+        .version;
+    let v2 = c
+        .carts
+        .clone()
+        .add_item(r)
+        .await
+        .expect("retried add")
+        .into_inner()
+        .version;
     assert_eq!((v1, v2), (1, 1));
     assert_eq!(read_all(c, "cart", &cart_id).await.len(), 1);
 }
@@ -260,10 +347,18 @@ pub async fn bad_input_is_rejected_and_changes_nothing(c: &Clients) {
     let id = unique("bad");
     let mut events = c.events.clone();
     events
-        .append(pb::AppendRequest { stream: stream("bad", &id), expected_version: exact(0), events: vec![json_event("Seed", "{}")] })
+        .append(pb::AppendRequest {
+            stream: stream("bad", &id),
+            expected_version: exact(0),
+            events: vec![json_event("Seed", "{}")],
+        })
         .await
         .expect("seed");
-    let good = || pb::AppendRequest { stream: stream("bad", &id), expected_version: exact(1), events: vec![json_event("Ok", "{}")] };
+    let good = || pb::AppendRequest {
+        stream: stream("bad", &id),
+        expected_version: exact(1),
+        events: vec![json_event("Ok", "{}")],
+    };
     let mut cases: Vec<(&str, pb::AppendRequest)> = Vec::new();
     let mut r = good();
     r.stream = stream("bad", "");
@@ -308,7 +403,11 @@ pub async fn bad_input_is_rejected_and_changes_nothing(c: &Clients) {
     for (field, req) in cases {
         let err = events.append(req).await.expect_err(field);
         assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
-        assert!(err.message().contains(field), "{field} not named in {:?}", err.message());
+        assert!(
+            err.message().contains(field),
+            "{field} not named in {:?}",
+            err.message()
+        );
     }
     // Domain commands: quantities, ids, required fields.
     let cart_id = unique("cart");
@@ -322,17 +421,31 @@ pub async fn bad_input_is_rejected_and_changes_nothing(c: &Clients) {
     ] {
         let err = carts.add_item(req).await.expect_err(field);
         assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
-        assert!(err.message().contains(field), "{field} not named in {:?}", err.message());
+        assert!(
+            err.message().contains(field),
+            "{field} not named in {:?}",
+            err.message()
+        );
     }
     let err = carts
-        .remove_item(cart::RemoveItemRequest { cart_id: cart_id.clone(), sku: "apple".into(), quantity: 0, ..Default::default() })
+        .remove_item(cart::RemoveItemRequest {
+            cart_id: cart_id.clone(),
+            sku: "apple".into(),
+            quantity: 0,
+            ..Default::default()
+        })
         .await
         .expect_err("zero removal");
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = c
         .books
         .clone()
-        .create_book(book::CreateBookRequest { isbn: "978-0441478125".into(), title: String::new(), author: "A".into(), ..Default::default() })
+        .create_book(book::CreateBookRequest {
+            isbn: "978-0441478125".into(),
+            title: String::new(),
+            author: "A".into(),
+            ..Default::default()
+        })
         .await
         .expect_err("missing title");
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -347,33 +460,66 @@ pub async fn cart_rules_and_conflicts(c: &Clients) {
     let id = unique("cart");
     let mut carts = c.carts.clone();
     let err = carts
-        .checkout(cart::CheckoutRequest { cart_id: id.clone(), ..Default::default() })
+        .checkout(cart::CheckoutRequest {
+            cart_id: id.clone(),
+            ..Default::default()
+        })
         .await
         .expect_err("empty checkout");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let err = carts
-        .remove_item(cart::RemoveItemRequest { cart_id: id.clone(), sku: "apple".into(), quantity: 1, ..Default::default() })
+        .remove_item(cart::RemoveItemRequest {
+            cart_id: id.clone(),
+            sku: "apple".into(),
+            quantity: 1,
+            ..Default::default()
+        })
         .await
         .expect_err("remove missing");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    carts.add_item(add(&id, "apple", 1, 100)).await.expect("add");
+    carts
+        .add_item(add(&id, "apple", 1, 100))
+        .await
+        .expect("add");
     let mut stale = add(&id, "apple", 1, 100);
     stale.expected_version = Some(0);
-    let err = carts.add_item(stale).await.expect_err("stale expected version");
+    let err = carts
+        .add_item(stale)
+        .await
+        .expect_err("stale expected version");
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("expected 0") && err.message().contains("actual 1"), "{err:?}");
-    carts.checkout(cart::CheckoutRequest { cart_id: id.clone(), ..Default::default() }).await.expect("checkout");
-    let err = carts.add_item(add(&id, "apple", 1, 100)).await.expect_err("after checkout");
+    assert!(
+        err.message().contains("expected 0") && err.message().contains("actual 1"),
+        "{err:?}"
+    );
+    carts
+        .checkout(cart::CheckoutRequest {
+            cart_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("checkout");
+    let err = carts
+        .add_item(add(&id, "apple", 1, 100))
+        .await
+        .expect_err("after checkout");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     // Raw append with a wrong expected version.
     let err = c
         .events
         .clone()
-        .append(pb::AppendRequest { stream: stream("cart", &id), expected_version: exact(7), events: vec![json_event("X", "{}")] })
+        .append(pb::AppendRequest {
+            stream: stream("cart", &id),
+            expected_version: exact(7),
+            events: vec![json_event("X", "{}")],
+        })
         .await
         .expect_err("wrong version");
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("expected 7") && err.message().contains("actual 2"), "{err:?}");
+    assert!(
+        err.message().contains("expected 7") && err.message().contains("actual 2"),
+        "{err:?}"
+    );
 }
 
 /// The bookshop: commands on the write side, reads (get, list, author filter) on the read side.
@@ -384,7 +530,13 @@ pub async fn bookshop_commands_and_queries(c: &Clients) {
     for i in 0..3 {
         let isbn = format!("978{:010}", rand_isbn_suffix() + i);
         let r = books
-            .create_book(book::CreateBookRequest { isbn: isbn.clone(), title: format!("Title {i}"), author: author.clone(), price_cents: 1000 + i as i64, ..Default::default() })
+            .create_book(book::CreateBookRequest {
+                isbn: isbn.clone(),
+                title: format!("Title {i}"),
+                author: author.clone(),
+                price_cents: 1000 + i as i64,
+                ..Default::default()
+            })
             .await
             .expect("create")
             .into_inner();
@@ -392,48 +544,94 @@ pub async fn bookshop_commands_and_queries(c: &Clients) {
         isbns.push(r.isbn);
     }
     let err = books
-        .create_book(book::CreateBookRequest { isbn: isbns[0].clone(), title: "Dup".into(), author: "X".into(), ..Default::default() })
+        .create_book(book::CreateBookRequest {
+            isbn: isbns[0].clone(),
+            title: "Dup".into(),
+            author: "X".into(),
+            ..Default::default()
+        })
         .await
         .expect_err("duplicate isbn");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let other = unique("Other");
     let v = books
-        .update_book(book::UpdateBookRequest { isbn: isbns[1].clone(), author: Some(other.clone()), title: Some("Renamed".into()), ..Default::default() })
+        .update_book(book::UpdateBookRequest {
+            isbn: isbns[1].clone(),
+            author: Some(other.clone()),
+            title: Some("Renamed".into()),
+            ..Default::default()
+        })
         .await
         .expect("update")
         .into_inner()
         .version;
     let dv = books
-        .delete_book(book::DeleteBookRequest { isbn: isbns[2].clone(), ..Default::default() })
+        .delete_book(book::DeleteBookRequest {
+            isbn: isbns[2].clone(),
+            ..Default::default()
+        })
         .await
         .expect("delete")
         .into_inner()
         .version;
     let err = books
-        .update_book(book::UpdateBookRequest { isbn: isbns[2].clone(), title: Some("Zombie".into()), ..Default::default() })
+        .update_book(book::UpdateBookRequest {
+            isbn: isbns[2].clone(),
+            title: Some("Zombie".into()),
+            ..Default::default()
+        })
         .await
         .expect_err("update deleted");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let err = books
-        .delete_book(book::DeleteBookRequest { isbn: "9780000000000".into(), ..Default::default() })
+        .delete_book(book::DeleteBookRequest {
+            isbn: "9780000000000".into(),
+            ..Default::default()
+        })
         .await
         .expect_err("delete unknown");
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
 
     let mut q = c.book_queries.clone();
-    let b = q.get_book(book::GetBookRequest { isbn: isbns[1].clone(), min_version: v }).await.expect("get").into_inner();
-    assert_eq!((b.title.as_str(), b.author.as_str(), b.version), ("Renamed", other.as_str(), 2));
-    let err = q.get_book(book::GetBookRequest { isbn: isbns[2].clone(), min_version: dv }).await.expect_err("deleted");
+    let b = q
+        .get_book(book::GetBookRequest {
+            isbn: isbns[1].clone(),
+            min_version: v,
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        (b.title.as_str(), b.author.as_str(), b.version),
+        ("Renamed", other.as_str(), 2)
+    );
+    let err = q
+        .get_book(book::GetBookRequest {
+            isbn: isbns[2].clone(),
+            min_version: dv,
+        })
+        .await
+        .expect_err("deleted");
     assert_eq!(err.code(), Code::NotFound);
 
     let by_author = q
-        .list_books(book::ListBooksRequest { author: author.clone(), ..Default::default() })
+        .list_books(book::ListBooksRequest {
+            author: author.clone(),
+            ..Default::default()
+        })
         .await
         .expect("list")
         .into_inner();
     let listed: Vec<_> = by_author.books.iter().map(|b| b.isbn.clone()).collect();
     assert_eq!(listed, vec![isbns[0].clone()]);
-    let by_other = q.list_books(book::ListBooksRequest { author: other, ..Default::default() }).await.expect("list").into_inner();
+    let by_other = q
+        .list_books(book::ListBooksRequest {
+            author: other,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
     assert_eq!(by_other.books.len(), 1);
 
     // Paging over everything visits each live book once, in ISBN order.
@@ -441,7 +639,11 @@ pub async fn bookshop_commands_and_queries(c: &Clients) {
     let mut token = String::new();
     loop {
         let page = q
-            .list_books(book::ListBooksRequest { page_size: 2, page_token: token.clone(), ..Default::default() })
+            .list_books(book::ListBooksRequest {
+                page_size: 2,
+                page_token: token.clone(),
+                ..Default::default()
+            })
             .await
             .expect("page")
             .into_inner();
@@ -469,14 +671,28 @@ pub async fn read_stream_directions_and_bounds(c: &Clients) {
     let mut events = c.events.clone();
     for i in 0..5 {
         events
-            .append(pb::AppendRequest { stream: stream("log", &id), expected_version: exact(i), events: vec![json_event("Logged", &format!(r#"{{"i":{i}}}"#))] })
+            .append(pb::AppendRequest {
+                stream: stream("log", &id),
+                expected_version: exact(i),
+                events: vec![json_event("Logged", &format!(r#"{{"i":{i}}}"#))],
+            })
             .await
             .expect("append");
     }
     let versions = |v: Vec<pb::RecordedEvent>| v.into_iter().map(|e| e.version).collect::<Vec<_>>();
-    let req = |direction: pb::Direction| pb::ReadStreamRequest { stream: stream("log", &id), direction: direction.into(), ..Default::default() };
-    assert_eq!(versions(read(c, req(pb::Direction::Forwards)).await), [1, 2, 3, 4, 5]);
-    assert_eq!(versions(read(c, req(pb::Direction::Backwards)).await), [5, 4, 3, 2, 1]);
+    let req = |direction: pb::Direction| pb::ReadStreamRequest {
+        stream: stream("log", &id),
+        direction: direction.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        versions(read(c, req(pb::Direction::Forwards)).await),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(
+        versions(read(c, req(pb::Direction::Backwards)).await),
+        [5, 4, 3, 2, 1]
+    );
     let mut r = req(pb::Direction::Forwards);
     r.from_version = Some(2);
     r.limit = 2;
@@ -485,14 +701,27 @@ pub async fn read_stream_directions_and_bounds(c: &Clients) {
     r.until_version = Some(3);
     assert_eq!(versions(read(c, r).await), [3, 2, 1]);
     let all = read(c, req(pb::Direction::Forwards)).await;
-    assert!(matches!(all[0].payload, Some(pb::recorded_event::Payload::Json(ref j)) if j.contains("\"i\"")));
+    assert!(
+        matches!(all[0].payload, Some(pb::recorded_event::Payload::Json(ref j)) if j.contains("\"i\""))
+    );
     let mut r = req(pb::Direction::Forwards);
     r.until_time = all[1].recorded_at;
     // Each append was a separate round trip, so each has its own commit time.
     assert_eq!(versions(read(c, r).await), [1, 2]);
-    let info = events.get_stream_info(pb::GetStreamInfoRequest { stream: stream("log", &id) }).await.expect("info").into_inner();
+    let info = events
+        .get_stream_info(pb::GetStreamInfoRequest {
+            stream: stream("log", &id),
+        })
+        .await
+        .expect("info")
+        .into_inner();
     assert_eq!((info.version, info.event_count), (5, 5));
-    let err = events.get_stream_info(pb::GetStreamInfoRequest { stream: stream("log", &unique("none")) }).await.expect_err("missing");
+    let err = events
+        .get_stream_info(pb::GetStreamInfoRequest {
+            stream: stream("log", &unique("none")),
+        })
+        .await
+        .expect_err("missing");
     assert_eq!(err.code(), Code::NotFound);
 }
 
@@ -505,11 +734,16 @@ pub async fn health_is_serving(c: &Clients) {
         (c.read_channel.clone(), ""),
     ] {
         let r = HealthClient::new(channel)
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .expect("health")
             .into_inner();
-        assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+        assert_eq!(
+            r.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving
+        );
     }
 }
 
@@ -517,14 +751,44 @@ pub async fn health_is_serving(c: &Clients) {
 pub async fn snapshot(c: &Clients, carts: &[String], isbns: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for id in carts {
-        let cart = c.cart_queries.clone().get_cart(cart::GetCartRequest { cart_id: id.clone(), min_version: 0 }).await;
-        out.push(format!("{:?}", cart.map(|r| r.into_inner()).map_err(|s| s.code())));
-        let state = c.state.clone().get_state(pb::GetStateRequest { stream: stream("cart", id), min_version: 0 }).await;
-        out.push(format!("{:?}", state.map(|r| r.into_inner()).map_err(|s| s.code())));
+        let cart = c
+            .cart_queries
+            .clone()
+            .get_cart(cart::GetCartRequest {
+                cart_id: id.clone(),
+                min_version: 0,
+            })
+            .await;
+        out.push(format!(
+            "{:?}",
+            cart.map(|r| r.into_inner()).map_err(|s| s.code())
+        ));
+        let state = c
+            .state
+            .clone()
+            .get_state(pb::GetStateRequest {
+                stream: stream("cart", id),
+                min_version: 0,
+            })
+            .await;
+        out.push(format!(
+            "{:?}",
+            state.map(|r| r.into_inner()).map_err(|s| s.code())
+        ));
     }
     for isbn in isbns {
-        let b = c.book_queries.clone().get_book(book::GetBookRequest { isbn: isbn.clone(), min_version: 0 }).await;
-        out.push(format!("{:?}", b.map(|r| r.into_inner()).map_err(|s| s.code())));
+        let b = c
+            .book_queries
+            .clone()
+            .get_book(book::GetBookRequest {
+                isbn: isbn.clone(),
+                min_version: 0,
+            })
+            .await;
+        out.push(format!(
+            "{:?}",
+            b.map(|r| r.into_inner()).map_err(|s| s.code())
+        ));
     }
     out
 }

@@ -52,10 +52,12 @@ impl DevStack {
     /// Opens the store, rebuilds the read model from the change log, then serves both gRPC
     /// services and tails the log until `shutdown` is cancelled.
     pub async fn start(config: DevConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        let store = Arc::new(
-            EmbeddedStore::open(&config.data_dir)
-                .with_context(|| format!("cannot open the event store in {}", config.data_dir.display()))?,
-        );
+        let store = Arc::new(EmbeddedStore::open(&config.data_dir).with_context(|| {
+            format!(
+                "cannot open the event store in {}",
+                config.data_dir.display()
+            )
+        })?);
         let read = Arc::new(MemoryStore::default());
         let projector = esq_projector::Projector::new(
             Arc::clone(&store),
@@ -65,7 +67,11 @@ impl DevStack {
         );
         // Catch up before serving, so the first query after a restart sees every event.
         let mut changes = 0u32;
-        while projector.poll_once().await.context("rebuilding the read model")? {
+        while projector
+            .poll_once()
+            .await
+            .context("rebuilding the read model")?
+        {
             changes += 1;
         }
         tracing::info!(pages = changes, "read model rebuilt from the change log");

@@ -7,6 +7,7 @@
 //! never see a driver type.
 
 pub mod contract;
+pub mod cql;
 pub mod embedded;
 
 use esq_domain::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId, StreamInfo};

@@ -198,7 +198,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore> Projector<E, F, R> {
             }
             let events = self
                 .store
-                .read(stream, ReadRequest::forwards(low + 1, self.config.read_page))
+                .read(
+                    stream,
+                    ReadRequest::forwards(low + 1, self.config.read_page),
+                )
                 .await?;
             if events.is_empty() {
                 return Ok(if target.is_some() {

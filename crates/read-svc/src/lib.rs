@@ -47,7 +47,9 @@ pub fn routes<R: ReadStore>(store: Arc<R>, config: Config) -> tonic::service::Ro
     tonic::service::Routes::new(CartQueriesServer::new(queries::CartQueriesApi(
         reader.clone(),
     )))
-    .add_service(BookQueriesServer::new(queries::BookQueriesApi(reader.clone())))
+    .add_service(BookQueriesServer::new(queries::BookQueriesApi(
+        reader.clone(),
+    )))
     .add_service(StateQueriesServer::new(queries::StateQueriesApi(reader)))
 }
 

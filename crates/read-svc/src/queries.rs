@@ -125,12 +125,15 @@ impl<R: ReadStore> book_pb::book_queries_server::BookQueries for BookQueriesApi<
                 .await
                 .map_err(status_from_read)?;
             let exhausted = ids.len() < page_size;
-            let docs = futures::future::try_join_all(ids.iter().map(|id| store.get(projection, id)))
-                .await
-                .map_err(status_from_read)?;
+            let docs =
+                futures::future::try_join_all(ids.iter().map(|id| store.get(projection, id)))
+                    .await
+                    .map_err(status_from_read)?;
             for (id, doc) in ids.iter().zip(docs) {
                 cursor = Some(id.clone());
-                let Some(view) = doc.as_ref().and_then(BookView::from_doc) else { continue };
+                let Some(view) = doc.as_ref().and_then(BookView::from_doc) else {
+                    continue;
+                };
                 if !r.author.is_empty() && view.author != r.author {
                     continue;
                 }

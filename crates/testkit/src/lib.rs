@@ -1,8 +1,12 @@
 //! esq testkit: starts esq in-process on loopback port 0 for system tests, and connects typed
 //! gRPC clients to it. Each harness has its own data folder, so tests never share state.
 
-use esq::pb::bookshop::v1::{book_commands_client::BookCommandsClient, book_queries_client::BookQueriesClient};
-use esq::pb::cart::v1::{cart_commands_client::CartCommandsClient, cart_queries_client::CartQueriesClient};
+use esq::pb::bookshop::v1::{
+    book_commands_client::BookCommandsClient, book_queries_client::BookQueriesClient,
+};
+use esq::pb::cart::v1::{
+    cart_commands_client::CartCommandsClient, cart_queries_client::CartQueriesClient,
+};
 use esq::pb::v1::{event_store_client::EventStoreClient, state_queries_client::StateQueriesClient};
 use esq_cli::dev::{DevConfig, DevStack};
 use std::net::SocketAddr;

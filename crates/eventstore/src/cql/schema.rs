@@ -102,6 +102,11 @@ pub(crate) fn ddl(config: &CqlConfig, engine: Engine) -> Vec<String> {
              AND compaction = {{'class': 'TimeWindowCompactionStrategy', \
              'compaction_window_unit': 'HOURS', 'compaction_window_size': 1}}"
         ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.change_buckets (shard int, bucket bigint, \
+             PRIMARY KEY ((shard), bucket)) WITH CLUSTERING ORDER BY (bucket ASC) \
+             AND gc_grace_seconds = 3600"
+        ),
     ]
 }
 

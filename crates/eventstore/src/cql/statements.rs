@@ -40,6 +40,10 @@ pub(crate) struct Statements {
     pub(crate) changes_after: PreparedStatement,
     /// A bucket of changes from its start.
     pub(crate) changes_from_start: PreparedStatement,
+    /// Marks a bucket of a shard as holding notifications.
+    pub(crate) index_bucket: PreparedStatement,
+    /// The marked buckets of a shard in a range.
+    pub(crate) buckets: PreparedStatement,
 }
 
 impl Statements {
@@ -153,6 +157,21 @@ impl Statements {
                     "SELECT id, stream_type, stream_id, first_version, last_version \
                      FROM {ks}.changes WHERE shard = ? AND bucket = ? \
                      AND id < minTimeuuid(?) LIMIT ?"
+                ),
+                true,
+            )
+            .await?,
+            index_bucket: prepare(
+                format!(
+                    "INSERT INTO {ks}.change_buckets (shard, bucket) VALUES (?, ?) USING TTL ?"
+                ),
+                true,
+            )
+            .await?,
+            buckets: prepare(
+                format!(
+                    "SELECT bucket FROM {ks}.change_buckets \
+                     WHERE shard = ? AND bucket >= ? AND bucket <= ? LIMIT ?"
                 ),
                 true,
             )

@@ -1,0 +1,333 @@
+//! The CQL adapter: [`EventStore`] and [`ChangeFeed`] on ScyllaDB or Apache Cassandra 5,
+//! through the `scylla` driver.
+//!
+//! # Schema (created or migrated by [`CqlStore::connect`])
+//!
+//! ```text
+//! events          PRIMARY KEY ((stream_type, stream_id, bucket), version)
+//!                 static head bigint (the stream's version), static created_at / updated_at
+//!                 bigint µs, event_id uuid, event_type text, schema_version int,
+//!                 content_type text, data blob, metadata map<text, text>, recorded_at bigint µs
+//! changes         PRIMARY KEY ((shard, bucket), id timeuuid), stream_type, stream_id,
+//!                 first_version, last_version — TTL'd, time-window compaction
+//! change_buckets  PRIMARY KEY ((shard), bucket) — which time buckets of a shard hold
+//!                 notifications, so polls skip empty ones
+//! ```
+//!
+//! One partition per stream. `bucket` is always 0 for now: it is in the key so that very long
+//! streams can later be split over several partitions without changing the API.
+//!
+//! # Appends
+//! One conditional batch inside the partition (see [`append`](self) for the idempotency
+//! window and the lost-race read-back). With [`FeedKind::ChangesTable`] the notification row is
+//! written *before* the batch, so a committed append always has one; a notification whose batch
+//! never commits is an orphan the projector recognises after the append deadline.
+//!
+//! # Engines
+//! The engine is detected at connect. ScyllaDB gets its keyspace with tablets disabled and, with
+//! [`FeedKind::ScyllaCdc`], CDC on the events table; Apache Cassandra rejects both options and
+//! gets neither. LWT results are read as untyped rows because the engines shape them
+//! differently. The Scylla-only paths (tablets DDL, the CDC feed) cannot run in this project's
+//! test environment, which has Cassandra only; they are kept small and unit-tested.
+//!
+//! # Failures
+//! Every request carries [`CqlConfig::request_timeout`] (in the driver and around the call), and
+//! driver errors are translated at this boundary: no reachable node, broken connections and
+//! timeouts become [`StoreError::Unavailable`], promptly; the driver reconnects by itself, so the
+//! same store serves again once the cluster is back.
+
+mod append;
+mod cdc;
+mod changes;
+mod error;
+mod read;
+mod schema;
+mod statements;
+
+pub use changes::shard_of;
+
+use crate::{ChangeFeed, ChangePage, EventStore, ReadRequest, StoreError, StreamPage};
+use esq_domain::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId, StreamInfo};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::ExecutionError;
+use scylla::statement::{Consistency, SerialConsistency};
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Which change feed the store writes and serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FeedKind {
+    /// The portable `changes` table: a notification row per append, written before it.
+    #[default]
+    ChangesTable,
+    /// ScyllaDB's native CDC log of the events table, read with the `scylla-cdc` crate; appends
+    /// write no notification. ScyllaDB only: [`CqlStore::connect`] refuses it on Cassandra.
+    ScyllaCdc,
+}
+
+/// The CQL engine behind the store, detected at connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// ScyllaDB.
+    Scylla,
+    /// Apache Cassandra.
+    Cassandra,
+}
+
+/// How to reach the cluster and lay out the data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CqlConfig {
+    /// Contact points, `host:port`.
+    pub nodes: Vec<String>,
+    /// Keyspace holding the tables: `[A-Za-z0-9_]`, at most 48 characters.
+    pub keyspace: String,
+    /// CQL replication map used when the keyspace is created, e.g.
+    /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3}`.
+    pub replication: String,
+    /// Longest wait for any one request, connection attempts included; past it the call fails
+    /// with [`StoreError::Unavailable`].
+    pub request_timeout: Duration,
+    /// Longest an append may keep retrying lost races (`Any`, `StreamExists`). Projectors treat
+    /// a notification whose events are missing this long after it was noted as an orphan.
+    pub append_deadline: Duration,
+    /// Number of change-feed shards. Part of the stored layout: changing it for a keyspace that
+    /// already holds notifications moves streams between shards.
+    pub shard_count: u32,
+    /// How far behind now a poll reads, so that notifications noted earlier but landing later
+    /// are not skipped.
+    pub confidence_window: Duration,
+    /// How long notifications live; a projector may be down this long without a rebuild.
+    pub change_ttl: Duration,
+    /// Width of a change-log time bucket (at least a second). Part of the stored layout.
+    pub change_bucket: Duration,
+    /// Which change feed appends write and polls read.
+    pub feed: FeedKind,
+    /// How many of a stream's newest events an append checks for its event ids (idempotent
+    /// retries and reused ids are recognised within this window).
+    pub id_window: u32,
+    /// Whether `Exact` appends check the idempotency window too (in parallel with the
+    /// notification write). Without it a retried `Exact` append is still recognised by the
+    /// lost-race read-back, but an id reused in a later `Exact` append is not refused.
+    pub check_ids_on_exact: bool,
+}
+
+impl CqlConfig {
+    /// A configuration for `nodes` and `keyspace` with defaults for the rest: replication
+    /// factor 1 (SimpleStrategy), 5 s requests, a 10 s append deadline, 16 shards, a 2 s
+    /// confidence window, notifications kept 7 days in one-minute buckets, the changes-table
+    /// feed, and a 100-event idempotency window checked by every append.
+    pub fn new(nodes: Vec<String>, keyspace: impl Into<String>) -> Self {
+        Self {
+            nodes,
+            keyspace: keyspace.into(),
+            replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+            request_timeout: Duration::from_secs(5),
+            append_deadline: Duration::from_secs(10),
+            shard_count: 16,
+            confidence_window: Duration::from_secs(2),
+            change_ttl: Duration::from_secs(7 * 24 * 3600),
+            change_bucket: Duration::from_secs(60),
+            feed: FeedKind::ChangesTable,
+            id_window: 100,
+            check_ids_on_exact: true,
+        }
+    }
+
+    fn validate(&self) -> Result<(), StoreError> {
+        schema::validate_keyspace(&self.keyspace)?;
+        let bad = |what: &str| Err(StoreError::Internal(format!("bad CQL configuration: {what}")));
+        if self.nodes.is_empty() {
+            return bad("no contact nodes");
+        }
+        if self.shard_count == 0 {
+            return bad("shard_count must be at least 1");
+        }
+        if self.request_timeout.is_zero() {
+            return bad("request_timeout must be positive");
+        }
+        if self.change_bucket < Duration::from_secs(1) {
+            return bad("change_bucket must be at least a second");
+        }
+        if self.change_ttl < Duration::from_secs(1) {
+            return bad("change_ttl must be at least a second");
+        }
+        Ok(())
+    }
+}
+
+/// The event store and change feed on a CQL cluster. Cheap to clone: clones share one session
+/// (connection pool) and its prepared statements.
+#[derive(Clone)]
+pub struct CqlStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for CqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CqlStore")
+            .field("keyspace", &self.inner.config.keyspace)
+            .field("engine", &self.inner.engine)
+            .field("feed", &self.inner.config.feed)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    session: Arc<Session>,
+    config: CqlConfig,
+    engine: Engine,
+    stmts: statements::Statements,
+    clock: changes::TimeuuidClock,
+    indexed: Mutex<HashSet<(i32, i64)>>,
+    cdc: Option<cdc::CdcFeed>,
+}
+
+impl CqlStore {
+    /// Connects, detects the engine, creates or migrates the keyspace and tables, and prepares
+    /// the statements. Fails with [`StoreError::Unavailable`] if the cluster cannot be reached
+    /// within the request timeout, [`StoreError::Internal`] for a bad configuration.
+    pub async fn connect(config: CqlConfig) -> Result<Self, StoreError> {
+        config.validate()?;
+        let profile = ExecutionProfile::builder()
+            .request_timeout(Some(config.request_timeout))
+            .consistency(Consistency::LocalQuorum)
+            .serial_consistency(Some(SerialConsistency::LocalSerial))
+            .build();
+        let builder = SessionBuilder::new()
+            .known_nodes(&config.nodes)
+            .connection_timeout(config.request_timeout)
+            .default_execution_profile_handle(profile.into_handle())
+            .keyspaces_to_fetch([config.keyspace.clone()])
+            .schema_agreement_timeout(config.request_timeout * 6);
+        let connect = builder.build();
+        let session = match tokio::time::timeout(config.request_timeout * 2, connect).await {
+            Ok(session) => session.map_err(error::new_session)?,
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "no CQL node of {:?} answered within {:?}",
+                    config.nodes,
+                    config.request_timeout * 2
+                )))
+            }
+        };
+        let engine = schema::detect_engine(&session).await?;
+        if config.feed == FeedKind::ScyllaCdc && engine != Engine::Scylla {
+            return Err(StoreError::Internal(
+                "the ScyllaCdc feed needs ScyllaDB; use the ChangesTable feed on Cassandra".into(),
+            ));
+        }
+        schema::ensure(&session, &config, engine).await?;
+        let stmts = statements::Statements::prepare(&session, &config.keyspace).await?;
+        let session = Arc::new(session);
+        let cdc = (config.feed == FeedKind::ScyllaCdc).then(|| {
+            cdc::CdcFeed::new(
+                Arc::clone(&session),
+                config.keyspace.clone(),
+                config.shard_count,
+                config.confidence_window,
+                config.change_ttl,
+            )
+        });
+        tracing::info!(keyspace = %config.keyspace, ?engine, feed = ?config.feed, "CQL event store ready");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                session,
+                config,
+                engine,
+                stmts,
+                clock: changes::TimeuuidClock::new(),
+                indexed: Mutex::new(HashSet::new()),
+                cdc,
+            }),
+        })
+    }
+
+    /// The engine detected at connect.
+    pub fn engine(&self) -> Engine {
+        self.inner.engine
+    }
+
+    /// The configuration the store runs with.
+    pub fn config(&self) -> &CqlConfig {
+        &self.inner.config
+    }
+
+    /// The shard of `stream` in this store's change feed.
+    pub fn shard_of(&self, stream: &StreamId) -> u32 {
+        shard_of(stream, self.inner.config.shard_count)
+    }
+}
+
+impl Inner {
+    /// Runs one driver call under the request timeout and translates its error.
+    async fn timed<T>(
+        &self,
+        call: impl Future<Output = Result<T, ExecutionError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.config.request_timeout, call).await {
+            Ok(result) => result.map_err(error::execution),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {} ms",
+                self.config.request_timeout.as_millis()
+            ))),
+        }
+    }
+}
+
+impl EventStore for CqlStore {
+    fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> impl Future<Output = Result<AppendResult, StoreError>> + Send {
+        self.inner.append(stream, expected, events)
+    }
+
+    fn read(
+        &self,
+        stream: &StreamId,
+        request: ReadRequest,
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>, StoreError>> + Send {
+        self.inner.read(stream, request)
+    }
+
+    fn stream_info(
+        &self,
+        stream: &StreamId,
+    ) -> impl Future<Output = Result<Option<StreamInfo>, StoreError>> + Send {
+        self.inner.stream_info(stream)
+    }
+
+    fn list_streams(
+        &self,
+        cursor: Option<String>,
+        limit: u32,
+    ) -> impl Future<Output = Result<StreamPage, StoreError>> + Send {
+        self.inner.list_streams(cursor, limit)
+    }
+}
+
+impl ChangeFeed for CqlStore {
+    fn shard_count(&self) -> u32 {
+        self.inner.config.shard_count
+    }
+
+    fn poll(
+        &self,
+        shard: u32,
+        after: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<ChangePage, StoreError>> + Send {
+        async move {
+            match &self.inner.cdc {
+                Some(feed) => feed.poll(shard, limit).await,
+                None => self.inner.poll_changes(shard, after, limit).await,
+            }
+        }
+    }
+}
