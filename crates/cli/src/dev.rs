@@ -66,15 +66,11 @@ impl DevStack {
             config.projector.clone(),
         );
         // Catch up before serving, so the first query after a restart sees every event.
-        let mut changes = 0u32;
-        while projector
-            .poll_once()
+        let pages = projector
+            .catch_up()
             .await
-            .context("rebuilding the read model")?
-        {
-            changes += 1;
-        }
-        tracing::info!(pages = changes, "read model rebuilt from the change log");
+            .context("rebuilding the read model")?;
+        tracing::info!(pages, "read model rebuilt from the event store");
 
         let write_listener = esq_runtime::bind(config.write_addr).await?;
         let read_listener = esq_runtime::bind(config.read_addr).await?;
@@ -88,7 +84,7 @@ impl DevStack {
         let mut tasks = JoinSet::new();
         let s = shutdown.clone();
         tasks.spawn(async move {
-            projector.run(wake, s).await;
+            projector.run(wake, None, s).await;
             Ok(())
         });
         tasks.spawn(esq_write_svc::run(

@@ -157,6 +157,12 @@ pub trait ChangeFeed: Send + Sync + 'static {
     /// Number of shards; each is tailed independently and has its own checkpoint.
     fn shard_count(&self) -> u32;
 
+    /// The shard whose changes carry `stream` (stable for the life of the store's layout).
+    fn shard_of(&self, stream: &StreamId) -> u32 {
+        let _ = stream;
+        0
+    }
+
     /// Changes of `shard` after the position `after` (from the start when `None`), at most
     /// `limit`. `positions[i]` is the position of `changes[i]`, to be saved as the checkpoint
     /// once that change is processed.
@@ -174,4 +180,29 @@ pub fn now_us() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+}
+
+/// The payload of a fast-path nudge: `kind/id@version`.
+pub fn nudge_message(stream: &StreamId, version: u64) -> String {
+    format!("{}/{}@{version}", stream.kind, stream.id)
+}
+
+/// Parses a nudge payload written by [`nudge_message`]; `None` if it is not one.
+pub fn parse_nudge(message: &str) -> Option<(StreamId, u64)> {
+    let (key, version) = message.rsplit_once('@')?;
+    let (kind, id) = key.split_once('/')?;
+    Some((StreamId::new(kind, id).ok()?, version.parse().ok()?))
+}
+
+#[cfg(test)]
+mod nudge_tests {
+    use super::*;
+
+    #[test]
+    fn nudges_round_trip() {
+        let s = StreamId::new("cart", "a@b:c").expect("valid");
+        assert_eq!(parse_nudge(&nudge_message(&s, 42)), Some((s, 42)));
+        assert_eq!(parse_nudge("garbage"), None);
+        assert_eq!(parse_nudge("cart/x@notanumber"), None);
+    }
 }

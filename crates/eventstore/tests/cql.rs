@@ -141,7 +141,11 @@ async fn lwt_on_a_missing_partition() {
     assert_eq!(names, ["[applied]"], "missing partition, IF head = NULL");
     assert_eq!(values, [Some(CqlValue::Boolean(true))]);
     let (names, values) = run(cas("NULL"), "a").await;
-    assert_eq!(names, ["[applied]", "head"], "existing partition, failed condition");
+    assert_eq!(
+        names,
+        ["[applied]", "head"],
+        "existing partition, failed condition"
+    );
     assert_eq!(
         values,
         [Some(CqlValue::Boolean(false)), Some(CqlValue::BigInt(1))]
@@ -183,7 +187,11 @@ async fn lwt_races() {
         all.extend(t.await.expect("writer"));
     }
     all.sort_unstable();
-    assert_eq!(all, (1..=48).collect::<Vec<u64>>(), "one winner per version");
+    assert_eq!(
+        all,
+        (1..=48).collect::<Vec<u64>>(),
+        "one winner per version"
+    );
     eprintln!("16 Any appenders x 3 appends: {:?}", started.elapsed());
     let stored = store
         .read(&s, ReadRequest::forwards(1, 100))
@@ -273,7 +281,10 @@ async fn changes_feed() {
         esq_eventstore::cql::shard_of(&s, 8),
         "the store and the free function agree"
     );
-    assert_eq!(shard, 6, "FNV-1a of cart/feed-1 is pinned: it is part of the data layout");
+    assert_eq!(
+        shard, 6,
+        "FNV-1a of cart/feed-1 is pinned: it is part of the data layout"
+    );
 
     let before = now_us();
     let r = store
@@ -403,7 +414,10 @@ async fn outages_are_unavailable_and_recoverable() {
         matches!(got, Err(StoreError::Unavailable(_))),
         "connect to a closed port: {got:?}"
     );
-    eprintln!("connect to a closed port: Unavailable after {:?}", started.elapsed());
+    eprintln!(
+        "connect to a closed port: Unavailable after {:?}",
+        started.elapsed()
+    );
     assert!(started.elapsed() <= timeout * 2 + Duration::from_secs(1));
 
     let upstream: SocketAddr = tokio::net::lookup_host(&node)
@@ -431,7 +445,10 @@ async fn outages_are_unavailable_and_recoverable() {
         "append while stalled: {got:?}"
     );
     eprintln!("append while stalled: Unavailable after {took:?}");
-    assert!(took <= timeout + Duration::from_millis(500), "took {took:?}");
+    assert!(
+        took <= timeout + Duration::from_millis(500),
+        "took {took:?}"
+    );
 
     // Down: connections reset, the port refuses.
     proxy.down().await;
@@ -443,7 +460,10 @@ async fn outages_are_unavailable_and_recoverable() {
         "read while down: {got:?}"
     );
     eprintln!("read while down: Unavailable after {took:?}");
-    assert!(took <= timeout + Duration::from_millis(500), "took {took:?}");
+    assert!(
+        took <= timeout + Duration::from_millis(500),
+        "took {took:?}"
+    );
 
     // Back: the same store reconnects by itself.
     proxy.up().await;

@@ -12,10 +12,12 @@ use esq_domain::projection::{batch, ApplyOutcome, Projection};
 use esq_domain::state::StateProjection;
 use esq_domain::{RecordedEvent, StreamId};
 use esq_eventstore::{now_us, Change, ChangeFeed, EventStore, ReadRequest, StoreError};
-use esq_readstore::{ReadError, ReadStore};
+use esq_readstore::{Coordination, ReadError, ReadStore};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Tunables of a projector.
@@ -30,8 +32,14 @@ pub struct Config {
     /// A notification whose events are still not in the store this long after it was written
     /// belongs to an append that never committed, and is skipped.
     pub append_deadline: Duration,
-    /// Prefix of the checkpoint names (one checkpoint per shard).
+    /// Prefix of the checkpoint, lease and member names (one checkpoint per shard); projectors
+    /// with the same prefix share the shards.
     pub checkpoint_prefix: String,
+    /// This projector's name among its replicas (unique per process).
+    pub owner: String,
+    /// How long a shard lease lasts without renewal; a dead projector's shards are taken over
+    /// after this.
+    pub lease_ttl: Duration,
 }
 
 impl Default for Config {
@@ -42,6 +50,8 @@ impl Default for Config {
             read_page: 500,
             append_deadline: Duration::from_secs(10),
             checkpoint_prefix: "projector".to_owned(),
+            owner: format!("projector-{}", uuid::Uuid::new_v4().simple()),
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -84,7 +94,10 @@ pub struct Projector<E, F, R> {
     config: Config,
 }
 
-impl<E: EventStore, F: ChangeFeed, R: ReadStore> Projector<E, F, R> {
+/// A fast-path notification: this stream reached this version.
+pub type NudgeMessage = (StreamId, u64);
+
+impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, R> {
     /// A projector with the [`default_projections`].
     pub fn new(store: Arc<E>, feed: Arc<F>, read: Arc<R>, config: Config) -> Self {
         Self {
@@ -96,14 +109,35 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore> Projector<E, F, R> {
         }
     }
 
-    /// Tails every shard until `shutdown`; `wake` is notified by the fast path (a nudge) to poll
-    /// at once instead of waiting for the poll interval. Transient errors are logged and
-    /// retried; the current batch finishes and its checkpoint is saved before returning.
-    pub async fn run(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
-        tracing::info!(shards = self.feed.shard_count(), "projector running");
+    /// Tails the shards it holds leases on until `shutdown`, sharing them fairly with the other
+    /// live projectors of the same prefix. `wake` makes it poll at once instead of waiting for
+    /// the poll interval; `nudges` (the fast path) name a stream to bring up to date at once.
+    /// Transient errors are logged and retried; the current batch finishes and its checkpoint
+    /// is saved before returning, and the leases are released.
+    pub async fn run(
+        &self,
+        wake: Arc<Notify>,
+        mut nudges: Option<mpsc::Receiver<NudgeMessage>>,
+        shutdown: CancellationToken,
+    ) {
+        tracing::info!(shards = self.feed.shard_count(), owner = %self.config.owner, "projector running");
+        let mut owned = BTreeSet::new();
+        let mut leases_due = Instant::now();
         let mut backoff = Duration::from_millis(50);
         while !shutdown.is_cancelled() {
-            match self.poll_once().await {
+            let round = async {
+                if Instant::now() >= leases_due {
+                    self.ensure_marker().await?;
+                    self.refresh_leases(&mut owned).await?;
+                    leases_due = Instant::now() + self.config.lease_ttl / 3;
+                }
+                let mut more = false;
+                for &shard in &owned {
+                    more |= self.poll_shard(shard).await?;
+                }
+                Ok::<_, ProjectError>(more)
+            };
+            match round.await {
                 Ok(true) => {
                     backoff = Duration::from_millis(50);
                     continue; // more may be waiting
@@ -116,25 +150,97 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore> Projector<E, F, R> {
                         _ = shutdown.cancelled() => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
+                    leases_due = Instant::now();
                     continue;
                 }
             }
+            let wait = self.config.poll_interval.min(leases_due.saturating_duration_since(Instant::now()));
             tokio::select! {
                 _ = wake.notified() => {}
-                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                Some((stream, version)) = recv(&mut nudges) => {
+                    if owned.contains(&self.feed.shard_of(&stream)) {
+                        // A miss is fine: the change log brings the stream up to date later.
+                        if let Err(e) = self.sync(&stream, Some(version)).await {
+                            tracing::debug!(error = %e, %stream, "fast-path sync failed");
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.cancelled() => {}
             }
+        }
+        for shard in owned {
+            let _ = self.read.release_lease(&self.lease_name(shard), &self.config.owner).await;
         }
         tracing::info!("projector stopped");
     }
 
-    /// Polls every shard once; true if a full page was processed (so more may be waiting).
-    pub async fn poll_once(&self) -> Result<bool, ProjectError> {
-        let mut more = false;
-        for shard in 0..self.feed.shard_count() {
-            more |= self.poll_shard(shard).await?;
+    /// Takes this projector's fair share of the shards (shards / live projectors, rounded up),
+    /// renewing the leases it holds and releasing any above its share.
+    async fn refresh_leases(&self, owned: &mut BTreeSet<u32>) -> Result<(), ProjectError> {
+        let group = format!("{}:members", self.config.checkpoint_prefix);
+        let ttl = self.config.lease_ttl;
+        let owner = &self.config.owner;
+        let live = self.read.heartbeat(&group, owner, ttl).await?.max(1) as u32;
+        let shards = self.feed.shard_count();
+        let fair = shards.div_ceil(live) as usize;
+        let mut kept = BTreeSet::new();
+        for &shard in owned.iter() {
+            let name = self.lease_name(shard);
+            if kept.len() < fair && self.read.acquire_lease(&name, owner, ttl).await? {
+                kept.insert(shard);
+            } else {
+                self.read.release_lease(&name, owner).await?;
+            }
         }
-        Ok(more)
+        // Start looking at a different shard per owner, so replicas don't all contend for 0.
+        let start = owner.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        for i in 0..shards {
+            if kept.len() >= fair {
+                break;
+            }
+            let shard = (start.wrapping_add(i)) % shards;
+            if !kept.contains(&shard)
+                && self.read.acquire_lease(&self.lease_name(shard), owner, ttl).await?
+            {
+                kept.insert(shard);
+            }
+        }
+        if kept != *owned {
+            tracing::info!(live, shards = ?kept, "shard leases changed");
+        }
+        *owned = kept;
+        Ok(())
+    }
+
+    fn lease_name(&self, shard: u32) -> String {
+        format!("{}:shard:{shard}", self.config.checkpoint_prefix)
+    }
+
+    /// Rebuilds the read model from the event store if it lost its marker (a new or flushed
+    /// read store), then sets the marker.
+    pub async fn ensure_marker(&self) -> Result<(), ProjectError> {
+        let marker = format!("{}:marker", self.config.checkpoint_prefix);
+        if self.read.checkpoint(&marker).await?.is_none() {
+            tracing::warn!("read model has no marker (new or flushed): rebuilding from the event store");
+            let streams = self.rebuild().await?;
+            tracing::info!(streams, "read model rebuilt");
+            self.read.save_checkpoint(&marker, &self.config.owner).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the read model up to date with everything the store holds now, ignoring leases:
+    /// used before serving queries at start. Returns the number of change pages processed.
+    pub async fn catch_up(&self) -> Result<u64, ProjectError> {
+        self.ensure_marker().await?;
+        let mut pages = 0;
+        for shard in 0..self.feed.shard_count() {
+            while self.poll_shard(shard).await? {
+                pages += 1;
+            }
+        }
+        Ok(pages)
     }
 
     fn checkpoint_name(&self, shard: u32) -> String {
@@ -256,5 +362,12 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore> Projector<E, F, R> {
                 None => return Ok(streams),
             }
         }
+    }
+}
+
+async fn recv(nudges: &mut Option<mpsc::Receiver<NudgeMessage>>) -> Option<NudgeMessage> {
+    match nudges {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }

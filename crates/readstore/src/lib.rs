@@ -14,6 +14,7 @@ pub mod redis;
 use esq_domain::projection::{ApplyOutcome, Batch};
 use std::collections::HashMap;
 use std::future::Future;
+use std::time::Duration;
 
 /// Why a read-store call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,4 +79,33 @@ pub trait ReadStore: Send + Sync + 'static {
         name: &str,
         position: &str,
     ) -> impl Future<Output = Result<(), ReadError>> + Send;
+}
+
+/// Coordination between projector replicas that share the change-log shards: leases with
+/// expiry, and a count of live members so each can take its fair share.
+pub trait Coordination: Send + Sync + 'static {
+    /// Takes lease `name` for `owner` for `ttl` if it is free or expired, or renews it if
+    /// `owner` already holds it, atomically. Returns whether `owner` holds it afterwards.
+    fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, ReadError>> + Send;
+
+    /// Gives up lease `name` if `owner` holds it. Returns whether it was released.
+    fn release_lease(
+        &self,
+        name: &str,
+        owner: &str,
+    ) -> impl Future<Output = Result<bool, ReadError>> + Send;
+
+    /// Records that `member` of `group` is alive for `ttl`; returns how many members of the
+    /// group are alive (including this one).
+    fn heartbeat(
+        &self,
+        group: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<usize, ReadError>> + Send;
 }

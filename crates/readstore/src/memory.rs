@@ -31,6 +31,8 @@ struct Inner {
     checkpoints: RwLock<HashMap<String, String>>,
     /// lease name → (owner, expiry).
     leases: Mutex<HashMap<String, (String, Instant)>>,
+    /// group → member → expiry.
+    members: Mutex<HashMap<String, HashMap<String, Instant>>>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -259,5 +261,33 @@ mod tests {
             "expired"
         );
         assert!(!store.release_lease("shard-2", "a").await.unwrap());
+    }
+}
+
+impl crate::Coordination for MemoryStore {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, ReadError> {
+        MemoryStore::acquire_lease(self, name, owner, ttl).await
+    }
+
+    async fn release_lease(&self, name: &str, owner: &str) -> Result<bool, ReadError> {
+        MemoryStore::release_lease(self, name, owner).await
+    }
+
+    async fn heartbeat(&self, group: &str, member: &str, ttl: Duration) -> Result<usize, ReadError> {
+        let now = Instant::now();
+        let mut groups = self
+            .inner
+            .members
+            .lock()
+            .map_err(|_| ReadError::Internal("member map poisoned".into()))?;
+        let members = groups.entry(group.to_owned()).or_default();
+        members.insert(member.to_owned(), now + ttl);
+        members.retain(|_, expiry| *expiry > now);
+        Ok(members.len())
     }
 }

@@ -27,7 +27,6 @@ use futures::StreamExt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 const APPLY_LUA: &str = include_str!("apply.lua");
@@ -289,6 +288,11 @@ impl RedisStore {
         format!("{prefix}:cp:{name}")
     }
 
+    fn members_key(&self, group: &str) -> String {
+        let prefix = &self.shared.prefix;
+        format!("{prefix}:members:{group}")
+    }
+
     fn lease_key(&self, name: &str) -> String {
         let prefix = &self.shared.prefix;
         format!("{prefix}:lease:{name}")
@@ -476,16 +480,17 @@ impl ReadStore for RedisStore {
     }
 }
 
-/// Calls `notify.notify_one()` for every message published on `channel` at the Redis server at
-/// `url` (any node, for a Cluster: classic pub/sub is broadcast), until `shutdown` is cancelled.
+/// Calls `on_message(Some(payload))` for every message published on `channel` at the Redis
+/// server at `url` (any node, for a Cluster: classic pub/sub is broadcast), until `shutdown` is
+/// cancelled. `on_message` must not block.
 ///
 /// Uses its own pub/sub connection. Best effort: when Redis goes away it reconnects with
-/// backoff (100 ms doubling to 5 s), and it notifies once after every (re)subscription because
-/// messages may have been missed meanwhile.
+/// backoff (100 ms doubling to 5 s), and it calls `on_message(None)` after every
+/// (re)subscription because messages may have been missed meanwhile.
 pub async fn subscribe_nudges(
     url: &str,
     channel: &str,
-    notify: Arc<Notify>,
+    on_message: impl Fn(Option<&str>) + Send,
     shutdown: CancellationToken,
 ) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -507,13 +512,13 @@ pub async fn subscribe_nudges(
             Ok(Ok(mut pubsub)) => {
                 tracing::debug!(url, channel, "subscribed to nudges");
                 backoff = FIRST_BACKOFF;
-                notify.notify_one();
+                on_message(None);
                 let mut messages = pubsub.on_message();
                 loop {
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         message = messages.next() => match message {
-                            Some(_) => notify.notify_one(),
+                            Some(m) => on_message(m.get_payload::<String>().ok().as_deref()),
                             None => break,
                         },
                     }
@@ -530,5 +535,40 @@ pub async fn subscribe_nudges(
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+impl crate::Coordination for RedisStore {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, ReadError> {
+        RedisStore::acquire_lease(self, name, owner, ttl).await
+    }
+
+    async fn release_lease(&self, name: &str, owner: &str) -> Result<bool, ReadError> {
+        RedisStore::release_lease(self, name, owner).await
+    }
+
+    /// A sorted set of members scored by expiry (ms since the epoch, by this process's clock:
+    /// replicas' clocks only need to agree to well within the ttl).
+    async fn heartbeat(&self, group: &str, member: &str, ttl: Duration) -> Result<usize, ReadError> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let key = self.members_key(group);
+        let expiry = now_ms + u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX / 2);
+        let mut add = ::redis::cmd("ZADD");
+        add.arg(&key).arg(expiry).arg(member);
+        self.query::<i64>(&add).await?;
+        let mut prune = ::redis::cmd("ZREMRANGEBYSCORE");
+        prune.arg(&key).arg("-inf").arg(now_ms);
+        self.query::<i64>(&prune).await?;
+        let mut count = ::redis::cmd("ZCARD");
+        count.arg(&key);
+        let n: u64 = self.query(&count).await?;
+        Ok(n as usize)
     }
 }

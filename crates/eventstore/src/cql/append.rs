@@ -57,9 +57,10 @@ impl Tail {
         if let Some(&(start, recorded_at)) = by_id.get(&first.event_id) {
             let by_version: HashMap<u64, Uuid> =
                 self.events.iter().map(|(v, id, _)| (*v, *id)).collect();
-            let same = events.iter().enumerate().all(|(i, e)| {
-                by_version.get(&(start + i as u64)) == Some(&e.event_id)
-            });
+            let same = events
+                .iter()
+                .enumerate()
+                .all(|(i, e)| by_version.get(&(start + i as u64)) == Some(&e.event_id));
             return Some(if same {
                 Ok(AppendResult {
                     first_version: start,
@@ -215,8 +216,7 @@ impl Inner {
             }
             match expected {
                 ExpectedVersion::Any | ExpectedVersion::StreamExists => {
-                    if attempt >= MAX_ATTEMPTS || started.elapsed() >= self.config.append_deadline
-                    {
+                    if attempt >= MAX_ATTEMPTS || started.elapsed() >= self.config.append_deadline {
                         return Err(StoreError::Unavailable(format!(
                             "append to {stream} kept losing races: gave up after {attempt} attempts"
                         )));
@@ -336,7 +336,10 @@ impl Inner {
                 to_i64(base + n)?,
             );
             let rows = self
-                .timed(self.session.execute_unpaged(&self.stmts.ids_in_range, values))
+                .timed(
+                    self.session
+                        .execute_unpaged(&self.stmts.ids_in_range, values),
+                )
                 .await?
                 .into_rows_result()
                 .map_err(error::into_rows)?;

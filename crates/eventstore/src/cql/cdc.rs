@@ -94,7 +94,8 @@ impl Coalescer {
     pub(crate) fn push(&mut self, row: CdcEvent) -> Vec<Change> {
         let mut done = Vec::new();
         if let Some((stream, version)) = row.event {
-            let extends = matches!(&self.open, Some((time, c)) if *time == row.time && c.stream == stream);
+            let extends =
+                matches!(&self.open, Some((time, c)) if *time == row.time && c.stream == stream);
             if extends {
                 if let Some((_, change)) = self.open.as_mut() {
                     change.first_version = change.first_version.min(version);
@@ -216,15 +217,17 @@ impl CdcFeed {
             .table_name("events")
             .start_timestamp(Duration::from_micros(start_us as u64))
             .safety_interval(self.confidence_window)
-            .sleep_interval(self.confidence_window.clamp(
-                Duration::from_millis(100),
-                Duration::from_secs(1),
-            ))
+            .sleep_interval(
+                self.confidence_window
+                    .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+            )
             .window_size(Duration::from_secs(60))
             .consumer_factory(factory)
             .build()
             .await
-            .map_err(|e| StoreError::Unavailable(format!("cannot start the CDC log reader: {e}")))?;
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot start the CDC log reader: {e}"))
+            })?;
         let failure = Arc::new(StdMutex::new(None));
         let report = Arc::clone(&failure);
         tokio::spawn(async move {
@@ -359,7 +362,8 @@ mod tests {
     #[test]
     fn an_append_batch_becomes_one_change_and_the_head_delta_is_skipped() {
         let schema = schema();
-        let (time, noted_at) = super::super::changes::TimeuuidClock::new().next(1_764_000_000_000_000);
+        let (time, noted_at) =
+            super::super::changes::TimeuuidClock::new().next(1_764_000_000_000_000);
         // One append of versions 5..=7: the static head update, then three inserts.
         let rows = [
             row(time, 0, false, 1, None),

@@ -167,7 +167,10 @@ impl Inner {
             last as i64,
             ttl,
         );
-        let note = self.timed(self.session.execute_unpaged(&self.stmts.note_change, values));
+        let note = self.timed(
+            self.session
+                .execute_unpaged(&self.stmts.note_change, values),
+        );
         tokio::try_join!(self.index_bucket(shard, bucket), note).map(drop)
     }
 
@@ -236,7 +239,12 @@ impl Inner {
     }
 
     /// The buckets of `shard` in `from..=to` that hold notifications, in order.
-    async fn indexed_buckets(&self, shard: u32, from: i64, to: i64) -> Result<Vec<i64>, StoreError> {
+    async fn indexed_buckets(
+        &self,
+        shard: u32,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<i64>, StoreError> {
         let values = (shard as i32, from, to, INDEX_PAGE);
         let rows = self
             .timed(self.session.execute_unpaged(&self.stmts.buckets, values))

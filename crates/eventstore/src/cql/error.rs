@@ -90,9 +90,9 @@ fn attempt(err: &RequestAttemptError) -> StoreError {
             | DbError::ReadTimeout { .. }
             | DbError::WriteTimeout { .. }
             | DbError::RateLimitReached { .. } => unavailable(format!("{db}: {message}")),
-            DbError::Other(code) if *code == CAS_WRITE_UNKNOWN => {
-                unavailable(format!("outcome of the conditional write is unknown: {message}"))
-            }
+            DbError::Other(code) if *code == CAS_WRITE_UNKNOWN => unavailable(format!(
+                "outcome of the conditional write is unknown: {message}"
+            )),
             _ => StoreError::Internal(format!("{db}: {message}")),
         },
         other => StoreError::Internal(other.to_string()),
@@ -141,12 +141,14 @@ mod tests {
             StoreError::Unavailable(_)
         ));
         let db = |e: DbError| {
-            execution(ExecutionError::LastAttemptError(RequestAttemptError::DbError(
-                e,
-                "m".into(),
-            )))
+            execution(ExecutionError::LastAttemptError(
+                RequestAttemptError::DbError(e, "m".into()),
+            ))
         };
-        assert!(matches!(db(DbError::Overloaded), StoreError::Unavailable(_)));
+        assert!(matches!(
+            db(DbError::Overloaded),
+            StoreError::Unavailable(_)
+        ));
         assert!(matches!(
             db(DbError::Other(CAS_WRITE_UNKNOWN)),
             StoreError::Unavailable(_)

@@ -139,7 +139,11 @@ impl CqlConfig {
 
     fn validate(&self) -> Result<(), StoreError> {
         schema::validate_keyspace(&self.keyspace)?;
-        let bad = |what: &str| Err(StoreError::Internal(format!("bad CQL configuration: {what}")));
+        let bad = |what: &str| {
+            Err(StoreError::Internal(format!(
+                "bad CQL configuration: {what}"
+            )))
+        };
         if self.nodes.is_empty() {
             return bad("no contact nodes");
         }
@@ -313,21 +317,23 @@ impl EventStore for CqlStore {
 }
 
 impl ChangeFeed for CqlStore {
+    fn shard_of(&self, stream: &StreamId) -> u32 {
+        CqlStore::shard_of(self, stream)
+    }
+
     fn shard_count(&self) -> u32 {
         self.inner.config.shard_count
     }
 
-    fn poll(
+    async fn poll(
         &self,
         shard: u32,
         after: Option<&str>,
         limit: u32,
-    ) -> impl Future<Output = Result<ChangePage, StoreError>> + Send {
-        async move {
-            match &self.inner.cdc {
-                Some(feed) => feed.poll(shard, limit).await,
-                None => self.inner.poll_changes(shard, after, limit).await,
-            }
+    ) -> Result<ChangePage, StoreError> {
+        match &self.inner.cdc {
+            Some(feed) => feed.poll(shard, limit).await,
+            None => self.inner.poll_changes(shard, after, limit).await,
         }
     }
 }

@@ -78,8 +78,16 @@ impl Inner {
                 .await?;
             let rows = result.into_rows_result().map_err(error::into_rows)?;
             for row in rows.rows::<EventRow>().map_err(error::rows)? {
-                let (version, event_id, event_type, schema_version, content_type, data, metadata, at) =
-                    row.map_err(error::deserialize)?;
+                let (
+                    version,
+                    event_id,
+                    event_type,
+                    schema_version,
+                    content_type,
+                    data,
+                    metadata,
+                    at,
+                ) = row.map_err(error::deserialize)?;
                 if let Some(time) = request.until_time_us {
                     if at > time {
                         match request.direction {

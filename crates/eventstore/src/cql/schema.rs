@@ -124,7 +124,11 @@ pub(crate) async fn ensure(
     for (name, typ) in EVENT_COLUMNS {
         if !existing.iter().any(|c| c == name) {
             tracing::info!(keyspace = %ks, column = name, "adding a missing events column");
-            run_ddl(session, &format!("ALTER TABLE {ks}.events ADD {name} {typ}")).await?;
+            run_ddl(
+                session,
+                &format!("ALTER TABLE {ks}.events ADD {name} {typ}"),
+            )
+            .await?;
         }
     }
     if engine == Engine::Scylla && config.feed == FeedKind::ScyllaCdc {

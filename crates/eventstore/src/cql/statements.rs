@@ -121,9 +121,7 @@ impl Statements {
             read_forwards,
             read_backwards,
             info: prepare(
-                format!(
-                    "SELECT head, created_at, updated_at FROM {ks}.events WHERE {pk} LIMIT 1"
-                ),
+                format!("SELECT head, created_at, updated_at FROM {ks}.events WHERE {pk} LIMIT 1"),
                 true,
             )
             .await?,
