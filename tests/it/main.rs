@@ -4,5 +4,6 @@
 //! against the embedded single-process stack. Every scenario uses fresh stream ids, so
 //! scenarios can share a deployment.
 
+mod cluster;
 mod dev;
 mod suite;

@@ -3,7 +3,9 @@
 use esq::pb::bookshop::v1 as book;
 use esq::pb::cart::v1 as cart;
 use esq::pb::v1 as pb;
+use esq::pb::v1::event_store_client::EventStoreClient;
 use esq_testkit::Clients;
+use tonic::transport::Channel;
 use futures::StreamExt;
 use std::collections::BTreeSet;
 use tonic::{Code, Request};
@@ -206,12 +208,18 @@ pub async fn min_version_wait_is_bounded(c: &Clients) {
 /// 16 writers race on one stream with exact expected versions: contiguous versions and
 /// exactly one winner per version.
 pub async fn concurrent_writers_one_winner_per_version(c: &Clients) {
+    concurrent_writers_on(c, &[c.events.clone()]).await;
+}
+
+/// The race of [`concurrent_writers_one_winner_per_version`], writers spread over several
+/// write-svc endpoints.
+pub async fn concurrent_writers_on(c: &Clients, endpoints: &[EventStoreClient<Channel>]) {
     const WRITERS: usize = 16;
     const APPENDS: usize = 8;
     let id = unique("race");
     let mut tasks = Vec::new();
     for w in 0..WRITERS {
-        let mut events = c.events.clone();
+        let mut events = endpoints[w % endpoints.len()].clone();
         let id = id.clone();
         tasks.push(tokio::spawn(async move {
             let mut won = Vec::new();

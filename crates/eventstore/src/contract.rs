@@ -712,6 +712,9 @@ struct Seen {
     change: Change,
 }
 
+/// Most changes [`drain`] takes from one shard before deciding the feed never ends.
+const MAX_DRAIN: usize = 1_000_000;
+
 /// Polls `shard` from `after` until the shard has nothing more, in small pages.
 async fn drain<S: ChangeFeed>(store: &S, shard: u32, after: Option<String>) -> Vec<Seen> {
     let mut seen: Vec<Seen> = Vec::new();
@@ -736,6 +739,14 @@ async fn drain<S: ChangeFeed>(store: &S, shard: u32, after: Option<String>) -> V
         if page.changes.is_empty() {
             return seen;
         }
+        assert!(
+            from.is_none() || page.positions.first() != from.as_ref(),
+            "shard {shard}: polling after position {from:?} returned that position again"
+        );
+        assert!(
+            seen.len() < MAX_DRAIN,
+            "shard {shard} did not end after {MAX_DRAIN} changes"
+        );
         seen.extend(
             page.changes
                 .into_iter()

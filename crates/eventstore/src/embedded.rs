@@ -507,7 +507,7 @@ fn poll_blocking(db: &Database, after: u64, limit: u32) -> Result<ChangePage, St
     let txn = db.begin_read().map_err(db_err)?;
     let changes = txn.open_table(CHANGES).map_err(db_err)?;
     let mut page = ChangePage::default();
-    let Some(start) = after.checked_add(0) else {
+    let Some(start) = after.checked_add(1) else {
         return Ok(page);
     };
     for entry in changes.range(start..).map_err(db_err)?.take(limit as usize) {

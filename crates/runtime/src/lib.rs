@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tracing_subscriber::EnvFilter;
 
+pub mod config;
+
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
 /// How log lines are written.
@@ -140,4 +142,28 @@ pub async fn serve_grpc(
         })
         .await?;
     Ok(())
+}
+
+/// Runs `connect` until it succeeds, backing off from 100 ms to 5 s and logging each failure,
+/// so a service can start before its backing stores. `None` if `shutdown` came first.
+pub async fn connect_with_retry<T, E: std::fmt::Display, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut connect: impl FnMut() -> Fut,
+) -> Option<T>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match connect().await {
+            Ok(v) => return Some(v),
+            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to {what}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }

@@ -8,6 +8,8 @@ use esq::pb::cart::v1::{
     cart_commands_client::CartCommandsClient, cart_queries_client::CartQueriesClient,
 };
 use esq::pb::v1::{event_store_client::EventStoreClient, state_queries_client::StateQueriesClient};
+pub mod cluster;
+
 use esq_cli::dev::{DevConfig, DevStack};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -53,6 +55,21 @@ pub async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
 }
 
 impl Clients {
+    /// Clients that are not connected anywhere yet (calls fail until replaced).
+    pub fn placeholder() -> Self {
+        let c = Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        Self {
+            events: EventStoreClient::new(c.clone()),
+            carts: CartCommandsClient::new(c.clone()),
+            books: BookCommandsClient::new(c.clone()),
+            cart_queries: CartQueriesClient::new(c.clone()),
+            book_queries: BookQueriesClient::new(c.clone()),
+            state: StateQueriesClient::new(c.clone()),
+            write_channel: c.clone(),
+            read_channel: c,
+        }
+    }
+
     /// Clients for write-svc at `write` and read-svc at `read`.
     pub async fn connect(write: SocketAddr, read: SocketAddr) -> anyhow::Result<Self> {
         let w = channel(write).await?;

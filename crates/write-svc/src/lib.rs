@@ -61,3 +61,28 @@ pub async fn run<S: EventStore>(
     tracing::info!(addr = ?listener.local_addr().ok(), "write-svc listening");
     esq_runtime::serve_grpc(listener, routes(deps), SERVICES, shutdown).await
 }
+
+/// A [`Nudge`] that publishes `kind/id@version` on a Redis pub/sub channel. Appends never wait
+/// for it: messages go through a bounded queue to one publisher task, and are dropped when the
+/// queue is full (the change log still carries every change).
+pub fn redis_nudge(
+    redis: esq_readstore::redis::RedisStore,
+    channel: String,
+    shutdown: CancellationToken,
+) -> Nudge {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(4096);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                message = rx.recv() => match message {
+                    Some(m) => redis.publish_nudge(&channel, &m).await,
+                    None => return,
+                },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+    Arc::new(move |stream, version| {
+        let _ = tx.try_send(esq_eventstore::nudge_message(stream, version));
+    })
+}

@@ -1,0 +1,100 @@
+//! The projector binary: tails the change log of a ScyllaDB/Cassandra event store into Redis.
+
+use clap::Parser;
+use esq_eventstore::cql::CqlStore;
+use esq_eventstore::parse_nudge;
+use esq_projector::{Config, Projector};
+use esq_readstore::redis::{subscribe_nudges, RedisStore};
+use esq_runtime::config::{CqlArgs, RedisArgs, TelemetryArgs};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// esq projector: folds events into the read model.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// gRPC health-check listen address (for probes).
+    #[arg(long, env = "ESQ_LISTEN", default_value = "127.0.0.1:50053")]
+    listen: SocketAddr,
+    /// This projector's name among its replicas (default: a random one).
+    #[arg(long, env = "ESQ_PROJECTOR_ID")]
+    projector_id: Option<String>,
+    /// How often the change log is polled without a nudge, in milliseconds.
+    #[arg(long, env = "ESQ_POLL_INTERVAL_MS", default_value_t = 250)]
+    poll_interval_ms: u64,
+    /// Shard lease lifetime, in milliseconds: a dead projector's shards move after this.
+    #[arg(long, env = "ESQ_LEASE_TTL_MS", default_value_t = 10_000)]
+    lease_ttl_ms: u64,
+    /// Pub/sub channel of the nudges.
+    #[arg(long, env = "ESQ_NUDGE_CHANNEL", default_value = "esq:nudge")]
+    nudge_channel: String,
+    #[command(flatten)]
+    cql: CqlArgs,
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    args.telemetry.init();
+    let shutdown = esq_runtime::shutdown_on_signals();
+    let listener = esq_runtime::bind(args.listen).await?;
+    let cql = args.cql.config();
+    let Some(store) =
+        esq_runtime::connect_with_retry("the event store", &shutdown, || CqlStore::connect(cql.clone()))
+            .await
+    else {
+        return Ok(());
+    };
+    let redis = args.redis.config();
+    let Some(read) =
+        esq_runtime::connect_with_retry("the read store", &shutdown, || RedisStore::connect(redis.clone()))
+            .await
+    else {
+        return Ok(());
+    };
+    let mut config = Config {
+        poll_interval: Duration::from_millis(args.poll_interval_ms),
+        lease_ttl: Duration::from_millis(args.lease_ttl_ms),
+        append_deadline: cql.append_deadline,
+        ..Config::default()
+    };
+    if let Some(id) = args.projector_id {
+        config.owner = id;
+    }
+    let store = Arc::new(store);
+    let projector = Projector::new(Arc::clone(&store), store, Arc::new(read), config);
+
+    // The fast path: nudges name a stream; a lost or late one only costs latency.
+    let wake = Arc::new(Notify::new());
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    let subscriber = {
+        let (wake, shutdown) = (Arc::clone(&wake), shutdown.clone());
+        let url = args.redis.redis_url.first().cloned().unwrap_or_default();
+        let channel = args.nudge_channel.clone();
+        tokio::spawn(async move {
+            let sink = move |m: Option<&str>| match m.and_then(parse_nudge) {
+                Some(n) => {
+                    let _ = tx.try_send(n);
+                }
+                None => wake.notify_one(),
+            };
+            subscribe_nudges(&url, &channel, sink, shutdown).await;
+        })
+    };
+    let health = tokio::spawn(esq_runtime::serve_grpc(
+        listener,
+        tonic::service::Routes::default(),
+        &[],
+        shutdown.clone(),
+    ));
+    projector.run(wake, Some(rx), shutdown).await;
+    let _ = subscriber.await;
+    health.await??;
+    Ok(())
+}

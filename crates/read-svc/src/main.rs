@@ -1,0 +1,44 @@
+//! The read-svc binary: queries over gRPC answered from the Redis read model.
+
+use clap::Parser;
+use esq_readstore::redis::RedisStore;
+use esq_runtime::config::{RedisArgs, TelemetryArgs};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// esq read-svc: answers queries from the read model.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// gRPC listen address.
+    #[arg(long, env = "ESQ_LISTEN", default_value = "127.0.0.1:50052")]
+    listen: SocketAddr,
+    /// Longest a min_version wait may last, in milliseconds.
+    #[arg(long, env = "ESQ_MAX_WAIT_MS", default_value_t = 5000)]
+    max_wait_ms: u64,
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    args.telemetry.init();
+    let shutdown = esq_runtime::shutdown_on_signals();
+    let listener = esq_runtime::bind(args.listen).await?;
+    let config = args.redis.config();
+    let Some(store) = esq_runtime::connect_with_retry("the read store", &shutdown, || {
+        RedisStore::connect(config.clone())
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    let config = esq_read_svc::Config {
+        max_wait: Duration::from_millis(args.max_wait_ms),
+    };
+    esq_read_svc::run(listener, Arc::new(store), config, shutdown).await
+}

@@ -1,0 +1,118 @@
+//! Command-line and environment configuration shared by the binaries: every flag also reads an
+//! `ESQ_…` variable. Parsed once in `main`; libraries receive plain config values.
+
+use esq_eventstore::cql::{CqlConfig, FeedKind};
+use esq_readstore::redis::RedisConfig;
+use std::time::Duration;
+
+/// Logging flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TelemetryArgs {
+    /// Log filter, RUST_LOG syntax.
+    #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
+    pub filter: String,
+    /// Log format: plain or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "plain")]
+    pub log_format: crate::LogFormat,
+}
+
+impl TelemetryArgs {
+    /// Installs the subscriber these flags describe.
+    pub fn init(&self) {
+        crate::init_telemetry(&self.filter, self.log_format);
+    }
+}
+
+/// Which change feed a CQL store writes and serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChangeFeedArg {
+    /// The portable `changes` table (ScyllaDB and Cassandra).
+    Table,
+    /// ScyllaDB native CDC (ScyllaDB only).
+    ScyllaCdc,
+}
+
+/// Where the event store is: a ScyllaDB or Apache Cassandra cluster.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CqlArgs {
+    /// Contact points, comma-separated host:port.
+    #[arg(long, env = "ESQ_CQL_NODES", value_delimiter = ',', required = true)]
+    pub cql_nodes: Vec<String>,
+    /// Keyspace (created with its tables at start if missing).
+    #[arg(long, env = "ESQ_CQL_KEYSPACE", default_value = "esq")]
+    pub cql_keyspace: String,
+    /// Replication map used when creating the keyspace.
+    #[arg(
+        long,
+        env = "ESQ_CQL_REPLICATION",
+        default_value = "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    )]
+    pub cql_replication: String,
+    /// Timeout of every CQL request, in milliseconds.
+    #[arg(long, env = "ESQ_CQL_TIMEOUT_MS", default_value_t = 5000)]
+    pub cql_timeout_ms: u64,
+    /// Change feed: the portable changes table, or ScyllaDB native CDC.
+    #[arg(long, env = "ESQ_CHANGE_FEED", value_enum, default_value = "table")]
+    pub change_feed: ChangeFeedArg,
+    /// Number of change-log shards (part of the stored layout: keep it fixed per keyspace).
+    #[arg(long, env = "ESQ_SHARDS", default_value_t = 16)]
+    pub shards: u32,
+    /// How far behind now the change log is read, in milliseconds (late writes land there).
+    #[arg(long, env = "ESQ_CONFIDENCE_WINDOW_MS", default_value_t = 2000)]
+    pub confidence_window_ms: u64,
+    /// How long change-log rows live, in seconds (a projector outage longer than this needs a
+    /// rebuild, which the projector does by itself when the read model is empty).
+    #[arg(long, env = "ESQ_CHANGE_TTL_SECS", default_value_t = 7 * 24 * 3600)]
+    pub change_ttl_secs: u64,
+    /// Longest an append may take, in milliseconds; a change-log row whose events are still
+    /// missing after this is an orphan and is skipped.
+    #[arg(long, env = "ESQ_APPEND_DEADLINE_MS", default_value_t = 10_000)]
+    pub append_deadline_ms: u64,
+}
+
+impl CqlArgs {
+    /// The store configuration these flags describe.
+    pub fn config(&self) -> CqlConfig {
+        let mut c = CqlConfig::new(self.cql_nodes.clone(), self.cql_keyspace.clone());
+        c.replication = self.cql_replication.clone();
+        c.request_timeout = Duration::from_millis(self.cql_timeout_ms);
+        c.feed = match self.change_feed {
+            ChangeFeedArg::Table => FeedKind::ChangesTable,
+            ChangeFeedArg::ScyllaCdc => FeedKind::ScyllaCdc,
+        };
+        c.shard_count = self.shards;
+        c.confidence_window = Duration::from_millis(self.confidence_window_ms);
+        c.change_ttl = Duration::from_secs(self.change_ttl_secs);
+        c.append_deadline = Duration::from_millis(self.append_deadline_ms);
+        c
+    }
+}
+
+/// Where the read model is: a standalone Redis or a Redis Cluster.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RedisArgs {
+    /// Redis URL(s), comma-separated: one for a standalone server, the seed nodes for a Cluster.
+    #[arg(long, env = "ESQ_REDIS_URL", value_delimiter = ',', required = true)]
+    pub redis_url: Vec<String>,
+    /// Treat the URLs as Redis Cluster seeds.
+    #[arg(long, env = "ESQ_REDIS_CLUSTER", default_value_t = false)]
+    pub redis_cluster: bool,
+    /// Prefix of every key (one esq deployment per prefix).
+    #[arg(long, env = "ESQ_REDIS_PREFIX", default_value = "esq")]
+    pub redis_prefix: String,
+    /// Timeout of every Redis call, in milliseconds.
+    #[arg(long, env = "ESQ_REDIS_TIMEOUT_MS", default_value_t = 2000)]
+    pub redis_timeout_ms: u64,
+}
+
+impl RedisArgs {
+    /// The read-store configuration these flags describe.
+    pub fn config(&self) -> RedisConfig {
+        RedisConfig {
+            urls: self.redis_url.clone(),
+            cluster: self.redis_cluster,
+            prefix: self.redis_prefix.clone(),
+            timeout: Duration::from_millis(self.redis_timeout_ms),
+        }
+    }
+}

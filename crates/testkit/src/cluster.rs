@@ -1,0 +1,268 @@
+//! The distributed deployment for system tests: write-svc, projector and read-svc as separate
+//! processes (the real binaries) against a real Cassandra node and a real Redis, each harness
+//! in its own keyspace and Redis key prefix.
+//!
+//! The backends are named by `ESQ_TEST_CASSANDRA` (`host:port`) and `ESQ_TEST_REDIS`
+//! (`redis://host:port`), which `scripts/test` sets after starting them. When they are missing
+//! the tests fail loudly, unless the run opts out with `ESQ_SKIP_REAL_BACKENDS=1`.
+
+use crate::{channel, Clients};
+use anyhow::Context as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+/// Addresses of the real backends.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    /// Cassandra's CQL address, `host:port`.
+    pub cassandra: String,
+    /// Redis URL.
+    pub redis: String,
+}
+
+impl Backends {
+    /// The backends named by the environment; `None` (with a note on stderr) only when the run
+    /// opted out with `ESQ_SKIP_REAL_BACKENDS=1`. Panics with instructions otherwise.
+    pub fn from_env(test: &str) -> Option<Self> {
+        if std::env::var("ESQ_SKIP_REAL_BACKENDS").as_deref() == Ok("1") {
+            eprintln!("{test}: SKIPPED by request (ESQ_SKIP_REAL_BACKENDS=1)");
+            return None;
+        }
+        let get = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!(
+                    "{test} needs {name}; run scripts/test (which starts Cassandra and Redis), \
+                     or set ESQ_SKIP_REAL_BACKENDS=1 to skip the real-backend tests explicitly"
+                )
+            })
+        };
+        Some(Self {
+            cassandra: get("ESQ_TEST_CASSANDRA"),
+            redis: get("ESQ_TEST_REDIS"),
+        })
+    }
+}
+
+/// How many of each process to run, and their tunables.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// write-svc processes.
+    pub write_services: usize,
+    /// Projector processes.
+    pub projectors: usize,
+    /// Change-log shards.
+    pub shards: u32,
+    /// Extra environment for every process.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            write_services: 1,
+            projectors: 1,
+            shards: 4,
+            env: Vec::new(),
+        }
+    }
+}
+
+/// One service process.
+pub struct Proc {
+    /// Binary name.
+    pub name: String,
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Proc {
+    /// Kills the process with SIGKILL (no chance to clean up) and reaps it.
+    pub async fn kill9(mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
+/// write-svc(s), projector(s) and read-svc as processes over one keyspace and key prefix.
+pub struct ClusterHarness {
+    /// The backends.
+    pub backends: Backends,
+    /// This harness's keyspace.
+    pub keyspace: String,
+    /// This harness's Redis key prefix.
+    pub prefix: String,
+    options: ClusterOptions,
+    logs: PathBuf,
+    /// The write-svc processes.
+    pub writers: Vec<Proc>,
+    /// The projector processes.
+    pub projectors: Vec<Proc>,
+    /// The read-svc process.
+    pub reader: Option<Proc>,
+    /// Clients to the first write-svc and the read-svc.
+    pub clients: Clients,
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// The folder holding the workspace's binaries (next to this test executable's `deps/`).
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test executable has no target folder")?;
+    Ok(dir.to_path_buf())
+}
+
+/// Waits until the gRPC health check at `addr` answers SERVING.
+pub async fn wait_serving(addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let ok = async {
+            let ch = channel(addr).await?;
+            let r = HealthClient::new(ch)
+                .check(HealthCheckRequest { service: String::new() })
+                .await?;
+            anyhow::Ok(r.into_inner().status == 1)
+        };
+        if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(3), ok).await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("{addr} did not become SERVING within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl ClusterHarness {
+    /// Starts the processes and waits until all serve.
+    pub async fn start(backends: Backends, options: ClusterOptions) -> anyhow::Result<Self> {
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let keyspace = format!("esq_t{}", &tag[..16]);
+        let prefix = format!("esqt{}", &tag[..16]);
+        let logs = std::env::temp_dir().join("esq-test-logs").join(&keyspace);
+        std::fs::create_dir_all(&logs)?;
+        let mut h = Self {
+            backends,
+            keyspace,
+            prefix,
+            options: options.clone(),
+            logs,
+            writers: Vec::new(),
+            projectors: Vec::new(),
+            reader: None,
+            clients: Clients::placeholder(),
+        };
+        // The first write-svc creates the schema; the others start once it is there.
+        let first = h.spawn("write-svc").await?;
+        wait_serving(first.addr, Duration::from_secs(120)).await?;
+        h.writers.push(first);
+        for _ in 1..options.write_services {
+            let w = h.spawn("write-svc").await?;
+            h.writers.push(w);
+        }
+        for _ in 0..options.projectors {
+            let p = h.spawn("projector").await?;
+            h.projectors.push(p);
+        }
+        let r = h.spawn("read-svc").await?;
+        h.reader = Some(r);
+        for p in h.writers.iter().chain(&h.projectors).chain(&h.reader) {
+            wait_serving(p.addr, Duration::from_secs(120)).await?;
+        }
+        h.clients = Clients::connect(h.writers[0].addr, h.read_addr()).await?;
+        Ok(h)
+    }
+
+    /// The read-svc address.
+    pub fn read_addr(&self) -> SocketAddr {
+        self.reader.as_ref().map_or(([127, 0, 0, 1], 0).into(), |r| r.addr)
+    }
+
+    /// Starts one more process of `name` (`write-svc`, `projector` or `read-svc`).
+    pub async fn spawn(&self, name: &str) -> anyhow::Result<Proc> {
+        let bin = bin_dir()?.join(name);
+        anyhow::ensure!(
+            bin.exists(),
+            "{} is missing: build the binaries first (cargo build --workspace --bins)",
+            bin.display()
+        );
+        let addr = free_addr()?;
+        let n = std::fs::read_dir(&self.logs)?.count();
+        let log = std::fs::File::create(self.logs.join(format!("{name}-{n}.log")))?;
+        let mut cmd = Command::new(&bin);
+        cmd.env("ESQ_LISTEN", addr.to_string())
+            .env("ESQ_CQL_NODES", &self.backends.cassandra)
+            .env("ESQ_CQL_KEYSPACE", &self.keyspace)
+            .env("ESQ_CQL_TIMEOUT_MS", "3000")
+            .env("ESQ_SHARDS", self.options.shards.to_string())
+            .env("ESQ_CONFIDENCE_WINDOW_MS", "300")
+            .env("ESQ_APPEND_DEADLINE_MS", "5000")
+            .env("ESQ_REDIS_URL", &self.backends.redis)
+            .env("ESQ_REDIS_PREFIX", &self.prefix)
+            .env("ESQ_NUDGE_URL", &self.backends.redis)
+            .env("ESQ_NUDGE_CHANNEL", format!("{}:nudge", self.prefix))
+            .env("ESQ_POLL_INTERVAL_MS", "100")
+            .env("ESQ_LEASE_TTL_MS", "1500")
+            .env("RUST_LOG", "info")
+            .env("LOG_FORMAT", "plain")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        if name == "projector" {
+            cmd.env("ESQ_PROJECTOR_ID", format!("{}-p{n}", self.prefix));
+        }
+        for (k, v) in &self.options.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            addr,
+            child,
+        })
+    }
+
+    /// Where the processes' logs are.
+    pub fn logs(&self) -> &std::path::Path {
+        &self.logs
+    }
+
+    /// Deletes every Redis key of this deployment (what a FLUSHALL does to it, without
+    /// touching other tests' keys on the shared server). Returns how many keys went.
+    pub async fn flush_read_model(&self) -> anyhow::Result<usize> {
+        let client = redis::Client::open(self.backends.redis.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut cursor = 0u64;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                let n: usize = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+                deleted += n;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! The write-svc binary: commands and appends over gRPC onto a ScyllaDB/Cassandra event store.
+
+use clap::Parser;
+use esq_eventstore::cql::CqlStore;
+use esq_readstore::redis::{RedisConfig, RedisStore};
+use esq_runtime::config::{CqlArgs, TelemetryArgs};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// esq write-svc: turns commands into events appended to the event store.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// gRPC listen address.
+    #[arg(long, env = "ESQ_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Redis URL for fast-path nudges to projectors (optional; without it projectors rely on
+    /// the change log alone).
+    #[arg(long, env = "ESQ_NUDGE_URL")]
+    nudge_url: Option<String>,
+    /// Pub/sub channel of the nudges.
+    #[arg(long, env = "ESQ_NUDGE_CHANNEL", default_value = "esq:nudge")]
+    nudge_channel: String,
+    #[command(flatten)]
+    cql: CqlArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    args.telemetry.init();
+    let shutdown = esq_runtime::shutdown_on_signals();
+    let listener = esq_runtime::bind(args.listen).await?;
+    let config = args.cql.config();
+    let Some(store) = esq_runtime::connect_with_retry("the event store", &shutdown, || {
+        CqlStore::connect(config.clone())
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    let nudge = match args.nudge_url {
+        Some(url) => {
+            let redis = RedisConfig {
+                urls: vec![url],
+                cluster: false,
+                prefix: "esq".into(),
+                timeout: Duration::from_secs(1),
+            };
+            esq_runtime::connect_with_retry("Redis for nudges", &shutdown, || {
+                RedisStore::connect(redis.clone())
+            })
+            .await
+            .map(|r| esq_write_svc::redis_nudge(r, args.nudge_channel, shutdown.clone()))
+        }
+        None => None,
+    };
+    let deps = esq_write_svc::Deps {
+        store: Arc::new(store),
+        nudge,
+    };
+    esq_write_svc::run(listener, deps, shutdown).await
+}

@@ -1,0 +1,279 @@
+//! The suite and the fault tests against the distributed deployment: write-svc, projector and
+//! read-svc as separate processes on a real Cassandra node and a real Redis.
+
+use crate::suite::{self, exact, read_all, stream, unique};
+use esq::pb::cart::v1 as cart;
+use esq::pb::v1 as pb;
+use esq_domain::cart::{CartProjection, CartView};
+use esq_domain::projection::fold;
+use esq_domain::state::{state_json, StateProjection};
+use esq_domain::{RecordedEvent, StreamId};
+use esq_testkit::cluster::{Backends, ClusterHarness, ClusterOptions};
+use esq_testkit::Clients;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::Code;
+
+async fn harness(test: &str, options: ClusterOptions) -> Option<ClusterHarness> {
+    let backends = Backends::from_env(test)?;
+    Some(
+        ClusterHarness::start(backends, options)
+            .await
+            .unwrap_or_else(|e| panic!("{test}: cannot start the deployment: {e:#}")),
+    )
+}
+
+/// Every backend-agnostic scenario, against one deployment (scenarios use fresh streams).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_on_cassandra_and_redis() {
+    let Some(h) = harness("suite_on_cassandra_and_redis", ClusterOptions::default()).await else {
+        return;
+    };
+    let c = &h.clients;
+    eprintln!("logs in {}", h.logs().display());
+    suite::health_is_serving(c).await;
+    suite::append_then_query_with_min_version(c).await;
+    suite::min_version_wait_is_bounded(c).await;
+    suite::retried_append_is_idempotent(c).await;
+    suite::bad_input_is_rejected_and_changes_nothing(c).await;
+    suite::cart_rules_and_conflicts(c).await;
+    suite::bookshop_commands_and_queries(c).await;
+    suite::read_stream_directions_and_bounds(c).await;
+    suite::concurrent_writers_one_winner_per_version(c).await;
+}
+
+/// 16 concurrent writers spread over two write-svc processes on one stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_across_two_write_services() {
+    let options = ClusterOptions {
+        write_services: 2,
+        ..ClusterOptions::default()
+    };
+    let Some(h) = harness("writers_across_two_write_services", options).await else {
+        return;
+    };
+    let second = Clients::connect(h.writers[1].addr, h.read_addr())
+        .await
+        .expect("second write-svc");
+    suite::concurrent_writers_on(&h.clients, &[h.clients.events.clone(), second.events]).await;
+}
+
+/// The cart streams of a load: `streams` carts, `events` ItemAdded events in all.
+struct Load {
+    carts: Vec<String>,
+    appended: Arc<AtomicUsize>,
+}
+
+impl Load {
+    fn new(streams: usize) -> Self {
+        Self {
+            carts: (0..streams).map(|_| unique("load")).collect(),
+            appended: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Appends `per_stream` events to every cart, in batches of `batch`, 16 appenders at once.
+    async fn run(&self, c: &Clients, per_stream: usize, batch: usize) {
+        let mut tasks = Vec::new();
+        for t in 0..16 {
+            let carts: Vec<String> = self.carts.iter().skip(t).step_by(16).cloned().collect();
+            let mut events = c.events.clone();
+            let appended = Arc::clone(&self.appended);
+            tasks.push(tokio::spawn(async move {
+                for round in 0..per_stream / batch {
+                    for id in &carts {
+                        let batch_events = (0..batch)
+                            .map(|i| {
+                                let n = round * batch + i;
+                                suite::json_event(
+                                    "ItemAdded",
+                                    &format!(
+                                        r#"{{"sku":"sku-{}","quantity":{},"unit_price_cents":{}}}"#,
+                                        n % 7,
+                                        n % 5 + 1,
+                                        100 + n % 7
+                                    ),
+                                )
+                            })
+                            .map(|mut e| {
+                                e.schema_version = 2;
+                                e
+                            })
+                            .collect();
+                        let req = pb::AppendRequest {
+                            stream: stream("cart", id),
+                            expected_version: exact((round * batch) as u64),
+                            events: batch_events,
+                        };
+                        // Retry an outage blip; the same event ids make a retry idempotent.
+                        let mut tries = 0;
+                        loop {
+                            match events.append(req.clone()).await {
+                                Ok(_) => break,
+                                Err(s) if s.code() == Code::Unavailable && tries < 5 => {
+                                    tries += 1;
+                                    tokio::time::sleep(Duration::from_millis(200)).await;
+                                }
+                                Err(s) => panic!("append to {id}: {s:?}"),
+                            }
+                        }
+                        appended.fetch_add(batch, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("appender");
+        }
+    }
+}
+
+fn to_domain(e: pb::RecordedEvent) -> RecordedEvent {
+    let s = e.stream.expect("stream");
+    let data = match e.payload {
+        Some(pb::recorded_event::Payload::Json(j)) => j.into_bytes(),
+        Some(pb::recorded_event::Payload::Data(d)) => d,
+        None => Vec::new(),
+    };
+    RecordedEvent {
+        stream: StreamId::new(s.r#type, s.id).expect("stream id"),
+        version: e.version,
+        event_id: e.event_id.parse().expect("uuid"),
+        event_type: e.r#type,
+        schema_version: e.schema_version,
+        content_type: e.content_type,
+        data,
+        metadata: e.metadata.into_iter().collect(),
+        recorded_at_us: e.recorded_at.as_ref().map_or(0, esq::convert::micros),
+    }
+}
+
+/// Waits until the read model of every cart reached the store's version, then checks that the
+/// cart view and the generic state equal a fold of the stored events: nothing missing, nothing
+/// applied twice (the cart totals are increments, so a double apply would show).
+async fn assert_read_model_equals_fold(c: &Clients, carts: &[String]) {
+    for id in carts {
+        let events: Vec<RecordedEvent> = read_all(c, "cart", id)
+            .await
+            .into_iter()
+            .map(to_domain)
+            .collect();
+        let version = events.last().map_or(0, |e| e.version);
+        let expected = CartView::from_doc(&fold(&CartProjection, &events));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let got = loop {
+            match c
+                .cart_queries
+                .clone()
+                .get_cart(cart::GetCartRequest {
+                    cart_id: id.clone(),
+                    min_version: version,
+                })
+                .await
+            {
+                Ok(r) => break r.into_inner(),
+                Err(s)
+                    if matches!(s.code(), Code::DeadlineExceeded | Code::NotFound)
+                        && tokio::time::Instant::now() < deadline => {}
+                Err(s) => panic!("cart {id} never reached version {version}: {s:?}"),
+            }
+        };
+        assert_eq!(got.version, version, "{id}");
+        assert_eq!(got.total_cents, expected.total_cents, "{id} total");
+        assert_eq!(got.item_count, expected.item_count, "{id} count");
+        let lines: Vec<_> = got
+            .items
+            .iter()
+            .map(|i| (i.sku.clone(), i.quantity, i.unit_price_cents))
+            .collect();
+        let want: Vec<_> = expected
+            .items
+            .iter()
+            .map(|l| (l.sku.clone(), l.quantity, l.unit_price_cents))
+            .collect();
+        assert_eq!(lines, want, "{id} lines");
+        let state = c
+            .state
+            .clone()
+            .get_state(pb::GetStateRequest {
+                stream: stream("cart", id),
+                min_version: version,
+            })
+            .await
+            .expect("state")
+            .into_inner();
+        let want = esq::convert::to_struct(state_json(&fold(&StateProjection, &events)));
+        assert_eq!(state.state, Some(want), "{id} state");
+    }
+}
+
+/// kill -9 the projector in the middle of a 10,000-event load, start another: the read model
+/// equals a fold of the event store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projector_killed_mid_load_recovers() {
+    let Some(mut h) = harness("projector_killed_mid_load_recovers", ClusterOptions::default()).await
+    else {
+        return;
+    };
+    let load = Load::new(100);
+    let c = h.clients.clone();
+    let appended = Arc::clone(&load.appended);
+    let run = async { load.run(&c, 100, 10).await };
+    let kill = async {
+        while appended.load(Ordering::Relaxed) < 5_000 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let p = h.projectors.remove(0);
+        p.kill9().await.expect("kill -9 projector");
+        eprintln!("projector killed after {} events", appended.load(Ordering::Relaxed));
+        let p = h.spawn("projector").await.expect("restart projector");
+        h.projectors.push(p);
+    };
+    tokio::join!(run, kill);
+    assert_eq!(load.appended.load(Ordering::Relaxed), 10_000);
+    assert_read_model_equals_fold(&h.clients, &load.carts).await;
+}
+
+/// Two projector processes at once on the same shards give the same result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_projectors_share_the_shards() {
+    let options = ClusterOptions {
+        projectors: 2,
+        ..ClusterOptions::default()
+    };
+    let Some(h) = harness("two_projectors_share_the_shards", options).await else {
+        return;
+    };
+    let load = Load::new(40);
+    load.run(&h.clients, 50, 10).await;
+    assert_read_model_equals_fold(&h.clients, &load.carts).await;
+}
+
+/// Every Redis key of the deployment deleted while it runs: the projector notices and rebuilds
+/// the read model from the event store; every query result comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_read_model_is_rebuilt() {
+    let Some(h) = harness("flushed_read_model_is_rebuilt", ClusterOptions::default()).await else {
+        return;
+    };
+    let load = Load::new(20);
+    load.run(&h.clients, 20, 5).await;
+    assert_read_model_equals_fold(&h.clients, &load.carts).await;
+    let before = suite::snapshot(&h.clients, &load.carts, &[]).await;
+    let deleted = h.flush_read_model().await.expect("flush");
+    assert!(deleted > 0);
+    let err = h
+        .clients
+        .cart_queries
+        .clone()
+        .get_cart(cart::GetCartRequest {
+            cart_id: load.carts[0].clone(),
+            min_version: 0,
+        })
+        .await;
+    eprintln!("right after the flush: {:?}", err.as_ref().map(|_| ()).map_err(|s| s.code()));
+    assert_read_model_equals_fold(&h.clients, &load.carts).await;
+    let after = suite::snapshot(&h.clients, &load.carts, &[]).await;
+    assert_eq!(before, after);
+}
