@@ -277,3 +277,109 @@ async fn flushed_read_model_is_rebuilt() {
     let after = suite::snapshot(&h.clients, &load.carts, &[]).await;
     assert_eq!(before, after);
 }
+
+/// Cassandra stopped: appends fail with UNAVAILABLE within their deadline, read-svc keeps
+/// answering from Redis; once Cassandra is back, the same write-svc appends again.
+///
+/// It stops the shared node, so `scripts/test` runs it on its own after the other tests, with
+/// `ESQ_TEST_CASSANDRA_DIR` naming the node's folder for `scripts/cassandra.sh`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_outage_then_recovery() {
+    let test = "cassandra_outage_then_recovery";
+    let Some(h) = harness(test, ClusterOptions::default()).await else {
+        return;
+    };
+    let dir = std::env::var("ESQ_TEST_CASSANDRA_DIR").unwrap_or_else(|_| {
+        panic!("{test} needs ESQ_TEST_CASSANDRA_DIR (the node folder of scripts/cassandra.sh)")
+    });
+    let port = h.backends.cassandra.rsplit(':').next().expect("port").to_owned();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cassandra.sh");
+    let c = &h.clients;
+    let id = unique("outage");
+    let v = c
+        .carts
+        .clone()
+        .add_item(cart::AddItemRequest {
+            cart_id: id.clone(),
+            sku: "apple".into(),
+            quantity: 1,
+            unit_price_cents: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("add before the outage")
+        .into_inner()
+        .version;
+    let get = |min_version| cart::GetCartRequest {
+        cart_id: id.clone(),
+        min_version,
+    };
+    c.cart_queries.clone().get_cart(get(v)).await.expect("projected");
+
+    let status = tokio::process::Command::new(script)
+        .args(["stop", &dir])
+        .status()
+        .await
+        .expect("run cassandra.sh stop");
+    assert!(status.success(), "cassandra.sh stop failed");
+
+    let append = || pb::AppendRequest {
+        stream: stream("outage", &id),
+        expected_version: suite::any(),
+        events: vec![suite::json_event("Probed", "{}")],
+    };
+    // The client's deadline is generous; the server must answer UNAVAILABLE before it.
+    let mut req = tonic::Request::new(append());
+    req.set_timeout(Duration::from_secs(15));
+    let err = c.events.clone().append(req).await.expect_err("append while down");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let got = c
+        .cart_queries
+        .clone()
+        .get_cart(get(v))
+        .await
+        .expect("read-svc answers while Cassandra is down")
+        .into_inner();
+    assert_eq!(got.version, v);
+
+    let status = tokio::process::Command::new(script)
+        .args(["start", &dir, &port])
+        .status()
+        .await
+        .expect("run cassandra.sh start");
+    assert!(status.success(), "cassandra.sh start failed");
+    let status = tokio::process::Command::new(script)
+        .args(["wait", &dir, &port, "240"])
+        .status()
+        .await
+        .expect("run cassandra.sh wait");
+    assert!(status.success(), "Cassandra did not come back");
+
+    // The same write-svc process, not restarted: appends succeed again once the driver has
+    // reconnected.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let v2 = loop {
+        let r = c
+            .carts
+            .clone()
+            .add_item(cart::AddItemRequest {
+                cart_id: id.clone(),
+                sku: "pear".into(),
+                quantity: 1,
+                unit_price_cents: 20,
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(r) => break r.into_inner().version,
+            Err(s) if s.code() == Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(s) => panic!("append after recovery: {s:?}"),
+        }
+    };
+    assert_eq!(v2, v + 1);
+    let got = c.cart_queries.clone().get_cart(get(v2)).await.expect("projected after recovery");
+    assert_eq!(got.into_inner().total_cents, 30);
+    assert_eq!(read_all(c, "cart", &id).await.len() as u64, v2);
+}

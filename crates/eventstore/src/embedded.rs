@@ -10,21 +10,21 @@
 //! redb calls block, so every call runs on tokio's blocking pool, never on an async worker.
 //!
 //! Tables:
-//! - `events`: (stream key, version) → (recorded_at µs, postcard [`EventHeader`], raw data).
+//! - `events`: (stream key, version) → (recorded_at µs, postcard `EventHeader`, raw data).
 //!   The commit time is a column of its own so that as-of-time reads can binary-search it
 //!   without decoding events, and the payload is stored as is, not through serde.
-//! - `streams`: stream key → postcard [`StreamMeta`] (version, first and last append times).
+//! - `streams`: stream key → postcard `StreamMeta` (version, first and last append times).
 //! - `event_ids`: (stream key, 16-byte event id) → version, for idempotent retries.
-//! - `changes`: sequence number (from 1) → postcard [`StoredChange`], the change feed.
+//! - `changes`: sequence number (from 1) → postcard `StoredChange`, the change feed.
 //! - `meta`: `format` → on-disk format version, checked at open.
 //!
 //! Stream keys are [`StreamId::key`]. Commit times never decrease across the store (a clock
 //! stepping back is clamped to the latest commit), so within a stream `recorded_at_us` grows
 //! with the version — which is what as-of-time reads rely on.
 
-use crate::Direction;
 use crate::{
-    now_us, Change, ChangeFeed, ChangePage, EventStore, ReadRequest, StoreError, StreamPage,
+    now_us, Change, ChangeFeed, ChangePage, Direction, EventStore, ReadRequest, StoreError,
+    StreamPage,
 };
 use esq_domain::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId, StreamInfo};
 use redb::{AccessGuard, Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -106,6 +106,9 @@ impl From<StoredChange> for Change {
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// Appends queue here, asynchronously, for their turn at redb's single writer: without it
+    /// every waiting append would hold a blocking-pool thread parked on redb's writer lock.
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -131,7 +134,10 @@ impl EmbeddedStore {
         })?;
         init_tables(&db)?;
         tracing::info!(path = %file.display(), "opened embedded event store");
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            writer: Arc::new(tokio::sync::Mutex::new(())),
+        })
     }
 
     /// Runs `f` against the database on the blocking pool.
@@ -527,6 +533,7 @@ impl EventStore for EmbeddedStore {
     ) -> Result<AppendResult, StoreError> {
         let stream = stream.clone();
         let events = events.to_vec();
+        let _turn = self.writer.lock().await;
         self.run(move |db| append_blocking(db, stream, expected, &events))
             .await
     }
