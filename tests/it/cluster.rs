@@ -212,7 +212,11 @@ async fn assert_read_model_equals_fold(c: &Clients, carts: &[String]) {
 /// equals a fold of the event store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projector_killed_mid_load_recovers() {
-    let Some(mut h) = harness("projector_killed_mid_load_recovers", ClusterOptions::default()).await
+    let Some(mut h) = harness(
+        "projector_killed_mid_load_recovers",
+        ClusterOptions::default(),
+    )
+    .await
     else {
         return;
     };
@@ -226,7 +230,10 @@ async fn projector_killed_mid_load_recovers() {
         }
         let p = h.projectors.remove(0);
         p.kill9().await.expect("kill -9 projector");
-        eprintln!("projector killed after {} events", appended.load(Ordering::Relaxed));
+        eprintln!(
+            "projector killed after {} events",
+            appended.load(Ordering::Relaxed)
+        );
         let p = h.spawn("projector").await.expect("restart projector");
         h.projectors.push(p);
     };
@@ -272,7 +279,10 @@ async fn flushed_read_model_is_rebuilt() {
             min_version: 0,
         })
         .await;
-    eprintln!("right after the flush: {:?}", err.as_ref().map(|_| ()).map_err(|s| s.code()));
+    eprintln!(
+        "right after the flush: {:?}",
+        err.as_ref().map(|_| ()).map_err(|s| s.code())
+    );
     assert_read_model_equals_fold(&h.clients, &load.carts).await;
     let after = suite::snapshot(&h.clients, &load.carts, &[]).await;
     assert_eq!(before, after);
@@ -292,7 +302,13 @@ async fn cassandra_outage_then_recovery() {
     let dir = std::env::var("ESQ_TEST_CASSANDRA_DIR").unwrap_or_else(|_| {
         panic!("{test} needs ESQ_TEST_CASSANDRA_DIR (the node folder of scripts/cassandra.sh)")
     });
-    let port = h.backends.cassandra.rsplit(':').next().expect("port").to_owned();
+    let port = h
+        .backends
+        .cassandra
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .to_owned();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cassandra.sh");
     let c = &h.clients;
     let id = unique("outage");
@@ -314,7 +330,11 @@ async fn cassandra_outage_then_recovery() {
         cart_id: id.clone(),
         min_version,
     };
-    c.cart_queries.clone().get_cart(get(v)).await.expect("projected");
+    c.cart_queries
+        .clone()
+        .get_cart(get(v))
+        .await
+        .expect("projected");
 
     let status = tokio::process::Command::new(script)
         .args(["stop", &dir])
@@ -331,7 +351,12 @@ async fn cassandra_outage_then_recovery() {
     // The client's deadline is generous; the server must answer UNAVAILABLE before it.
     let mut req = tonic::Request::new(append());
     req.set_timeout(Duration::from_secs(15));
-    let err = c.events.clone().append(req).await.expect_err("append while down");
+    let err = c
+        .events
+        .clone()
+        .append(req)
+        .await
+        .expect_err("append while down");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let got = c
         .cart_queries
@@ -379,7 +404,12 @@ async fn cassandra_outage_then_recovery() {
         }
     };
     assert_eq!(v2, v + 1);
-    let got = c.cart_queries.clone().get_cart(get(v2)).await.expect("projected after recovery");
+    let got = c
+        .cart_queries
+        .clone()
+        .get_cart(get(v2))
+        .await
+        .expect("projected after recovery");
     assert_eq!(got.into_inner().total_cents, 30);
     assert_eq!(read_all(c, "cart", &id).await.len() as u64, v2);
 }

@@ -5,9 +5,9 @@ use esq::pb::cart::v1 as cart;
 use esq::pb::v1 as pb;
 use esq::pb::v1::event_store_client::EventStoreClient;
 use esq_testkit::Clients;
-use tonic::transport::Channel;
 use futures::StreamExt;
 use std::collections::BTreeSet;
+use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 /// A stream id no other scenario uses.
@@ -208,7 +208,7 @@ pub async fn min_version_wait_is_bounded(c: &Clients) {
 /// 16 writers race on one stream with exact expected versions: contiguous versions and
 /// exactly one winner per version.
 pub async fn concurrent_writers_one_winner_per_version(c: &Clients) {
-    concurrent_writers_on(c, &[c.events.clone()]).await;
+    concurrent_writers_on(c, std::slice::from_ref(&c.events)).await;
 }
 
 /// The race of [`concurrent_writers_one_winner_per_version`], writers spread over several

@@ -154,7 +154,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                     continue;
                 }
             }
-            let wait = self.config.poll_interval.min(leases_due.saturating_duration_since(Instant::now()));
+            let wait = self
+                .config
+                .poll_interval
+                .min(leases_due.saturating_duration_since(Instant::now()));
             tokio::select! {
                 _ = wake.notified() => {}
                 Some((stream, version)) = recv(&mut nudges) => {
@@ -170,7 +173,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             }
         }
         for shard in owned {
-            let _ = self.read.release_lease(&self.lease_name(shard), &self.config.owner).await;
+            let _ = self
+                .read
+                .release_lease(&self.lease_name(shard), &self.config.owner)
+                .await;
         }
         tracing::info!("projector stopped");
     }
@@ -194,14 +200,19 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             }
         }
         // Start looking at a different shard per owner, so replicas don't all contend for 0.
-        let start = owner.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let start = owner
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
         for i in 0..shards {
             if kept.len() >= fair {
                 break;
             }
             let shard = (start.wrapping_add(i)) % shards;
             if !kept.contains(&shard)
-                && self.read.acquire_lease(&self.lease_name(shard), owner, ttl).await?
+                && self
+                    .read
+                    .acquire_lease(&self.lease_name(shard), owner, ttl)
+                    .await?
             {
                 kept.insert(shard);
             }
@@ -222,10 +233,14 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     pub async fn ensure_marker(&self) -> Result<(), ProjectError> {
         let marker = format!("{}:marker", self.config.checkpoint_prefix);
         if self.read.checkpoint(&marker).await?.is_none() {
-            tracing::warn!("read model has no marker (new or flushed): rebuilding from the event store");
+            tracing::warn!(
+                "read model has no marker (new or flushed): rebuilding from the event store"
+            );
             let streams = self.rebuild().await?;
             tracing::info!(streams, "read model rebuilt");
-            self.read.save_checkpoint(&marker, &self.config.owner).await?;
+            self.read
+                .save_checkpoint(&marker, &self.config.owner)
+                .await?;
         }
         Ok(())
     }

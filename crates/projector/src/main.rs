@@ -45,16 +45,18 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = esq_runtime::shutdown_on_signals();
     let listener = esq_runtime::bind(args.listen).await?;
     let cql = args.cql.config();
-    let Some(store) =
-        esq_runtime::connect_with_retry("the event store", &shutdown, || CqlStore::connect(cql.clone()))
-            .await
+    let Some(store) = esq_runtime::connect_with_retry("the event store", &shutdown, || {
+        CqlStore::connect(cql.clone())
+    })
+    .await
     else {
         return Ok(());
     };
     let redis = args.redis.config();
-    let Some(read) =
-        esq_runtime::connect_with_retry("the read store", &shutdown, || RedisStore::connect(redis.clone()))
-            .await
+    let Some(read) = esq_runtime::connect_with_retry("the read store", &shutdown, || {
+        RedisStore::connect(redis.clone())
+    })
+    .await
     else {
         return Ok(());
     };

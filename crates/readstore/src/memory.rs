@@ -229,6 +229,39 @@ impl ReadStore for MemoryStore {
     }
 }
 
+impl crate::Coordination for MemoryStore {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, ReadError> {
+        MemoryStore::acquire_lease(self, name, owner, ttl).await
+    }
+
+    async fn release_lease(&self, name: &str, owner: &str) -> Result<bool, ReadError> {
+        MemoryStore::release_lease(self, name, owner).await
+    }
+
+    async fn heartbeat(
+        &self,
+        group: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> Result<usize, ReadError> {
+        let now = Instant::now();
+        let mut groups = self
+            .inner
+            .members
+            .lock()
+            .map_err(|_| ReadError::Internal("member map poisoned".into()))?;
+        let members = groups.entry(group.to_owned()).or_default();
+        members.insert(member.to_owned(), now + ttl);
+        members.retain(|_, expiry| *expiry > now);
+        Ok(members.len())
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -261,33 +294,5 @@ mod tests {
             "expired"
         );
         assert!(!store.release_lease("shard-2", "a").await.unwrap());
-    }
-}
-
-impl crate::Coordination for MemoryStore {
-    async fn acquire_lease(
-        &self,
-        name: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> Result<bool, ReadError> {
-        MemoryStore::acquire_lease(self, name, owner, ttl).await
-    }
-
-    async fn release_lease(&self, name: &str, owner: &str) -> Result<bool, ReadError> {
-        MemoryStore::release_lease(self, name, owner).await
-    }
-
-    async fn heartbeat(&self, group: &str, member: &str, ttl: Duration) -> Result<usize, ReadError> {
-        let now = Instant::now();
-        let mut groups = self
-            .inner
-            .members
-            .lock()
-            .map_err(|_| ReadError::Internal("member map poisoned".into()))?;
-        let members = groups.entry(group.to_owned()).or_default();
-        members.insert(member.to_owned(), now + ttl);
-        members.retain(|_, expiry| *expiry > now);
-        Ok(members.len())
     }
 }

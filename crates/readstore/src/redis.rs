@@ -554,7 +554,12 @@ impl crate::Coordination for RedisStore {
 
     /// A sorted set of members scored by expiry (ms since the epoch, by this process's clock:
     /// replicas' clocks only need to agree to well within the ttl).
-    async fn heartbeat(&self, group: &str, member: &str, ttl: Duration) -> Result<usize, ReadError> {
+    async fn heartbeat(
+        &self,
+        group: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> Result<usize, ReadError> {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);

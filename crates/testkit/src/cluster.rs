@@ -130,7 +130,9 @@ pub async fn wait_serving(addr: SocketAddr, within: Duration) -> anyhow::Result<
         let ok = async {
             let ch = channel(addr).await?;
             let r = HealthClient::new(ch)
-                .check(HealthCheckRequest { service: String::new() })
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
                 .await?;
             anyhow::Ok(r.into_inner().status == 1)
         };
@@ -186,7 +188,9 @@ impl ClusterHarness {
 
     /// The read-svc address.
     pub fn read_addr(&self) -> SocketAddr {
-        self.reader.as_ref().map_or(([127, 0, 0, 1], 0).into(), |r| r.addr)
+        self.reader
+            .as_ref()
+            .map_or(([127, 0, 0, 1], 0).into(), |r| r.addr)
     }
 
     /// Starts one more process of `name` (`write-svc`, `projector` or `read-svc`).
@@ -226,7 +230,9 @@ impl ClusterHarness {
         for (k, v) in &self.options.env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
         Ok(Proc {
             name: name.to_owned(),
             addr,
