@@ -33,6 +33,7 @@ async fn suite_on_cassandra_and_redis() {
     let c = &h.clients;
     eprintln!("logs in {}", h.logs().display());
     suite::health_is_serving(c).await;
+    suite::reflection_lists_services(c).await;
     suite::append_then_query_with_min_version(c).await;
     suite::min_version_wait_is_bounded(c).await;
     suite::retried_append_is_idempotent(c).await;

@@ -24,7 +24,71 @@ dev_tests!(
     bookshop_commands_and_queries,
     read_stream_directions_and_bounds,
     health_is_serving,
+    reflection_lists_services,
 );
+
+/// The `esq dev` binary prints its addresses, serves, and exits cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn esq_dev_binary_serves_and_stops_on_sigterm() {
+    use tokio::io::AsyncBufReadExt;
+    let bin = std::env::current_exe()
+        .expect("test exe")
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("esq");
+    assert!(
+        bin.exists(),
+        "{} missing: cargo build --workspace --bins",
+        bin.display()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = tokio::process::Command::new(&bin)
+        .args([
+            "dev",
+            "--write-addr",
+            "127.0.0.1:0",
+            "--read-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn esq dev");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (mut write, mut read) = (None, None);
+    while let Some(line) = lines.next_line().await.expect("read stdout") {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("write-svc"), Some(a)) => write = a.parse::<std::net::SocketAddr>().ok(),
+            (Some("read-svc"), Some(a)) => read = a.parse::<std::net::SocketAddr>().ok(),
+            _ => {}
+        }
+        if write.is_some() && read.is_some() {
+            break;
+        }
+    }
+    let clients =
+        esq_testkit::Clients::connect(write.expect("write addr"), read.expect("read addr"))
+            .await
+            .expect("connect");
+    suite::health_is_serving(&clients).await;
+    let pid = child.id().expect("pid").to_string();
+    let status = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert!(exit.success(), "esq dev exited with {exit:?}");
+}
 
 /// Stopping and restarting the stack keeps every event and rebuilds the same query results.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

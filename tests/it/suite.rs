@@ -800,3 +800,61 @@ pub async fn snapshot(c: &Clients, carts: &[String], isbns: &[String]) -> Vec<St
     }
     out
 }
+
+/// Server reflection answers on both protocol versions, listing what each service serves.
+pub async fn reflection_lists_services(c: &Clients) {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut client =
+        v1::server_reflection_client::ServerReflectionClient::new(c.write_channel.clone());
+    let mut answers = client
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .expect("reflection v1")
+        .into_inner();
+    let answer = answers.next().await.expect("an answer").expect("ok");
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("unexpected reflection answer: {answer:?}");
+    };
+    let names: BTreeSet<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains("esq.v1.EventStore") && names.contains("esq.cart.v1.CartCommands"),
+        "{names:?}"
+    );
+    assert!(
+        !names.contains("esq.cart.v1.CartQueries"),
+        "write-svc does not serve queries: {names:?}"
+    );
+
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut client =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(c.read_channel.clone());
+    let mut answers = client
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .expect("reflection v1alpha")
+        .into_inner();
+    let answer = answers.next().await.expect("an answer").expect("ok");
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("unexpected reflection answer: {answer:?}");
+    };
+    let names: BTreeSet<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains("esq.cart.v1.CartQueries") && names.contains("esq.v1.StateQueries"),
+        "{names:?}"
+    );
+}
