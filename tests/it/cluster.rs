@@ -41,6 +41,7 @@ async fn suite_on_cassandra_and_redis() {
     suite::cart_rules_and_conflicts(c).await;
     suite::bookshop_commands_and_queries(c).await;
     suite::read_stream_directions_and_bounds(c).await;
+    suite::schema_upgrades_are_read_through_upcasters(c).await;
     suite::concurrent_writers_one_winner_per_version(c).await;
 }
 

@@ -25,6 +25,7 @@ dev_tests!(
     read_stream_directions_and_bounds,
     health_is_serving,
     reflection_lists_services,
+    schema_upgrades_are_read_through_upcasters,
 );
 
 /// The `esq dev` binary prints its addresses, serves, and exits cleanly on SIGTERM.

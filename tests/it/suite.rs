@@ -858,3 +858,76 @@ pub async fn reflection_lists_services(c: &Clients) {
         "{names:?}"
     );
 }
+
+/// Old event schemas are upgraded on read (ItemAdded v1 `qty` → v2 `quantity`), both by the
+/// command side and by the projection; a schema newer than the server knows stops commands.
+pub async fn schema_upgrades_are_read_through_upcasters(c: &Clients) {
+    let id = unique("cart");
+    let mut old = json_event("ItemAdded", r#"{"sku":"apple","qty":2}"#);
+    old.schema_version = 1;
+    c.events
+        .clone()
+        .append(pb::AppendRequest {
+            stream: stream("cart", &id),
+            expected_version: exact(0),
+            events: vec![old],
+        })
+        .await
+        .expect("append a v1 event");
+    let got = c
+        .cart_queries
+        .clone()
+        .get_cart(cart::GetCartRequest {
+            cart_id: id.clone(),
+            min_version: 1,
+        })
+        .await
+        .expect("get cart")
+        .into_inner();
+    assert_eq!(got.items.len(), 1);
+    assert_eq!(
+        (
+            got.items[0].sku.as_str(),
+            got.items[0].quantity,
+            got.items[0].unit_price_cents
+        ),
+        ("apple", 2, 0)
+    );
+    // The aggregate sees the upgraded event too: removing both apples is allowed.
+    let v = c
+        .carts
+        .clone()
+        .remove_item(cart::RemoveItemRequest {
+            cart_id: id.clone(),
+            sku: "apple".into(),
+            quantity: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("remove the upgraded item")
+        .into_inner()
+        .version;
+    assert_eq!(v, 2);
+    let mut future = json_event(
+        "ItemAdded",
+        r#"{"sku":"apple","quantity":1,"unit_price_cents":5,"new":true}"#,
+    );
+    future.schema_version = 9;
+    c.events
+        .clone()
+        .append(pb::AppendRequest {
+            stream: stream("cart", &id),
+            expected_version: exact(2),
+            events: vec![future],
+        })
+        .await
+        .expect("the store accepts any schema version");
+    let err = c
+        .carts
+        .clone()
+        .add_item(add(&id, "pear", 1, 1))
+        .await
+        .expect_err("newer schema");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("schema version 9"), "{err:?}");
+}

@@ -107,10 +107,19 @@ impl<R: ReadStore> book_pb::book_queries_server::BookQueries for BookQueriesApi<
             }
             n => n,
         };
-        let index = if r.author.is_empty() {
-            "all".to_owned()
+        // Authors are stored trimmed, so the filter is too.
+        let author = r.author.trim();
+        if author.len() > bookshop::MAX_TEXT_LEN {
+            return Err(Status::invalid_argument(format!(
+                "invalid author: {} bytes, at most {} allowed",
+                author.len(),
+                bookshop::MAX_TEXT_LEN
+            )));
+        }
+        let index = if author.is_empty() {
+            bookshop::ALL_INDEX.to_owned()
         } else {
-            format!("author:{}", r.author)
+            bookshop::author_index(author)
         };
         let store = &self.0.store;
         let projection = BookProjection.name();
@@ -134,7 +143,7 @@ impl<R: ReadStore> book_pb::book_queries_server::BookQueries for BookQueriesApi<
                 let Some(view) = doc.as_ref().and_then(BookView::from_doc) else {
                     continue;
                 };
-                if !r.author.is_empty() && view.author != r.author {
+                if !author.is_empty() && view.author != author {
                     continue;
                 }
                 books.push(book(view));

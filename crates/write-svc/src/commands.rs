@@ -116,6 +116,16 @@ impl<S: EventStore> Executor<S> {
                 .map_err(status_from_store)?;
             let full = page.len() == LOAD_PAGE as usize;
             for e in &page {
+                // Deciding on a state this server cannot fully read would break the rules.
+                if let Some(known) = esq_domain::upcast::current_schema_version(&e.event_type) {
+                    if e.schema_version > known {
+                        return Err(Status::failed_precondition(format!(
+                            "stream {stream} holds {} schema version {} at version {}; this \
+                             server understands up to schema version {known}",
+                            e.event_type, e.schema_version, e.version
+                        )));
+                    }
+                }
                 state.apply(e);
                 version = e.version;
                 if !command_id.is_empty()
