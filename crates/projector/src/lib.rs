@@ -386,3 +386,183 @@ async fn recv(nudges: &mut Option<mpsc::Receiver<NudgeMessage>>) -> Option<Nudge
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use esq_domain::projection::doc_version;
+    use esq_domain::{ExpectedVersion, NewEvent};
+    use esq_eventstore::embedded::EmbeddedStore;
+    use esq_eventstore::ChangePage;
+    use esq_readstore::memory::MemoryStore;
+
+    /// A change feed whose entries the test writes by hand (to create orphans), over several
+    /// shards; positions are indexes into the list.
+    struct HandFeed {
+        shards: u32,
+        changes: std::sync::Mutex<Vec<(u32, Change)>>,
+    }
+
+    impl ChangeFeed for HandFeed {
+        fn shard_count(&self) -> u32 {
+            self.shards
+        }
+
+        async fn poll(
+            &self,
+            shard: u32,
+            after: Option<&str>,
+            limit: u32,
+        ) -> Result<ChangePage, StoreError> {
+            let start = after.map_or(0, |a| a.parse::<usize>().expect("position") + 1);
+            let all = self.changes.lock().expect("lock").clone();
+            let mut page = ChangePage::default();
+            for (i, (s, c)) in all.into_iter().enumerate().skip(start) {
+                if s == shard && page.changes.len() < limit as usize {
+                    page.changes.push(c);
+                    page.positions.push(i.to_string());
+                }
+            }
+            Ok(page)
+        }
+    }
+
+    fn cart(id: &str) -> StreamId {
+        StreamId::new("cart", id).expect("stream")
+    }
+
+    fn change(stream: StreamId, last: u64, noted_at_us: i64) -> Change {
+        Change {
+            stream,
+            first_version: last,
+            last_version: last,
+            noted_at_us,
+        }
+    }
+
+    async fn setup(
+        shards: u32,
+    ) -> (
+        tempfile::TempDir,
+        Arc<EmbeddedStore>,
+        Arc<HandFeed>,
+        Arc<MemoryStore>,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(EmbeddedStore::open(dir.path()).expect("open"));
+        let feed = Arc::new(HandFeed {
+            shards,
+            changes: std::sync::Mutex::new(Vec::new()),
+        });
+        (dir, store, feed, Arc::new(MemoryStore::new()))
+    }
+
+    #[tokio::test]
+    async fn orphans_wait_for_the_deadline_then_are_skipped() {
+        let (_dir, store, feed, read) = setup(1).await;
+        let config = Config {
+            append_deadline: Duration::from_secs(5),
+            ..Config::default()
+        };
+        let p = Projector::new(store.clone(), feed.clone(), read.clone(), config);
+        let e = NewEvent::json(
+            "ItemAdded",
+            2,
+            &serde_json::json!({"sku":"a","quantity":1,"unit_price_cents":3}),
+        );
+        store
+            .append(&cart("real"), ExpectedVersion::NoStream, &[e])
+            .await
+            .expect("append");
+        // A fresh notification of an append that is not (yet) in the store blocks the shard...
+        feed.changes.lock().expect("lock").extend([
+            (0, change(cart("ghost"), 1, now_us())),
+            (0, change(cart("real"), 1, now_us())),
+        ]);
+        p.poll_shard(0).await.expect("poll");
+        assert_eq!(
+            read.checkpoint("projector:shard:0").await.expect("cp"),
+            None
+        );
+        assert_eq!(read.version("cart", "real").await.expect("v"), 0);
+        // ...until the append deadline has passed: then it is an orphan and is skipped.
+        feed.changes.lock().expect("lock")[0].1.noted_at_us = now_us() - 6_000_000;
+        p.poll_shard(0).await.expect("poll");
+        assert_eq!(
+            read.checkpoint("projector:shard:0")
+                .await
+                .expect("cp")
+                .as_deref(),
+            Some("1")
+        );
+        let doc = read.get("cart", "real").await.expect("get").expect("doc");
+        assert_eq!(doc_version(&doc), 1);
+        assert_eq!(read.version("cart", "ghost").await.expect("v"), 0);
+    }
+
+    #[tokio::test]
+    async fn replicas_split_the_shards_and_take_over_a_dead_ones() {
+        let (_dir, store, feed, read) = setup(4).await;
+        let config = |owner: &str| Config {
+            owner: owner.to_owned(),
+            lease_ttl: Duration::from_millis(300),
+            ..Config::default()
+        };
+        let a = Projector::new(store.clone(), feed.clone(), read.clone(), config("a"));
+        let b = Projector::new(store.clone(), feed.clone(), read.clone(), config("b"));
+        let (mut owned_a, mut owned_b) = (BTreeSet::new(), BTreeSet::new());
+        a.refresh_leases(&mut owned_a).await.expect("a");
+        assert_eq!(owned_a.len(), 4, "alone, a takes every shard");
+        b.refresh_leases(&mut owned_b).await.expect("b");
+        a.refresh_leases(&mut owned_a)
+            .await
+            .expect("a gives up its extra shards");
+        b.refresh_leases(&mut owned_b).await.expect("b takes them");
+        assert_eq!((owned_a.len(), owned_b.len()), (2, 2));
+        assert!(owned_a.is_disjoint(&owned_b));
+        // a dies (stops renewing): after the lease ttl, b holds every shard.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        b.refresh_leases(&mut owned_b).await.expect("b");
+        assert_eq!(owned_b.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn rebuild_restores_a_lost_read_model() {
+        let (_dir, store, feed, read) = setup(1).await;
+        for i in 0..3 {
+            let e = NewEvent::json(
+                "ItemAdded",
+                2,
+                &serde_json::json!({"sku":"a","quantity":1,"unit_price_cents":3}),
+            );
+            store
+                .append(&cart(&format!("c{i}")), ExpectedVersion::Any, &[e.clone()])
+                .await
+                .expect("append");
+            store
+                .append(
+                    &cart(&format!("c{i}")),
+                    ExpectedVersion::Any,
+                    &[NewEvent {
+                        event_id: uuid::Uuid::new_v4(),
+                        ..e
+                    }],
+                )
+                .await
+                .expect("append");
+        }
+        let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        p.ensure_marker().await.expect("rebuild");
+        for i in 0..3 {
+            assert_eq!(read.version("cart", &format!("c{i}")).await.expect("v"), 2);
+            assert_eq!(
+                read.version("state", &format!("cart:c{i}"))
+                    .await
+                    .expect("v"),
+                2
+            );
+        }
+        let doc = read.get("cart", "c0").await.expect("get").expect("doc");
+        assert_eq!(doc.get("total_cents").map(String::as_str), Some("6"));
+    }
+}
