@@ -536,7 +536,11 @@ mod tests {
                 &serde_json::json!({"sku":"a","quantity":1,"unit_price_cents":3}),
             );
             store
-                .append(&cart(&format!("c{i}")), ExpectedVersion::Any, &[e.clone()])
+                .append(
+                    &cart(&format!("c{i}")),
+                    ExpectedVersion::Any,
+                    std::slice::from_ref(&e),
+                )
                 .await
                 .expect("append");
             store
