@@ -801,62 +801,58 @@ pub async fn snapshot(c: &Clients, carts: &[String], isbns: &[String]) -> Vec<St
     out
 }
 
+/// Lists the services a server names through reflection, in protocol version `$v`.
+macro_rules! reflected_services {
+    ($v:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$v::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest,
+            server_reflection_response::MessageResponse, ServerReflectionRequest,
+        };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = ServerReflectionClient::new($channel)
+            .server_reflection_info(futures::stream::iter([req]))
+            .await
+            .expect(stringify!(reflection $v))
+            .into_inner();
+        let answer = answers.next().await.expect("an answer").expect("ok");
+        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+            panic!("unexpected reflection answer: {answer:?}");
+        };
+        list.service
+            .into_iter()
+            .map(|s| s.name)
+            .collect::<BTreeSet<_>>()
+    }};
+}
+
 /// Server reflection answers on both protocol versions, listing what each service serves.
 pub async fn reflection_lists_services(c: &Clients) {
-    use tonic_reflection::pb::{v1, v1alpha};
-    let req = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
-    };
-    let mut client =
-        v1::server_reflection_client::ServerReflectionClient::new(c.write_channel.clone());
-    let mut answers = client
-        .server_reflection_info(futures::stream::iter([req]))
-        .await
-        .expect("reflection v1")
-        .into_inner();
-    let answer = answers.next().await.expect("an answer").expect("ok");
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        answer.message_response
-    else {
-        panic!("unexpected reflection answer: {answer:?}");
-    };
-    let names: BTreeSet<_> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains("esq.v1.EventStore") && names.contains("esq.cart.v1.CartCommands"),
-        "{names:?}"
-    );
-    assert!(
-        !names.contains("esq.cart.v1.CartQueries"),
-        "write-svc does not serve queries: {names:?}"
-    );
-
-    let req = v1alpha::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(
-            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
-        ),
-    };
-    let mut client =
-        v1alpha::server_reflection_client::ServerReflectionClient::new(c.read_channel.clone());
-    let mut answers = client
-        .server_reflection_info(futures::stream::iter([req]))
-        .await
-        .expect("reflection v1alpha")
-        .into_inner();
-    let answer = answers.next().await.expect("an answer").expect("ok");
-    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        answer.message_response
-    else {
-        panic!("unexpected reflection answer: {answer:?}");
-    };
-    let names: BTreeSet<_> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains("esq.cart.v1.CartQueries") && names.contains("esq.v1.StateQueries"),
-        "{names:?}"
-    );
+    for names in [
+        reflected_services!(v1, c.write_channel.clone()),
+        reflected_services!(v1alpha, c.write_channel.clone()),
+    ] {
+        assert!(
+            names.contains("esq.v1.EventStore") && names.contains("esq.cart.v1.CartCommands"),
+            "{names:?}"
+        );
+        assert!(
+            !names.contains("esq.cart.v1.CartQueries"),
+            "write-svc does not serve queries: {names:?}"
+        );
+    }
+    for names in [
+        reflected_services!(v1, c.read_channel.clone()),
+        reflected_services!(v1alpha, c.read_channel.clone()),
+    ] {
+        assert!(
+            names.contains("esq.cart.v1.CartQueries") && names.contains("esq.v1.StateQueries"),
+            "{names:?}"
+        );
+    }
 }
 
 /// Old event schemas are upgraded on read (ItemAdded v1 `qty` → v2 `quantity`), both by the

@@ -1,10 +1,9 @@
 //! The projector binary: tails the change log of a ScyllaDB/Cassandra event store into Redis.
 
 use clap::Parser;
-use esq_eventstore::cql::CqlStore;
 use esq_eventstore::parse_nudge;
 use esq_projector::{Config, Projector};
-use esq_readstore::redis::{subscribe_nudges, RedisStore};
+use esq_readstore::redis::subscribe_nudges;
 use esq_runtime::config::{CqlArgs, RedisArgs, TelemetryArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,26 +43,16 @@ async fn main() -> anyhow::Result<()> {
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
     let listener = esq_runtime::bind(args.listen).await?;
-    let cql = args.cql.config();
-    let Some(store) = esq_runtime::connect_with_retry("the event store", &shutdown, || {
-        CqlStore::connect(cql.clone())
-    })
-    .await
-    else {
+    let Some(store) = args.cql.connect(&shutdown).await else {
         return Ok(());
     };
-    let redis = args.redis.config();
-    let Some(read) = esq_runtime::connect_with_retry("the read store", &shutdown, || {
-        RedisStore::connect(redis.clone())
-    })
-    .await
-    else {
+    let Some(read) = args.redis.connect(&shutdown).await else {
         return Ok(());
     };
     let mut config = Config {
         poll_interval: Duration::from_millis(args.poll_interval_ms),
         lease_ttl: Duration::from_millis(args.lease_ttl_ms),
-        append_deadline: cql.append_deadline,
+        append_deadline: Duration::from_millis(args.cql.append_deadline_ms),
         ..Config::default()
     };
     if let Some(id) = args.projector_id {

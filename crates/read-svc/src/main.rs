@@ -1,7 +1,6 @@
 //! The read-svc binary: queries over gRPC answered from the Redis read model.
 
 use clap::Parser;
-use esq_readstore::redis::RedisStore;
 use esq_runtime::config::{RedisArgs, TelemetryArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,12 +28,7 @@ async fn main() -> anyhow::Result<()> {
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
     let listener = esq_runtime::bind(args.listen).await?;
-    let config = args.redis.config();
-    let Some(store) = esq_runtime::connect_with_retry("the read store", &shutdown, || {
-        RedisStore::connect(config.clone())
-    })
-    .await
-    else {
+    let Some(store) = args.redis.connect(&shutdown).await else {
         return Ok(());
     };
     let config = esq_read_svc::Config {

@@ -1,9 +1,10 @@
 //! Command-line and environment configuration shared by the binaries: every flag also reads an
 //! `ESQ_…` variable. Parsed once in `main`; libraries receive plain config values.
 
-use esq_eventstore::cql::{CqlConfig, FeedKind};
-use esq_readstore::redis::RedisConfig;
+use esq_eventstore::cql::{CqlConfig, CqlStore, FeedKind};
+use esq_readstore::redis::{RedisConfig, RedisStore};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Logging flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -86,6 +87,15 @@ impl CqlArgs {
         c.append_deadline = Duration::from_millis(self.append_deadline_ms);
         c
     }
+
+    /// Connects (creating the schema if needed), retrying until it works; `None` on shutdown.
+    pub async fn connect(&self, shutdown: &CancellationToken) -> Option<CqlStore> {
+        let config = self.config();
+        crate::connect_with_retry("the event store", shutdown, || {
+            CqlStore::connect(config.clone())
+        })
+        .await
+    }
 }
 
 /// Where the read model is: a standalone Redis or a Redis Cluster.
@@ -114,5 +124,14 @@ impl RedisArgs {
             prefix: self.redis_prefix.clone(),
             timeout: Duration::from_millis(self.redis_timeout_ms),
         }
+    }
+
+    /// Connects, retrying until it works; `None` on shutdown.
+    pub async fn connect(&self, shutdown: &CancellationToken) -> Option<RedisStore> {
+        let config = self.config();
+        crate::connect_with_retry("the read store", shutdown, || {
+            RedisStore::connect(config.clone())
+        })
+        .await
     }
 }

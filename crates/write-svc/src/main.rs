@@ -1,7 +1,6 @@
 //! The write-svc binary: commands and appends over gRPC onto a ScyllaDB/Cassandra event store.
 
 use clap::Parser;
-use esq_eventstore::cql::CqlStore;
 use esq_readstore::redis::{RedisConfig, RedisStore};
 use esq_runtime::config::{CqlArgs, TelemetryArgs};
 use std::net::SocketAddr;
@@ -34,12 +33,7 @@ async fn main() -> anyhow::Result<()> {
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
     let listener = esq_runtime::bind(args.listen).await?;
-    let config = args.cql.config();
-    let Some(store) = esq_runtime::connect_with_retry("the event store", &shutdown, || {
-        CqlStore::connect(config.clone())
-    })
-    .await
-    else {
+    let Some(store) = args.cql.connect(&shutdown).await else {
         return Ok(());
     };
     let nudge = match args.nudge_url {
