@@ -41,7 +41,7 @@ fetch() {
     rm -rf "$tmp"
     mkdir -p "$(dirname "$LIB")"
     echo "cassandra $CASSANDRA_VERSION: fetching jars from Maven Central into $LIB"
-    mvn -q -B -f "$SCRIPT_DIR/cassandra/pom.xml" dependency:copy-dependencies \
+    mvn -q -B -Dstyle.color=never -f "$SCRIPT_DIR/cassandra/pom.xml" dependency:copy-dependencies \
         -DoutputDirectory="$tmp" -DincludeScope=runtime
     [[ -f "$tmp/cassandra-all-$CASSANDRA_VERSION.jar" ]] || die "maven did not deliver cassandra-all"
     rm -rf "$LIB"
@@ -255,8 +255,9 @@ EOF
 wait_ready() {
     local dir="$1" port="$2" timeout="${3:-180}"
     local started=$SECONDS
+    [[ -f "$dir/pid" ]] || die "no node was started in $dir (no $dir/pid)"
     while ! cql_ready "$port"; do
-        if [[ -f "$dir/pid" ]] && ! kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+        if ! kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
             tail -n 30 "$dir/logs/stdout.log" >&2 || true
             die "the node in $dir exited before answering CQL (see $dir/logs)"
         fi

@@ -217,7 +217,7 @@ impl Inner {
         'walk: while from_bucket <= newest {
             let buckets = self.indexed_buckets(shard, from_bucket, newest).await?;
             for &b in &buckets {
-                let remaining = (limit - page.changes.len()) as i32;
+                let remaining = (limit - page.changes.len()).min(i32::MAX as usize) as i32;
                 let after_id = if b == start { lower } else { None };
                 for (change, id) in self
                     .read_bucket(shard, b, after_id, cutoff_ts, remaining)

@@ -18,10 +18,22 @@
 //! streams can later be split over several partitions without changing the API.
 //!
 //! # Appends
-//! One conditional batch inside the partition (see [`append`](self) for the idempotency
-//! window and the lost-race read-back). With [`FeedKind::ChangesTable`] the notification row is
-//! written *before* the batch, so a committed append always has one; a notification whose batch
-//! never commits is an orphan the projector recognises after the append deadline.
+//! One conditional batch inside the partition: `UPDATE … SET head = :new IF head = :expected`
+//! (`IF head = NULL` for a stream's first append: on Cassandra 5 that holds for a missing
+//! partition, `IF head = 0` does not) plus one INSERT per event. `Any` and `StreamExists` read
+//! the head first and condition on it, retrying lost races until the append deadline.
+//!
+//! Idempotency uses a window, not an index: the read that returns the head also returns the
+//! ids of the stream's newest [`CqlConfig::id_window`] events, and an append whose first id is
+//! among them returns the original result (or [`StoreError::EventIdReused`]). That read is one
+//! bounded, exact, single-partition slice — no index lag, nothing to keep in step — at the price
+//! that an `Any` retry arriving after more than `id_window` newer events of its stream is not
+//! recognised. `Exact` retries are recognised wherever they are: the batch finds the head moved,
+//! and the rows at the expected positions are read back linearizably and compared.
+//!
+//! With [`FeedKind::ChangesTable`] the notification row is written *before* the batch, so a
+//! committed append always has one; a notification whose batch never commits is an orphan the
+//! projector recognises after the append deadline.
 //!
 //! # Engines
 //! The engine is detected at connect. ScyllaDB gets its keyspace with tablets disabled and, with
@@ -62,10 +74,17 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FeedKind {
     /// The portable `changes` table: a notification row per append, written before it.
+    /// Works on both engines; positions are exact checkpoints.
     #[default]
     ChangesTable,
     /// ScyllaDB's native CDC log of the events table, read with the `scylla-cdc` crate; appends
     /// write no notification. ScyllaDB only: [`CqlStore::connect`] refuses it on Cassandra.
+    ///
+    /// One log reader per store starts at the first poll, from `now - change_ttl`, and feeds
+    /// per-shard bounded queues: delivery is at least once, positions are informational
+    /// (`after` is not used to seek), and the process must poll every shard, because the reader
+    /// waits while any shard's queue is full. Untested against a real ScyllaDB here: only the
+    /// conversion of CDC rows into changes is unit-tested.
     ScyllaCdc,
 }
 
@@ -88,8 +107,9 @@ pub struct CqlConfig {
     /// CQL replication map used when the keyspace is created, e.g.
     /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3}`.
     pub replication: String,
-    /// Longest wait for any one request, connection attempts included; past it the call fails
-    /// with [`StoreError::Unavailable`].
+    /// Longest wait for any one request (and for each connection attempt; opening the session
+    /// at connect waits at most twice this); past it the call fails with
+    /// [`StoreError::Unavailable`].
     pub request_timeout: Duration,
     /// Longest an append may keep retrying lost races (`Any`, `StreamExists`). Projectors treat
     /// a notification whose events are missing this long after it was noted as an orphan.
@@ -110,8 +130,11 @@ pub struct CqlConfig {
     /// retries and reused ids are recognised within this window).
     pub id_window: u32,
     /// Whether `Exact` appends check the idempotency window too (in parallel with the
-    /// notification write). Without it a retried `Exact` append is still recognised by the
-    /// lost-race read-back, but an id reused in a later `Exact` append is not refused.
+    /// notification write, so it adds a read but no latency). Without it a retried `Exact`
+    /// append is still recognised by the lost-race read-back, but an id reused in a later
+    /// `Exact` append at the right version is stored again instead of being refused with
+    /// [`StoreError::EventIdReused`], as the [`EventStore`] contract requires. Turn it off
+    /// only where clients never reuse ids.
     pub check_ids_on_exact: bool,
 }
 
