@@ -2,6 +2,7 @@
 //! read-svc as separate processes on a real Cassandra node and a real Redis.
 
 use crate::suite::{self, exact, read_all, stream, unique};
+use esq::pb::bookshop::v1 as book;
 use esq::pb::cart::v1 as cart;
 use esq::pb::v1 as pb;
 use esq_domain::cart::{CartProjection, CartView};
@@ -211,15 +212,15 @@ async fn assert_read_model_equals_fold(c: &Clients, carts: &[String]) {
 }
 
 /// kill -9 the projector in the middle of a 10,000-event load, start another: the read model
-/// equals a fold of the event store.
+/// equals a fold of the event store. Nudges are off, so everything goes through the change log,
+/// checkpoints and leases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projector_killed_mid_load_recovers() {
-    let Some(mut h) = harness(
-        "projector_killed_mid_load_recovers",
-        ClusterOptions::default(),
-    )
-    .await
-    else {
+    let options = ClusterOptions {
+        nudges: false,
+        ..ClusterOptions::default()
+    };
+    let Some(mut h) = harness("projector_killed_mid_load_recovers", options).await else {
         return;
     };
     let load = Load::new(100);
@@ -257,6 +258,14 @@ async fn two_projectors_share_the_shards() {
     let load = Load::new(40);
     load.run(&h.clients, 50, 10).await;
     assert_read_model_equals_fold(&h.clients, &load.carts).await;
+    // Both really took part: the shards are split between the two.
+    let owners: std::collections::BTreeSet<_> = h
+        .lease_owners()
+        .await
+        .expect("leases")
+        .into_iter()
+        .collect();
+    assert_eq!(owners.len(), 2, "lease owners: {owners:?}");
 }
 
 /// Every Redis key of the deployment deleted while it runs: the projector notices and rebuilds
@@ -269,7 +278,50 @@ async fn flushed_read_model_is_rebuilt() {
     let load = Load::new(20);
     load.run(&h.clients, 20, 5).await;
     assert_read_model_equals_fold(&h.clients, &load.carts).await;
-    let before = suite::snapshot(&h.clients, &load.carts, &[]).await;
+    let author = unique("Author");
+    let mut isbns = Vec::new();
+    for i in 0..5u64 {
+        let isbn = format!(
+            "979{:010}",
+            (uuid::Uuid::new_v4().as_u128() % 9_000_000_000) as u64 + i
+        );
+        let r = h
+            .clients
+            .books
+            .clone()
+            .create_book(book::CreateBookRequest {
+                isbn,
+                title: format!("T{i}"),
+                author: author.clone(),
+                price_cents: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("create book")
+            .into_inner();
+        isbns.push(r.isbn);
+    }
+    let listed = || {
+        let mut q = h.clients.book_queries.clone();
+        let author = author.clone();
+        async move {
+            q.list_books(book::ListBooksRequest {
+                author,
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .books
+            .into_iter()
+            .map(|b| b.isbn)
+            .collect::<Vec<_>>()
+        }
+    };
+    let mut sorted = isbns.clone();
+    sorted.sort();
+    wait_until(|| async { listed().await == sorted }).await;
+    let before = suite::snapshot(&h.clients, &load.carts, &isbns).await;
     let deleted = h.flush_read_model().await.expect("flush");
     assert!(deleted > 0);
     let err = h
@@ -286,7 +338,8 @@ async fn flushed_read_model_is_rebuilt() {
         err.as_ref().map(|_| ()).map_err(|s| s.code())
     );
     assert_read_model_equals_fold(&h.clients, &load.carts).await;
-    let after = suite::snapshot(&h.clients, &load.carts, &[]).await;
+    wait_until(|| async { listed().await == sorted }).await;
+    let after = suite::snapshot(&h.clients, &load.carts, &isbns).await;
     assert_eq!(before, after);
 }
 
@@ -414,4 +467,20 @@ async fn cassandra_outage_then_recovery() {
         .expect("projected after recovery");
     assert_eq!(got.into_inner().total_cents, 30);
     assert_eq!(read_all(c, "cart", &id).await.len() as u64, v2);
+}
+
+/// Polls `check` until it holds, for at most two minutes.
+async fn wait_until<F, Fut>(check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

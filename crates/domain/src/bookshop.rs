@@ -377,6 +377,17 @@ impl Projection for BookProjection {
             }
         }
     }
+
+    fn has_indexes(&self) -> bool {
+        true
+    }
+
+    fn indexes(&self, doc: &HashMap<String, String>) -> Vec<String> {
+        match BookView::from_doc(doc) {
+            Some(book) => vec![ALL_INDEX.to_owned(), author_index(&book.author)],
+            None => Vec::new(),
+        }
+    }
 }
 
 /// A live book as queries see it, read from a [`BookProjection`] document.

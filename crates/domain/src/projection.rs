@@ -13,6 +13,10 @@ use std::collections::HashMap;
 pub const VERSION_FIELD: &str = "_v";
 /// Document field set to `"1"` once the aggregate is deleted (a tombstone keeps the fence).
 pub const DELETED_FIELD: &str = "_deleted";
+/// Document field marking index updates still to be made for the document (the version whose
+/// apply changed its index memberships). Set atomically with that apply, cleared once the
+/// indexes are in line, so an interrupted index update is found and finished later.
+pub const INDEX_PENDING_FIELD: &str = "_ix";
 
 /// One change to a document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +84,18 @@ pub trait Projection: Send + Sync + 'static {
     /// Appends the changes `event` makes to `out`. Unknown or undecodable events add nothing,
     /// so that one bad event cannot stall the projection; the version still advances.
     fn project(&self, event: &RecordedEvent, out: &mut Changes);
+
+    /// Whether this projection maintains cross-document indexes.
+    fn has_indexes(&self) -> bool {
+        false
+    }
+
+    /// The indexes a document belongs to in its current state. Index membership is derived
+    /// from the document, so it can always be re-established from it.
+    fn indexes(&self, doc: &HashMap<String, String>) -> Vec<String> {
+        let _ = doc;
+        Vec::new()
+    }
 }
 
 /// Builds one batch from consecutive events of one stream.

@@ -43,8 +43,11 @@ fn keyspace(test: &str) -> String {
 
 fn config(test: &str, node: &str) -> CqlConfig {
     let mut config = CqlConfig::new(vec![node.to_owned()], keyspace(test));
-    config.confidence_window = Duration::from_millis(500);
+    // Appends whose notification takes more than half the window are refused: a second of
+    // window keeps a loaded test machine clear of that.
+    config.confidence_window = Duration::from_millis(1000);
     config.request_timeout = Duration::from_secs(10);
+    config.append_deadline = Duration::from_secs(20);
     config
 }
 
@@ -368,7 +371,7 @@ async fn polls_jump_over_empty_buckets() {
         .append(&s, ExpectedVersion::NoStream, &[event(1)])
         .await
         .expect("append");
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
     // A position an hour old (its bucket has expired by now, so the walk starts at the oldest
     // live bucket).
     let old = format!("{}:{}", (now_us() - 3_600_000_000) / 1_000_000, Uuid::nil());
@@ -491,6 +494,274 @@ async fn outages_are_unavailable_and_recoverable() {
         .collect();
     // The stalled append may or may not have reached the node before the stall.
     assert!(versions == [1, 2] || versions == [1, 2, 3], "{versions:?}");
+}
+
+/// The configuration is checked at connect: the append deadline must leave room for two
+/// requests, and the confidence window has a floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timing_settings_are_checked_at_connect() {
+    let Some(node) = node("timing_settings_are_checked_at_connect") else {
+        return;
+    };
+    let mut cfg = config("timing", &node);
+    cfg.append_deadline = cfg.request_timeout * 2 - Duration::from_millis(1);
+    let got = CqlStore::connect(cfg).await.map(drop);
+    assert!(
+        matches!(&got, Err(StoreError::Internal(e)) if e.contains("append_deadline")),
+        "{got:?}"
+    );
+    let mut cfg = config("timing", &node);
+    cfg.confidence_window = Duration::from_millis(50);
+    let got = CqlStore::connect(cfg).await.map(drop);
+    assert!(
+        matches!(&got, Err(StoreError::Internal(e)) if e.contains("confidence_window")),
+        "{got:?}"
+    );
+}
+
+/// A notification acknowledged later than half the confidence window after it was noted could
+/// already have been passed over by a projector: the append is not sent, it fails with
+/// `Unavailable`, and the row is left as an orphan. Once the write is prompt again, appends go
+/// through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_notification_is_not_followed_by_its_append() {
+    let Some(node) = node("a_late_notification_is_not_followed_by_its_append") else {
+        return;
+    };
+    let upstream: SocketAddr = tokio::net::lookup_host(&node)
+        .await
+        .expect("resolve")
+        .next()
+        .expect("an address");
+    let proxy = DelayProxy::start(upstream).await;
+    let mut cfg = config("late", &proxy.addr().to_string());
+    cfg.confidence_window = Duration::from_millis(400);
+    cfg.request_timeout = Duration::from_secs(5);
+    cfg.append_deadline = Duration::from_secs(10);
+    cfg.shard_count = 1;
+    let store = connect(cfg).await;
+
+    let s = stream("late-1");
+    // Every request now takes 300 ms to reach the node: more than half the window.
+    proxy.delay(Duration::from_millis(300));
+    let got = store
+        .append(&s, ExpectedVersion::NoStream, &[event(1)])
+        .await;
+    assert!(
+        matches!(&got, Err(StoreError::Unavailable(e)) if e.contains("confidence window")),
+        "{got:?}"
+    );
+    // Same for an exact append, whose id check runs beside the notification.
+    let got = store
+        .append(&s, ExpectedVersion::Exact(1), &[event(2)])
+        .await;
+    assert!(
+        matches!(&got, Err(StoreError::Unavailable(e)) if e.contains("confidence window")),
+        "{got:?}"
+    );
+    proxy.delay(Duration::ZERO);
+    assert_eq!(
+        store.stream_info(&s).await.expect("stream_info"),
+        None,
+        "nothing was appended"
+    );
+
+    // The rows are there, as orphans: their events never appear.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let page = store.poll(0, None, 100).await.expect("poll");
+    let ranges: Vec<(u64, u64)> = page
+        .changes
+        .iter()
+        .filter(|c| c.stream == s)
+        .map(|c| (c.first_version, c.last_version))
+        .collect();
+    assert_eq!(ranges, [(1, 1), (2, 2)], "{page:?}");
+
+    // Prompt again: the append goes through.
+    let r = store
+        .append(&s, ExpectedVersion::NoStream, &[event(3)])
+        .await
+        .expect("append once the writes are prompt");
+    assert_eq!(r.first_version, 1);
+}
+
+/// Commit times never go backwards within a stream, even after a writer whose clock runs ahead:
+/// an append that reads the stream's newest events (`Any`, `StreamExists`, `Exact` with the id
+/// check) takes at least their time, and `until_time` reads agree in both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_times_are_clamped_to_the_stream() {
+    use scylla::client::session_builder::SessionBuilder;
+    let Some(node) = node("commit_times_are_clamped_to_the_stream") else {
+        return;
+    };
+    let store = connect(config("clamp", &node)).await;
+    let ks = store.config().keyspace.clone();
+    let s = stream("skewed");
+    store
+        .append(&s, ExpectedVersion::NoStream, &[event(1), event(2)])
+        .await
+        .expect("append");
+
+    // Another writer, its clock an hour ahead, appends version 3 (as `append` would).
+    let ahead = now_us() + 3_600_000_000;
+    let session = SessionBuilder::new()
+        .known_node(&node)
+        .build()
+        .await
+        .expect("session");
+    session
+        .query_unpaged(
+            format!(
+                "INSERT INTO {ks}.events (stream_type, stream_id, bucket, version, event_id, \
+                 event_type, schema_version, content_type, data, metadata, recorded_at) \
+                 VALUES (?, ?, 0, 3, ?, 'ItemAdded', 1, 'application/json', ?, {{}}, ?)"
+            ),
+            (
+                s.kind.as_str(),
+                s.id.as_str(),
+                Uuid::now_v7(),
+                b"{}".to_vec(),
+                ahead,
+            ),
+        )
+        .await
+        .expect("insert the skewed event");
+    session
+        .query_unpaged(
+            format!(
+                "UPDATE {ks}.events SET head = 3, updated_at = ? WHERE stream_type = ? \
+                 AND stream_id = ? AND bucket = 0 IF head = 2"
+            ),
+            (ahead, s.kind.as_str(), s.id.as_str()),
+        )
+        .await
+        .expect("move the head");
+
+    let any = store
+        .append(&s, ExpectedVersion::Any, &[event(4)])
+        .await
+        .expect("Any append");
+    assert_eq!(any.first_version, 4);
+    assert_eq!(any.committed_at_us, ahead, "clamped to the newest time");
+    let exact = store
+        .append(&s, ExpectedVersion::Exact(4), &[event(5)])
+        .await
+        .expect("Exact append");
+    assert_eq!(exact.committed_at_us, ahead, "clamped to the newest time");
+    let exists = store
+        .append(&s, ExpectedVersion::StreamExists, &[event(6)])
+        .await
+        .expect("StreamExists append");
+    assert_eq!(exists.committed_at_us, ahead, "clamped to the newest time");
+
+    let all = store
+        .read(&s, ReadRequest::forwards(1, 100))
+        .await
+        .expect("read");
+    let times: Vec<i64> = all.iter().map(|e| e.recorded_at_us).collect();
+    assert_eq!(all.len(), 6);
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+
+    // As of just before the skewed writer's time: versions 1 and 2, whichever the direction.
+    for until in [ahead - 1, ahead] {
+        let mut forwards = ReadRequest::forwards(1, 100);
+        forwards.until_time_us = Some(until);
+        let mut backwards = forwards;
+        backwards.direction = esq_eventstore::Direction::Backwards;
+        backwards.from_version = None;
+        let f: Vec<u64> = store
+            .read(&s, forwards)
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| e.version)
+            .collect();
+        let mut b: Vec<u64> = store
+            .read(&s, backwards)
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| e.version)
+            .collect();
+        b.reverse();
+        assert_eq!(f, b, "until {until}: both directions agree");
+        let expected: Vec<u64> = if until < ahead {
+            vec![1, 2]
+        } else {
+            (1..=6).collect()
+        };
+        assert_eq!(f, expected, "until {until}");
+    }
+}
+
+/// A TCP proxy in front of the node that holds every chunk sent to the node for a settable
+/// delay.
+struct DelayProxy {
+    addr: SocketAddr,
+    delay: watch::Sender<Duration>,
+    accept: JoinHandle<()>,
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl DelayProxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let (delay, _) = watch::channel(Duration::ZERO);
+        let delays = delay.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let delay = delays.subscribe();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut client_rx, mut client_tx) = client.into_split();
+                    let (mut server_rx, mut server_tx) = server.into_split();
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match client_rx.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let pause = *delay.borrow();
+                            if !pause.is_zero() {
+                                tokio::time::sleep(pause).await;
+                            }
+                            if server_tx.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let down = tokio::io::copy(&mut server_rx, &mut client_tx);
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            delay,
+            accept,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn delay(&self, delay: Duration) {
+        self.delay.send_replace(delay);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,9 @@
 
 use esq_domain::bookshop::BookProjection;
 use esq_domain::cart::CartProjection;
-use esq_domain::projection::{batch, ApplyOutcome, Projection};
+use esq_domain::projection::{
+    batch, doc_version, ApplyOutcome, FieldOp, IndexOp, Projection, INDEX_PENDING_FIELD,
+};
 use esq_domain::state::StateProjection;
 use esq_domain::{RecordedEvent, StreamId};
 use esq_eventstore::{now_us, Change, ChangeFeed, EventStore, ReadRequest, StoreError};
@@ -111,9 +113,9 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
 
     /// Tails the shards it holds leases on until `shutdown`, sharing them fairly with the other
     /// live projectors of the same prefix. `wake` makes it poll at once instead of waiting for
-    /// the poll interval; `nudges` (the fast path) name a stream to bring up to date at once.
-    /// Transient errors are logged and retried; the current batch finishes and its checkpoint
-    /// is saved before returning, and the leases are released.
+    /// the poll interval; `nudges` (the fast path) name a stream to bring up to date at once,
+    /// without polling the shards. Transient errors are logged and retried; the current batch
+    /// finishes and its checkpoint is saved before returning, and the leases are released.
     pub async fn run(
         &self,
         wake: Arc<Notify>,
@@ -123,62 +125,108 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         tracing::info!(shards = self.feed.shard_count(), owner = %self.config.owner, "projector running");
         let mut owned = BTreeSet::new();
         let mut leases_due = Instant::now();
+        let mut poll_due = Instant::now();
         let mut backoff = Duration::from_millis(50);
         while !shutdown.is_cancelled() {
-            let round = async {
-                if Instant::now() >= leases_due {
-                    self.ensure_marker().await?;
-                    self.refresh_leases(&mut owned).await?;
-                    leases_due = Instant::now() + self.config.lease_ttl / 3;
-                }
-                let mut more = false;
-                for &shard in &owned {
-                    more |= self.poll_shard(shard).await?;
-                }
-                Ok::<_, ProjectError>(more)
-            };
-            match round.await {
-                Ok(true) => {
-                    backoff = Duration::from_millis(50);
-                    continue; // more may be waiting
-                }
-                Ok(false) => backoff = Duration::from_millis(50),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "projection failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => {}
+            let now = Instant::now();
+            if now >= poll_due || now >= leases_due {
+                match self.poll_round(&mut owned, &mut leases_due).await {
+                    Ok(more) => {
+                        backoff = Duration::from_millis(50);
+                        // A full page means more may be waiting: poll again at once.
+                        poll_due = if more {
+                            Instant::now()
+                        } else {
+                            Instant::now() + self.config.poll_interval
+                        };
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    leases_due = Instant::now();
-                    continue;
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "projection failed; retrying");
+                        poll_due = Instant::now() + backoff;
+                        leases_due = poll_due;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
                 }
+                continue;
             }
-            let wait = self
-                .config
-                .poll_interval
-                .min(leases_due.saturating_duration_since(Instant::now()));
+            let mut nudged = None;
             tokio::select! {
-                _ = wake.notified() => {}
-                Some((stream, version)) = recv(&mut nudges) => {
-                    if owned.contains(&self.feed.shard_of(&stream)) {
-                        // A miss is fine: the change log brings the stream up to date later.
-                        if let Err(e) = self.sync(&stream, Some(version)).await {
-                            tracing::debug!(error = %e, %stream, "fast-path sync failed");
-                        }
-                    }
-                }
-                _ = tokio::time::sleep(wait) => {}
+                _ = wake.notified() => poll_due = Instant::now(),
+                Some(n) = recv(&mut nudges) => nudged = Some(n),
+                _ = tokio::time::sleep_until(poll_due.min(leases_due)) => {}
                 _ = shutdown.cancelled() => {}
+            }
+            if let Some(first) = nudged {
+                self.handle_nudges(first, nudges.as_mut(), &owned).await;
             }
         }
         for shard in owned {
             let _ = self
                 .read
-                .release_lease(&self.lease_name(shard), &self.config.owner)
+                .release_lease(&self.shard_name(shard), &self.config.owner)
                 .await;
         }
         tracing::info!("projector stopped");
+    }
+
+    /// Brings the nudged streams of the shards this projector holds up to date: the first
+    /// nudge and any others already queued, each stream once at its highest version. A miss is
+    /// fine: the change log brings the stream up to date later.
+    async fn handle_nudges(
+        &self,
+        first: NudgeMessage,
+        queue: Option<&mut mpsc::Receiver<NudgeMessage>>,
+        owned: &BTreeSet<u32>,
+    ) {
+        let mut streams = std::collections::HashMap::new();
+        streams.insert(first.0, first.1);
+        if let Some(rx) = queue {
+            while streams.len() < 256 {
+                let Ok((stream, version)) = rx.try_recv() else {
+                    break;
+                };
+                let v = streams.entry(stream).or_insert(version);
+                *v = (*v).max(version);
+            }
+        }
+        for (stream, version) in streams {
+            if owned.contains(&self.feed.shard_of(&stream)) {
+                if let Err(e) = self.sync(&stream, Some(version)).await {
+                    tracing::debug!(error = %e, %stream, "fast-path sync failed");
+                }
+            }
+        }
+    }
+
+    /// Polls every shard it holds, renewing its leases whenever they are due — also between
+    /// shards, so a long round cannot outlive them. True if a full page was processed.
+    async fn poll_round(
+        &self,
+        owned: &mut BTreeSet<u32>,
+        leases_due: &mut Instant,
+    ) -> Result<bool, ProjectError> {
+        let mut more = false;
+        self.renew_if_due(owned, leases_due).await?;
+        for shard in owned.clone() {
+            self.renew_if_due(owned, leases_due).await?;
+            if owned.contains(&shard) {
+                more |= self.poll_shard(shard).await?;
+            }
+        }
+        Ok(more)
+    }
+
+    async fn renew_if_due(
+        &self,
+        owned: &mut BTreeSet<u32>,
+        leases_due: &mut Instant,
+    ) -> Result<(), ProjectError> {
+        if Instant::now() >= *leases_due {
+            self.ensure_marker().await?;
+            self.refresh_leases(owned).await?;
+            *leases_due = Instant::now() + self.config.lease_ttl / 3;
+        }
+        Ok(())
     }
 
     /// Takes this projector's fair share of the shards (shards / live projectors, rounded up),
@@ -192,7 +240,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let fair = shards.div_ceil(live) as usize;
         let mut kept = BTreeSet::new();
         for &shard in owned.iter() {
-            let name = self.lease_name(shard);
+            let name = self.shard_name(shard);
             if kept.len() < fair && self.read.acquire_lease(&name, owner, ttl).await? {
                 kept.insert(shard);
             } else {
@@ -211,7 +259,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             if !kept.contains(&shard)
                 && self
                     .read
-                    .acquire_lease(&self.lease_name(shard), owner, ttl)
+                    .acquire_lease(&self.shard_name(shard), owner, ttl)
                     .await?
             {
                 kept.insert(shard);
@@ -222,10 +270,6 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         }
         *owned = kept;
         Ok(())
-    }
-
-    fn lease_name(&self, shard: u32) -> String {
-        format!("{}:shard:{shard}", self.config.checkpoint_prefix)
     }
 
     /// Rebuilds the read model from the event store if it lost its marker (a new or flushed
@@ -258,13 +302,14 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         Ok(pages)
     }
 
-    fn checkpoint_name(&self, shard: u32) -> String {
+    /// The name of a shard's checkpoint and of its lease (kept apart by the read store).
+    fn shard_name(&self, shard: u32) -> String {
         format!("{}:shard:{shard}", self.config.checkpoint_prefix)
     }
 
     /// Processes one page of a shard; true if the page was full.
     pub async fn poll_shard(&self, shard: u32) -> Result<bool, ProjectError> {
-        let name = self.checkpoint_name(shard);
+        let name = self.shard_name(shard);
         let after = self.read.checkpoint(&name).await?;
         let page = self
             .feed
@@ -310,7 +355,19 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             .collect();
         let mut versions = Vec::with_capacity(projections.len());
         for p in &projections {
-            versions.push(self.read.version(p.name(), &p.doc_id(stream)).await?);
+            let doc_id = p.doc_id(stream);
+            let version = if p.has_indexes() {
+                // Finish index updates an earlier apply left pending (a crash, a Redis error).
+                let doc = self.read.get(p.name(), &doc_id).await?;
+                let version = doc.as_ref().map_or(0, doc_version);
+                if doc.is_some_and(|d| d.contains_key(INDEX_PENDING_FIELD)) {
+                    self.reindex(p.as_ref(), &doc_id, &[]).await?;
+                }
+                version
+            } else {
+                self.read.version(p.name(), &doc_id).await?
+            };
+            versions.push(version);
         }
         loop {
             let low = versions.iter().copied().min().unwrap_or(u64::MAX);
@@ -349,15 +406,62 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         version: u64,
     ) -> Result<u64, ProjectError> {
         let start = events.partition_point(|e| e.version <= version);
-        let Some(b) = batch(projection, &events[start..]) else {
+        let Some(mut b) = batch(projection, &events[start..]) else {
             return Ok(version);
         };
+        let indexed = !b.changes.indexes.is_empty();
+        if indexed {
+            // Marks the index work as pending in the same atomic apply, so a crash before it is
+            // done is noticed by whoever syncs this document next.
+            b.changes.fields.push(FieldOp::Set(
+                INDEX_PENDING_FIELD.to_owned(),
+                b.last_version.to_string(),
+            ));
+        }
         let doc_id = projection.doc_id(stream);
         match self.read.apply(projection.name(), &doc_id, &b).await? {
-            ApplyOutcome::Applied | ApplyOutcome::Duplicate => Ok(b.last_version.max(version)),
+            ApplyOutcome::Applied => {
+                if indexed {
+                    self.reindex(projection, &doc_id, &b.changes.indexes)
+                        .await?;
+                }
+                Ok(b.last_version)
+            }
+            ApplyOutcome::Duplicate => Ok(b.last_version.max(version)),
             // Another projector moved the document: continue from where it really is.
             ApplyOutcome::Stale { current } => Ok(current),
         }
+    }
+
+    /// Brings a document's index memberships in line with its current state: adds it to the
+    /// indexes the projection derives from it, removes it from those the batch left (when the
+    /// current state does not want them back), and clears the pending marker. Removals lost to
+    /// a crash leave stale entries that readers skip by checking the document.
+    async fn reindex(
+        &self,
+        projection: &dyn Projection,
+        doc_id: &str,
+        ops: &[IndexOp],
+    ) -> Result<(), ProjectError> {
+        let Some(doc) = self.read.get(projection.name(), doc_id).await? else {
+            return Ok(());
+        };
+        let Some(marker) = doc.get(INDEX_PENDING_FIELD) else {
+            return Ok(()); // someone else finished it
+        };
+        let wanted = projection.indexes(&doc);
+        let mut left: Vec<String> = ops
+            .iter()
+            .filter_map(|op| match op {
+                IndexOp::Remove { index, .. } if !wanted.contains(index) => Some(index.clone()),
+                _ => None,
+            })
+            .collect();
+        left.dedup();
+        self.read
+            .update_indexes(projection.name(), doc_id, &wanted, &left, marker)
+            .await?;
+        Ok(())
     }
 
     /// Brings every stream of the event store into the read store: a complete rebuild after
@@ -390,7 +494,6 @@ async fn recv(nudges: &mut Option<mpsc::Receiver<NudgeMessage>>) -> Option<Nudge
 #[cfg(test)]
 mod tests {
     use super::*;
-    use esq_domain::projection::doc_version;
     use esq_domain::{ExpectedVersion, NewEvent};
     use esq_eventstore::embedded::EmbeddedStore;
     use esq_eventstore::ChangePage;
@@ -568,5 +671,56 @@ mod tests {
         }
         let doc = read.get("cart", "c0").await.expect("get").expect("doc");
         assert_eq!(doc.get("total_cents").map(String::as_str), Some("6"));
+    }
+
+    #[tokio::test]
+    async fn index_work_left_pending_by_a_crash_is_finished_by_the_next_sync() {
+        use esq_domain::bookshop::{BookProjection, ALL_INDEX};
+        let (_dir, store, feed, read) = setup(1).await;
+        let book = StreamId::new("book", "9780441478125").expect("stream");
+        let created = NewEvent::json(
+            "BookCreated",
+            1,
+            &serde_json::json!({"isbn": "9780441478125", "title": "T", "author": "A", "price_cents": 1}),
+        );
+        store
+            .append(&book, ExpectedVersion::NoStream, &[created])
+            .await
+            .expect("append");
+        // What a projector that died right after its fenced apply leaves behind.
+        let events = store
+            .read(&book, ReadRequest::forwards(1, 10))
+            .await
+            .expect("read");
+        let mut b = batch(&BookProjection, &events).expect("batch");
+        b.changes
+            .fields
+            .push(FieldOp::Set(INDEX_PENDING_FIELD.to_owned(), "1".to_owned()));
+        assert_eq!(
+            read.apply("book", &book.id, &b).await.expect("apply"),
+            ApplyOutcome::Applied
+        );
+        assert!(read
+            .index_page("book", ALL_INDEX, None, 10)
+            .await
+            .expect("page")
+            .is_empty());
+
+        let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        assert_eq!(p.sync(&book, Some(1)).await.expect("sync"), Synced::Done);
+        assert_eq!(
+            read.index_page("book", ALL_INDEX, None, 10)
+                .await
+                .expect("page"),
+            [book.id.clone()]
+        );
+        assert_eq!(
+            read.index_page("book", "author:A", None, 10)
+                .await
+                .expect("page"),
+            [book.id.clone()]
+        );
+        let doc = read.get("book", &book.id).await.expect("get").expect("doc");
+        assert!(!doc.contains_key(INDEX_PENDING_FIELD));
     }
 }

@@ -42,7 +42,6 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
-    let listener = esq_runtime::bind(args.listen).await?;
     let Some(store) = args.cql.connect(&shutdown).await else {
         return Ok(());
     };
@@ -78,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
             subscribe_nudges(&url, &channel, sink, shutdown).await;
         })
     };
+    let listener = esq_runtime::bind(args.listen).await?;
     let health = tokio::spawn(esq_runtime::serve_grpc(
         listener,
         tonic::service::Routes::default(),

@@ -27,12 +27,13 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
-    let listener = esq_runtime::bind(args.listen).await?;
     let Some(store) = args.redis.connect(&shutdown).await else {
         return Ok(());
     };
     let config = esq_read_svc::Config {
         max_wait: Duration::from_millis(args.max_wait_ms),
     };
+    // Listen only once the store is there: until then clients are refused at once.
+    let listener = esq_runtime::bind(args.listen).await?;
     esq_read_svc::run(listener, Arc::new(store), config, shutdown).await
 }

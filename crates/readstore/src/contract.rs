@@ -8,7 +8,7 @@
 use crate::{Doc, ReadStore};
 use esq_domain::projection::{
     apply_to_doc, is_deleted, ApplyOutcome, Batch, Changes, FieldOp, IndexOp, DELETED_FIELD,
-    VERSION_FIELD,
+    INDEX_PENDING_FIELD, VERSION_FIELD,
 };
 
 /// Runs every check below against `store`. `prefix` must be unique to this run.
@@ -19,7 +19,7 @@ pub async fn run_all<S: ReadStore>(store: &S, prefix: &str) {
     check_stale(store, prefix).await;
     check_tombstone(store, prefix).await;
     check_index_paging(store, prefix).await;
-    check_index_ops_follow_fence(store, prefix).await;
+    check_index_marker(store, prefix).await;
     check_checkpoints(store, prefix).await;
     check_concurrent_same_batch(store, prefix).await;
 }
@@ -42,13 +42,6 @@ fn set(k: &str, v: &str) -> FieldOp {
 
 fn add(index: &str, member: &str) -> IndexOp {
     IndexOp::Add {
-        index: index.to_owned(),
-        member: member.to_owned(),
-    }
-}
-
-fn remove(index: &str, member: &str) -> IndexOp {
-    IndexOp::Remove {
         index: index.to_owned(),
         member: member.to_owned(),
     }
@@ -299,31 +292,24 @@ pub async fn check_tombstone<S: ReadStore>(store: &S, prefix: &str) {
 /// (which need not be a member) and a `limit`; removal; idempotent adds and removes.
 pub async fn check_index_paging<S: ReadStore>(store: &S, prefix: &str) {
     let projection = format!("{prefix}-idx");
-    let index = "author:Ursula K. Le Guin";
+    let index = "author:Ursula K. Le Guin".to_owned();
     let members = [
         "b", "a", "ab", "B", "aa", "a b", "a:b", "x@y.z", "é", "-", "[", "(", "10", "9",
     ];
-    let ops = members.iter().map(|m| add(index, m)).collect();
-    let batch = Batch {
-        first_version: 1,
-        last_version: 1,
-        changes: Changes {
-            fields: vec![set("n", "1")],
-            indexes: ops,
-        },
-    };
-    store.apply(&projection, "d", &batch).await.expect("apply");
+    for m in members {
+        index_update(store, &projection, m, &[&index], &[]).await;
+    }
     let mut sorted: Vec<String> = members.iter().map(|m| (*m).to_owned()).collect();
     sorted.sort();
 
-    assert_eq!(page(store, &projection, index, None, 100).await, sorted);
-    assert_eq!(page(store, &projection, index, None, 3).await, sorted[..3]);
-    assert!(page(store, &projection, index, None, 0).await.is_empty());
+    assert_eq!(page(store, &projection, &index, None, 100).await, sorted);
+    assert_eq!(page(store, &projection, &index, None, 3).await, sorted[..3]);
+    assert!(page(store, &projection, &index, None, 0).await.is_empty());
     // Walk the whole index two at a time.
     let mut walked = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let got = page(store, &projection, index, after.as_deref(), 2).await;
+        let got = page(store, &projection, &index, after.as_deref(), 2).await;
         if got.is_empty() {
             break;
         }
@@ -339,81 +325,99 @@ pub async fn check_index_paging<S: ReadStore>(store: &S, prefix: &str) {
         .cloned()
         .collect();
     assert_eq!(
-        page(store, &projection, index, Some("a "), 100).await,
+        page(store, &projection, &index, Some("a "), 100).await,
         expected
     );
-    assert!(page(store, &projection, index, Some("\u{10FFFF}"), 10)
+    assert!(page(store, &projection, &index, Some("\u{10FFFF}"), 10)
         .await
         .is_empty());
     assert!(page(store, &projection, "other", None, 10).await.is_empty());
 
-    let batch = Batch {
-        first_version: 2,
-        last_version: 2,
-        changes: Changes {
-            fields: Vec::new(),
-            indexes: vec![
-                remove(index, "a"),
-                remove(index, "not-a-member"),
-                add(index, "b"),
-                add("other", "z"),
-                remove("other", "z"),
-                add("other", "y"),
-            ],
-        },
-    };
-    let outcome = store.apply(&projection, "d", &batch).await.expect("apply");
-    assert_eq!(outcome, ApplyOutcome::Applied);
+    // Removal, removal of a non-member, repeated adds; one document in two indexes.
+    index_update(store, &projection, "a", &[], &[&index]).await;
+    index_update(store, &projection, "not-a-member", &[], &[&index]).await;
+    index_update(store, &projection, "b", &[&index], &[]).await;
+    index_update(store, &projection, "z", &["other"], &[]).await;
+    index_update(store, &projection, "z", &[], &["other"]).await;
+    index_update(store, &projection, "y", &["other", &index], &[]).await;
     sorted.retain(|m| m != "a");
-    assert_eq!(page(store, &projection, index, None, 100).await, sorted);
+    sorted.push("y".to_owned());
+    sorted.sort();
+    assert_eq!(page(store, &projection, &index, None, 100).await, sorted);
     assert_eq!(page(store, &projection, "other", None, 10).await, ["y"]);
 }
 
-/// Index ops are applied on `Applied` and on `Duplicate` (a retry after a crash between the
-/// document and its indexes repairs them), never on `Stale`.
-pub async fn check_index_ops_follow_fence<S: ReadStore>(store: &S, prefix: &str) {
-    let projection = format!("{prefix}-fence-idx");
+async fn index_update<S: ReadStore>(
+    store: &S,
+    projection: &str,
+    doc_id: &str,
+    add: &[&str],
+    remove: &[&str],
+) {
+    let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    store
+        .update_indexes(projection, doc_id, &owned(add), &owned(remove), "-")
+        .await
+        .expect("update_indexes");
+}
+
+async fn pending_marker<S: ReadStore>(store: &S, projection: &str) -> Option<String> {
+    store
+        .get(projection, "d")
+        .await
+        .expect("get")
+        .and_then(|d| d.get(INDEX_PENDING_FIELD).cloned())
+}
+
+/// `apply` never touches indexes; `update_indexes` changes them and clears the document's
+/// pending-index marker only while it still holds the given value.
+pub async fn check_index_marker<S: ReadStore>(store: &S, prefix: &str) {
+    let projection = format!("{prefix}-marker");
     let with = |f: u64, l: u64, indexes: Vec<IndexOp>| Batch {
         first_version: f,
         last_version: l,
         changes: Changes {
-            fields: vec![set("t", &l.to_string())],
+            fields: vec![set(INDEX_PENDING_FIELD, &l.to_string())],
             indexes,
         },
     };
     let outcome = store
-        .apply(&projection, "d", &with(1, 2, vec![add("all", "d")]))
+        .apply(&projection, "d", &with(1, 1, vec![add("all", "d")]))
         .await
         .expect("apply");
     assert_eq!(outcome, ApplyOutcome::Applied);
-    assert_eq!(page(store, &projection, "all", None, 10).await, ["d"]);
+    assert!(page(store, &projection, "all", None, 10).await.is_empty());
+    assert_eq!(
+        pending_marker(store, &projection).await.as_deref(),
+        Some("1")
+    );
 
     let outcome = store
-        .apply(&projection, "d", &with(1, 2, vec![add("dup", "d")]))
+        .apply(&projection, "d", &with(2, 2, vec![add("all", "d")]))
         .await
         .expect("apply");
-    assert_eq!(outcome, ApplyOutcome::Duplicate);
-    assert_eq!(page(store, &projection, "dup", None, 10).await, ["d"]);
-
-    let outcome = store
-        .apply(
-            &projection,
-            "d",
-            &with(4, 5, vec![add("stale", "d"), remove("all", "d")]),
-        )
+    assert_eq!(outcome, ApplyOutcome::Applied);
+    // An update for version 1 finishes its work but leaves version 2's marker.
+    store
+        .update_indexes(&projection, "d", &["all".to_owned()], &[], "1")
         .await
-        .expect("apply");
-    assert_eq!(outcome, ApplyOutcome::Stale { current: 2 });
-    assert!(page(store, &projection, "stale", None, 10).await.is_empty());
+        .expect("update");
     assert_eq!(page(store, &projection, "all", None, 10).await, ["d"]);
     assert_eq!(
-        store
-            .get(&projection, "d")
-            .await
-            .expect("get")
-            .and_then(|d| d.get("t").cloned()),
-        Some("2".to_owned())
+        pending_marker(store, &projection).await.as_deref(),
+        Some("2")
     );
+    store
+        .update_indexes(&projection, "d", &["all".to_owned()], &[], "2")
+        .await
+        .expect("update");
+    assert_eq!(pending_marker(store, &projection).await, None);
+    // A document that does not exist stays absent.
+    store
+        .update_indexes(&projection, "ghost", &["all".to_owned()], &[], "1")
+        .await
+        .expect("update");
+    assert_eq!(store.get(&projection, "ghost").await.expect("get"), None);
 }
 
 /// Checkpoints round-trip and can be overwritten; names do not collide.

@@ -32,10 +32,10 @@ pub type Doc = HashMap<String, String>;
 
 /// Storage for projected documents, indexes and projector checkpoints.
 pub trait ReadStore: Send + Sync + 'static {
-    /// Applies `batch` to document `doc_id` of `projection` behind the version fence, atomically
-    /// (all field ops and the new version, or nothing). On [`ApplyOutcome::Applied`] and
-    /// [`ApplyOutcome::Duplicate`] the batch's index ops are then applied (idempotently); on
-    /// [`ApplyOutcome::Stale`] nothing changes.
+    /// Applies the field ops of `batch` to document `doc_id` of `projection` behind the version
+    /// fence, atomically (all field ops and the new version, or nothing). Index ops are not
+    /// applied here: the projector derives index membership from the document afterwards and
+    /// calls [`ReadStore::update_indexes`].
     fn apply(
         &self,
         projection: &str,
@@ -57,6 +57,19 @@ pub trait ReadStore: Send + Sync + 'static {
         projection: &str,
         doc_id: &str,
     ) -> impl Future<Output = Result<u64, ReadError>> + Send;
+
+    /// Adds `doc_id` to every index in `add` and removes it from every index in `remove`
+    /// (idempotently), then clears the document's pending-index marker
+    /// ([`esq_domain::projection::INDEX_PENDING_FIELD`]) if it still equals `marker` — a later
+    /// apply that set a new marker keeps it.
+    fn update_indexes(
+        &self,
+        projection: &str,
+        doc_id: &str,
+        add: &[String],
+        remove: &[String],
+        marker: &str,
+    ) -> impl Future<Output = Result<(), ReadError>> + Send;
 
     /// Members of `index` strictly after `after`, in lexicographic order, at most `limit`.
     fn index_page(

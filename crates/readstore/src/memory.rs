@@ -5,7 +5,7 @@
 //! few map operations.
 
 use crate::{Doc, ReadError, ReadStore};
-use esq_domain::projection::{apply_to_doc, doc_version, ApplyOutcome, Batch, IndexOp};
+use esq_domain::projection::{apply_to_doc, doc_version, ApplyOutcome, Batch, INDEX_PENDING_FIELD};
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -112,8 +112,8 @@ impl MemoryStore {
         outcome
     }
 
-    fn apply_indexes(&self, projection: &str, ops: &[IndexOp]) {
-        if ops.is_empty() {
+    fn apply_indexes(&self, projection: &str, doc_id: &str, add: &[String], remove: &[String]) {
+        if add.is_empty() && remove.is_empty() {
             return;
         }
         let mut indexes = self
@@ -121,27 +121,17 @@ impl MemoryStore {
             .indexes
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let projection = match indexes.get_mut(projection) {
-            Some(p) => p,
-            None => indexes.entry(projection.to_owned()).or_default(),
-        };
-        for op in ops {
-            match op {
-                IndexOp::Add { index, member } => {
-                    let set = match projection.get_mut(index) {
-                        Some(set) => set,
-                        None => projection.entry(index.clone()).or_default(),
-                    };
-                    if !set.contains(member) {
-                        set.insert(member.clone());
-                    }
-                }
-                IndexOp::Remove { index, member } => {
-                    if let Some(set) = projection.get_mut(index) {
-                        set.remove(member);
-                    }
-                }
+        let projection = indexes.entry(projection.to_owned()).or_default();
+        for index in remove {
+            if let Some(set) = projection.get_mut(index) {
+                set.remove(doc_id);
             }
+        }
+        for index in add {
+            projection
+                .entry(index.clone())
+                .or_default()
+                .insert(doc_id.to_owned());
         }
     }
 }
@@ -153,11 +143,29 @@ impl ReadStore for MemoryStore {
         doc_id: &str,
         batch: &Batch,
     ) -> Result<ApplyOutcome, ReadError> {
-        let outcome = self.apply_doc(projection, doc_id, batch);
-        if !matches!(outcome, ApplyOutcome::Stale { .. }) {
-            self.apply_indexes(projection, &batch.changes.indexes);
+        Ok(self.apply_doc(projection, doc_id, batch))
+    }
+
+    async fn update_indexes(
+        &self,
+        projection: &str,
+        doc_id: &str,
+        add: &[String],
+        remove: &[String],
+        marker: &str,
+    ) -> Result<(), ReadError> {
+        self.apply_indexes(projection, doc_id, add, remove);
+        let mut docs = self
+            .inner
+            .docs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(doc) = docs.get_mut(projection).and_then(|p| p.get_mut(doc_id)) {
+            if doc.get(INDEX_PENDING_FIELD).map(String::as_str) == Some(marker) {
+                doc.remove(INDEX_PENDING_FIELD);
+            }
         }
-        Ok(outcome)
+        Ok(())
     }
 
     async fn get(&self, projection: &str, doc_id: &str) -> Result<Option<Doc>, ReadError> {

@@ -22,7 +22,7 @@ use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, Value};
-use esq_domain::projection::{ApplyOutcome, Batch, FieldOp, IndexOp};
+use esq_domain::projection::{ApplyOutcome, Batch, FieldOp, INDEX_PENDING_FIELD};
 use futures::StreamExt;
 use std::future::Future;
 use std::sync::Arc;
@@ -45,6 +45,14 @@ return 0
 const RELEASE_LUA: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Clears a document's pending-index marker if it still holds the given value.
+const CLEAR_PENDING_LUA: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0
 ";
@@ -87,6 +95,7 @@ struct Shared {
     apply: Script,
     acquire: Script,
     release: Script,
+    clear_pending: Script,
 }
 
 /// The one multiplexed connection; both variants reconnect by themselves.
@@ -217,6 +226,7 @@ impl RedisStore {
                 apply: Script::new(APPLY_LUA),
                 acquire: Script::new(ACQUIRE_LUA),
                 release: Script::new(RELEASE_LUA),
+                clear_pending: Script::new(CLEAR_PENDING_LUA),
             }),
         };
         // Load once up front (to every primary in a Cluster); a server that restarts and forgets
@@ -225,6 +235,7 @@ impl RedisStore {
             &store.shared.apply,
             &store.shared.acquire,
             &store.shared.release,
+            &store.shared.clear_pending,
         ] {
             let mut conn = store.conn.clone();
             bounded(timeout, script.load_async(&mut conn)).await?;
@@ -327,35 +338,41 @@ impl RedisStore {
 
     /// Applies index ops idempotently: one pipeline on a standalone server; on a Cluster one
     /// pipeline per index key (keys of one pipeline must share a slot), sent concurrently.
-    async fn apply_indexes(&self, projection: &str, ops: &[IndexOp]) -> Result<(), ReadError> {
-        if ops.is_empty() {
-            return Ok(());
-        }
+    /// Index changes of one document: one pipeline on a standalone server; on a Cluster one
+    /// per index key (they live in different slots), sent concurrently.
+    async fn apply_indexes(
+        &self,
+        projection: &str,
+        doc_id: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<(), ReadError> {
         let timeout = self.shared.timeout;
+        let ops = remove
+            .iter()
+            .map(|i| ("ZREM", i))
+            .chain(add.iter().map(|i| ("ZADD", i)));
+        let push = |pipe: &mut Pipeline, (cmd, index): (&str, &String)| {
+            let key = self.index_key(projection, index);
+            match cmd {
+                "ZADD" => pipe.cmd("ZADD").arg(key).arg(0).arg(doc_id).ignore(),
+                _ => pipe.cmd("ZREM").arg(key).arg(doc_id).ignore(),
+            };
+        };
         match &self.conn {
             Conn::Single(_) => {
                 let mut pipe = ::redis::pipe();
-                for op in ops {
-                    push_index_op(&mut pipe, self.index_key(projection, op_index(op)), op);
+                ops.for_each(|op| push(&mut pipe, op));
+                if pipe.is_empty() {
+                    return Ok(());
                 }
                 let mut conn = self.conn.clone();
                 bounded(timeout, pipe.exec_async(&mut conn)).await
             }
             Conn::Cluster(_) => {
-                // Few distinct indexes per batch: a linear search beats hashing here.
-                let mut pipes: Vec<(&str, Pipeline)> = Vec::new();
-                for op in ops {
-                    let index = op_index(op);
-                    let at = match pipes.iter().position(|(i, _)| *i == index) {
-                        Some(at) => at,
-                        None => {
-                            pipes.push((index, ::redis::pipe()));
-                            pipes.len() - 1
-                        }
-                    };
-                    push_index_op(&mut pipes[at].1, self.index_key(projection, index), op);
-                }
-                let sends = pipes.iter().map(|(_, pipe)| {
+                let sends = ops.map(|op| {
+                    let mut pipe = ::redis::pipe();
+                    push(&mut pipe, op);
                     let mut conn = self.conn.clone();
                     async move { bounded(timeout, pipe.exec_async(&mut conn)).await }
                 });
@@ -363,19 +380,6 @@ impl RedisStore {
             }
         }
     }
-}
-
-fn op_index(op: &IndexOp) -> &str {
-    match op {
-        IndexOp::Add { index, .. } | IndexOp::Remove { index, .. } => index,
-    }
-}
-
-fn push_index_op(pipe: &mut Pipeline, key: String, op: &IndexOp) {
-    match op {
-        IndexOp::Add { member, .. } => pipe.cmd("ZADD").arg(key).arg(0).arg(member).ignore(),
-        IndexOp::Remove { member, .. } => pipe.cmd("ZREM").arg(key).arg(member).ignore(),
-    };
 }
 
 /// Encodes `batch` as an `EVALSHA` of `apply.lua` on `key` (see the script for the layout).
@@ -419,11 +423,26 @@ impl ReadStore for RedisStore {
                 )))
             }
         };
-        if !matches!(outcome, ApplyOutcome::Stale { .. }) {
-            self.apply_indexes(projection, &batch.changes.indexes)
-                .await?;
-        }
         Ok(outcome)
+    }
+
+    async fn update_indexes(
+        &self,
+        projection: &str,
+        doc_id: &str,
+        add: &[String],
+        remove: &[String],
+        marker: &str,
+    ) -> Result<(), ReadError> {
+        self.apply_indexes(projection, doc_id, add, remove).await?;
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(self.shared.clear_pending.get_hash())
+            .arg(1)
+            .arg(self.doc_key(projection, doc_id))
+            .arg(INDEX_PENDING_FIELD)
+            .arg(marker);
+        let _: i64 = self.eval(&self.shared.clear_pending, &cmd).await?;
+        Ok(())
     }
 
     async fn get(&self, projection: &str, doc_id: &str) -> Result<Option<Doc>, ReadError> {

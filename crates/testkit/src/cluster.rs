@@ -56,6 +56,9 @@ pub struct ClusterOptions {
     pub projectors: usize,
     /// Change-log shards.
     pub shards: u32,
+    /// Whether write-svc nudges projectors through Redis pub/sub (the fast path); without it
+    /// every change reaches the read model through the change log alone.
+    pub nudges: bool,
     /// Extra environment for every process.
     pub env: Vec<(String, String)>,
 }
@@ -66,6 +69,7 @@ impl Default for ClusterOptions {
             write_services: 1,
             projectors: 1,
             shards: 4,
+            nudges: true,
             env: Vec::new(),
         }
     }
@@ -208,13 +212,12 @@ impl ClusterHarness {
         cmd.env("ESQ_LISTEN", addr.to_string())
             .env("ESQ_CQL_NODES", &self.backends.cassandra)
             .env("ESQ_CQL_KEYSPACE", &self.keyspace)
-            .env("ESQ_CQL_TIMEOUT_MS", "3000")
+            .env("ESQ_CQL_TIMEOUT_MS", "2000")
             .env("ESQ_SHARDS", self.options.shards.to_string())
-            .env("ESQ_CONFIDENCE_WINDOW_MS", "300")
-            .env("ESQ_APPEND_DEADLINE_MS", "5000")
+            .env("ESQ_CONFIDENCE_WINDOW_MS", "1000")
+            .env("ESQ_APPEND_DEADLINE_MS", "6000")
             .env("ESQ_REDIS_URL", &self.backends.redis)
             .env("ESQ_REDIS_PREFIX", &self.prefix)
-            .env("ESQ_NUDGE_URL", &self.backends.redis)
             .env("ESQ_NUDGE_CHANNEL", format!("{}:nudge", self.prefix))
             .env("ESQ_POLL_INTERVAL_MS", "100")
             .env("ESQ_LEASE_TTL_MS", "1500")
@@ -224,6 +227,11 @@ impl ClusterHarness {
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
+        if self.options.nudges {
+            cmd.env("ESQ_NUDGE_URL", &self.backends.redis);
+        } else {
+            cmd.env_remove("ESQ_NUDGE_URL");
+        }
         if name == "projector" {
             cmd.env("ESQ_PROJECTOR_ID", format!("{}-p{n}", self.prefix));
         }
@@ -243,6 +251,21 @@ impl ClusterHarness {
     /// Where the processes' logs are.
     pub fn logs(&self) -> &std::path::Path {
         &self.logs
+    }
+
+    /// The owners of the projector shard leases right now (one entry per leased shard).
+    pub async fn lease_owners(&self) -> anyhow::Result<Vec<String>> {
+        let client = redis::Client::open(self.backends.redis.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut owners = Vec::new();
+        for shard in 0..self.options.shards {
+            let owner: Option<String> = redis::cmd("GET")
+                .arg(format!("{}:lease:projector:shard:{shard}", self.prefix))
+                .query_async(&mut conn)
+                .await?;
+            owners.extend(owner);
+        }
+        Ok(owners)
     }
 
     /// Deletes every Redis key of this deployment (what a FLUSHALL does to it, without

@@ -63,15 +63,22 @@ pub async fn run<S: EventStore>(
 }
 
 /// A [`Nudge`] that publishes `kind/id@version` on a Redis pub/sub channel. Appends never wait
-/// for it: messages go through a bounded queue to one publisher task, and are dropped when the
-/// queue is full (the change log still carries every change).
+/// for it: messages go through a bounded queue to one publisher task, which connects (and
+/// reconnects) in the background; messages are dropped while Redis is away or the queue is full
+/// (the change log still carries every change).
 pub fn redis_nudge(
-    redis: esq_readstore::redis::RedisStore,
+    config: esq_readstore::redis::RedisConfig,
     channel: String,
     shutdown: CancellationToken,
 ) -> Nudge {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(4096);
     tokio::spawn(async move {
+        let connect = || esq_readstore::redis::RedisStore::connect(config.clone());
+        let Some(redis) =
+            esq_runtime::connect_with_retry("Redis for nudges", &shutdown, connect).await
+        else {
+            return;
+        };
         loop {
             tokio::select! {
                 message = rx.recv() => match message {

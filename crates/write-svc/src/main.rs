@@ -1,7 +1,7 @@
 //! The write-svc binary: commands and appends over gRPC onto a ScyllaDB/Cassandra event store.
 
 use clap::Parser;
-use esq_readstore::redis::{RedisConfig, RedisStore};
+use esq_readstore::redis::RedisConfig;
 use esq_runtime::config::{CqlArgs, TelemetryArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,29 +32,23 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
-    let listener = esq_runtime::bind(args.listen).await?;
     let Some(store) = args.cql.connect(&shutdown).await else {
         return Ok(());
     };
-    let nudge = match args.nudge_url {
-        Some(url) => {
-            let redis = RedisConfig {
-                urls: vec![url],
-                cluster: false,
-                prefix: "esq".into(),
-                timeout: Duration::from_secs(1),
-            };
-            esq_runtime::connect_with_retry("Redis for nudges", &shutdown, || {
-                RedisStore::connect(redis.clone())
-            })
-            .await
-            .map(|r| esq_write_svc::redis_nudge(r, args.nudge_channel, shutdown.clone()))
-        }
-        None => None,
-    };
+    let nudge = args.nudge_url.map(|url| {
+        let redis = RedisConfig {
+            urls: vec![url],
+            cluster: false,
+            prefix: "esq".into(),
+            timeout: Duration::from_secs(1),
+        };
+        esq_write_svc::redis_nudge(redis, args.nudge_channel, shutdown.clone())
+    });
     let deps = esq_write_svc::Deps {
         store: Arc::new(store),
         nudge,
     };
+    // Listen only once the store is there: until then clients are refused at once.
+    let listener = esq_runtime::bind(args.listen).await?;
     esq_write_svc::run(listener, deps, shutdown).await
 }

@@ -16,7 +16,24 @@
 //! `Exact` appends are covered without the window too: a retry of one that committed finds the
 //! head moved, and the rows at the expected positions are read back (linearizably) and
 //! compared.
+//!
+//! Timing rules, so that the change log never loses a committed append: the notification is
+//! written first, and the batch is sent only if [`batch_guard`] allows it — the notification
+//! was acknowledged within half the confidence window of its `noted_at` (else a projector could
+//! already have read past it), and a batch sent now ends, committed or given up, before
+//! `noted_at + append_deadline` (after which projectors skip the notification as an orphan).
+//! Otherwise the append fails with [`StoreError::Unavailable`] and nothing is appended.
+//!
+//! Commit times: events are stamped with the local clock, clamped to at least the newest
+//! `recorded_at` already in the stream when the append has read it, so that a writer whose clock
+//! lags another's does not make times go backwards within a stream. The tail read that
+//! `Any`/`StreamExists` appends need anyway, and that `Exact` appends run beside the
+//! notification when [`super::CqlConfig::check_ids_on_exact`] is on (the default), returns those
+//! events. `NoStream`/`Exact(0)` appends need no clamp (they succeed only on an empty stream);
+//! `Exact` appends without the id check read nothing of the stream and use the local clock
+//! unclamped.
 
+use super::changes::Noted;
 use super::{error, Inner};
 use crate::StoreError;
 use esq_domain::{AppendResult, ExpectedVersion, NewEvent, StreamId};
@@ -44,6 +61,11 @@ pub(crate) struct Tail {
 }
 
 impl Tail {
+    /// The newest commit time among the events read, if any.
+    pub(crate) fn newest_recorded_at(&self) -> Option<i64> {
+        self.events.iter().map(|&(_, _, at)| at).max()
+    }
+
     /// Whether `events` (or any of their ids) are already in the window: the original result
     /// when the first id starts the same events at consecutive versions, `EventIdReused` when
     /// an id is recorded otherwise, `None` when no id is known.
@@ -134,6 +156,47 @@ impl SerializeRow for BatchRow<'_> {
     }
 }
 
+/// Why an append must not send its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The notification was acknowledged more than half the confidence window after it was
+    /// noted: a projector may already have read its shard past it.
+    LateNotification,
+    /// A batch sent now could still be running when the append deadline has passed since the
+    /// notification was noted, when projectors treat the notification as an orphan.
+    PastDeadline,
+}
+
+/// The limits [`batch_guard`] applies, from the store's configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) confidence_window: Duration,
+    pub(crate) request_timeout: Duration,
+    pub(crate) append_deadline: Duration,
+}
+
+/// Whether a batch may be sent, `age` after its notification was noted, the notification's
+/// write having been acknowledged `acked_after` after it was noted.
+pub(crate) fn batch_guard(
+    acked_after: Duration,
+    age: Duration,
+    limits: Limits,
+) -> Result<(), Refusal> {
+    if acked_after > limits.confidence_window / 2 {
+        return Err(Refusal::LateNotification);
+    }
+    if age + limits.request_timeout >= limits.append_deadline {
+        return Err(Refusal::PastDeadline);
+    }
+    Ok(())
+}
+
+/// The time an append records: the local clock, but never before `newest`, the newest commit
+/// time already in the stream when known.
+pub(crate) fn commit_time(now_us: i64, newest: Option<i64>) -> i64 {
+    newest.map_or(now_us, |newest| now_us.max(newest))
+}
+
 fn to_i64(version: u64) -> Result<i64, StoreError> {
     i64::try_from(version)
         .map_err(|_| StoreError::Internal(format!("version {version} is out of range")))
@@ -159,17 +222,22 @@ impl Inner {
         loop {
             attempt += 1;
             let mut notified = false;
+            let mut noted = None;
+            // The newest commit time in the stream, when this attempt reads it.
+            let mut newest = None;
             let base = match expected {
                 ExpectedVersion::Exact(v) if v > 0 && self.config.check_ids_on_exact => {
                     // The id check runs beside the notification write, so it costs no latency.
                     let note = async {
                         if notify {
-                            self.note_change(stream, v + 1, v + n).await?;
+                            return self.note_change(stream, v + 1, v + n).await.map(Some);
                         }
-                        Ok(())
+                        Ok(None)
                     };
-                    let ((), tail) = tokio::try_join!(note, self.tail(stream))?;
+                    let (note, tail) = tokio::try_join!(note, self.tail(stream))?;
                     notified = true;
+                    noted = note;
+                    newest = tail.newest_recorded_at();
                     if let Some(outcome) = tail.find_ids(events) {
                         return outcome;
                     }
@@ -195,13 +263,17 @@ impl Inner {
                             actual: 0,
                         });
                     }
+                    newest = tail.newest_recorded_at();
                     tail.head
                 }
             };
             if notify && !notified {
-                self.note_change(stream, base + 1, base + n).await?;
+                noted = Some(self.note_change(stream, base + 1, base + n).await?);
             }
-            let head = match self.conditional_batch(stream, base, events).await? {
+            if let Some(noted) = &noted {
+                self.guard_batch(stream, noted)?;
+            }
+            let head = match self.conditional_batch(stream, base, events, newest).await? {
                 Cas::Applied(committed_at_us) => {
                     return Ok(AppendResult {
                         first_version: base + 1,
@@ -230,6 +302,35 @@ impl Inner {
                     })
                 }
             }
+        }
+    }
+
+    /// Refuses, with [`StoreError::Unavailable`], to send a batch that [`batch_guard`] rejects.
+    fn guard_batch(&self, stream: &StreamId, noted: &Noted) -> Result<(), StoreError> {
+        let limits = Limits {
+            confidence_window: self.config.confidence_window,
+            request_timeout: self.config.request_timeout,
+            append_deadline: self.config.append_deadline,
+        };
+        let age = noted.age();
+        match batch_guard(noted.acked_after, age, limits) {
+            Ok(()) => Ok(()),
+            Err(Refusal::LateNotification) => {
+                tracing::warn!(%stream, acked_after_ms = noted.acked_after.as_millis(),
+                    "change-log row acknowledged late: append not sent");
+                Err(StoreError::Unavailable(format!(
+                    "append to {stream} not sent: its change-log row took {} ms to be \
+                     acknowledged, more than half the {} ms confidence window",
+                    noted.acked_after.as_millis(),
+                    limits.confidence_window.as_millis()
+                )))
+            }
+            Err(Refusal::PastDeadline) => Err(StoreError::Unavailable(format!(
+                "append to {stream} given up: {} ms after its change-log row, a batch could \
+                 outlast the {} ms append deadline",
+                age.as_millis(),
+                limits.append_deadline.as_millis()
+            ))),
         }
     }
 
@@ -265,10 +366,11 @@ impl Inner {
         stream: &StreamId,
         base: u64,
         events: &[NewEvent],
+        newest: Option<i64>,
     ) -> Result<Cas, StoreError> {
         let n = events.len() as u64;
         let new_head = to_i64(base + n)?;
-        let recorded_at = crate::now_us();
+        let recorded_at = commit_time(crate::now_us(), newest);
         let (kind, id) = (stream.kind.as_str(), stream.id.as_str());
         let mut batch = Batch::new(BatchType::Unlogged);
         batch.set_serial_consistency(Some(SerialConsistency::LocalSerial));
@@ -475,6 +577,74 @@ mod tests {
             }))
         );
         assert_eq!(tail().find_ids(&[event(98), event(99)]), None);
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            confidence_window: Duration::from_millis(1000),
+            request_timeout: Duration::from_millis(2000),
+            append_deadline: Duration::from_millis(6000),
+        }
+    }
+
+    #[test]
+    fn a_prompt_notification_lets_the_batch_go() {
+        let ms = Duration::from_millis;
+        assert_eq!(batch_guard(ms(0), ms(0), limits()), Ok(()));
+        assert_eq!(
+            batch_guard(ms(500), ms(500), limits()),
+            Ok(()),
+            "exactly half the window"
+        );
+        // The id check beside the notification may take longer than the notification itself.
+        assert_eq!(batch_guard(ms(20), ms(1900), limits()), Ok(()));
+    }
+
+    #[test]
+    fn a_late_notification_stops_the_batch() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            batch_guard(ms(501), ms(501), limits()),
+            Err(Refusal::LateNotification)
+        );
+        assert_eq!(
+            batch_guard(Duration::from_micros(500_001), ms(600), limits()),
+            Err(Refusal::LateNotification)
+        );
+        // Lateness is judged first: it is the reason to report even past the deadline.
+        assert_eq!(
+            batch_guard(ms(5000), ms(5000), limits()),
+            Err(Refusal::LateNotification)
+        );
+    }
+
+    #[test]
+    fn no_batch_may_outlast_the_append_deadline() {
+        let ms = Duration::from_millis;
+        // age + request_timeout must stay below the deadline.
+        assert_eq!(batch_guard(ms(10), ms(3999), limits()), Ok(()));
+        assert_eq!(
+            batch_guard(ms(10), ms(4000), limits()),
+            Err(Refusal::PastDeadline)
+        );
+        assert_eq!(
+            batch_guard(ms(10), ms(60_000), limits()),
+            Err(Refusal::PastDeadline)
+        );
+    }
+
+    #[test]
+    fn commit_times_never_go_back_within_a_stream() {
+        assert_eq!(commit_time(1_000, None), 1_000);
+        assert_eq!(commit_time(1_000, Some(900)), 1_000);
+        // Another writer's clock ran ahead: this append takes its time, not an earlier one.
+        assert_eq!(commit_time(1_000, Some(5_000)), 5_000);
+        assert_eq!(tail().newest_recorded_at(), Some(300));
+        let empty = Tail {
+            head: 0,
+            events: vec![],
+        };
+        assert_eq!(empty.newest_recorded_at(), None);
     }
 
     #[test]

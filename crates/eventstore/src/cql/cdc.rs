@@ -8,13 +8,23 @@
 //! consecutive, same `cdc$time`) are folded into one [`Change`] per stream and batch, and the
 //! delta row of the static `head` update (its clustering key `version` is null) is skipped.
 //!
+//! Each shard keeps a [`ShardBuffer`] of the changes it served that no poll has acknowledged
+//! yet. A poll first drops the buffered changes up to and including its `after` (the projector
+//! passes the position of the last change it fully processed), then serves what is left of the
+//! buffer followed by changes newly taken from the shard's queue. So a projector that stops
+//! partway through a page (events not in the store yet, a read-store error) is served the rest
+//! again instead of losing it.
+//!
 //! Limits, by design of a push-based reader behind a pull-based trait:
-//! - Delivery is at least once and positions are informational (`"cdc:<cdc$time>"`): the
-//!   reader restarts from `now - change_ttl` when the process does, so `after` is not used to
-//!   seek. The projector's version fence makes repeats harmless.
-//! - Changes are routed to per-shard bounded queues, and the reader waits while a queue is
-//!   full, so a process using this feed must poll every shard (one projector replica owns all
-//!   shards; replicas sharing shards need the `changes` table feed).
+//! - Positions (`"cdc:<feed instance>:<sequence>"`, both 16 hex digits) are unique and ordered
+//!   within the process only: the reader restarts from `now - change_ttl` when the process does,
+//!   and a position of another instance acknowledges nothing, so delivery is at least once. The
+//!   projector's version fence makes repeats harmless.
+//! - Changes are routed to per-shard bounded queues; a shard's buffer takes no more from its
+//!   queue once it holds [`BUFFER_PER_SHARD`] unacknowledged changes, and the reader waits
+//!   while a queue is full, so a process using this feed must poll, and acknowledge, every
+//!   shard: a single projector replica owning all shards. Replicas sharing shards need the
+//!   `changes` table feed.
 //! - Nothing here can run against Apache Cassandra, which has no CDC log table: the Cassandra
 //!   test suite covers only the row-to-change conversion below, with hand-built CDC rows.
 
@@ -24,6 +34,7 @@ use scylla::client::session::Session;
 use scylla::value::CqlValue;
 use scylla_cdc::consumer::{CDCRow, Consumer, ConsumerFactory, OperationType};
 use scylla_cdc::log_reader::{CDCLogReader, CDCLogReaderBuilder};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex as StdMutex};
@@ -31,8 +42,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Mutex};
 use uuid::Uuid;
 
-/// Changes buffered per shard before the reader waits for a poll.
+/// Changes queued per shard between the reader and the polls before the reader waits.
 const QUEUE_PER_SHARD: usize = 1024;
+
+/// Served but unacknowledged changes a shard keeps before it takes no more from its queue.
+pub(crate) const BUFFER_PER_SHARD: usize = 1024;
 
 /// What one CDC log row of the events table means to the feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,7 +136,88 @@ impl Coalescer {
     }
 }
 
-type Queue = mpsc::Receiver<(Change, String)>;
+/// The changes a shard served that no poll has acknowledged yet, with their positions.
+#[derive(Debug)]
+pub(crate) struct ShardBuffer {
+    /// Tags this feed's positions, so that a checkpoint saved by another process (or another
+    /// feed) acknowledges nothing here.
+    instance: u64,
+    /// Sequence number of the next change taken in.
+    next_seq: u64,
+    /// Most changes held.
+    cap: usize,
+    /// `(sequence, change)`, oldest first.
+    entries: VecDeque<(u64, Change)>,
+}
+
+impl ShardBuffer {
+    pub(crate) fn new(instance: u64, cap: usize) -> Self {
+        Self {
+            instance,
+            next_seq: 1,
+            cap: cap.max(1),
+            entries: VecDeque::new(),
+        }
+    }
+
+    fn position(&self, seq: u64) -> String {
+        format!("cdc:{:016x}:{seq:016x}", self.instance)
+    }
+
+    /// The sequence number a position names, if it is one of this buffer's instance.
+    fn sequence(&self, position: &str) -> Option<u64> {
+        let (instance, seq) = position.strip_prefix("cdc:")?.split_once(':')?;
+        if u64::from_str_radix(instance, 16).ok()? != self.instance {
+            return None;
+        }
+        u64::from_str_radix(seq, 16).ok()
+    }
+
+    /// Drops the changes up to and including `after`, the last one the caller fully processed.
+    /// Positions it did not issue (another process's, malformed) acknowledge nothing.
+    pub(crate) fn acknowledge(&mut self, after: Option<&str>) {
+        if let Some(last) = after.and_then(|p| self.sequence(p)) {
+            while self.entries.front().is_some_and(|(seq, _)| *seq <= last) {
+                self.entries.pop_front();
+            }
+        }
+    }
+
+    /// Serves at most `limit` changes: first the buffered ones, then new ones from `next`,
+    /// which are buffered too, as long as the buffer has room.
+    pub(crate) fn page(
+        &mut self,
+        limit: usize,
+        mut next: impl FnMut() -> Option<Change>,
+    ) -> ChangePage {
+        let mut page = ChangePage::default();
+        for (seq, change) in self.entries.iter().take(limit) {
+            page.changes.push(change.clone());
+            page.positions.push(self.position(*seq));
+        }
+        while page.changes.len() < limit && self.entries.len() < self.cap {
+            let Some(change) = next() else { break };
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            page.changes.push(change.clone());
+            page.positions.push(self.position(seq));
+            self.entries.push_back((seq, change));
+        }
+        page
+    }
+
+    /// Number of changes held.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// One shard of the feed: the queue the reader fills and the unacknowledged changes.
+struct Shard {
+    queue: mpsc::Receiver<Change>,
+    buffer: ShardBuffer,
+}
 
 /// The CDC-backed feed of one store.
 pub(crate) struct CdcFeed {
@@ -130,8 +225,8 @@ pub(crate) struct CdcFeed {
     keyspace: String,
     confidence_window: Duration,
     lookback: Duration,
-    senders: Arc<Vec<mpsc::Sender<(Change, String)>>>,
-    queues: Vec<Mutex<Queue>>,
+    senders: Arc<Vec<mpsc::Sender<Change>>>,
+    shards: Vec<Mutex<Shard>>,
     reader: Mutex<Option<Running>>,
 }
 
@@ -154,10 +249,15 @@ impl CdcFeed {
         confidence_window: Duration,
         lookback: Duration,
     ) -> Self {
-        let (senders, queues) = (0..shard_count.max(1))
+        let instance = Uuid::new_v4().as_u64_pair().0;
+        let (senders, shards) = (0..shard_count.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE_PER_SHARD);
-                (tx, Mutex::new(rx))
+                let shard = Shard {
+                    queue: rx,
+                    buffer: ShardBuffer::new(instance, BUFFER_PER_SHARD),
+                };
+                (tx, Mutex::new(shard))
             })
             .unzip();
         Self {
@@ -166,32 +266,30 @@ impl CdcFeed {
             confidence_window,
             lookback,
             senders: Arc::new(senders),
-            queues,
+            shards,
             reader: Mutex::new(None),
         }
     }
 
-    /// Changes of `shard` the reader has delivered, at most `limit`.
-    pub(crate) async fn poll(&self, shard: u32, limit: u32) -> Result<ChangePage, StoreError> {
-        self.ensure_reader().await?;
-        let queue = self.queues.get(shard as usize).ok_or_else(|| {
+    /// Changes of `shard` the reader has delivered and no poll has acknowledged, at most
+    /// `limit`: `after` acknowledges the changes up to and including it.
+    pub(crate) async fn poll(
+        &self,
+        shard: u32,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<ChangePage, StoreError> {
+        let slot = self.shards.get(shard as usize).ok_or_else(|| {
             StoreError::Internal(format!(
                 "shard {shard} does not exist: the feed has {} shards",
-                self.queues.len()
+                self.shards.len()
             ))
         })?;
-        let mut queue = queue.lock().await;
-        let mut page = ChangePage::default();
-        while page.changes.len() < limit as usize {
-            match queue.try_recv() {
-                Ok((change, position)) => {
-                    page.changes.push(change);
-                    page.positions.push(position);
-                }
-                Err(_) => break,
-            }
-        }
-        Ok(page)
+        self.ensure_reader().await?;
+        let mut guard = slot.lock().await;
+        let Shard { queue, buffer } = &mut *guard;
+        buffer.acknowledge(after);
+        Ok(buffer.page(limit as usize, || queue.try_recv().ok()))
     }
 
     async fn ensure_reader(&self) -> Result<(), StoreError> {
@@ -244,7 +342,7 @@ impl CdcFeed {
 }
 
 struct Factory {
-    senders: Arc<Vec<mpsc::Sender<(Change, String)>>>,
+    senders: Arc<Vec<mpsc::Sender<Change>>>,
 }
 
 impl ConsumerFactory for Factory {
@@ -264,7 +362,7 @@ impl ConsumerFactory for Factory {
 }
 
 struct EventsConsumer {
-    senders: Arc<Vec<mpsc::Sender<(Change, String)>>>,
+    senders: Arc<Vec<mpsc::Sender<Change>>>,
     coalescer: Coalescer,
 }
 
@@ -278,9 +376,7 @@ impl Consumer for EventsConsumer {
         'life1: 'async_trait,
         Self: 'async_trait,
     {
-        let row = CdcEvent::from_row(data);
-        let time = row.time;
-        let changes = self.coalescer.push(row);
+        let changes = self.coalescer.push(CdcEvent::from_row(data));
         let senders = Arc::clone(&self.senders);
         Box::pin(async move {
             let shards = senders.len() as u32;
@@ -288,7 +384,7 @@ impl Consumer for EventsConsumer {
                 let shard = super::changes::shard_of(&change.stream, shards) as usize;
                 if let Some(tx) = senders.get(shard) {
                     // Waits while the shard's queue is full: backpressure on the reader.
-                    tx.send((change, format!("cdc:{time}")))
+                    tx.send(change)
                         .await
                         .map_err(|_| anyhow::anyhow!("the change feed was dropped"))?;
                 }
@@ -401,6 +497,120 @@ mod tests {
                 CdcEvent::from_row(CDCRow::from_row(row(time, 0, true, op, Some(1)), &schema));
             assert_eq!(event.event, None, "operation {op}");
         }
+    }
+
+    fn change(n: u64) -> Change {
+        Change {
+            stream: StreamId::new("cart", format!("c-{n}")).expect("valid"),
+            first_version: n,
+            last_version: n,
+            noted_at_us: n as i64,
+        }
+    }
+
+    /// A queue of hand-built changes `from..to`, as the reader would deliver them.
+    fn queue(range: std::ops::Range<u64>) -> impl FnMut() -> Option<Change> {
+        let mut pending: VecDeque<Change> = range.map(change).collect();
+        move || pending.pop_front()
+    }
+
+    fn versions(page: &ChangePage) -> Vec<u64> {
+        page.changes.iter().map(|c| c.last_version).collect()
+    }
+
+    #[test]
+    fn a_page_left_partway_is_served_again_from_the_acknowledged_position() {
+        let mut buffer = ShardBuffer::new(7, 100);
+        let mut next = queue(1..11);
+        let first = buffer.page(4, &mut next);
+        assert_eq!(versions(&first), [1, 2, 3, 4]);
+        assert_eq!(first.positions.len(), 4);
+        // The projector processed 1 and 2, then stopped (events of 3 not in the store yet).
+        buffer.acknowledge(Some(&first.positions[1]));
+        let second = buffer.page(4, &mut next);
+        assert_eq!(
+            versions(&second),
+            [3, 4, 5, 6],
+            "the rest of the page, then new changes"
+        );
+        assert_eq!(
+            &second.positions[..2],
+            &first.positions[2..],
+            "same positions again"
+        );
+        // Nothing processed (a read-store error): the same page again.
+        buffer.acknowledge(first.positions.get(1).map(String::as_str));
+        assert_eq!(buffer.page(4, &mut next), second);
+        // All processed.
+        buffer.acknowledge(second.positions.last().map(String::as_str));
+        assert_eq!(versions(&buffer.page(100, &mut next)), [7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn positions_are_unique_and_ordered() {
+        let mut buffer = ShardBuffer::new(u64::MAX, 1000);
+        let mut next = queue(0..300);
+        let mut all = Vec::new();
+        for _ in 0..3 {
+            let page = buffer.page(100, &mut next);
+            buffer.acknowledge(page.positions.last().map(String::as_str));
+            all.extend(page.positions);
+        }
+        assert_eq!(all.len(), 300);
+        assert!(
+            all.windows(2).all(|w| w[0] < w[1]),
+            "strictly increasing as text"
+        );
+        let seqs: Vec<u64> = all.iter().filter_map(|p| buffer.sequence(p)).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "and as numbers");
+        assert_eq!(seqs.len(), 300);
+    }
+
+    #[test]
+    fn foreign_or_old_positions_acknowledge_nothing() {
+        let mut buffer = ShardBuffer::new(1, 100);
+        let page = buffer.page(3, queue(1..4));
+        let other = ShardBuffer::new(2, 100);
+        for foreign in [
+            other.position(99),
+            format!("cdc:{}", Uuid::nil()),
+            "12:3".to_owned(),
+            String::new(),
+        ] {
+            buffer.acknowledge(Some(&foreign));
+            assert_eq!(buffer.len(), 3, "{foreign:?}");
+        }
+        buffer.acknowledge(None);
+        assert_eq!(buffer.page(10, queue(0..0)), page);
+        // A position past everything held acknowledges everything.
+        buffer.acknowledge(Some(&buffer.position(1_000)));
+        assert_eq!(buffer.len(), 0);
+    }
+
+    #[test]
+    fn a_full_buffer_stops_taking_from_the_queue() {
+        let mut buffer = ShardBuffer::new(1, 5);
+        let taken = std::cell::Cell::new(0);
+        let mut pending: VecDeque<Change> = (1..20).map(change).collect();
+        let mut next = || {
+            taken.set(taken.get() + 1);
+            pending.pop_front()
+        };
+        let page = buffer.page(100, &mut next);
+        assert_eq!(
+            versions(&page),
+            [1, 2, 3, 4, 5],
+            "bounded by the buffer, not the limit"
+        );
+        // Unacknowledged: the same five, and the queue is not touched.
+        let again = buffer.page(100, &mut next);
+        assert_eq!(again, page);
+        // Acknowledging two makes room for two more.
+        buffer.acknowledge(Some(&page.positions[1]));
+        assert_eq!(versions(&buffer.page(100, &mut next)), [3, 4, 5, 6, 7]);
+        assert_eq!(taken.get(), 7);
+        // The limit bounds a page served from the buffer too.
+        assert_eq!(versions(&buffer.page(2, &mut next)), [3, 4]);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use esq_domain::StreamId;
 use scylla::value::{CqlTimestamp, CqlTimeuuid};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 /// Bucket-index rows read per query of a poll's walk.
@@ -140,19 +141,44 @@ pub(crate) fn bucket_of(time_us: i64, width_us: i64) -> i64 {
     time_us.div_euclid(width_us)
 }
 
+/// A notification an append wrote: when it was noted, and how long its write took to be
+/// acknowledged.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Noted {
+    /// The time in the row's timeuuid, µs since the Unix epoch: what projectors compare
+    /// against their own clock.
+    pub(crate) at_us: i64,
+    /// The local monotonic clock when the timeuuid was taken.
+    pub(crate) at: Instant,
+    /// The notification's age ([`Noted::age`]) when its write was acknowledged.
+    pub(crate) acked_after: Duration,
+}
+
+impl Noted {
+    /// Time since the notification was noted: the larger of the wall-clock difference (what a
+    /// projector would see) and the monotonic one (what really passed, should the wall clock
+    /// step back), so that a clock step never makes it look younger than it is.
+    pub(crate) fn age(&self) -> Duration {
+        let wall_us = crate::now_us().saturating_sub(self.at_us).max(0) as u64;
+        Duration::from_micros(wall_us).max(self.at.elapsed())
+    }
+}
+
 impl Inner {
     fn bucket_width_us(&self) -> i64 {
         (self.config.change_bucket.as_micros() as i64).max(1_000_000)
     }
 
     /// Writes the notification for an append of `first..=last` to `stream`. Called before the
-    /// conditional batch, so a committed append always has one.
+    /// conditional batch, so a committed append always has one; the caller then decides from
+    /// the returned [`Noted`] whether the batch may still be sent (see `append::batch_guard`).
     pub(crate) async fn note_change(
         &self,
         stream: &StreamId,
         first: u64,
         last: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Noted, StoreError> {
+        let at = Instant::now();
         let (id, noted_at) = self.clock.next(crate::now_us());
         let bucket = bucket_of(noted_at, self.bucket_width_us());
         let shard = shard_of(stream, self.config.shard_count) as i32;
@@ -171,7 +197,14 @@ impl Inner {
             self.session
                 .execute_unpaged(&self.stmts.note_change, values),
         );
-        tokio::try_join!(self.index_bucket(shard, bucket), note).map(drop)
+        tokio::try_join!(self.index_bucket(shard, bucket), note)?;
+        let mut noted = Noted {
+            at_us: noted_at,
+            at,
+            acked_after: Duration::ZERO,
+        };
+        noted.acked_after = noted.age();
+        Ok(noted)
     }
 
     /// [`crate::ChangeFeed::poll`] over the `changes` table.

@@ -81,10 +81,17 @@ pub enum FeedKind {
     /// write no notification. ScyllaDB only: [`CqlStore::connect`] refuses it on Cassandra.
     ///
     /// One log reader per store starts at the first poll, from `now - change_ttl`, and feeds
-    /// per-shard bounded queues: delivery is at least once, positions are informational
-    /// (`after` is not used to seek), and the process must poll every shard, because the reader
-    /// waits while any shard's queue is full. Untested against a real ScyllaDB here: only the
-    /// conversion of CDC rows into changes is unit-tested.
+    /// per-shard bounded queues. Each shard keeps the changes it served until a poll
+    /// acknowledges them (by passing, as `after`, the position of the last change fully
+    /// processed), so a projector that stops partway through a page gets the rest again.
+    /// Positions are meaningful only within the process: after a restart the reader replays
+    /// from `now - change_ttl` and delivery is at least once.
+    ///
+    /// **Supports a single projector replica**: the acknowledgements are the process's own
+    /// state, and the process must poll every shard, because the reader waits while any
+    /// shard's buffer is full; replicas sharing shards need [`FeedKind::ChangesTable`].
+    /// Untested against a real ScyllaDB here: the conversion of CDC rows into changes and the
+    /// per-shard buffer are unit-tested.
     ScyllaCdc,
 }
 
@@ -109,16 +116,33 @@ pub struct CqlConfig {
     pub replication: String,
     /// Longest wait for any one request (and for each connection attempt; opening the session
     /// at connect waits at most twice this); past it the call fails with
-    /// [`StoreError::Unavailable`].
+    /// [`StoreError::Unavailable`]. The cluster's own write and CAS timeouts should not be
+    /// longer, so that a batch the client gave up on does not commit later on the server.
     pub request_timeout: Duration,
     /// Longest an append may keep retrying lost races (`Any`, `StreamExists`). Projectors treat
     /// a notification whose events are missing this long after it was noted as an orphan.
+    ///
+    /// So that no orphan is ever wrongly skipped, an append commits or gives up before this
+    /// deadline: it sends a batch only while `now - noted_at + request_timeout <
+    /// append_deadline` (`noted_at` being the time in its notification's timeuuid), and fails
+    /// with [`StoreError::Unavailable`] otherwise. At least `2 × request_timeout` (checked at
+    /// connect): room for the notification write and the batch.
     pub append_deadline: Duration,
     /// Number of change-feed shards. Part of the stored layout: changing it for a keyspace that
     /// already holds notifications moves streams between shards.
     pub shard_count: u32,
     /// How far behind now a poll reads, so that notifications noted earlier but landing later
-    /// are not skipped.
+    /// are not skipped. At least 100 ms (checked at connect).
+    ///
+    /// The rule that makes this hold: an append whose notification write is acknowledged more
+    /// than half this window after the notification's `noted_at` does not send its batch; it
+    /// fails with [`StoreError::Unavailable`] (nothing is appended, a retry is safe) and the
+    /// late row is a harmless orphan. So every committed append's notification was visible
+    /// before any poll could read past it.
+    ///
+    /// Clock assumption: `noted_at` comes from the write service's clock and the cutoff from the
+    /// projector's, so their clocks must agree to well within the window (NTP); the other half
+    /// of the window is that margin. Skew beyond it can make a projector pass a row over.
     pub confidence_window: Duration,
     /// How long notifications live; a projector may be down this long without a rebuild.
     pub change_ttl: Duration,
@@ -181,6 +205,22 @@ impl CqlConfig {
         }
         if self.change_ttl < Duration::from_secs(1) {
             return bad("change_ttl must be at least a second");
+        }
+        if self.append_deadline < self.request_timeout * 2 {
+            return Err(StoreError::Internal(format!(
+                "bad CQL configuration: append_deadline ({} ms) must be at least twice \
+                 request_timeout ({} ms), so that an append can write its notification and \
+                 its batch before the deadline after which projectors skip the notification",
+                self.append_deadline.as_millis(),
+                self.request_timeout.as_millis()
+            )));
+        }
+        if self.confidence_window < Duration::from_millis(100) {
+            return Err(StoreError::Internal(format!(
+                "bad CQL configuration: confidence_window ({} ms) must be at least 100 ms: \
+                 appends whose notification takes more than half of it to write are refused",
+                self.confidence_window.as_millis()
+            )));
         }
         Ok(())
     }
@@ -355,8 +395,52 @@ impl ChangeFeed for CqlStore {
         limit: u32,
     ) -> Result<ChangePage, StoreError> {
         match &self.inner.cdc {
-            Some(feed) => feed.poll(shard, limit).await,
+            Some(feed) => feed.poll(shard, after, limit).await,
             None => self.inner.poll_changes(shard, after, limit).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(config: &CqlConfig) -> String {
+        match config.validate() {
+            Err(StoreError::Internal(text)) => text,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_and_the_system_test_settings_are_valid() {
+        let mut config = CqlConfig::new(vec!["127.0.0.1:9042".into()], "ks");
+        assert_eq!(config.validate(), Ok(()));
+        config.request_timeout = Duration::from_millis(2000);
+        config.confidence_window = Duration::from_millis(1000);
+        config.append_deadline = Duration::from_millis(6000);
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_append_deadline_must_cover_two_requests() {
+        let mut config = CqlConfig::new(vec!["127.0.0.1:9042".into()], "ks");
+        config.request_timeout = Duration::from_millis(3000);
+        config.append_deadline = Duration::from_millis(5999);
+        let text = refused(&config);
+        assert!(text.contains("append_deadline (5999 ms)"), "{text}");
+        assert!(text.contains("request_timeout (3000 ms)"), "{text}");
+        config.append_deadline = Duration::from_millis(6000);
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_confidence_window_has_a_floor() {
+        let mut config = CqlConfig::new(vec!["127.0.0.1:9042".into()], "ks");
+        config.confidence_window = Duration::from_millis(99);
+        let text = refused(&config);
+        assert!(text.contains("confidence_window (99 ms)"), "{text}");
+        config.confidence_window = Duration::from_millis(100);
+        assert_eq!(config.validate(), Ok(()));
     }
 }
