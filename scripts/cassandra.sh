@@ -100,9 +100,10 @@ paxos_variant: v2
 column_index_cache_size: 2KiB
 key_cache_size: 8MiB
 counter_cache_size: 0MiB
-# LWTs on one partition contend by design in the tests; let them queue rather than time out.
-cas_contention_timeout: 5000ms
-write_request_timeout: 5000ms
+# Writes and LWTs give up on the server before the clients (esq tests use 2 s request
+# timeouts), so a batch the client gave up on cannot commit later.
+cas_contention_timeout: 1500ms
+write_request_timeout: 1500ms
 read_request_timeout: 5000ms
 range_request_timeout: 10000ms
 request_timeout: 10000ms

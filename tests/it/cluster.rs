@@ -403,9 +403,10 @@ async fn cassandra_outage_then_recovery() {
         expected_version: suite::any(),
         events: vec![suite::json_event("Probed", "{}")],
     };
-    // The client's deadline is generous; the server must answer UNAVAILABLE before it.
+    // The store calls time out after 2 s (ESQ_CQL_TIMEOUT_MS): UNAVAILABLE must come well
+    // within the client's deadline.
     let mut req = tonic::Request::new(append());
-    req.set_timeout(Duration::from_secs(15));
+    req.set_timeout(Duration::from_secs(8));
     let err = c
         .events
         .clone()

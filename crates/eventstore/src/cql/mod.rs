@@ -33,7 +33,11 @@
 //!
 //! With [`FeedKind::ChangesTable`] the notification row is written *before* the batch, so a
 //! committed append always has one; a notification whose batch never commits is an orphan the
-//! projector recognises after the append deadline.
+//! projector recognises after the append deadline. For that to hold, the batch is sent only
+//! if the notification was acknowledged within half the confidence window of its timeuuid and
+//! the batch can end before the append deadline (see [`CqlConfig::confidence_window`] and
+//! [`CqlConfig::append_deadline`]); otherwise the append fails with
+//! [`StoreError::Unavailable`].
 //!
 //! # Engines
 //! The engine is detected at connect. ScyllaDB gets its keyspace with tablets disabled and, with

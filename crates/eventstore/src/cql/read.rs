@@ -26,10 +26,11 @@ type EventRow = (
 impl Inner {
     /// [`crate::EventStore::read`]: pages through the partition in the requested order.
     ///
-    /// `until_time_us` relies on recorded times growing with versions (each append stamps its
-    /// events with the writer's clock, and appends to one stream follow each other): a forwards
-    /// read stops at the first event recorded after it, a backwards read skips the newest events
-    /// until it reaches one recorded at or before it.
+    /// `until_time_us` relies on recorded times growing with versions (appends to one stream
+    /// follow each other, and each stamps its events with the writer's clock clamped to at
+    /// least the newest time it read from the stream — see [`super::append`] for which appends
+    /// read it): a forwards read stops at the first event recorded after it, a backwards read
+    /// skips the newest events until it reaches one recorded at or before it.
     pub(crate) async fn read(
         &self,
         stream: &StreamId,
