@@ -712,13 +712,13 @@ mod tests {
             read.index_page("book", ALL_INDEX, None, 10)
                 .await
                 .expect("page"),
-            [book.id.clone()]
+            vec![book.id.clone()]
         );
         assert_eq!(
             read.index_page("book", "author:A", None, 10)
                 .await
                 .expect("page"),
-            [book.id.clone()]
+            vec![book.id.clone()]
         );
         let doc = read.get("book", &book.id).await.expect("get").expect("doc");
         assert!(!doc.contains_key(INDEX_PENDING_FIELD));
