@@ -47,50 +47,6 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// Takes lease `name` for `owner` for `ttl` if it is free or expired, or renews it if
-    /// `owner` already holds it. Returns whether `owner` holds the lease afterwards.
-    pub async fn acquire_lease(
-        &self,
-        name: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> Result<bool, ReadError> {
-        let now = Instant::now();
-        let mut leases = self
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match leases.get_mut(name) {
-            Some((holder, expiry)) if holder != owner && *expiry > now => Ok(false),
-            Some((holder, expiry)) => {
-                owner.clone_into(holder);
-                *expiry = now + ttl;
-                Ok(true)
-            }
-            None => {
-                leases.insert(name.to_owned(), (owner.to_owned(), now + ttl));
-                Ok(true)
-            }
-        }
-    }
-
-    /// Gives up lease `name` if `owner` holds it. Returns whether it was released.
-    pub async fn release_lease(&self, name: &str, owner: &str) -> Result<bool, ReadError> {
-        let mut leases = self
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let ours = leases
-            .get(name)
-            .is_some_and(|(holder, expiry)| holder == owner && *expiry > Instant::now());
-        if ours {
-            leases.remove(name);
-        }
-        Ok(ours)
-    }
-
     fn apply_doc(&self, projection: &str, doc_id: &str, batch: &Batch) -> ApplyOutcome {
         let mut docs = self
             .inner
@@ -244,11 +200,39 @@ impl crate::Coordination for MemoryStore {
         owner: &str,
         ttl: Duration,
     ) -> Result<bool, ReadError> {
-        MemoryStore::acquire_lease(self, name, owner, ttl).await
+        let now = Instant::now();
+        let mut leases = self
+            .inner
+            .leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match leases.get_mut(name) {
+            Some((holder, expiry)) if holder != owner && *expiry > now => Ok(false),
+            Some((holder, expiry)) => {
+                owner.clone_into(holder);
+                *expiry = now + ttl;
+                Ok(true)
+            }
+            None => {
+                leases.insert(name.to_owned(), (owner.to_owned(), now + ttl));
+                Ok(true)
+            }
+        }
     }
 
     async fn release_lease(&self, name: &str, owner: &str) -> Result<bool, ReadError> {
-        MemoryStore::release_lease(self, name, owner).await
+        let mut leases = self
+            .inner
+            .leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let ours = leases
+            .get(name)
+            .is_some_and(|(holder, expiry)| holder == owner && *expiry > Instant::now());
+        if ours {
+            leases.remove(name);
+        }
+        Ok(ours)
     }
 
     async fn heartbeat(
@@ -274,6 +258,7 @@ impl crate::Coordination for MemoryStore {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::Coordination;
 
     #[tokio::test]
     async fn contract() {

@@ -243,36 +243,6 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// Takes lease `name` for `owner` for `ttl` if it is free or expired, or renews it if
-    /// `owner` already holds it, atomically. Returns whether `owner` holds the lease afterwards.
-    pub async fn acquire_lease(
-        &self,
-        name: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> Result<bool, ReadError> {
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut cmd = ::redis::cmd("EVALSHA");
-        cmd.arg(self.shared.acquire.get_hash())
-            .arg(1)
-            .arg(self.lease_key(name))
-            .arg(owner)
-            .arg(ttl_ms);
-        let taken: i64 = self.eval(&self.shared.acquire, &cmd).await?;
-        Ok(taken == 1)
-    }
-
-    /// Gives up lease `name` if `owner` holds it. Returns whether it was released.
-    pub async fn release_lease(&self, name: &str, owner: &str) -> Result<bool, ReadError> {
-        let mut cmd = ::redis::cmd("EVALSHA");
-        cmd.arg(self.shared.release.get_hash())
-            .arg(1)
-            .arg(self.lease_key(name))
-            .arg(owner);
-        let deleted: i64 = self.eval(&self.shared.release, &cmd).await?;
-        Ok(deleted == 1)
-    }
-
     /// Publishes `message` on pub/sub `channel` (used verbatim, not prefixed). Best effort: a
     /// failure is logged at debug level and otherwise ignored, since the change log is the
     /// guarantee and the nudge only makes it faster.
@@ -564,11 +534,25 @@ impl crate::Coordination for RedisStore {
         owner: &str,
         ttl: Duration,
     ) -> Result<bool, ReadError> {
-        RedisStore::acquire_lease(self, name, owner, ttl).await
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(self.shared.acquire.get_hash())
+            .arg(1)
+            .arg(self.lease_key(name))
+            .arg(owner)
+            .arg(ttl_ms);
+        let taken: i64 = self.eval(&self.shared.acquire, &cmd).await?;
+        Ok(taken == 1)
     }
 
     async fn release_lease(&self, name: &str, owner: &str) -> Result<bool, ReadError> {
-        RedisStore::release_lease(self, name, owner).await
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(self.shared.release.get_hash())
+            .arg(1)
+            .arg(self.lease_key(name))
+            .arg(owner);
+        let deleted: i64 = self.eval(&self.shared.release, &cmd).await?;
+        Ok(deleted == 1)
     }
 
     /// A sorted set of members scored by expiry (ms since the epoch, by this process's clock:

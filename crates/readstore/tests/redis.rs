@@ -7,7 +7,7 @@
 
 use esq_domain::projection::{apply_to_doc, ApplyOutcome, Batch, Changes, FieldOp};
 use esq_readstore::redis::{subscribe_nudges, RedisConfig, RedisStore};
-use esq_readstore::{contract, Doc, ReadError, ReadStore};
+use esq_readstore::{contract, Coordination, Doc, ReadError, ReadStore};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use std::sync::atomic::{AtomicU64, Ordering};
