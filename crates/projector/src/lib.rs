@@ -50,7 +50,7 @@ impl Default for Config {
             poll_interval: Duration::from_millis(250),
             poll_limit: 512,
             read_page: 500,
-            append_deadline: Duration::from_secs(10),
+            append_deadline: Duration::from_secs(15),
             checkpoint_prefix: "projector".to_owned(),
             owner: format!("projector-{}", uuid::Uuid::new_v4().simple()),
             lease_ttl: Duration::from_secs(10),
@@ -166,6 +166,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 .release_lease(&self.shard_name(shard), &self.config.owner)
                 .await;
         }
+        let _ = self
+            .read
+            .leave(&self.members_group(), &self.config.owner)
+            .await;
         tracing::info!("projector stopped");
     }
 
@@ -192,7 +196,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         for (stream, version) in streams {
             if owned.contains(&self.feed.shard_of(&stream)) {
                 if let Err(e) = self.sync(&stream, Some(version)).await {
+                    // A store in trouble: leave the rest to the change log rather than wait
+                    // out a timeout per stream.
                     tracing::debug!(error = %e, %stream, "fast-path sync failed");
+                    return;
                 }
             }
         }
@@ -210,7 +217,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         for shard in owned.clone() {
             self.renew_if_due(owned, leases_due).await?;
             if owned.contains(&shard) {
-                more |= self.poll_shard(shard).await?;
+                more |= self.poll_shard_until(shard, Some(*leases_due)).await?;
             }
         }
         Ok(more)
@@ -232,7 +239,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     /// Takes this projector's fair share of the shards (shards / live projectors, rounded up),
     /// renewing the leases it holds and releasing any above its share.
     async fn refresh_leases(&self, owned: &mut BTreeSet<u32>) -> Result<(), ProjectError> {
-        let group = format!("{}:members", self.config.checkpoint_prefix);
+        let group = self.members_group();
         let ttl = self.config.lease_ttl;
         let owner = &self.config.owner;
         let live = self.read.heartbeat(&group, owner, ttl).await?.max(1) as u32;
@@ -302,6 +309,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         Ok(pages)
     }
 
+    fn members_group(&self) -> String {
+        format!("{}:members", self.config.checkpoint_prefix)
+    }
+
     /// The name of a shard's checkpoint and of its lease (kept apart by the read store).
     fn shard_name(&self, shard: u32) -> String {
         format!("{}:shard:{shard}", self.config.checkpoint_prefix)
@@ -309,39 +320,54 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
 
     /// Processes one page of a shard; true if the page was full.
     pub async fn poll_shard(&self, shard: u32) -> Result<bool, ProjectError> {
+        self.poll_shard_until(shard, None).await
+    }
+
+    /// [`Projector::poll_shard`], stopping early (and reporting more to do) once `stop_at` has
+    /// passed, so that leases are renewed in time even within a long page.
+    async fn poll_shard_until(
+        &self,
+        shard: u32,
+        stop_at: Option<Instant>,
+    ) -> Result<bool, ProjectError> {
         let name = self.shard_name(shard);
         let after = self.read.checkpoint(&name).await?;
         let page = self
             .feed
             .poll(shard, after.as_deref(), self.config.poll_limit)
             .await?;
-        let full = page.changes.len() == self.config.poll_limit as usize;
+        let mut more = page.changes.len() == self.config.poll_limit as usize;
         let mut done: Option<&str> = None;
         for (change, position) in page.changes.iter().zip(&page.positions) {
+            if stop_at.is_some_and(|t| Instant::now() >= t) {
+                more = true;
+                break;
+            }
+            // Judged by the time before the store is read: an append that commits later than
+            // this still commits before its deadline, so the read below would see it.
+            let checked_at = now_us();
             match self.sync(&change.stream, Some(change.last_version)).await? {
                 Synced::Done => done = Some(position),
-                Synced::Missing if self.is_orphan(change) => {
+                Synced::Missing if self.is_orphan(change, checked_at) => {
                     tracing::warn!(stream = %change.stream, last = change.last_version,
                         "skipping a notification whose append never committed");
                     done = Some(position);
                 }
                 Synced::Missing => {
                     // The append may still be in flight: stop here and retry from this change.
-                    if let Some(p) = done {
-                        self.read.save_checkpoint(&name, p).await?;
-                    }
-                    return Ok(false);
+                    more = false;
+                    break;
                 }
             }
         }
         if let Some(p) = done {
             self.read.save_checkpoint(&name, p).await?;
         }
-        Ok(full)
+        Ok(more)
     }
 
-    fn is_orphan(&self, change: &Change) -> bool {
-        let age_us = now_us().saturating_sub(change.noted_at_us);
+    fn is_orphan(&self, change: &Change, checked_at_us: i64) -> bool {
+        let age_us = checked_at_us.saturating_sub(change.noted_at_us);
         age_us > self.config.append_deadline.as_micros() as i64
     }
 
@@ -361,7 +387,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 let doc = self.read.get(p.name(), &doc_id).await?;
                 let version = doc.as_ref().map_or(0, doc_version);
                 if doc.is_some_and(|d| d.contains_key(INDEX_PENDING_FIELD)) {
-                    self.reindex(p.as_ref(), &doc_id, &[]).await?;
+                    self.reindex(p.as_ref(), &doc_id).await?;
                 }
                 version
             } else {
@@ -409,58 +435,63 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let Some(mut b) = batch(projection, &events[start..]) else {
             return Ok(version);
         };
-        let indexed = !b.changes.indexes.is_empty();
-        if indexed {
-            // Marks the index work as pending in the same atomic apply, so a crash before it is
-            // done is noticed by whoever syncs this document next.
+        debug_assert!(projection.has_indexes() || b.changes.indexes.is_empty());
+        if !b.changes.indexes.is_empty() {
+            // Marks the index work as pending in the same atomic apply, so that an index update
+            // cut short (a crash, a Redis error) is noticed by whoever syncs this document next.
             b.changes.fields.push(FieldOp::Set(
                 INDEX_PENDING_FIELD.to_owned(),
-                b.last_version.to_string(),
+                pending_marker(b.last_version, &b.changes.indexes),
             ));
         }
         let doc_id = projection.doc_id(stream);
-        match self.read.apply(projection.name(), &doc_id, &b).await? {
-            ApplyOutcome::Applied => {
-                if indexed {
-                    self.reindex(projection, &doc_id, &b.changes.indexes)
-                        .await?;
-                }
-                Ok(b.last_version)
-            }
-            ApplyOutcome::Duplicate => Ok(b.last_version.max(version)),
-            // Another projector moved the document: continue from where it really is.
-            ApplyOutcome::Stale { current } => Ok(current),
+        let outcome = self.read.apply(projection.name(), &doc_id, &b).await?;
+        if projection.has_indexes() {
+            // Also after a duplicate or stale apply: the projector that applied it may have
+            // died before its index update.
+            self.reindex(projection, &doc_id).await?;
         }
+        Ok(match outcome {
+            ApplyOutcome::Applied => b.last_version,
+            ApplyOutcome::Duplicate => b.last_version.max(version),
+            // Another projector moved the document: continue from where it really is.
+            ApplyOutcome::Stale { current } => current,
+        })
     }
 
-    /// Brings a document's index memberships in line with its current state: adds it to the
-    /// indexes the projection derives from it, removes it from those the batch left (when the
-    /// current state does not want them back), and clears the pending marker. Removals lost to
-    /// a crash leave stale entries that readers skip by checking the document.
-    async fn reindex(
-        &self,
-        projection: &dyn Projection,
-        doc_id: &str,
-        ops: &[IndexOp],
-    ) -> Result<(), ProjectError> {
-        let Some(doc) = self.read.get(projection.name(), doc_id).await? else {
+    /// Finishes a document's pending index update, if it has one: adds the document to the
+    /// indexes its current state wants, removes it from those the marked batch left (unless the
+    /// state wants them back), and clears the marker. If the document moved on meanwhile (a
+    /// newer apply by another projector), the indexes of the newest state are added again, so
+    /// a late update can never leave a newer membership undone. Removals lost to a crash leave
+    /// stale entries, which readers skip by checking each entry against its document.
+    async fn reindex(&self, projection: &dyn Projection, doc_id: &str) -> Result<(), ProjectError> {
+        let name = projection.name();
+        let Some(mut doc) = self.read.get(name, doc_id).await? else {
             return Ok(());
         };
-        let Some(marker) = doc.get(INDEX_PENDING_FIELD) else {
-            return Ok(()); // someone else finished it
+        let Some(mut marker) = doc.get(INDEX_PENDING_FIELD).cloned() else {
+            return Ok(()); // nothing pending
         };
-        let wanted = projection.indexes(&doc);
-        let mut left: Vec<String> = ops
-            .iter()
-            .filter_map(|op| match op {
-                IndexOp::Remove { index, .. } if !wanted.contains(index) => Some(index.clone()),
-                _ => None,
-            })
-            .collect();
-        left.dedup();
-        self.read
-            .update_indexes(projection.name(), doc_id, &wanted, &left, marker)
-            .await?;
+        let mut removals = pending_removals(&marker);
+        // A bounded number of rounds: each one only follows a newer apply by someone else.
+        for _ in 0..8 {
+            let version = doc_version(&doc);
+            let wanted = projection.indexes(&doc);
+            removals.retain(|index| !wanted.contains(index));
+            self.read
+                .update_indexes(name, doc_id, &wanted, &removals, &marker)
+                .await?;
+            let Some(now) = self.read.get(name, doc_id).await? else {
+                return Ok(());
+            };
+            if doc_version(&now) == version {
+                return Ok(());
+            }
+            doc = now;
+            marker = doc.get(INDEX_PENDING_FIELD).cloned().unwrap_or_default();
+            removals = pending_removals(&marker);
+        }
         Ok(())
     }
 
@@ -482,6 +513,35 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             }
         }
     }
+}
+
+/// The pending-index marker of an apply: its last version (which makes the marker unique) and
+/// the indexes its batch removes the document from, as JSON.
+fn pending_marker(last_version: u64, ops: &[IndexOp]) -> String {
+    let mut removals: Vec<&str> = ops
+        .iter()
+        .filter_map(|op| match op {
+            IndexOp::Remove { index, .. } => Some(index.as_str()),
+            IndexOp::Add { .. } => None,
+        })
+        .collect();
+    removals.sort_unstable();
+    removals.dedup();
+    serde_json::json!({ "v": last_version, "remove": removals }).to_string()
+}
+
+/// The removals recorded in a pending-index marker (none if it cannot be read).
+fn pending_removals(marker: &str) -> Vec<String> {
+    serde_json::from_str::<serde_json::Value>(marker)
+        .ok()
+        .and_then(|m| {
+            m.get("remove")?.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
 }
 
 async fn recv(nudges: &mut Option<mpsc::Receiver<NudgeMessage>>) -> Option<NudgeMessage> {
@@ -722,5 +782,64 @@ mod tests {
         );
         let doc = read.get("book", &book.id).await.expect("get").expect("doc");
         assert!(!doc.contains_key(INDEX_PENDING_FIELD));
+    }
+
+    #[tokio::test]
+    async fn removals_of_an_interrupted_index_update_are_finished_from_the_marker() {
+        use esq_domain::bookshop::BookProjection;
+        let (_dir, store, feed, read) = setup(1).await;
+        let book = StreamId::new("book", "9780441478125").expect("stream");
+        let events = [
+            NewEvent::json(
+                "BookCreated",
+                1,
+                &serde_json::json!({"isbn": "9780441478125", "title": "T", "author": "A", "price_cents": 1}),
+            ),
+            NewEvent::json(
+                "BookUpdated",
+                1,
+                &serde_json::json!({"author": "B", "previous_author": "A"}),
+            ),
+        ];
+        store
+            .append(&book, ExpectedVersion::NoStream, &events[..1])
+            .await
+            .expect("append");
+        let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        p.sync(&book, Some(1)).await.expect("sync");
+        assert_eq!(
+            read.index_page("book", "author:A", None, 10)
+                .await
+                .expect("page"),
+            vec![book.id.clone()]
+        );
+        store
+            .append(&book, ExpectedVersion::Exact(1), &events[1..])
+            .await
+            .expect("append");
+        // A projector applies version 2 and dies before its index update.
+        let stored = store
+            .read(&book, ReadRequest::forwards(2, 10))
+            .await
+            .expect("read");
+        let mut b = batch(&BookProjection, &stored).expect("batch");
+        b.changes.fields.push(FieldOp::Set(
+            INDEX_PENDING_FIELD.to_owned(),
+            pending_marker(2, &b.changes.indexes),
+        ));
+        read.apply("book", &book.id, &b).await.expect("apply");
+        // The next sync of the book finishes the work, removals included.
+        p.sync(&book, Some(2)).await.expect("sync");
+        assert!(read
+            .index_page("book", "author:A", None, 10)
+            .await
+            .expect("page")
+            .is_empty());
+        assert_eq!(
+            read.index_page("book", "author:B", None, 10)
+                .await
+                .expect("page"),
+            vec![book.id.clone()]
+        );
     }
 }

@@ -121,4 +121,12 @@ pub trait Coordination: Send + Sync + 'static {
         member: &str,
         ttl: Duration,
     ) -> impl Future<Output = Result<usize, ReadError>> + Send;
+
+    /// Takes `member` out of `group` at once (on shutdown), so the others take over its share
+    /// without waiting for its heartbeat to expire.
+    fn leave(
+        &self,
+        group: &str,
+        member: &str,
+    ) -> impl Future<Output = Result<(), ReadError>> + Send;
 }

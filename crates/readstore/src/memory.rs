@@ -252,6 +252,18 @@ impl crate::Coordination for MemoryStore {
         members.retain(|_, expiry| *expiry > now);
         Ok(members.len())
     }
+
+    async fn leave(&self, group: &str, member: &str) -> Result<(), ReadError> {
+        let mut groups = self
+            .inner
+            .members
+            .lock()
+            .map_err(|_| ReadError::Internal("member map poisoned".into()))?;
+        if let Some(members) = groups.get_mut(group) {
+            members.remove(member);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

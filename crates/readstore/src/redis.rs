@@ -306,8 +306,6 @@ impl RedisStore {
         }
     }
 
-    /// Applies index ops idempotently: one pipeline on a standalone server; on a Cluster one
-    /// pipeline per index key (keys of one pipeline must share a slot), sent concurrently.
     /// Index changes of one document: one pipeline on a standalone server; on a Cluster one
     /// per index key (they live in different slots), sent concurrently.
     async fn apply_indexes(
@@ -578,5 +576,11 @@ impl crate::Coordination for RedisStore {
         count.arg(&key);
         let n: u64 = self.query(&count).await?;
         Ok(n as usize)
+    }
+
+    async fn leave(&self, group: &str, member: &str) -> Result<(), ReadError> {
+        let mut cmd = ::redis::cmd("ZREM");
+        cmd.arg(self.members_key(group)).arg(member);
+        self.query::<i64>(&cmd).await.map(|_| ())
     }
 }

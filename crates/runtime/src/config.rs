@@ -67,7 +67,7 @@ pub struct CqlArgs {
     pub change_ttl_secs: u64,
     /// Longest an append may take, in milliseconds; a change-log row whose events are still
     /// missing after this is an orphan and is skipped.
-    #[arg(long, env = "ESQ_APPEND_DEADLINE_MS", default_value_t = 10_000)]
+    #[arg(long, env = "ESQ_APPEND_DEADLINE_MS", default_value_t = 15_000)]
     pub append_deadline_ms: u64,
 }
 

@@ -185,7 +185,9 @@ pub(crate) fn batch_guard(
     if acked_after > limits.confidence_window / 2 {
         return Err(Refusal::LateNotification);
     }
-    if age + limits.request_timeout >= limits.append_deadline {
+    // Half the confidence window is kept as a margin for clock skew between this host and
+    // the projector that judges the notification an orphan.
+    if age + limits.request_timeout + limits.confidence_window / 2 >= limits.append_deadline {
         return Err(Refusal::PastDeadline);
     }
     Ok(())
@@ -621,10 +623,10 @@ mod tests {
     #[test]
     fn no_batch_may_outlast_the_append_deadline() {
         let ms = Duration::from_millis;
-        // age + request_timeout must stay below the deadline.
-        assert_eq!(batch_guard(ms(10), ms(3999), limits()), Ok(()));
+        // age + request_timeout + half the confidence window must stay below the deadline.
+        assert_eq!(batch_guard(ms(10), ms(3499), limits()), Ok(()));
         assert_eq!(
-            batch_guard(ms(10), ms(4000), limits()),
+            batch_guard(ms(10), ms(3500), limits()),
             Err(Refusal::PastDeadline)
         );
         assert_eq!(

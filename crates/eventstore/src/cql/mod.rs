@@ -168,7 +168,7 @@ pub struct CqlConfig {
 
 impl CqlConfig {
     /// A configuration for `nodes` and `keyspace` with defaults for the rest: replication
-    /// factor 1 (SimpleStrategy), 5 s requests, a 10 s append deadline, 16 shards, a 2 s
+    /// factor 1 (SimpleStrategy), 5 s requests, a 15 s append deadline, 16 shards, a 2 s
     /// confidence window, notifications kept 7 days in one-minute buckets, the changes-table
     /// feed, and a 100-event idempotency window checked by every append.
     pub fn new(nodes: Vec<String>, keyspace: impl Into<String>) -> Self {
@@ -177,7 +177,7 @@ impl CqlConfig {
             keyspace: keyspace.into(),
             replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
             request_timeout: Duration::from_secs(5),
-            append_deadline: Duration::from_secs(10),
+            append_deadline: Duration::from_secs(15),
             shard_count: 16,
             confidence_window: Duration::from_secs(2),
             change_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -210,13 +210,15 @@ impl CqlConfig {
         if self.change_ttl < Duration::from_secs(1) {
             return bad("change_ttl must be at least a second");
         }
-        if self.append_deadline < self.request_timeout * 2 {
+        if self.append_deadline < self.request_timeout * 2 + self.confidence_window {
             return Err(StoreError::Internal(format!(
                 "bad CQL configuration: append_deadline ({} ms) must be at least twice \
-                 request_timeout ({} ms), so that an append can write its notification and \
-                 its batch before the deadline after which projectors skip the notification",
+                 request_timeout ({} ms) plus confidence_window ({} ms), so that an append can \
+                 write its notification and its batch, with a margin for clock skew, before \
+                 the deadline after which projectors skip the notification",
                 self.append_deadline.as_millis(),
-                self.request_timeout.as_millis()
+                self.request_timeout.as_millis(),
+                self.confidence_window.as_millis()
             )));
         }
         if self.confidence_window < Duration::from_millis(100) {
@@ -430,11 +432,12 @@ mod tests {
     fn the_append_deadline_must_cover_two_requests() {
         let mut config = CqlConfig::new(vec!["127.0.0.1:9042".into()], "ks");
         config.request_timeout = Duration::from_millis(3000);
-        config.append_deadline = Duration::from_millis(5999);
+        config.confidence_window = Duration::from_millis(1000);
+        config.append_deadline = Duration::from_millis(6999);
         let text = refused(&config);
-        assert!(text.contains("append_deadline (5999 ms)"), "{text}");
+        assert!(text.contains("append_deadline (6999 ms)"), "{text}");
         assert!(text.contains("request_timeout (3000 ms)"), "{text}");
-        config.append_deadline = Duration::from_millis(6000);
+        config.append_deadline = Duration::from_millis(7000);
         assert_eq!(config.validate(), Ok(()));
     }
 
