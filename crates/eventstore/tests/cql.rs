@@ -47,7 +47,7 @@ fn config(test: &str, node: &str) -> CqlConfig {
     // window keeps a loaded test machine clear of that.
     config.confidence_window = Duration::from_millis(1000);
     config.request_timeout = Duration::from_secs(10);
-    config.append_deadline = Duration::from_secs(20);
+    config.append_deadline = Duration::from_secs(25);
     config
 }
 
@@ -537,7 +537,7 @@ async fn a_late_notification_is_not_followed_by_its_append() {
     let mut cfg = config("late", &proxy.addr().to_string());
     cfg.confidence_window = Duration::from_millis(400);
     cfg.request_timeout = Duration::from_secs(5);
-    cfg.append_deadline = Duration::from_secs(10);
+    cfg.append_deadline = Duration::from_secs(11);
     cfg.shard_count = 1;
     let store = connect(cfg).await;
 
