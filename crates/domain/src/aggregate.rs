@@ -1,33 +1,88 @@
-//! The write-side model: an aggregate folds its stream's events into state and decides, from that
+//! The write-side model: an aggregate reads its state from a document and decides, from that
 //! state alone, which new events a command produces.
+//!
+//! **One semantics.** What an event *means* is written once, as the aggregate's own
+//! [`Aggregate::Projection`]: events become field operations on a document, applied by
+//! [`projection::apply_to_doc`] (and by its Redis twin, which is property-tested against it).
+//! The aggregate's state is read from that document ([`Aggregate::from_doc`]) and the read model
+//! *is* that document, so the state a command is decided on and the state a query returns cannot
+//! disagree, for any sequence of events, whatever was appended and however it was batched.
+//!
+//! **Event contracts.** A raw append to a stream type an aggregate owns is held to the same rules
+//! as a command ([`check_append`]): the event must decode (known type, a schema version this
+//! build reads, a payload of the right shape), and must be exactly what the aggregate would
+//! decide for the command the event records ([`Aggregate::command_for`]) in the stream's state.
 //!
 //! Domain events are Rust enums tagged adjacently by their event type
 //! (`#[serde(tag = "type", content = "data")]`); [`encode`] and [`decode`] turn them into stored
 //! events and back, so the type name and payload shape are written down exactly once.
 
-use crate::{upcast, DomainError, NewEvent, RecordedEvent};
+use crate::projection::{self, apply_to_doc, doc_version, Doc, Projection};
+use crate::{upcast, DomainError, NewEvent, RecordedEvent, StreamId};
 use serde::{de::DeserializeOwned, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// An event-sourced aggregate: one stream of kind [`Aggregate::KIND`] per instance.
-pub trait Aggregate: Default + Send + Sync + 'static {
+pub trait Aggregate: Sized + Send + Sync + 'static {
     /// The stream type of this aggregate's streams.
     const KIND: &'static str;
     /// What a client may ask this aggregate to do.
-    type Command: Send;
-    /// Folds one recorded event (decoded through [`upcast::upcast`]; unknown types ignored).
-    fn apply(&mut self, event: &RecordedEvent);
-    /// Decides the events a command produces from the current state (empty vec = no-op).
-    fn decide(&self, command: &Self::Command) -> Result<Vec<NewEvent>, DomainError>;
+    type Command: Send + Sync;
+    /// What happens to this aggregate: an adjacently tagged serde enum, one variant per event
+    /// type, each at its type's current schema.
+    type Event: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug + schemars::JsonSchema;
+    /// The projection whose document is this aggregate's state: the one place where the
+    /// meaning of its events is written down.
+    type Projection: Projection + Default;
+
+    /// Reads the state from a document of [`Aggregate::Projection`] (an empty document is the
+    /// state of a stream with no events).
+    fn from_doc(doc: &Doc) -> Self;
+
+    /// Decides the events a command produces from the current state (empty: a no-op).
+    fn decide(&self, command: &Self::Command) -> Result<Vec<Self::Event>, DomainError>;
+
+    /// The command whose decision `event` records, for checking raw appends: the event is
+    /// accepted only if deciding this command yields exactly the event. Refuses events that no
+    /// command of this stream could produce (e.g. a book created under another ISBN).
+    fn command_for(stream_id: &str, event: &Self::Event) -> Result<Self::Command, DomainError>;
 }
 
-/// Rebuilds an aggregate from its stream, oldest event first.
-pub fn load<A: Aggregate>(events: &[RecordedEvent]) -> A {
-    let mut aggregate = A::default();
-    for event in events {
-        aggregate.apply(event);
+/// An aggregate's document and the stream version it reflects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Folded {
+    /// The [`Aggregate::Projection`] document.
+    pub doc: Doc,
+    /// The last version folded (0: no events).
+    pub version: u64,
+}
+
+impl Folded {
+    /// Folds the next consecutive events of the stream (versions `version + 1 ..`) into the
+    /// document through `projection`, exactly as a read store applies them.
+    pub fn extend<P: Projection + ?Sized>(&mut self, projection: &P, events: &[RecordedEvent]) {
+        if let Some(batch) = projection::batch(projection, events) {
+            apply_to_doc(&mut self.doc, &batch);
+            self.version = doc_version(&self.doc);
+        }
     }
-    aggregate
+
+    /// The aggregate this document holds.
+    pub fn state<A: Aggregate>(&self) -> A {
+        A::from_doc(&self.doc)
+    }
+}
+
+/// Rebuilds an aggregate from its stream, oldest event first, through its projection.
+pub fn load<A: Aggregate>(events: &[RecordedEvent]) -> A {
+    let mut folded = Folded::default();
+    folded.extend(&A::Projection::default(), events);
+    folded.state()
+}
+
+/// Decides `command` on `state` and encodes the events at their current schema versions.
+pub fn decide<A: Aggregate>(state: &A, command: &A::Command) -> Result<Vec<NewEvent>, DomainError> {
+    Ok(state.decide(command)?.iter().map(encode).collect())
 }
 
 /// Turns a domain event into a JSON [`NewEvent`] at its type's current schema version.
@@ -47,10 +102,103 @@ pub fn encode<E: Serialize>(event: &E) -> NewEvent {
 
 /// Decodes a recorded JSON event into a domain event, first lifting its payload to the current
 /// schema. `None` for other content types, unknown event types and undecodable payloads, which
-/// callers skip so that one foreign event cannot block a stream.
+/// folds skip (on both sides alike) so that one foreign event cannot block a stream.
 pub fn decode<E: DeserializeOwned>(event: &RecordedEvent) -> Option<E> {
-    let (_, data) = upcast::upcast(&event.event_type, event.schema_version, event.json()?).ok()?;
-    serde_json::from_value(json!({ "type": event.event_type, "data": data })).ok()
+    decode_parts(&event.event_type, event.schema_version, event.json()?).ok()
+}
+
+/// Decodes an event type, schema version and JSON payload, naming what is wrong.
+fn decode_parts<E: DeserializeOwned>(
+    event_type: &str,
+    schema_version: u32,
+    data: Value,
+) -> Result<E, (&'static str, String)> {
+    let (_, data) = upcast::upcast(event_type, schema_version, data).map_err(|e| match e {
+        DomainError::Invalid { field, reason } if field == "schema_version" => {
+            ("schema_version", reason)
+        }
+        other => ("data", other.to_string()),
+    })?;
+    serde_json::from_value(json!({ "type": event_type, "data": data }))
+        .map_err(|e| ("data", crate::quote(&e.to_string(), 200)))
+}
+
+/// Checks a raw append to a stream of `A` against the stream's folded state: every event must
+/// decode and be exactly what the aggregate decides for the command it records, in the state
+/// the events before it leave. Malformed events are [`DomainError::Invalid`] (field
+/// `events[i].…`), refused transitions [`DomainError::Rule`] naming `events[i]`.
+pub fn check_append<A: Aggregate>(
+    stream: &StreamId,
+    folded: &Folded,
+    events: &[NewEvent],
+) -> Result<(), DomainError> {
+    let projection = A::Projection::default();
+    let mut folded = folded.clone();
+    for (i, new) in events.iter().enumerate() {
+        let event = decode_new::<A>(i, new)?;
+        let refuse = |reason: String| {
+            DomainError::Rule(format!(
+                "events[{i}] ({}) is refused by stream type {}: {reason}",
+                new.event_type,
+                A::KIND
+            ))
+        };
+        let state: A = folded.state();
+        let command = A::command_for(&stream.id, &event).map_err(|e| refuse(e.to_string()))?;
+        let decided = state.decide(&command).map_err(|e| refuse(e.to_string()))?;
+        if decided.as_slice() != std::slice::from_ref(&event) {
+            let would = match decided.as_slice() {
+                [] => "nothing: the change it records is already the state".to_owned(),
+                d => crate::quote(&serde_json::to_string(d).unwrap_or_default(), 300),
+            };
+            return Err(refuse(format!("in this state the stream records {would}")));
+        }
+        let recorded = RecordedEvent {
+            stream: stream.clone(),
+            version: folded.version + 1,
+            event_id: new.event_id,
+            event_type: new.event_type.clone(),
+            schema_version: new.schema_version,
+            content_type: new.content_type.clone(),
+            data: new.data.clone(),
+            metadata: new.metadata.clone(),
+            recorded_at_us: 0,
+        };
+        folded.extend(&projection, std::slice::from_ref(&recorded));
+    }
+    Ok(())
+}
+
+/// Decodes the `i`th event of a raw append as an event of `A`, naming the malformed field.
+fn decode_new<A: Aggregate>(i: usize, new: &NewEvent) -> Result<A::Event, DomainError> {
+    if !crate::event::is_json(&new.content_type) {
+        return Err(DomainError::invalid(
+            format!("events[{i}].content_type"),
+            format!(
+                "stream type {} takes JSON events ({}), not {}",
+                A::KIND,
+                crate::JSON_CONTENT_TYPE,
+                crate::quote(&new.content_type, 64)
+            ),
+        ));
+    }
+    let known = crate::contract::event_types::<A>();
+    if !known.iter().any(|t| *t == new.event_type) {
+        return Err(DomainError::invalid(
+            format!("events[{i}].type"),
+            format!(
+                "{} is not an event of stream type {}; its events are {}",
+                crate::quote(&new.event_type, 64),
+                A::KIND,
+                known.join(", ")
+            ),
+        ));
+    }
+    let data: Value = serde_json::from_slice(&new.data).map_err(|e| {
+        DomainError::invalid(format!("events[{i}].data"), format!("is not JSON: {e}"))
+    })?;
+    decode_parts::<A::Event>(&new.event_type, new.schema_version, data)
+        .map_err(|(field, reason)| DomainError::invalid(format!("events[{i}].{field}"), reason))
 }
 
 #[cfg(test)]

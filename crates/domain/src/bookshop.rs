@@ -1,9 +1,9 @@
 //! The bookshop catalogue: one stream per book, keyed by its normalized ISBN, which is what makes
 //! ISBNs unique (a second create finds the stream already written).
 
-use crate::aggregate::{decode, encode, Aggregate};
-use crate::projection::{doc_version, is_deleted, Changes, FieldOp, IndexOp, Projection};
-use crate::{DomainError, NewEvent, RecordedEvent};
+use crate::aggregate::{decode, Aggregate};
+use crate::projection::{doc_version, is_deleted, Changes, Doc, FieldOp, IndexOp, Projection};
+use crate::{DomainError, RecordedEvent};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -132,7 +132,7 @@ fn price(value: i64) -> Result<(), DomainError> {
 }
 
 /// What happened to a book, at the current schema of each event type.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", content = "data")]
 pub enum BookEvent {
     /// The book entered the catalogue.
@@ -186,47 +186,38 @@ pub struct Book {
     pub price_cents: i64,
 }
 
+impl Book {
+    /// Reads a book from its [`BookProjection`] document. A deleted book keeps its ISBN (the
+    /// tombstone records it), which keeps the ISBN taken.
+    pub fn from_doc(doc: &Doc) -> Book {
+        let text = |field: &str| doc.get(field).cloned().unwrap_or_default();
+        let deleted = is_deleted(doc);
+        let isbn = text("isbn");
+        Book {
+            exists: deleted || !isbn.is_empty(),
+            deleted,
+            isbn,
+            title: text("title"),
+            author: text("author"),
+            price_cents: doc
+                .get("price_cents")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        }
+    }
+}
+
 impl Aggregate for Book {
     const KIND: &'static str = KIND;
     type Command = BookCommand;
+    type Event = BookEvent;
+    type Projection = BookProjection;
 
-    fn apply(&mut self, event: &RecordedEvent) {
-        match decode(event) {
-            Some(BookEvent::BookCreated {
-                isbn,
-                title,
-                author,
-                price_cents,
-            }) => {
-                *self = Book {
-                    exists: true,
-                    deleted: false,
-                    isbn,
-                    title,
-                    author,
-                    price_cents,
-                }
-            }
-            Some(BookEvent::BookUpdated {
-                title,
-                author,
-                price_cents,
-                ..
-            }) => {
-                if let Some(title) = title {
-                    self.title = title;
-                }
-                if let Some(author) = author {
-                    self.author = author;
-                }
-                self.price_cents = price_cents.unwrap_or(self.price_cents);
-            }
-            Some(BookEvent::BookDeleted { .. }) => self.deleted = true,
-            None => {}
-        }
+    fn from_doc(doc: &Doc) -> Self {
+        Book::from_doc(doc)
     }
 
-    fn decide(&self, command: &BookCommand) -> Result<Vec<NewEvent>, DomainError> {
+    fn decide(&self, command: &BookCommand) -> Result<Vec<BookEvent>, DomainError> {
         command.validate()?;
         let event = match command {
             BookCommand::Create {
@@ -281,7 +272,42 @@ impl Aggregate for Book {
                 }
             }
         };
-        Ok(vec![encode(&event)])
+        Ok(vec![event])
+    }
+
+    fn command_for(stream_id: &str, event: &BookEvent) -> Result<BookCommand, DomainError> {
+        Ok(match event {
+            BookEvent::BookCreated {
+                isbn,
+                title,
+                author,
+                price_cents,
+            } => {
+                if isbn != stream_id {
+                    return Err(DomainError::Rule(format!(
+                        "the book's isbn {} is not its stream id {stream_id}",
+                        crate::quote(isbn, 32)
+                    )));
+                }
+                BookCommand::Create {
+                    isbn: isbn.clone(),
+                    title: title.clone(),
+                    author: author.clone(),
+                    price_cents: *price_cents,
+                }
+            }
+            BookEvent::BookUpdated {
+                title,
+                author,
+                price_cents,
+                ..
+            } => BookCommand::Update {
+                title: title.clone(),
+                author: author.clone(),
+                price_cents: *price_cents,
+            },
+            BookEvent::BookDeleted { .. } => BookCommand::Delete,
+        })
     }
 }
 
@@ -371,7 +397,8 @@ impl Projection for BookProjection {
                 );
             }
             BookEvent::BookDeleted { author } => {
-                out.fields.push(FieldOp::Tombstone);
+                // The tombstone keeps the ISBN, which stays taken.
+                out.fields.extend([FieldOp::Tombstone, set("isbn", member.clone())]);
                 out.indexes
                     .extend([remove(ALL_INDEX.to_owned()), remove(author_index(&author))]);
             }
@@ -753,8 +780,15 @@ mod tests {
         let doc = fold(&BookProjection, &created().ok(delete()).history);
         assert!(is_deleted(&doc));
         assert_eq!(doc_version(&doc), 2);
-        assert_eq!(doc.len(), 2, "only the version and the deleted mark remain");
+        assert_eq!(
+            doc.len(),
+            3,
+            "only the version, the deleted mark and the ISBN remain"
+        );
         assert_eq!(BookView::from_doc(&doc), None);
+        let book = Book::from_doc(&doc);
+        assert!(book.exists && book.deleted);
+        assert_eq!(book.isbn, ISBN);
     }
 
     #[test]

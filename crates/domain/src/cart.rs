@@ -1,11 +1,11 @@
 //! The shopping cart: add and remove priced items, then check out once.
 
-use crate::aggregate::{decode, encode, Aggregate};
+use crate::aggregate::{decode, Aggregate};
 use crate::ids::validate_id;
-use crate::projection::{doc_version, Changes, FieldOp, Projection};
-use crate::{DomainError, NewEvent, RecordedEvent};
+use crate::projection::{doc_version, Changes, Doc, FieldOp, Projection};
+use crate::{DomainError, RecordedEvent};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// The stream type of carts.
 pub const KIND: &str = "cart";
@@ -79,7 +79,7 @@ fn validate_quantity(quantity: i64) -> Result<(), DomainError> {
 }
 
 /// What happened to a cart, at the current schema of each event type.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", content = "data")]
 pub enum CartEvent {
     /// Units of a product went into the cart (schema v2; v1 had `qty` and no price).
@@ -154,38 +154,46 @@ impl Cart {
     }
 }
 
+impl Cart {
+    /// Reads a cart from its [`CartProjection`] document: a line for every `item:<sku>` field
+    /// holding a positive count, at the price in `price:<sku>`.
+    pub fn from_doc(doc: &Doc) -> Cart {
+        let int = |field: &str| doc.get(field).and_then(|v| v.parse::<i64>().ok());
+        let lines = doc
+            .iter()
+            .filter_map(|(k, v)| {
+                let sku = k.strip_prefix(ITEM_PREFIX)?;
+                let quantity = v.parse().ok().filter(|q: &i64| *q > 0)?;
+                let unit_price_cents = int(&format!("{PRICE_PREFIX}{sku}")).unwrap_or(0);
+                Some((
+                    sku.to_owned(),
+                    Line {
+                        quantity,
+                        unit_price_cents,
+                    },
+                ))
+            })
+            .collect();
+        let status = if doc.get(STATUS_FIELD).map(String::as_str) == Some(CHECKED_OUT) {
+            CartStatus::CheckedOut
+        } else {
+            CartStatus::Open
+        };
+        Cart { status, lines }
+    }
+}
+
 impl Aggregate for Cart {
     const KIND: &'static str = KIND;
     type Command = CartCommand;
+    type Event = CartEvent;
+    type Projection = CartProjection;
 
-    fn apply(&mut self, event: &RecordedEvent) {
-        match decode(event) {
-            Some(CartEvent::ItemAdded {
-                sku,
-                quantity,
-                unit_price_cents,
-            }) => {
-                let line = self.lines.entry(sku).or_insert(Line {
-                    quantity: 0,
-                    unit_price_cents,
-                });
-                line.quantity = line.quantity.saturating_add(quantity);
-                line.unit_price_cents = unit_price_cents;
-            }
-            Some(CartEvent::ItemRemoved { sku, quantity, .. }) => {
-                if let Some(line) = self.lines.get_mut(&sku) {
-                    line.quantity = line.quantity.saturating_sub(quantity);
-                    if line.quantity <= 0 {
-                        self.lines.remove(&sku);
-                    }
-                }
-            }
-            Some(CartEvent::CheckedOut { .. }) => self.status = CartStatus::CheckedOut,
-            None => {}
-        }
+    fn from_doc(doc: &Doc) -> Self {
+        Cart::from_doc(doc)
     }
 
-    fn decide(&self, command: &CartCommand) -> Result<Vec<NewEvent>, DomainError> {
+    fn decide(&self, command: &CartCommand) -> Result<Vec<CartEvent>, DomainError> {
         command.validate()?;
         if self.status == CartStatus::CheckedOut {
             return Err(DomainError::Rule("cart is checked out".into()));
@@ -237,7 +245,26 @@ impl Aggregate for Cart {
                 }
             }
         };
-        Ok(vec![encode(&event)])
+        Ok(vec![event])
+    }
+
+    fn command_for(_stream_id: &str, event: &CartEvent) -> Result<CartCommand, DomainError> {
+        Ok(match event {
+            CartEvent::ItemAdded {
+                sku,
+                quantity,
+                unit_price_cents,
+            } => CartCommand::AddItem {
+                sku: sku.clone(),
+                quantity: *quantity,
+                unit_price_cents: *unit_price_cents,
+            },
+            CartEvent::ItemRemoved { sku, quantity, .. } => CartCommand::RemoveItem {
+                sku: sku.clone(),
+                quantity: *quantity,
+            },
+            CartEvent::CheckedOut { .. } => CartCommand::Checkout,
+        })
     }
 }
 
@@ -245,8 +272,16 @@ impl Aggregate for Cart {
 const ITEM_PREFIX: &str = "item:";
 /// Document field prefix of a line's unit price (`price:<sku>`).
 const PRICE_PREFIX: &str = "price:";
+/// Document field holding the status once the cart is checked out.
+const STATUS_FIELD: &str = "status";
+/// The status value of a checked-out cart.
+const CHECKED_OUT: &str = "checked_out";
+/// Document field holding when the cart was checked out.
+const CHECKED_OUT_AT_FIELD: &str = "checked_out_at_us";
 
-/// The cart read model: one document per cart with its lines, totals and status.
+/// The cart's document, which is both the aggregate's state ([`Cart::from_doc`]) and the read
+/// model ([`CartView::from_doc`]): `item:<sku>` units, `price:<sku>` unit price, `status` and
+/// `checked_out_at_us` once checked out.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CartProjection;
 
@@ -260,42 +295,32 @@ impl Projection for CartProjection {
     }
 
     fn project(&self, event: &RecordedEvent, out: &mut Changes) {
-        let (sku, quantity, unit_price_cents) = match decode(event) {
+        match decode(event) {
+            // Units add to the line; the line takes the event's price.
             Some(CartEvent::ItemAdded {
                 sku,
                 quantity,
                 unit_price_cents,
-            }) => {
-                out.fields.push(FieldOp::Set(
+            }) => out.fields.extend([
+                FieldOp::Incr(format!("{ITEM_PREFIX}{sku}"), quantity),
+                FieldOp::Set(
                     format!("{PRICE_PREFIX}{sku}"),
                     unit_price_cents.to_string(),
-                ));
-                (sku, quantity, unit_price_cents)
-            }
-            // Removal is an addition of minus the quantity at the line's price.
-            Some(CartEvent::ItemRemoved {
-                sku,
-                quantity,
-                unit_price_cents,
-            }) => (sku, quantity.saturating_neg(), unit_price_cents),
-            Some(CartEvent::CheckedOut { .. }) => {
-                out.fields.extend([
-                    FieldOp::Set("status".into(), "checked_out".into()),
-                    FieldOp::Set("checked_out_at_us".into(), event.recorded_at_us.to_string()),
-                ]);
-                return;
-            }
-            None => return,
-        };
-        out.fields.extend([
-            FieldOp::Set("status".into(), "open".into()),
-            FieldOp::Incr(format!("{ITEM_PREFIX}{sku}"), quantity),
-            FieldOp::Incr(
-                "total_cents".into(),
-                quantity.saturating_mul(unit_price_cents),
+                ),
+            ]),
+            // Units leave a line that exists; a line that reaches 0 is gone.
+            Some(CartEvent::ItemRemoved { sku, quantity, .. }) => out.fields.push(
+                FieldOp::Adjust(format!("{ITEM_PREFIX}{sku}"), quantity.saturating_neg()),
             ),
-            FieldOp::Incr("item_count".into(), quantity),
-        ]);
+            Some(CartEvent::CheckedOut { .. }) => out.fields.extend([
+                FieldOp::Set(STATUS_FIELD.into(), CHECKED_OUT.into()),
+                FieldOp::Set(
+                    CHECKED_OUT_AT_FIELD.into(),
+                    event.recorded_at_us.to_string(),
+                ),
+            ]),
+            None => {}
+        }
     }
 }
 
@@ -310,7 +335,7 @@ pub struct CartLine {
     pub unit_price_cents: i64,
 }
 
-/// A cart as queries see it, read from a [`CartProjection`] document.
+/// A cart as queries see it: the [`Cart`] its document holds, with the document's version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CartView {
     /// `open` or `checked_out`.
@@ -328,29 +353,31 @@ pub struct CartView {
 }
 
 impl CartView {
-    /// Reads a cart document; missing fields read as an empty open cart.
-    pub fn from_doc(doc: &HashMap<String, String>) -> CartView {
-        let int = |field: &str| doc.get(field).and_then(|v| v.parse::<i64>().ok());
-        let mut items: Vec<CartLine> = doc
-            .iter()
-            .filter_map(|(k, v)| {
-                let sku = k.strip_prefix(ITEM_PREFIX)?;
-                let quantity = v.parse().ok().filter(|q| *q > 0)?;
-                Some(CartLine {
-                    sku: sku.to_owned(),
-                    quantity,
-                    unit_price_cents: int(&format!("{PRICE_PREFIX}{sku}")).unwrap_or(0),
-                })
-            })
-            .collect();
-        items.sort_by(|a, b| a.sku.cmp(&b.sku));
+    /// Reads a cart document through [`Cart::from_doc`], the aggregate's own reading of it, so
+    /// that queries and commands see the same cart.
+    pub fn from_doc(doc: &Doc) -> CartView {
+        let cart = Cart::from_doc(doc);
         CartView {
-            status: doc.get("status").map_or("open", String::as_str).to_owned(),
-            items,
-            total_cents: int("total_cents").unwrap_or(0),
-            item_count: int("item_count").unwrap_or(0),
+            status: match cart.status {
+                CartStatus::Open => "open",
+                CartStatus::CheckedOut => CHECKED_OUT,
+            }
+            .to_owned(),
+            total_cents: cart.total_cents(),
+            item_count: cart.item_count(),
+            items: cart
+                .lines
+                .into_iter()
+                .map(|(sku, l)| CartLine {
+                    sku,
+                    quantity: l.quantity,
+                    unit_price_cents: l.unit_price_cents,
+                })
+                .collect(),
             version: doc_version(doc),
-            checked_out_at_us: int("checked_out_at_us"),
+            checked_out_at_us: doc
+                .get(CHECKED_OUT_AT_FIELD)
+                .and_then(|v| v.parse::<i64>().ok()),
         }
     }
 }
@@ -360,7 +387,9 @@ mod tests {
     use super::*;
     use crate::projection::fold;
     use crate::testing::{recorded_at, Given};
+    use crate::NewEvent;
     use serde_json::json;
+    use std::collections::HashMap;
 
     fn add(sku: &str, quantity: i64, unit_price_cents: i64) -> CartCommand {
         CartCommand::AddItem {

@@ -9,6 +9,7 @@
 pub mod aggregate;
 pub mod bookshop;
 pub mod cart;
+pub mod contract;
 pub mod event;
 pub mod ids;
 pub mod projection;
@@ -51,4 +52,17 @@ impl DomainError {
             reason: reason.into(),
         }
     }
+}
+
+/// Quotes client input in a message, at most `max` bytes of it (cut on a character boundary,
+/// with `…` when cut), so that an error never echoes unbounded input back.
+pub fn quote(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }

@@ -9,6 +9,9 @@
 use crate::{RecordedEvent, StreamId};
 use std::collections::HashMap;
 
+/// A document: one flat string map per aggregate and projection (a Redis hash in production).
+pub type Doc = HashMap<String, String>;
+
 /// Document field holding the last applied stream version (the fence).
 pub const VERSION_FIELD: &str = "_v";
 /// Document field set to `"1"` once the aggregate is deleted (a tombstone keeps the fence).
@@ -27,6 +30,10 @@ pub enum FieldOp {
     Del(String),
     /// Add to an integer field (a missing field counts as 0).
     Incr(String, i64),
+    /// Add to an integer field that exists (an unparsable value counts as 0); a result of 0 or
+    /// less removes the field, and a missing field stays missing. Counts that must never go
+    /// negative (units of a cart line) use it.
+    Adjust(String, i64),
     /// Remove every field but the version and mark the document deleted.
     Tombstone,
 }
@@ -157,6 +164,16 @@ pub fn apply_to_doc(doc: &mut HashMap<String, String>, batch: &Batch) -> ApplyOu
             FieldOp::Incr(k, by) => {
                 let n = doc.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
                 doc.insert(k.clone(), n.saturating_add(*by).to_string());
+            }
+            FieldOp::Adjust(k, by) => {
+                if let Some(old) = doc.get(k) {
+                    let n = old.parse::<i64>().unwrap_or(0).saturating_add(*by);
+                    if n > 0 {
+                        doc.insert(k.clone(), n.to_string());
+                    } else {
+                        doc.remove(k);
+                    }
+                }
             }
             FieldOp::Tombstone => {
                 doc.clear();

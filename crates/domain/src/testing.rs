@@ -1,6 +1,7 @@
 //! Test helpers shared by the domain's unit tests: recording decided events as a store would.
 
-use crate::{Aggregate, DomainError, NewEvent, RecordedEvent, StreamId};
+use crate::aggregate::{self, Aggregate, Folded};
+use crate::{DomainError, NewEvent, RecordedEvent, StreamId};
 
 /// Records `events` at the end of `history`, as an event store would, with a recorded time
 /// derived from the version so that tests can predict it.
@@ -32,7 +33,9 @@ pub struct Given<A: Aggregate> {
     pub stream: StreamId,
     /// Every event recorded so far.
     pub history: Vec<RecordedEvent>,
-    /// The aggregate folded from `history`.
+    /// The aggregate's document folded from `history`.
+    pub folded: Folded,
+    /// The aggregate read from `folded`.
     pub state: A,
 }
 
@@ -42,19 +45,16 @@ impl<A: Aggregate> Given<A> {
         Self {
             stream: StreamId::new(A::KIND, id).expect("test stream ids are valid"),
             history: Vec::new(),
-            state: A::default(),
+            folded: Folded::default(),
+            state: A::from_doc(&Default::default()),
         }
     }
 
     /// Decides `command`, records the events it produces and folds them; returns how many.
     pub fn run(&mut self, command: A::Command) -> Result<usize, DomainError> {
-        let events = self.state.decide(&command)?;
+        let events = aggregate::decide(&self.state, &command)?;
         let n = events.len();
-        let start = self.history.len();
-        record(&self.stream, &mut self.history, events);
-        for e in &self.history[start..] {
-            self.state.apply(e);
-        }
+        self.record(events);
         Ok(n)
     }
 
@@ -67,9 +67,15 @@ impl<A: Aggregate> Given<A> {
 
     /// Records a raw event, e.g. an old schema version, and folds it.
     pub fn raw(mut self, event: NewEvent) -> Self {
-        record(&self.stream, &mut self.history, vec![event]);
-        let last = self.history.last().expect("just recorded");
-        self.state.apply(last);
+        self.record(vec![event]);
         self
+    }
+
+    fn record(&mut self, events: Vec<NewEvent>) {
+        let start = self.history.len();
+        record(&self.stream, &mut self.history, events);
+        self.folded
+            .extend(&A::Projection::default(), &self.history[start..]);
+        self.state = self.folded.state();
     }
 }

@@ -66,6 +66,29 @@ pub fn upcast(
     Ok((current, data))
 }
 
+/// `ItemAdded` at schema v1: a product and a count, no price.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct ItemAddedV1 {
+    /// The product.
+    pub sku: String,
+    /// Units added.
+    pub qty: i64,
+}
+
+/// The JSON Schemas of the payload versions older than the current one that this build still
+/// reads, oldest first, generated from the payload types above.
+pub fn legacy_schemas(event_type: &str) -> Vec<(u32, Value)> {
+    let mut out = Vec::new();
+    if event_type == "ItemAdded" {
+        let mut schema = schemars::schema_for!(ItemAddedV1).to_value();
+        if let Value::Object(map) = &mut schema {
+            map.remove("title");
+        }
+        out.push((1, schema));
+    }
+    out
+}
+
 /// `ItemAdded` v1 `{sku, qty}` → v2 `{sku, quantity, unit_price_cents}`. v1 carts had no prices,
 /// so the lifted line costs 0.
 fn item_added_v1_to_v2(data: Value) -> Result<Value, DomainError> {

@@ -3,7 +3,7 @@
 -- KEYS[1]  the document hash
 -- ARGV[1]  first_version - 1 in decimal, or "" when first_version is 0 (then never in sequence)
 -- ARGV[2]  last_version in decimal
--- ARGV[3…] field ops, flat: "S" field value | "D" field | "I" field delta | "T"
+-- ARGV[3…] field ops, flat: "S" field value | "D" field | "I" field delta | "A" field delta | "T"
 --
 -- Returns {code, current}: code 0 = applied, 1 = duplicate, 2 = stale; current is the
 -- document's version afterwards, as a decimal string (Lua numbers cannot hold every u64).
@@ -89,6 +89,28 @@ while i <= n do
       local bound = (string.sub(delta, 1, 1) == '-') and '-9223372036854775808'
         or '9223372036854775807'
       redis.call('HSET', key, field, bound)
+    end
+    i = i + 3
+  elseif op == 'A' then
+    -- Adjust: like 'I' on a field that exists; a result <= 0 removes it; a missing field stays.
+    local field, delta = ARGV[i + 1], ARGV[i + 2]
+    local old = redis.call('HGET', key, field)
+    if old then
+      local c = canon(old, true) or '0'
+      if c ~= old then
+        redis.call('HSET', key, field, c)
+      end
+      local r = redis.pcall('HINCRBY', key, field, delta)
+      if type(r) == 'table' and r.err then
+        -- Overflow: i64::saturating_add gives MAX (kept) or MIN (removed).
+        if string.sub(delta, 1, 1) == '-' then
+          redis.call('HDEL', key, field)
+        else
+          redis.call('HSET', key, field, '9223372036854775807')
+        end
+      elseif r <= 0 then
+        redis.call('HDEL', key, field)
+      end
     end
     i = i + 3
   elseif op == 'T' then

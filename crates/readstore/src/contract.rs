@@ -107,7 +107,7 @@ pub async fn check_absent<S: ReadStore>(store: &S, prefix: &str) {
     );
 }
 
-/// Every [`FieldOp`], including the corners of `Incr` (missing field, non-integer text, `+7`
+/// Every [`FieldOp`], including the corners of `Incr` and `Adjust` (missing field, non-integer text, `+7`
 /// and `007`, overflow saturating), in document ids and values with spaces, `:`, `@`, `.`, `-`
 /// and non-ASCII text.
 pub async fn check_field_ops<S: ReadStore>(store: &S, prefix: &str) {
@@ -166,6 +166,23 @@ pub async fn check_field_ops<S: ReadStore>(store: &S, prefix: &str) {
             ),
             fields(
                 6,
+                6,
+                vec![
+                    set("units", "3"),
+                    FieldOp::Adjust("units".to_owned(), 2),
+                    set("gone", "2"),
+                    FieldOp::Adjust("gone".to_owned(), -2),
+                    FieldOp::Adjust("missing".to_owned(), 4),
+                    set("odd", "+4"),
+                    FieldOp::Adjust("odd".to_owned(), -1),
+                    set("near-max", &i64::MAX.to_string()),
+                    FieldOp::Adjust("near-max".to_owned(), 1),
+                    set("near-min", "-5"),
+                    FieldOp::Adjust("near-min".to_owned(), i64::MIN),
+                ],
+            ),
+            fields(
+                7,
                 9,
                 vec![
                     set("before", "gone"),

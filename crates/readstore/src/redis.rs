@@ -365,6 +365,7 @@ fn apply_cmd(sha: &str, key: &str, batch: &Batch) -> Cmd {
             FieldOp::Set(field, value) => cmd.arg("S").arg(field).arg(value),
             FieldOp::Del(field) => cmd.arg("D").arg(field),
             FieldOp::Incr(field, by) => cmd.arg("I").arg(field).arg(*by),
+            FieldOp::Adjust(field, by) => cmd.arg("A").arg(field).arg(*by),
             FieldOp::Tombstone => cmd.arg("T"),
         };
     }

@@ -288,7 +288,8 @@ fn field_op() -> impl Strategy<Value = FieldOp> {
     prop_oneof![
         4 => (field.clone(), value).prop_map(|(f, v)| FieldOp::Set(f.to_owned(), v.to_owned())),
         2 => field.clone().prop_map(|f| FieldOp::Del(f.to_owned())),
-        4 => (field, delta).prop_map(|(f, d)| FieldOp::Incr(f.to_owned(), d)),
+        4 => (field.clone(), delta.clone()).prop_map(|(f, d)| FieldOp::Incr(f.to_owned(), d)),
+        3 => (field, delta).prop_map(|(f, d)| FieldOp::Adjust(f.to_owned(), d)),
         1 => Just(FieldOp::Tombstone),
     ]
 }
