@@ -302,13 +302,13 @@ impl Projection for CartProjection {
                 quantity,
                 unit_price_cents,
             }) => out.fields.extend([
-                FieldOp::Incr(format!("{ITEM_PREFIX}{sku}"), quantity),
+                FieldOp::Adjust(format!("{ITEM_PREFIX}{sku}"), quantity),
                 FieldOp::Set(
                     format!("{PRICE_PREFIX}{sku}"),
                     unit_price_cents.to_string(),
                 ),
             ]),
-            // Units leave a line that exists; a line that reaches 0 is gone.
+            // Units leave the line; a line that reaches 0 is gone.
             Some(CartEvent::ItemRemoved { sku, quantity, .. }) => out.fields.push(
                 FieldOp::Adjust(format!("{ITEM_PREFIX}{sku}"), quantity.saturating_neg()),
             ),
@@ -679,5 +679,220 @@ mod tests {
             (view.status.as_str(), view.version, view.items.len()),
             ("open", 0, 0)
         );
+    }
+
+    /// The cart's meaning as plain code, independent of documents: what the fold must equal.
+    /// Units per sku never show as 0 or less; a line's price is the last price it was added at.
+    fn model(events: &[RecordedEvent]) -> (CartStatus, BTreeMap<String, Line>) {
+        let mut status = CartStatus::Open;
+        let mut units = BTreeMap::<String, i64>::new();
+        let mut prices = BTreeMap::<String, i64>::new();
+        let mut adjust = |sku: String, by: i64| {
+            let n = units.get(&sku).copied().unwrap_or(0).saturating_add(by);
+            if n > 0 {
+                units.insert(sku, n);
+            } else {
+                units.remove(&sku);
+            }
+        };
+        for e in events {
+            match decode::<CartEvent>(e) {
+                Some(CartEvent::ItemAdded {
+                    sku,
+                    quantity,
+                    unit_price_cents,
+                }) => {
+                    prices.insert(sku.clone(), unit_price_cents);
+                    adjust(sku, quantity);
+                }
+                Some(CartEvent::ItemRemoved { sku, quantity, .. }) => {
+                    adjust(sku, quantity.saturating_neg())
+                }
+                Some(CartEvent::CheckedOut { .. }) => status = CartStatus::CheckedOut,
+                None => {}
+            }
+        }
+        let lines = units
+            .into_iter()
+            .map(|(sku, quantity)| {
+                let unit_price_cents = prices.get(&sku).copied().unwrap_or(0);
+                (
+                    sku,
+                    Line {
+                        quantity,
+                        unit_price_cents,
+                    },
+                )
+            })
+            .collect();
+        (status, lines)
+    }
+
+    fn raw_event() -> impl proptest::strategy::Strategy<Value = NewEvent> {
+        use proptest::prelude::*;
+        let sku = prop::sample::select(vec!["A", "B", "C"]);
+        let qty = prop_oneof![1i64..5, -3i64..=0, Just(i64::MAX), Just(i64::MIN)];
+        let price = prop_oneof![0i64..3, Just(150i64), Just(999i64)];
+        prop_oneof![
+            4 => (sku.clone(), qty.clone(), price.clone()).prop_map(|(s, q, p)| NewEvent::json(
+                "ItemAdded", 2, &json!({"sku": s, "quantity": q, "unit_price_cents": p}))),
+            1 => (sku.clone(), qty.clone()).prop_map(|(s, q)| NewEvent::json(
+                "ItemAdded", 1, &json!({"sku": s, "qty": q}))),
+            3 => (sku, qty, price).prop_map(|(s, q, p)| NewEvent::json(
+                "ItemRemoved", 1, &json!({"sku": s, "quantity": q, "unit_price_cents": p}))),
+            1 => (0i64..9, 0i64..9).prop_map(|(t, n)| NewEvent::json(
+                "CheckedOut", 1, &json!({"total_cents": t, "item_count": n}))),
+            1 => Just(NewEvent::json("ItemAdded", 3, &json!({"sku": "A"}))),
+            1 => Just(NewEvent::json("Renamed", 1, &json!({"name": "x"}))),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever reached a stream (old data, raw appends of any shape), the aggregate, the
+        /// read model in any batching, and the plain-code model agree.
+        #[test]
+        fn fold_agrees_with_the_model_and_any_batching(
+            events in proptest::collection::vec(raw_event(), 0..30),
+            cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..6),
+        ) {
+            let mut given = cart();
+            for e in events {
+                given = given.raw(e);
+            }
+            let (status, lines) = model(&given.history);
+            proptest::prop_assert_eq!(&given.state, &Cart { status, lines });
+            // The read model, applied in arbitrary batches.
+            let mut bounds: Vec<usize> = cuts.iter().map(|c| c.index(given.history.len() + 1)).collect();
+            bounds.extend([0, given.history.len()]);
+            bounds.sort_unstable();
+            bounds.dedup();
+            let mut doc = Doc::new();
+            for w in bounds.windows(2) {
+                let b = crate::projection::batch(&CartProjection, &given.history[w[0]..w[1]])
+                    .expect("non-empty");
+                crate::projection::apply_to_doc(&mut doc, &b);
+            }
+            let view = CartView::from_doc(&doc);
+            proptest::prop_assert_eq!(view.total_cents, given.state.total_cents());
+            proptest::prop_assert_eq!(view.item_count, given.state.item_count());
+            proptest::prop_assert_eq!(view.items.len(), given.state.lines.len());
+            proptest::prop_assert_eq!(Cart::from_doc(&doc), given.state);
+        }
+
+        /// Raw appends that the contract accepts keep the cart exactly where commands would.
+        #[test]
+        fn accepted_raw_appends_are_what_commands_record(
+            events in proptest::collection::vec(raw_event(), 0..30),
+        ) {
+            let mut given = cart();
+            for e in events {
+                if crate::aggregate::check_append::<Cart>(&given.stream, &given.folded, std::slice::from_ref(&e)).is_ok() {
+                    given = given.raw(e);
+                }
+            }
+            // Every line holds units at one price, and a checkout records the true totals.
+            let mut replay = cart();
+            for e in &given.history {
+                let command = Cart::command_for("c-1", &decode::<CartEvent>(e).expect("decodes"))
+                    .expect("a command");
+                proptest::prop_assert_eq!(replay.run(command), Ok(1));
+            }
+            proptest::prop_assert_eq!(replay.state, given.state);
+        }
+    }
+
+    fn refused(given: &Given<Cart>, event: NewEvent) -> DomainError {
+        crate::aggregate::check_append::<Cart>(&given.stream, &given.folded, &[event])
+            .expect_err("refused")
+    }
+
+    #[test]
+    fn raw_appends_are_held_to_the_cart_rules() {
+        let given = cart().ok(add("apple", 2, 150));
+        let added = |q: i64, p: i64| {
+            NewEvent::json(
+                "ItemAdded",
+                2,
+                &json!({"sku": "apple", "quantity": q, "unit_price_cents": p}),
+            )
+        };
+        let message = refused(&given, added(1, 999)).to_string();
+        assert!(
+            message.contains("events[0] (ItemAdded)")
+                && message.contains("already in the cart at 150 cents"),
+            "{message}"
+        );
+        let message = refused(
+            &given,
+            NewEvent::json(
+                "ItemRemoved",
+                1,
+                &json!({"sku": "pear", "quantity": 4, "unit_price_cents": 100}),
+            ),
+        )
+        .to_string();
+        assert!(message.contains("not in the cart"), "{message}");
+        // The line's price is part of the removal.
+        assert!(matches!(
+            refused(
+                &given,
+                NewEvent::json(
+                    "ItemRemoved",
+                    1,
+                    &json!({"sku": "apple", "quantity": 1, "unit_price_cents": 1})
+                )
+            ),
+            DomainError::Rule(_)
+        ));
+        // A checkout must record the cart's true totals.
+        let message = refused(
+            &given,
+            NewEvent::json("CheckedOut", 1, &json!({"total_cents": 1, "item_count": 2})),
+        )
+        .to_string();
+        assert!(message.contains("total_cents"), "{message}");
+        // Valid raw events pass, also several depending on each other.
+        let ok = [
+            added(1, 150),
+            NewEvent::json(
+                "ItemRemoved",
+                1,
+                &json!({"sku": "apple", "quantity": 3, "unit_price_cents": 150}),
+            ),
+            NewEvent::json("ItemAdded", 1, &json!({"sku": "pear", "qty": 2})),
+            NewEvent::json("CheckedOut", 1, &json!({"total_cents": 0, "item_count": 2})),
+        ];
+        assert_eq!(
+            crate::aggregate::check_append::<Cart>(&given.stream, &given.folded, &ok),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn malformed_raw_events_name_the_field() {
+        let given = cart().ok(add("A", 1, 1));
+        let field = |e: NewEvent| match refused(&given, e) {
+            DomainError::Invalid { field, .. } => field,
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        assert_eq!(
+            field(NewEvent::json("ItemAdded", 3, &json!({"sku": "A"}))),
+            "events[0].schema_version"
+        );
+        assert_eq!(
+            field(NewEvent::json("Renamed", 1, &json!({}))),
+            "events[0].type"
+        );
+        assert_eq!(
+            field(NewEvent::json("BookDeleted", 1, &json!({"author": "x"}))),
+            "events[0].type"
+        );
+        assert_eq!(
+            field(NewEvent::json("ItemAdded", 2, &json!({"sku": 5}))),
+            "events[0].data"
+        );
+        let mut binary = NewEvent::json("CheckedOut", 1, &json!({}));
+        binary.content_type = "application/octet-stream".into();
+        assert_eq!(field(binary), "events[0].content_type");
     }
 }

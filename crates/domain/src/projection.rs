@@ -30,9 +30,8 @@ pub enum FieldOp {
     Del(String),
     /// Add to an integer field (a missing field counts as 0).
     Incr(String, i64),
-    /// Add to an integer field that exists (an unparsable value counts as 0); a result of 0 or
-    /// less removes the field, and a missing field stays missing. Counts that must never go
-    /// negative (units of a cart line) use it.
+    /// Add to a count (a missing field counts as 0); a result of 0 or less removes the field,
+    /// so a count never shows as zero or negative (units of a cart line).
     Adjust(String, i64),
     /// Remove every field but the version and mark the document deleted.
     Tombstone,
@@ -166,13 +165,12 @@ pub fn apply_to_doc(doc: &mut HashMap<String, String>, batch: &Batch) -> ApplyOu
                 doc.insert(k.clone(), n.saturating_add(*by).to_string());
             }
             FieldOp::Adjust(k, by) => {
-                if let Some(old) = doc.get(k) {
-                    let n = old.parse::<i64>().unwrap_or(0).saturating_add(*by);
-                    if n > 0 {
-                        doc.insert(k.clone(), n.to_string());
-                    } else {
-                        doc.remove(k);
-                    }
+                let n = doc.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+                let n = n.saturating_add(*by);
+                if n > 0 {
+                    doc.insert(k.clone(), n.to_string());
+                } else {
+                    doc.remove(k);
                 }
             }
             FieldOp::Tombstone => {

@@ -92,7 +92,7 @@ while i <= n do
     end
     i = i + 3
   elseif op == 'A' then
-    -- Adjust: like 'I' on a field that exists; a result <= 0 removes it; a missing field stays.
+    -- Adjust: like 'I', then a result <= 0 removes the field.
     local field, delta = ARGV[i + 1], ARGV[i + 2]
     local old = redis.call('HGET', key, field)
     if old then
@@ -100,17 +100,17 @@ while i <= n do
       if c ~= old then
         redis.call('HSET', key, field, c)
       end
-      local r = redis.pcall('HINCRBY', key, field, delta)
-      if type(r) == 'table' and r.err then
-        -- Overflow: i64::saturating_add gives MAX (kept) or MIN (removed).
-        if string.sub(delta, 1, 1) == '-' then
-          redis.call('HDEL', key, field)
-        else
-          redis.call('HSET', key, field, '9223372036854775807')
-        end
-      elseif r <= 0 then
+    end
+    local r = redis.pcall('HINCRBY', key, field, delta)
+    if type(r) == 'table' and r.err then
+      -- Overflow: i64::saturating_add gives MAX (kept) or MIN (removed).
+      if string.sub(delta, 1, 1) == '-' then
         redis.call('HDEL', key, field)
+      else
+        redis.call('HSET', key, field, '9223372036854775807')
       end
+    elseif r <= 0 then
+      redis.call('HDEL', key, field)
     end
     i = i + 3
   elseif op == 'T' then
