@@ -227,3 +227,48 @@ mod tests {
         );
     }
 }
+
+/// When the caller stops waiting, from its `grpc-timeout` header (`None` without one, or when
+/// it is malformed: the server's defaults apply then).
+pub fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Instant> {
+    let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if raw.len() < 2 || raw.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = raw.split_at(raw.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => std::time::Duration::from_secs(n.checked_mul(3600)?),
+        "M" => std::time::Duration::from_secs(n.checked_mul(60)?),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    };
+    std::time::Instant::now().checked_add(timeout)
+}
+
+/// The wire form of an owned stream type's contract.
+pub fn stream_type_contract(c: &esq_domain::contract::StreamContract) -> pb::StreamTypeContract {
+    pb::StreamTypeContract {
+        stream_type: c.stream_type.to_owned(),
+        event_types: c
+            .events
+            .iter()
+            .map(|e| pb::EventTypeContract {
+                event_type: e.event_type.clone(),
+                description: e.description.clone(),
+                current_schema_version: e.current_version,
+                schemas: e
+                    .versions
+                    .iter()
+                    .map(|v| pb::EventSchema {
+                        schema_version: v.version,
+                        json_schema: v.json_schema.to_string(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}

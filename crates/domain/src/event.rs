@@ -249,6 +249,59 @@ pub struct AppendResult {
     pub committed_at_us: i64,
 }
 
+/// How an append relates to the stored events of its stream that carry its event ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repeat {
+    /// None of its ids is stored: a new append.
+    None,
+    /// The same events are stored, in order, at consecutive versions: the append already
+    /// happened, and this is its result.
+    Same(AppendResult),
+    /// An id is stored for other events or in another arrangement: refused.
+    Reused {
+        /// The first event of the append whose id is reused.
+        index: usize,
+        /// Where that id is recorded.
+        version: u64,
+    },
+}
+
+/// Decides whether `events` repeat an append already stored. `found` are the stored events
+/// whose ids the append carries, each with its index in the append. Exactly the same events
+/// (ids, order, type, schema version, content type, payload) at consecutive versions are a
+/// repeat; any other reuse of an id is refused, so a partial overlap never writes.
+pub fn repeated_append(events: &[NewEvent], found: &[(usize, RecordedEvent)]) -> Repeat {
+    let mut found: Vec<&(usize, RecordedEvent)> = found.iter().collect();
+    found.sort_by_key(|(i, _)| *i);
+    let Some((first_index, first)) = found.first().map(|f| (f.0, &f.1)) else {
+        return Repeat::None;
+    };
+    let same = found.len() == events.len()
+        && found.iter().enumerate().all(|(k, (i, stored))| {
+            let new = &events[*i];
+            *i == k
+                && stored.version == first.version + k as u64
+                && stored.event_id == new.event_id
+                && stored.event_type == new.event_type
+                && stored.schema_version == new.schema_version
+                && stored.content_type == new.content_type
+                && stored.data == new.data
+        });
+    if same {
+        let last = &found[found.len() - 1].1;
+        Repeat::Same(AppendResult {
+            first_version: first.version,
+            last_version: last.version,
+            committed_at_us: last.recorded_at_us,
+        })
+    } else {
+        Repeat::Reused {
+            index: first_index,
+            version: first.version,
+        }
+    }
+}
+
 /// Summary of one stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamInfo {

@@ -1,7 +1,11 @@
 //! `esq.v1.EventStore`: raw appends and reads of any stream.
 
+use crate::commands::Executor;
 use crate::error::status_from_store;
 use crate::Nudge;
+use esq_domain::bookshop::{self, Book};
+use esq_domain::cart::{self, Cart};
+use esq_domain::contract;
 use esq::convert::{self, status_from_domain};
 use esq::pb::v1 as pb;
 use esq_eventstore::{Direction, EventStore, ReadRequest};
@@ -18,12 +22,19 @@ const READ_BUFFER: usize = 2 * READ_PAGE as usize;
 pub struct EventStoreApi<S> {
     store: Arc<S>,
     nudge: Option<Nudge>,
+    /// Appends to owned stream types go through the aggregates' rules.
+    executor: Executor<S>,
 }
 
-impl<S> EventStoreApi<S> {
-    /// Serves `store`, calling `nudge` after each successful append.
-    pub fn new(store: Arc<S>, nudge: Option<Nudge>) -> Self {
-        Self { store, nudge }
+impl<S: EventStore> EventStoreApi<S> {
+    /// Serves `store`, calling `nudge` after each successful append; `executor` checks and
+    /// appends events to the stream types an aggregate owns.
+    pub fn new(store: Arc<S>, nudge: Option<Nudge>, executor: Executor<S>) -> Self {
+        Self {
+            store,
+            nudge,
+            executor,
+        }
     }
 }
 
@@ -33,19 +44,32 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
         &self,
         request: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendResponse>, Status> {
+        let deadline = convert::deadline(request.metadata());
         let req = request.into_inner();
         let stream = convert::stream_id(req.stream.as_ref()).map_err(status_from_domain)?;
         let expected =
             convert::expected_version(req.expected_version.as_ref()).map_err(status_from_domain)?;
         let events = convert::new_events(req.events).map_err(status_from_domain)?;
-        let result = self
-            .store
-            .append(&stream, expected, &events)
-            .await
-            .map_err(status_from_store)?;
-        if let Some(nudge) = &self.nudge {
-            nudge(&stream, result.last_version);
-        }
+        let checked = |kind: &str| stream.kind == kind;
+        let result = if checked(cart::KIND) {
+            (self.executor)
+                .append_checked::<Cart>(&stream, expected, &events, deadline)
+                .await?
+        } else if checked(bookshop::KIND) {
+            (self.executor)
+                .append_checked::<Book>(&stream, expected, &events, deadline)
+                .await?
+        } else {
+            let result = self
+                .store
+                .append(&stream, expected, &events)
+                .await
+                .map_err(status_from_store)?;
+            if let Some(nudge) = &self.nudge {
+                nudge(&stream, result.last_version);
+            }
+            result
+        };
         Ok(Response::new(pb::AppendResponse {
             first_version: result.first_version,
             last_version: result.last_version,
@@ -146,5 +170,24 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
             last_appended_at: Some(convert::timestamp(info.last_appended_at_us)),
             event_count: info.event_count,
         }))
+    }
+
+    async fn list_event_types(
+        &self,
+        request: Request<pb::ListEventTypesRequest>,
+    ) -> Result<Response<pb::ListEventTypesResponse>, Status> {
+        let wanted = request.into_inner().stream_type;
+        let stream_types: Vec<pb::StreamTypeContract> = contract::contracts()
+            .iter()
+            .filter(|c| wanted.is_empty() || c.stream_type == wanted)
+            .map(convert::stream_type_contract)
+            .collect();
+        if stream_types.is_empty() {
+            return Err(Status::not_found(format!(
+                "no aggregate owns stream type {}; its streams are free-form",
+                esq_domain::quote(&wanted, 64)
+            )));
+        }
+        Ok(Response::new(pb::ListEventTypesResponse { stream_types }))
     }
 }

@@ -15,7 +15,11 @@ use tonic::{Request, Response, Status};
 /// Longest accepted idempotency key, in bytes.
 const MAX_COMMAND_ID_LEN: usize = 128;
 
-fn options(expected_version: Option<u64>, command_id: &str) -> Result<CommandOptions<'_>, Status> {
+fn options<'a>(
+    expected_version: Option<u64>,
+    command_id: &'a str,
+    deadline: Option<std::time::Instant>,
+) -> Result<CommandOptions<'a>, Status> {
     if command_id.len() > MAX_COMMAND_ID_LEN {
         return Err(status_from_domain(DomainError::invalid(
             "command_id",
@@ -28,6 +32,7 @@ fn options(expected_version: Option<u64>, command_id: &str) -> Result<CommandOpt
     Ok(CommandOptions {
         expected_version,
         command_id,
+        deadline,
     })
 }
 
@@ -46,12 +51,17 @@ impl<S: EventStore> CartCommandsApi<S> {
         command: CartCommand,
         expected_version: Option<u64>,
         command_id: &str,
+        deadline: Option<std::time::Instant>,
     ) -> Result<Response<cart_pb::CartCommandResponse>, Status> {
         let stream = cart_stream(cart_id)?;
         command.validate().map_err(status_from_domain)?;
         let version = self
             .0
-            .execute::<Cart>(&stream, &command, options(expected_version, command_id)?)
+            .execute::<Cart>(
+                &stream,
+                &command,
+                options(expected_version, command_id, deadline)?,
+            )
             .await?;
         Ok(Response::new(cart_pb::CartCommandResponse {
             cart_id: cart_id.to_owned(),
@@ -66,39 +76,55 @@ impl<S: EventStore> cart_pb::cart_commands_server::CartCommands for CartCommands
         &self,
         request: Request<cart_pb::AddItemRequest>,
     ) -> Result<Response<cart_pb::CartCommandResponse>, Status> {
+        let deadline = esq::convert::deadline(request.metadata());
         let r = request.into_inner();
         let command = CartCommand::AddItem {
             sku: r.sku,
             quantity: r.quantity,
             unit_price_cents: r.unit_price_cents,
         };
-        self.run(&r.cart_id, command, r.expected_version, &r.command_id)
-            .await
+        self.run(
+            &r.cart_id,
+            command,
+            r.expected_version,
+            &r.command_id,
+            deadline,
+        )
+        .await
     }
 
     async fn remove_item(
         &self,
         request: Request<cart_pb::RemoveItemRequest>,
     ) -> Result<Response<cart_pb::CartCommandResponse>, Status> {
+        let deadline = esq::convert::deadline(request.metadata());
         let r = request.into_inner();
         let command = CartCommand::RemoveItem {
             sku: r.sku,
             quantity: r.quantity,
         };
-        self.run(&r.cart_id, command, r.expected_version, &r.command_id)
-            .await
+        self.run(
+            &r.cart_id,
+            command,
+            r.expected_version,
+            &r.command_id,
+            deadline,
+        )
+        .await
     }
 
     async fn checkout(
         &self,
         request: Request<cart_pb::CheckoutRequest>,
     ) -> Result<Response<cart_pb::CartCommandResponse>, Status> {
+        let deadline = esq::convert::deadline(request.metadata());
         let r = request.into_inner();
         self.run(
             &r.cart_id,
             CartCommand::Checkout,
             r.expected_version,
             &r.command_id,
+            deadline,
         )
         .await
     }
@@ -114,13 +140,18 @@ impl<S: EventStore> BookCommandsApi<S> {
         command: BookCommand,
         expected_version: Option<u64>,
         command_id: &str,
+        deadline: Option<std::time::Instant>,
     ) -> Result<Response<book_pb::BookCommandResponse>, Status> {
         let isbn = bookshop::normalize_isbn(isbn).map_err(status_from_domain)?;
         command.validate().map_err(status_from_domain)?;
         let stream = StreamId::new(bookshop::KIND, isbn.clone()).map_err(status_from_domain)?;
         let version = self
             .0
-            .execute::<Book>(&stream, &command, options(expected_version, command_id)?)
+            .execute::<Book>(
+                &stream,
+                &command,
+                options(expected_version, command_id, deadline)?,
+            )
             .await
             .map_err(|s| match s.code() {
                 tonic::Code::NotFound => Status::not_found(format!("book {isbn} not found")),
@@ -139,6 +170,7 @@ impl<S: EventStore> book_pb::book_commands_server::BookCommands for BookCommands
         &self,
         request: Request<book_pb::CreateBookRequest>,
     ) -> Result<Response<book_pb::BookCommandResponse>, Status> {
+        let deadline = esq::convert::deadline(request.metadata());
         let r = request.into_inner();
         let command = BookCommand::Create {
             isbn: r.isbn.clone(),
@@ -146,33 +178,43 @@ impl<S: EventStore> book_pb::book_commands_server::BookCommands for BookCommands
             author: r.author,
             price_cents: r.price_cents,
         };
-        self.run(&r.isbn, command, None, &r.command_id).await
+        self.run(&r.isbn, command, None, &r.command_id, deadline)
+            .await
     }
 
     async fn update_book(
         &self,
         request: Request<book_pb::UpdateBookRequest>,
     ) -> Result<Response<book_pb::BookCommandResponse>, Status> {
+        let deadline = esq::convert::deadline(request.metadata());
         let r = request.into_inner();
         let command = BookCommand::Update {
             title: r.title,
             author: r.author,
             price_cents: r.price_cents,
         };
-        self.run(&r.isbn, command, r.expected_version, &r.command_id)
-            .await
+        self.run(
+            &r.isbn,
+            command,
+            r.expected_version,
+            &r.command_id,
+            deadline,
+        )
+        .await
     }
 
     async fn delete_book(
         &self,
         request: Request<book_pb::DeleteBookRequest>,
     ) -> Result<Response<book_pb::BookCommandResponse>, Status> {
+        let deadline = esq::convert::deadline(request.metadata());
         let r = request.into_inner();
         self.run(
             &r.isbn,
             BookCommand::Delete,
             r.expected_version,
             &r.command_id,
+            deadline,
         )
         .await
     }

@@ -42,7 +42,9 @@ pub struct Deps<S> {
 pub fn routes<S: EventStore>(deps: Deps<S>) -> tonic::service::Routes {
     let executor = commands::Executor::new(Arc::clone(&deps.store), deps.nudge.clone());
     tonic::service::Routes::new(EventStoreServer::new(api::EventStoreApi::new(
-        deps.store, deps.nudge,
+        deps.store,
+        deps.nudge,
+        executor.clone(),
     )))
     .add_service(CartCommandsServer::new(domain_api::CartCommandsApi(
         executor.clone(),
