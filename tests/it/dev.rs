@@ -1,21 +1,21 @@
 //! The suite against the embedded single-process stack (`esq dev`), plus restart durability.
 
-use crate::suite;
+use crate::{core, suite};
 use esq_testkit::DevHarness;
 
 macro_rules! dev_tests {
-    ($($name:ident),* $(,)?) => {$(
+    ($module:ident: $($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
             let h = DevHarness::start().await.expect("start dev stack");
-            suite::$name(&h.clients).await;
+            $module::$name(&h.clients).await;
             h.stop().await.expect("stop dev stack");
         }
     )*};
 }
 
 dev_tests!(
-    append_then_query_with_min_version,
+    suite: append_then_query_with_min_version,
     min_version_wait_is_bounded,
     concurrent_writers_one_winner_per_version,
     retried_append_is_idempotent,
@@ -26,6 +26,12 @@ dev_tests!(
     health_is_serving,
     reflection_lists_services,
     schema_upgrades_are_read_through_upcasters,
+);
+
+dev_tests!(
+    core: read_model_agrees_with_the_aggregate,
+    owned_streams_honour_their_contracts,
+    concurrent_commands_on_one_cart_all_succeed,
 );
 
 /// The `esq dev` binary prints its addresses, serves, and exits cleanly on SIGTERM.

@@ -5,5 +5,6 @@
 //! scenarios can share a deployment.
 
 mod cluster;
+mod core;
 mod dev;
 mod suite;

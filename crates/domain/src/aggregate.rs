@@ -117,6 +117,7 @@ fn decode_parts<E: DeserializeOwned>(
         DomainError::Invalid { field, reason } if field == "schema_version" => {
             ("schema_version", reason)
         }
+        DomainError::Invalid { reason, .. } => ("data", reason),
         other => ("data", other.to_string()),
     })?;
     serde_json::from_value(json!({ "type": event_type, "data": data }))

@@ -11,6 +11,10 @@ pub const JSON_CONTENT_TYPE: &str = "application/json";
 /// Largest payload of one event, in bytes. Kept well below the 4 MiB gRPC message limit so that
 /// an oversize payload is refused by our validation with a named field, not by the transport.
 pub const MAX_EVENT_DATA_BYTES: usize = 512 * 1024;
+/// Deepest nesting of arrays and objects accepted in a JSON payload. Every reader of the
+/// store (the projector, temporal queries, clients with common JSON libraries) must be able to
+/// parse what was accepted; serde_json stops at 128 levels.
+pub const MAX_JSON_DEPTH: usize = 64;
 /// Most events accepted in one append.
 pub const MAX_EVENTS_PER_APPEND: usize = 500;
 /// Largest total payload of one append, in bytes.
@@ -125,6 +129,12 @@ impl NewEvent {
             ));
         }
         if is_json(&self.content_type) {
+            if json_depth(&self.data) > MAX_JSON_DEPTH {
+                return Err(DomainError::invalid(
+                    format!("{field}.data"),
+                    format!("nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"),
+                ));
+            }
             if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&self.data) {
                 return Err(DomainError::invalid(
                     format!("{field}.data"),
@@ -156,6 +166,33 @@ impl NewEvent {
         }
         Ok(())
     }
+}
+
+/// The deepest nesting of `[` and `{` in JSON text, outside strings (counted on the bytes, so
+/// it is cheap and cannot itself recurse).
+pub fn json_depth(text: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in text {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Whether a content type is JSON (`application/json`, with or without parameters).
@@ -319,6 +356,80 @@ pub struct StreamInfo {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn json_deeper_than_the_limit_is_refused() {
+        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n)).into_bytes();
+        let mut e = NewEvent::json("Deep", 1, &json!({}));
+        e.data = nested(MAX_JSON_DEPTH);
+        assert!(e.validate("events[0]").is_ok());
+        e.data = nested(MAX_JSON_DEPTH + 1);
+        let err = e.validate("events[0]").expect_err("too deep");
+        assert!(matches!(err, DomainError::Invalid { ref field, .. } if field == "events[0].data"));
+        e.data = nested(200);
+        assert!(e.validate("events[0]").is_err());
+        // Brackets inside strings do not count.
+        assert_eq!(json_depth(br#"{"a":"[[[{{{\"[[","b":[1]}"#), 2);
+    }
+
+    #[test]
+    fn repeats_are_exactly_the_same_events() {
+        let stream = StreamId::new("s", "1").expect("valid");
+        let new: Vec<NewEvent> = (0..3)
+            .map(|i| NewEvent::json("E", 1, &json!({ "i": i })))
+            .collect();
+        let stored: Vec<(usize, RecordedEvent)> = new
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                (
+                    i,
+                    RecordedEvent {
+                        stream: stream.clone(),
+                        version: 5 + i as u64,
+                        event_id: e.event_id,
+                        event_type: e.event_type.clone(),
+                        schema_version: 1,
+                        content_type: e.content_type.clone(),
+                        data: e.data.clone(),
+                        metadata: BTreeMap::new(),
+                        recorded_at_us: 42,
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(repeated_append(&new, &[]), Repeat::None);
+        assert_eq!(
+            repeated_append(&new, &stored),
+            Repeat::Same(AppendResult {
+                first_version: 5,
+                last_version: 7,
+                committed_at_us: 42
+            })
+        );
+        // Any contiguous run of stored events repeats (a suffix of a batch too); other
+        // payloads under the same ids, or more events than stored, are refused.
+        assert_eq!(
+            repeated_append(&new[1..], &[(0, stored[1].1.clone()), (1, stored[2].1.clone())]),
+            Repeat::Same(AppendResult {
+                first_version: 6,
+                last_version: 7,
+                committed_at_us: 42
+            })
+        );
+        let mut other = new.clone();
+        other[1].data = b"{}".to_vec();
+        assert_eq!(
+            repeated_append(&other, &stored),
+            Repeat::Reused {
+                index: 0,
+                version: 5
+            }
+        );
+        let mut extra = new.clone();
+        extra.push(NewEvent::json("E", 1, &json!({})));
+        assert!(matches!(repeated_append(&extra, &stored), Repeat::Reused { .. }));
+    }
 
     #[test]
     fn expected_version_admits() {
