@@ -730,7 +730,7 @@ mod tests {
             );
         }
         let doc = read.get("cart", "c0").await.expect("get").expect("doc");
-        assert_eq!(doc.get("total_cents").map(String::as_str), Some("6"));
+        assert_eq!(esq_domain::cart::CartView::from_doc(&doc).total_cents, 6);
     }
 
     #[tokio::test]

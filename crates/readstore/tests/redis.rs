@@ -373,3 +373,124 @@ fn standalone_matches_reference() {
 fn cluster_matches_reference() {
     matches_reference(Backend::Cluster, "cluster_matches_reference");
 }
+
+/// A cart event as a client could append it raw: valid or not, any schema version.
+fn cart_event() -> impl Strategy<Value = esq_domain::NewEvent> {
+    use esq_domain::NewEvent;
+    use serde_json::json;
+    let sku = prop::sample::select(vec!["A", "B", "C"]);
+    let qty = prop_oneof![1i64..5, -3i64..=0, Just(i64::MAX), Just(i64::MIN)];
+    let price = prop_oneof![0i64..3, Just(150i64), Just(999i64)];
+    prop_oneof![
+        4 => (sku.clone(), qty.clone(), price.clone()).prop_map(|(s, q, p)| NewEvent::json(
+            "ItemAdded", 2, &json!({"sku": s, "quantity": q, "unit_price_cents": p}))),
+        1 => (sku.clone(), qty.clone()).prop_map(|(s, q)| NewEvent::json(
+            "ItemAdded", 1, &json!({"sku": s, "qty": q}))),
+        3 => (sku, qty, price).prop_map(|(s, q, p)| NewEvent::json(
+            "ItemRemoved", 1, &json!({"sku": s, "quantity": q, "unit_price_cents": p}))),
+        1 => (0i64..9, 0i64..9).prop_map(|(t, n)| NewEvent::json(
+            "CheckedOut", 1, &json!({"total_cents": t, "item_count": n}))),
+        1 => Just(NewEvent::json("Renamed", 1, &json!({"name": "x"}))),
+    ]
+}
+
+/// One truth: for any events in a cart stream, the cart read model that the fenced Lua apply
+/// builds (in any batching) is the aggregate's own state, folded from the same events.
+async fn carts_agree<S: ReadStore>(
+    store: &S,
+    projection_name: &str,
+    case: &str,
+    events: Vec<esq_domain::NewEvent>,
+    cuts: Vec<prop::sample::Index>,
+) -> Result<(), TestCaseError> {
+    use esq_domain::aggregate::load;
+    use esq_domain::cart::{Cart, CartProjection, CartView};
+    use esq_domain::projection::batch;
+    let stream = esq_domain::StreamId::new("cart", case).unwrap();
+    let recorded: Vec<esq_domain::RecordedEvent> = events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| esq_domain::RecordedEvent {
+            stream: stream.clone(),
+            version: i as u64 + 1,
+            event_id: e.event_id,
+            event_type: e.event_type,
+            schema_version: e.schema_version,
+            content_type: e.content_type,
+            data: e.data,
+            metadata: e.metadata,
+            recorded_at_us: 1_700_000_000_000_000 + i as i64,
+        })
+        .collect();
+    let mut bounds: Vec<usize> = cuts.iter().map(|c| c.index(recorded.len() + 1)).collect();
+    bounds.extend([0, recorded.len()]);
+    bounds.sort_unstable();
+    bounds.dedup();
+    for w in bounds.windows(2) {
+        let b = batch(&CartProjection, &recorded[w[0]..w[1]]).unwrap();
+        let outcome = store
+            .apply(projection_name, case, &b)
+            .await
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(outcome, ApplyOutcome::Applied);
+    }
+    let doc = store
+        .get(projection_name, case)
+        .await
+        .map_err(|e| TestCaseError::fail(e.to_string()))?
+        .unwrap_or_default();
+    let aggregate: Cart = load(&recorded);
+    prop_assert_eq!(&Cart::from_doc(&doc), &aggregate);
+    let view = CartView::from_doc(&doc);
+    prop_assert_eq!(view.total_cents, aggregate.total_cents());
+    prop_assert_eq!(view.item_count, aggregate.item_count());
+    prop_assert_eq!(view.version, recorded.len() as u64);
+    Ok(())
+}
+
+fn carts_agree_on<S: ReadStore>(runtime: &tokio::runtime::Runtime, store: &S, test: &str) {
+    let case = AtomicU64::new(0);
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let cases = (
+        prop::collection::vec(cart_event(), 1..30),
+        prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+    );
+    runner
+        .run(&cases, |(events, cuts)| {
+            let id = format!("{test}-{}", case.fetch_add(1, Ordering::Relaxed));
+            runtime.block_on(carts_agree(store, "cart", &id, events, cuts))
+        })
+        .unwrap_or_else(|e| panic!("{test}: {e}"));
+}
+
+fn carts_agree_with_the_aggregate(backend: Backend, test: &str) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let Some((store, _)) = runtime.block_on(backend.store(test)) else {
+        return;
+    };
+    carts_agree_on(&runtime, &store, test);
+}
+
+#[test]
+fn standalone_carts_agree_with_the_aggregate() {
+    carts_agree_with_the_aggregate(
+        Backend::Standalone,
+        "standalone_carts_agree_with_the_aggregate",
+    );
+}
+
+#[test]
+fn cluster_carts_agree_with_the_aggregate() {
+    carts_agree_with_the_aggregate(Backend::Cluster, "cluster_carts_agree_with_the_aggregate");
+}
+
+#[test]
+fn memory_carts_agree_with_the_aggregate() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let store = esq_readstore::memory::MemoryStore::new();
+    carts_agree_on(&runtime, &store, "memory_carts_agree_with_the_aggregate");
+}
