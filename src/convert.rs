@@ -186,48 +186,6 @@ pub fn from_value(v: &prost_types::Value) -> serde_json::Value {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps_round_trip() {
-        for us in [0, 1, 1_700_000_000_123_456, -1, -1_000_001] {
-            assert_eq!(micros(&timestamp(us)), us);
-        }
-    }
-
-    #[test]
-    fn expected_version_is_required() {
-        assert!(
-            matches!(expected_version(None), Err(DomainError::Invalid { field, .. }) if field == "expected_version")
-        );
-        let v = pb::ExpectedVersion {
-            kind: Some(pb::expected_version::Kind::Exact(3)),
-        };
-        assert_eq!(expected_version(Some(&v)), Ok(ExpectedVersion::Exact(3)));
-    }
-
-    #[test]
-    fn payload_is_required_and_json_checked() {
-        let e = pb::NewEvent {
-            r#type: "A".into(),
-            ..Default::default()
-        };
-        assert!(
-            matches!(new_events(vec![e]), Err(DomainError::Invalid { field, .. }) if field == "events[0].payload")
-        );
-        let e = pb::NewEvent {
-            r#type: "A".into(),
-            payload: Some(pb::new_event::Payload::Json("{oops".into())),
-            ..Default::default()
-        };
-        assert!(
-            matches!(new_events(vec![e]), Err(DomainError::Invalid { field, .. }) if field == "events[0].data")
-        );
-    }
-}
-
 /// When the caller stops waiting, from its `grpc-timeout` header (`None` without one, or when
 /// it is malformed: the server's defaults apply then).
 pub fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Instant> {
@@ -270,5 +228,47 @@ pub fn stream_type_contract(c: &esq_domain::contract::StreamContract) -> pb::Str
                     .collect(),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip() {
+        for us in [0, 1, 1_700_000_000_123_456, -1, -1_000_001] {
+            assert_eq!(micros(&timestamp(us)), us);
+        }
+    }
+
+    #[test]
+    fn expected_version_is_required() {
+        assert!(
+            matches!(expected_version(None), Err(DomainError::Invalid { field, .. }) if field == "expected_version")
+        );
+        let v = pb::ExpectedVersion {
+            kind: Some(pb::expected_version::Kind::Exact(3)),
+        };
+        assert_eq!(expected_version(Some(&v)), Ok(ExpectedVersion::Exact(3)));
+    }
+
+    #[test]
+    fn payload_is_required_and_json_checked() {
+        let e = pb::NewEvent {
+            r#type: "A".into(),
+            ..Default::default()
+        };
+        assert!(
+            matches!(new_events(vec![e]), Err(DomainError::Invalid { field, .. }) if field == "events[0].payload")
+        );
+        let e = pb::NewEvent {
+            r#type: "A".into(),
+            payload: Some(pb::new_event::Payload::Json("{oops".into())),
+            ..Default::default()
+        };
+        assert!(
+            matches!(new_events(vec![e]), Err(DomainError::Invalid { field, .. }) if field == "events[0].data")
+        );
     }
 }

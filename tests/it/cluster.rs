@@ -70,10 +70,12 @@ async fn writers_across_two_write_services() {
     .await;
     // Commands without an expected version: races between the processes are retried.
     let (total, aborted) =
-        core::contended_commands(&h.clients, &[h.clients.carts.clone(), second.carts], 16, 8)
-            .await;
+        core::contended_commands(&h.clients, &[h.clients.carts.clone(), second.carts], 16, 8).await;
     let rate = aborted as f64 / total as f64;
-    eprintln!("16 writers on one cart across 2 write-svc: {aborted} of {total} ABORTED ({:.2} %)", rate * 100.0);
+    eprintln!(
+        "16 writers on one cart across 2 write-svc: {aborted} of {total} ABORTED ({:.2} %)",
+        rate * 100.0
+    );
     assert!(rate <= 0.01, "{aborted} of {total} commands ABORTED");
 }
 

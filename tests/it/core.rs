@@ -53,7 +53,11 @@ async fn get_cart(c: &Clients, id: &str, min_version: u64) -> cart::Cart {
 
 /// The stream as the domain sees it, from ReadStream.
 async fn recorded(c: &Clients, id: &str) -> Vec<RecordedEvent> {
-    read_all(c, "cart", id).await.into_iter().map(to_domain).collect()
+    read_all(c, "cart", id)
+        .await
+        .into_iter()
+        .map(to_domain)
+        .collect()
 }
 
 /// The read model equals the view derived from the aggregate's own fold of what was stored.
@@ -154,19 +158,21 @@ pub async fn read_model_agrees_with_the_aggregate(c: &Clients) {
             let _ = match next(6) {
                 0 => append(c, &id, vec![item_added(sku, quantity, price)]).await,
                 1 => append(c, &id, vec![item_removed(sku, quantity, price)]).await,
-                2 => append(
-                    c,
-                    &id,
-                    vec![json_event(
-                        "CheckedOut",
-                        &format!(
-                            r#"{{"total_cents":{},"item_count":{}}}"#,
-                            next(500),
-                            next(5)
-                        ),
-                    )],
-                )
-                .await,
+                2 => {
+                    append(
+                        c,
+                        &id,
+                        vec![json_event(
+                            "CheckedOut",
+                            &format!(
+                                r#"{{"total_cents":{},"item_count":{}}}"#,
+                                next(500),
+                                next(5)
+                            ),
+                        )],
+                    )
+                    .await
+                }
                 3 => carts
                     .add_item(cart::AddItemRequest {
                         cart_id: id.clone(),
@@ -399,6 +405,10 @@ pub async fn contended_commands(
     }
     let total = writers * per_writer;
     let got = get_cart(c, &id, (total - aborted) as u64).await;
-    assert_eq!(got.item_count as usize, total - aborted, "every success counted");
+    assert_eq!(
+        got.item_count as usize,
+        total - aborted,
+        "every success counted"
+    );
     (total, aborted)
 }

@@ -920,7 +920,10 @@ pub async fn schema_upgrades_are_read_through_upcasters(c: &Clients) {
         .await
         .expect_err("a schema version this server cannot read would lock the cart");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("events[0].schema_version"), "{err:?}");
+    assert!(
+        err.message().contains("events[0].schema_version"),
+        "{err:?}"
+    );
     let v = c
         .carts
         .clone()

@@ -398,7 +398,8 @@ impl Projection for BookProjection {
             }
             BookEvent::BookDeleted { author } => {
                 // The tombstone keeps the ISBN, which stays taken.
-                out.fields.extend([FieldOp::Tombstone, set("isbn", member.clone())]);
+                out.fields
+                    .extend([FieldOp::Tombstone, set("isbn", member.clone())]);
                 out.indexes
                     .extend([remove(ALL_INDEX.to_owned()), remove(author_index(&author))]);
             }

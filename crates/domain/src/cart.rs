@@ -303,15 +303,13 @@ impl Projection for CartProjection {
                 unit_price_cents,
             }) => out.fields.extend([
                 FieldOp::Adjust(format!("{ITEM_PREFIX}{sku}"), quantity),
-                FieldOp::Set(
-                    format!("{PRICE_PREFIX}{sku}"),
-                    unit_price_cents.to_string(),
-                ),
+                FieldOp::Set(format!("{PRICE_PREFIX}{sku}"), unit_price_cents.to_string()),
             ]),
             // Units leave the line; a line that reaches 0 is gone.
-            Some(CartEvent::ItemRemoved { sku, quantity, .. }) => out.fields.push(
-                FieldOp::Adjust(format!("{ITEM_PREFIX}{sku}"), quantity.saturating_neg()),
-            ),
+            Some(CartEvent::ItemRemoved { sku, quantity, .. }) => out.fields.push(FieldOp::Adjust(
+                format!("{ITEM_PREFIX}{sku}"),
+                quantity.saturating_neg(),
+            )),
             Some(CartEvent::CheckedOut { .. }) => out.fields.extend([
                 FieldOp::Set(STATUS_FIELD.into(), CHECKED_OUT.into()),
                 FieldOp::Set(

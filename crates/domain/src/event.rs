@@ -410,7 +410,10 @@ mod tests {
         // Any contiguous run of stored events repeats (a suffix of a batch too); other
         // payloads under the same ids, or more events than stored, are refused.
         assert_eq!(
-            repeated_append(&new[1..], &[(0, stored[1].1.clone()), (1, stored[2].1.clone())]),
+            repeated_append(
+                &new[1..],
+                &[(0, stored[1].1.clone()), (1, stored[2].1.clone())]
+            ),
             Repeat::Same(AppendResult {
                 first_version: 6,
                 last_version: 7,
@@ -428,7 +431,10 @@ mod tests {
         );
         let mut extra = new.clone();
         extra.push(NewEvent::json("E", 1, &json!({})));
-        assert!(matches!(repeated_append(&extra, &stored), Repeat::Reused { .. }));
+        assert!(matches!(
+            repeated_append(&extra, &stored),
+            Repeat::Reused { .. }
+        ));
     }
 
     #[test]

@@ -3,11 +3,11 @@
 use crate::commands::Executor;
 use crate::error::status_from_store;
 use crate::Nudge;
+use esq::convert::{self, status_from_domain};
+use esq::pb::v1 as pb;
 use esq_domain::bookshop::{self, Book};
 use esq_domain::cart::{self, Cart};
 use esq_domain::contract;
-use esq::convert::{self, status_from_domain};
-use esq::pb::v1 as pb;
 use esq_eventstore::{Direction, EventStore, ReadRequest};
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -135,7 +135,10 @@ impl<S: EventStore> Executor<S> {
         events: &[NewEvent],
         deadline: Option<Instant>,
     ) -> Result<AppendResult, Status> {
-        let retry = matches!(expected, ExpectedVersion::Any | ExpectedVersion::StreamExists);
+        let retry = matches!(
+            expected,
+            ExpectedVersion::Any | ExpectedVersion::StreamExists
+        );
         self.with_retries(stream, deadline, retry, || async move {
             let loaded = self.load::<A>(stream, "", events).await?;
             match repeated_append(events, &loaded.repeats) {
@@ -325,7 +328,10 @@ impl StreamQueues {
     /// Waits for the stream's turn (tokio's mutex is fair: first come, first served).
     async fn turn(&self, stream: &StreamId) -> Turn<'_> {
         let queue = {
-            let mut queues = self.queues.lock().expect("stream queue map is never poisoned");
+            let mut queues = self
+                .queues
+                .lock()
+                .expect("stream queue map is never poisoned");
             Arc::clone(queues.entry(stream.clone()).or_default())
         };
         Turn {
