@@ -32,6 +32,28 @@ pub(crate) fn execution(err: ExecutionError) -> StoreError {
     }
 }
 
+/// Whether a failed write may nevertheless have been applied: the request was (or may have
+/// been) sent and no verdict came back — a client timeout, a connection lost in flight, a
+/// server-side write timeout, or a Paxos round of unknown outcome. Every other error is a
+/// refusal before anything was written (no node, overloaded, not enough replicas, bad
+/// request).
+pub(crate) fn may_have_applied(err: &ExecutionError) -> bool {
+    match err {
+        ExecutionError::RequestTimeout(_) => true,
+        ExecutionError::LastAttemptError(e) => match e {
+            RequestAttemptError::BrokenConnectionError(_) => true,
+            RequestAttemptError::DbError(db, _) => {
+                matches!(
+                    db,
+                    DbError::WriteTimeout { .. } | DbError::ReadTimeout { .. }
+                ) || matches!(db, DbError::Other(code) if *code == CAS_WRITE_UNKNOWN)
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 /// Translates a failure to prepare a statement.
 pub(crate) fn prepare(err: PrepareError) -> StoreError {
     match err {
@@ -155,5 +177,22 @@ mod tests {
         ));
         assert!(matches!(db(DbError::SyntaxError), StoreError::Internal(_)));
         assert!(matches!(db(DbError::Invalid), StoreError::Internal(_)));
+    }
+
+    #[test]
+    fn only_unanswered_writes_may_have_applied() {
+        let db = |e: DbError| {
+            ExecutionError::LastAttemptError(RequestAttemptError::DbError(e, "m".into()))
+        };
+        assert!(may_have_applied(&ExecutionError::RequestTimeout(
+            Duration::from_millis(5)
+        )));
+        assert!(may_have_applied(&db(DbError::Other(CAS_WRITE_UNKNOWN))));
+        assert!(!may_have_applied(&ExecutionError::EmptyPlan));
+        assert!(!may_have_applied(&db(DbError::Overloaded)));
+        assert!(!may_have_applied(&db(DbError::Invalid)));
+        assert!(!may_have_applied(&ExecutionError::ConnectionPoolError(
+            ConnectionPoolError::Initializing
+        )));
     }
 }
