@@ -6,4 +6,5 @@
 
 mod cluster;
 mod dev;
+mod startup;
 mod suite;

@@ -380,7 +380,7 @@ impl Inner {
         let limit = self.config.id_window.clamp(1, i32::MAX as u32) as i32;
         let values = (stream.kind.as_str(), stream.id.as_str(), 0i32, limit);
         let rows = self
-            .timed(self.session.execute_unpaged(&self.stmts.tail, values))
+            .timed(self.session().execute_unpaged(&self.stmts.tail, values))
             .await?
             .into_rows_result()
             .map_err(error::into_rows)?;
@@ -459,7 +459,7 @@ impl Inner {
         }
         let sent = tokio::time::timeout(
             self.config.request_timeout,
-            self.session.batch(&batch, values),
+            self.session().batch(&batch, values),
         )
         .await;
         let result = match sent {
@@ -597,7 +597,7 @@ impl Inner {
         let values = (stream.kind.as_str(), stream.id.as_str(), 0i32);
         let rows = self
             .timed(
-                self.session
+                self.session()
                     .execute_unpaged(&self.stmts.head_serial, values),
             )
             .await?
@@ -626,7 +626,7 @@ impl Inner {
         );
         let rows = self
             .timed(
-                self.session
+                self.session()
                     .execute_unpaged(&self.stmts.events_serial, values),
             )
             .await?

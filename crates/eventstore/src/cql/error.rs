@@ -54,6 +54,17 @@ pub(crate) fn may_have_applied(err: &ExecutionError) -> bool {
     }
 }
 
+/// Whether a request failed for want of any usable connection (the pool is empty or its
+/// connection broke): the hint that the session may need reviving once the cluster is back.
+pub(crate) fn no_connection(err: &ExecutionError) -> bool {
+    matches!(
+        err,
+        ExecutionError::ConnectionPoolError(_)
+            | ExecutionError::EmptyPlan
+            | ExecutionError::LastAttemptError(RequestAttemptError::BrokenConnectionError(_))
+    )
+}
+
 /// Translates a failure to prepare a statement.
 pub(crate) fn prepare(err: PrepareError) -> StoreError {
     match err {
