@@ -6,16 +6,24 @@
 //! rows share the partition, so Paxos makes the batch atomic and linearizable across any number
 //! of writers.
 //!
-//! Idempotency: an append whose first event id is already recorded returns the original
-//! result. The ids are looked up in the stream's *idempotency window* — its newest
+//! Idempotency follows [`crate::repeat`]: an append is a repeat only if its events are exactly
+//! one earlier append (each row records the bounds of the append that wrote it, `append_first`
+//! and `append_last`), with the same contents; anything else reusing an id is refused. The ids
+//! are looked up in the stream's *idempotency window* — its newest
 //! [`super::CqlConfig::id_window`] events, read in the same query as the head — rather than
 //! through a secondary index: the read is a single-partition slice that `Any` appends need
 //! anyway for the head, it is exact (no index lag, no index to build or to keep in step with
-//! the partition), and it is bounded whatever the stream's length. The price is the window: a
-//! retry arriving after more than `id_window` newer events of the same stream is not recognised.
-//! `Exact` appends are covered without the window too: a retry of one that committed finds the
-//! head moved, and the rows at the expected positions are read back (linearizably) and
-//! compared.
+//! the partition), and it is bounded whatever the stream's length. A candidate repeat's stored
+//! events are then read (linearizably) and compared. The price is the window: a retry arriving
+//! after more than `id_window` newer events of the same stream is not recognised. `Exact`
+//! appends are covered without the window too: a retry of one that committed finds the head
+//! moved, and the rows at the expected positions are read back (linearizably) and compared.
+//!
+//! Unanswered batches: a timeout or a connection lost while the batch was in flight leaves its
+//! outcome open. The head is then read with SERIAL consistency — which completes a Paxos round
+//! in flight or makes it fail, so the answer is final — and the rows at the target versions are
+//! compared as after a lost race. Read failures are retried until the append deadline; after it
+//! the append fails with [`StoreError::OutcomeUnknown`].
 //!
 //! Timing rules, so that the change log never loses a committed append: the notification is
 //! written first, and the batch is sent only if [`batch_guard`] allows it — the notification

@@ -23,13 +23,15 @@
 //! partition, `IF head = 0` does not) plus one INSERT per event. `Any` and `StreamExists` read
 //! the head first and condition on it, retrying lost races until the append deadline.
 //!
-//! Idempotency uses a window, not an index: the read that returns the head also returns the
-//! ids of the stream's newest [`CqlConfig::id_window`] events, and an append whose first id is
-//! among them returns the original result (or [`StoreError::EventIdReused`]). That read is one
-//! bounded, exact, single-partition slice — no index lag, nothing to keep in step — at the price
-//! that an `Any` retry arriving after more than `id_window` newer events of its stream is not
-//! recognised. `Exact` retries are recognised wherever they are: the batch finds the head moved,
-//! and the rows at the expected positions are read back linearizably and compared.
+//! Idempotency (the rule of [`EventStore::append`]) uses a window, not an index: the read that
+//! returns the head also returns the ids of the stream's newest [`CqlConfig::id_window`] events
+//! with the bounds of the appends that wrote them; an append that is exactly one of those
+//! appends, with the same contents, returns the original result, any other use of a known id is
+//! [`StoreError::EventIdReused`]. That read is one bounded, exact, single-partition slice — no
+//! index lag, nothing to keep in step — at the price that an `Any` retry arriving after more
+//! than `id_window` newer events of its stream is not recognised. `Exact` retries are
+//! recognised wherever they are: the batch finds the head moved, and the rows at the expected
+//! positions are read back linearizably and compared.
 //!
 //! With [`FeedKind::ChangesTable`] the notification row is written *before* the batch, so a
 //! committed append always has one; a notification whose batch never commits is an orphan the
