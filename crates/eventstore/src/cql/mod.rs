@@ -372,7 +372,9 @@ impl Inner {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 if error::no_connection(&e) {
-                    self.revive_if_stuck().await;
+                    // Boxed: opening a session is a large future, and every request's future
+                    // would otherwise carry it (deep async stacks overflow in debug builds).
+                    Box::pin(self.revive_if_stuck()).await;
                 }
                 Err(error::execution(e))
             }
