@@ -7,4 +7,5 @@
 mod cluster;
 mod core;
 mod dev;
+mod startup;
 mod suite;

@@ -286,59 +286,6 @@ pub struct AppendResult {
     pub committed_at_us: i64,
 }
 
-/// How an append relates to the stored events of its stream that carry its event ids.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Repeat {
-    /// None of its ids is stored: a new append.
-    None,
-    /// The same events are stored, in order, at consecutive versions: the append already
-    /// happened, and this is its result.
-    Same(AppendResult),
-    /// An id is stored for other events or in another arrangement: refused.
-    Reused {
-        /// The first event of the append whose id is reused.
-        index: usize,
-        /// Where that id is recorded.
-        version: u64,
-    },
-}
-
-/// Decides whether `events` repeat an append already stored. `found` are the stored events
-/// whose ids the append carries, each with its index in the append. Exactly the same events
-/// (ids, order, type, schema version, content type, payload) at consecutive versions are a
-/// repeat; any other reuse of an id is refused, so a partial overlap never writes.
-pub fn repeated_append(events: &[NewEvent], found: &[(usize, RecordedEvent)]) -> Repeat {
-    let mut found: Vec<&(usize, RecordedEvent)> = found.iter().collect();
-    found.sort_by_key(|(i, _)| *i);
-    let Some((first_index, first)) = found.first().map(|f| (f.0, &f.1)) else {
-        return Repeat::None;
-    };
-    let same = found.len() == events.len()
-        && found.iter().enumerate().all(|(k, (i, stored))| {
-            let new = &events[*i];
-            *i == k
-                && stored.version == first.version + k as u64
-                && stored.event_id == new.event_id
-                && stored.event_type == new.event_type
-                && stored.schema_version == new.schema_version
-                && stored.content_type == new.content_type
-                && stored.data == new.data
-        });
-    if same {
-        let last = &found[found.len() - 1].1;
-        Repeat::Same(AppendResult {
-            first_version: first.version,
-            last_version: last.version,
-            committed_at_us: last.recorded_at_us,
-        })
-    } else {
-        Repeat::Reused {
-            index: first_index,
-            version: first.version,
-        }
-    }
-}
-
 /// Summary of one stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamInfo {
@@ -370,71 +317,6 @@ mod tests {
         assert!(e.validate("events[0]").is_err());
         // Brackets inside strings do not count.
         assert_eq!(json_depth(br#"{"a":"[[[{{{\"[[","b":[1]}"#), 2);
-    }
-
-    #[test]
-    fn repeats_are_exactly_the_same_events() {
-        let stream = StreamId::new("s", "1").expect("valid");
-        let new: Vec<NewEvent> = (0..3)
-            .map(|i| NewEvent::json("E", 1, &json!({ "i": i })))
-            .collect();
-        let stored: Vec<(usize, RecordedEvent)> = new
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                (
-                    i,
-                    RecordedEvent {
-                        stream: stream.clone(),
-                        version: 5 + i as u64,
-                        event_id: e.event_id,
-                        event_type: e.event_type.clone(),
-                        schema_version: 1,
-                        content_type: e.content_type.clone(),
-                        data: e.data.clone(),
-                        metadata: BTreeMap::new(),
-                        recorded_at_us: 42,
-                    },
-                )
-            })
-            .collect();
-        assert_eq!(repeated_append(&new, &[]), Repeat::None);
-        assert_eq!(
-            repeated_append(&new, &stored),
-            Repeat::Same(AppendResult {
-                first_version: 5,
-                last_version: 7,
-                committed_at_us: 42
-            })
-        );
-        // Any contiguous run of stored events repeats (a suffix of a batch too); other
-        // payloads under the same ids, or more events than stored, are refused.
-        assert_eq!(
-            repeated_append(
-                &new[1..],
-                &[(0, stored[1].1.clone()), (1, stored[2].1.clone())]
-            ),
-            Repeat::Same(AppendResult {
-                first_version: 6,
-                last_version: 7,
-                committed_at_us: 42
-            })
-        );
-        let mut other = new.clone();
-        other[1].data = b"{}".to_vec();
-        assert_eq!(
-            repeated_append(&other, &stored),
-            Repeat::Reused {
-                index: 0,
-                version: 5
-            }
-        );
-        let mut extra = new.clone();
-        extra.push(NewEvent::json("E", 1, &json!({})));
-        assert!(matches!(
-            repeated_append(&extra, &stored),
-            Repeat::Reused { .. }
-        ));
     }
 
     #[test]

@@ -342,6 +342,7 @@ pub async fn reused_event_ids<S: EventStore>(store: &S, prefix: &str) {
     assert_eq!(
         got,
         Err(StoreError::EventIdReused {
+            index: 1,
             event_id: stored[1].event_id,
             version: 2
         }),
@@ -353,6 +354,7 @@ pub async fn reused_event_ids<S: EventStore>(store: &S, prefix: &str) {
     assert_eq!(
         got,
         Err(StoreError::EventIdReused {
+            index: 0,
             event_id: stored[0].event_id,
             version: 1
         }),
@@ -366,13 +368,17 @@ pub async fn reused_event_ids<S: EventStore>(store: &S, prefix: &str) {
         )
         .await;
     assert!(
-        matches!(got, Err(StoreError::EventIdReused { event_id, version: 1 }) if event_id == stored[0].event_id),
+        matches!(got, Err(StoreError::EventIdReused { index: 0, event_id, version: 1 }) if event_id == stored[0].event_id),
         "a reused id is reported even when the expected version is right: {got:?}"
     );
     let swapped = [stored[1].clone(), stored[0].clone()];
     let got = store.append(&s, ExpectedVersion::Any, &swapped).await;
     match got {
-        Err(StoreError::EventIdReused { event_id, version }) => {
+        Err(StoreError::EventIdReused {
+            index: 0,
+            event_id,
+            version,
+        }) => {
             let at = stored.iter().position(|e| e.event_id == event_id);
             assert_eq!(
                 at.map(|i| i as u64 + 1),
@@ -395,6 +401,135 @@ pub async fn reused_event_ids<S: EventStore>(store: &S, prefix: &str) {
         r.first_version, 1,
         "the same id in another stream is another event"
     );
+}
+
+/// The retry shapes, decided once for every adapter and every kind of expected version
+/// (`any`, `no_stream`, `stream_exists`, `exact`): only a whole earlier append — the same ids,
+/// in order, with the same contents — is a repeat and returns the original result; a prefix,
+/// a suffix, the same ids with another payload or type, and known ids mixed with new ones are
+/// refused with [`StoreError::EventIdReused`] naming the first offending event, and write
+/// nothing.
+pub async fn retry_shapes<S: EventStore>(store: &S, prefix: &str) {
+    let kinds = [
+        ("any", ExpectedVersion::Any),
+        ("no-stream", ExpectedVersion::NoStream),
+        ("stream-exists", ExpectedVersion::StreamExists),
+        ("exact", ExpectedVersion::Exact(1)),
+    ];
+    for (name, expect) in kinds {
+        let s = stream(prefix, &format!("shapes-{name}"));
+        // `no_stream` appends to an empty stream; the others after one seed event.
+        let seeded = expect != ExpectedVersion::NoStream;
+        if seeded {
+            append_ok(store, &s, ExpectedVersion::NoStream, &batch(1)).await;
+        }
+        let b = batch(3);
+        let original = append_ok(store, &s, expect, &b).await;
+        let v0 = original.first_version;
+        assert_eq!(v0, if seeded { 2 } else { 1 }, "{name}: first version");
+        pass(original.committed_at_us).await;
+        assert_eq!(
+            store.append(&s, expect, &b).await,
+            Ok(original),
+            "{name}: a whole retry returns the original result"
+        );
+        let refused = |what: &str, got: Result<AppendResult, StoreError>, index, at: &NewEvent| {
+            let version = b
+                .iter()
+                .position(|e| e.event_id == at.event_id)
+                .map_or(0, |i| v0 + i as u64);
+            assert_eq!(
+                got,
+                Err(StoreError::EventIdReused {
+                    index,
+                    event_id: at.event_id,
+                    version
+                }),
+                "{name}: {what}"
+            );
+        };
+        refused(
+            "a prefix of an earlier append",
+            store.append(&s, expect, &b[..2]).await,
+            0,
+            &b[0],
+        );
+        refused(
+            "a suffix of an earlier append",
+            store.append(&s, expect, &b[1..]).await,
+            0,
+            &b[1],
+        );
+        refused(
+            "one event of an earlier append",
+            store.append(&s, expect, &b[2..]).await,
+            0,
+            &b[2],
+        );
+        let mut other_payload = b.clone();
+        other_payload[2].data = b"{\"other\":true}".to_vec();
+        refused(
+            "the same ids with another payload",
+            store.append(&s, expect, &other_payload).await,
+            2,
+            &b[2],
+        );
+        let mut other_type = b.clone();
+        other_type[0].event_type = "ContractOther".into();
+        refused(
+            "the same ids with another type",
+            store.append(&s, expect, &other_type).await,
+            0,
+            &b[0],
+        );
+        let mixed = [event(7), b[0].clone(), b[1].clone(), b[2].clone()];
+        refused(
+            "a new event before an earlier append",
+            store.append(&s, expect, &mixed).await,
+            1,
+            &b[0],
+        );
+        let extended = [b[0].clone(), b[1].clone(), b[2].clone(), event(8)];
+        refused(
+            "an earlier append with one more event",
+            store.append(&s, expect, &extended).await,
+            0,
+            &b[0],
+        );
+        let stored: Vec<Uuid> = read_all(store, &s)
+            .await
+            .iter()
+            .skip(usize::from(seeded))
+            .map(|e| e.event_id)
+            .collect();
+        assert_eq!(stored, ids(&b), "{name}: refused retries wrote nothing");
+        assert_eq!(
+            info(store, &s).await.map(|i| i.version),
+            Some(original.last_version),
+            "{name}: version"
+        );
+    }
+}
+
+/// An `exact` expected version that no stream can reach (2^63 and beyond; the CQL adapter
+/// stores versions as signed 64-bit) is an ordinary wrong expected version, on a missing and on
+/// an existing stream, and writes nothing.
+pub async fn huge_expected_versions<S: EventStore>(store: &S, prefix: &str) {
+    let missing = stream(prefix, "huge-missing");
+    let existing = stream(prefix, "huge-existing");
+    append_ok(store, &existing, ExpectedVersion::NoStream, &batch(1)).await;
+    for v in [1u64 << 63, (1u64 << 63) - 1, u64::MAX - 1, u64::MAX] {
+        for (s, actual) in [(&missing, 0), (&existing, 1)] {
+            assert_wrong_version(
+                store.append(s, ExpectedVersion::Exact(v), &batch(2)).await,
+                ExpectedVersion::Exact(v),
+                actual,
+                &format!("exact({v}) on a stream at {actual}"),
+            );
+        }
+    }
+    assert_eq!(info(store, &missing).await, None, "nothing created");
+    assert_eq!(read_all(store, &existing).await.len(), 1, "nothing written");
 }
 
 fn request(
@@ -840,6 +975,8 @@ pub async fn run_all<S: EventStore + ChangeFeed + Clone>(store: &S, prefix: &str
     expected_versions(store, prefix).await;
     idempotent_retries(store, prefix).await;
     reused_event_ids(store, prefix).await;
+    retry_shapes(store, prefix).await;
+    huge_expected_versions(store, prefix).await;
     reads(store, prefix).await;
     stream_info(store, prefix).await;
     list_streams(store, prefix).await;

@@ -22,6 +22,7 @@
 //! stepping back is clamped to the latest commit), so within a stream `recorded_at_us` grows
 //! with the version — which is what as-of-time reads rely on.
 
+use crate::repeat::{check_contents, check_ids, IdCheck, Known};
 use crate::{
     now_us, Change, ChangeFeed, ChangePage, Direction, EventStore, ReadRequest, StoreError,
     StreamPage,
@@ -211,8 +212,9 @@ enum Plan {
     Write(Option<StreamMeta>),
 }
 
-/// Checks idempotency, reused ids and the expected version, in that order: a retry of a stored
-/// append succeeds whatever its expected version, since the stream has moved on because of it.
+/// Checks idempotency and reused ids ([`crate::repeat`]), then the expected version: a repeat
+/// of a stored append succeeds whatever its expected version, since the stream may have moved
+/// on because of it.
 fn plan_append(
     streams: &impl ReadableTable<&'static str, &'static [u8]>,
     rows: &impl ReadableTable<EventKey, EventRow>,
@@ -221,57 +223,61 @@ fn plan_append(
     expected: ExpectedVersion,
     events: &[NewEvent],
 ) -> Result<Plan, StoreError> {
-    let version_of = |id: &Uuid| -> Result<Option<u64>, StoreError> {
-        Ok(ids
-            .get((key, id.as_bytes()))
-            .map_err(db_err)?
-            .map(|g| g.value()))
-    };
-    let Some(first) = events.first() else {
+    if events.is_empty() {
         return Err(StoreError::Internal(
             "an append needs at least one event".into(),
         ));
-    };
-    if let Some(v0) = version_of(&first.event_id)? {
-        let reused = StoreError::EventIdReused {
-            event_id: first.event_id,
-            version: v0,
-        };
-        let row = rows.get((key, v0)).map_err(db_err)?.ok_or_else(|| {
+    }
+    let stored_at = |version: u64| -> Result<RecordedEvent, StoreError> {
+        let row = rows.get((key, version)).map_err(db_err)?.ok_or_else(|| {
             StoreError::Internal(format!(
-                "event index of {key} points at missing version {v0}"
+                "event index of {key} points at missing version {version}"
             ))
         })?;
-        let (recorded_at_us, header, _) = row.value();
-        let header: EventHeader = decode(header)?;
-        let last = v0 + events.len() as u64 - 1;
-        if header.append_first != v0 || header.append_last != last {
-            return Err(reused);
-        }
-        for (v, e) in (v0..).zip(events).skip(1) {
-            match version_of(&e.event_id)? {
-                Some(found) if found == v => {}
-                Some(found) => {
-                    return Err(StoreError::EventIdReused {
-                        event_id: e.event_id,
-                        version: found,
-                    })
-                }
-                None => return Err(reused),
+        let (recorded_at_us, header, data) = row.value();
+        let h: EventHeader = decode(header)?;
+        Ok(RecordedEvent {
+            stream: StreamId {
+                kind: String::new(),
+                id: String::new(),
+            },
+            version,
+            event_id: h.event_id,
+            event_type: h.event_type,
+            schema_version: h.schema_version,
+            content_type: h.content_type,
+            data: data.to_vec(),
+            metadata: h.metadata,
+            recorded_at_us,
+        })
+    };
+    let mut known = Vec::with_capacity(events.len());
+    for e in events {
+        let found = ids.get((key, e.event_id.as_bytes())).map_err(db_err)?;
+        known.push(match found.map(|g| g.value()) {
+            Some(version) => {
+                let row = rows.get((key, version)).map_err(db_err)?.ok_or_else(|| {
+                    StoreError::Internal(format!(
+                        "event index of {key} points at missing version {version}"
+                    ))
+                })?;
+                let h: EventHeader = decode(row.value().1)?;
+                Some(Known {
+                    version,
+                    append: Some((h.append_first, h.append_last)),
+                })
             }
-        }
-        return Ok(Plan::Replay(AppendResult {
-            first_version: v0,
-            last_version: last,
-            committed_at_us: recorded_at_us,
-        }));
+            None => None,
+        });
     }
-    for e in &events[1..] {
-        if let Some(version) = version_of(&e.event_id)? {
-            return Err(StoreError::EventIdReused {
-                event_id: e.event_id,
-                version,
-            });
+    match check_ids(events, &known) {
+        IdCheck::New => {}
+        IdCheck::Reused(e) => return Err(e),
+        IdCheck::Candidate { first_version } => {
+            let stored = (first_version..first_version + events.len() as u64)
+                .map(stored_at)
+                .collect::<Result<Vec<_>, _>>()?;
+            return check_contents(events, &stored).map(Plan::Replay);
         }
     }
     let meta = read_meta(streams, key)?;
@@ -336,6 +342,7 @@ fn append_blocking(
                 // Only possible for an id repeated inside this batch; the transaction is
                 // dropped uncommitted, so nothing is written.
                 return Err(StoreError::EventIdReused {
+                    index: (version - first_version) as usize,
                     event_id: e.event_id,
                     version: earlier.value(),
                 });
@@ -734,6 +741,7 @@ mod tests {
         assert_eq!(
             prefix,
             Err(StoreError::EventIdReused {
+                index: 0,
                 event_id: batch[0].event_id,
                 version: 1
             })
@@ -742,6 +750,7 @@ mod tests {
         assert_eq!(
             suffix,
             Err(StoreError::EventIdReused {
+                index: 0,
                 event_id: batch[1].event_id,
                 version: 2
             })

@@ -9,6 +9,7 @@
 pub mod contract;
 pub mod cql;
 pub mod embedded;
+mod repeat;
 
 use esq_domain::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId, StreamInfo};
 use std::future::Future;
@@ -24,15 +25,31 @@ pub enum StoreError {
         /// The stream's current version.
         actual: u64,
     },
-    /// An event id of the append is already stored in the stream, but not as the same append
-    /// at the same position: a client reused an id for different events.
-    #[error("event id {event_id} is already recorded in this stream at version {version}")]
+    /// An event id of the append is already stored in the stream, but the append is not an
+    /// exact repeat of the append that stored it (see [`EventStore::append`]): a partial retry,
+    /// other contents under the same ids, or a client reusing an id for another event.
+    #[error(
+        "events[{index}]: event id {event_id} is already recorded in this stream at version \
+         {version}, by another append; a retry must repeat the original append exactly (same \
+         events, same order, same contents)"
+    )]
     EventIdReused {
+        /// Position of the offending event in the append.
+        index: usize,
         /// The reused id.
         event_id: uuid::Uuid,
         /// Where it is recorded.
         version: u64,
     },
+    /// The append was sent but its outcome could not be learnt (a timeout or a broken
+    /// connection while the write was in flight, and the stream could not be read back in
+    /// time): it may or may not have committed. Retrying with the same event ids is safe — a
+    /// committed original is then reported as such, see [`EventStore::append`].
+    #[error(
+        "append outcome unknown: it may have committed; retrying with the same event ids is \
+         safe ({0})"
+    )]
+    OutcomeUnknown(String),
     /// The backing store cannot be reached or did not answer in time.
     #[error("event store unavailable: {0}")]
     Unavailable(String),
@@ -96,9 +113,27 @@ pub struct StreamPage {
 /// The append-only, per-stream-ordered event store.
 pub trait EventStore: Send + Sync + 'static {
     /// Appends `events` (already validated) atomically if `expected` admits the stream's
-    /// version. Idempotent: if the first event's id is already recorded in the stream as part of
-    /// the same events at consecutive versions, returns the original result and stores nothing;
-    /// if an id is recorded otherwise, fails with [`StoreError::EventIdReused`].
+    /// version.
+    ///
+    /// Idempotency, the same on every adapter: an append is a *repeat* when its events are,
+    /// in order, exactly the events of one earlier append of this stream — every id found, at
+    /// consecutive versions, that earlier append having had exactly these events, each with
+    /// the same type, schema version, content type, data and metadata. A repeat stores nothing
+    /// and returns the original result, whatever its expected version (the stream may have
+    /// moved on because of the original). Anything else that carries an id already in the
+    /// stream — a prefix or a suffix of an earlier append, the same ids with other contents,
+    /// known ids mixed with new ones — fails with [`StoreError::EventIdReused`] naming the
+    /// first offending event, and writes nothing. The id check comes before the version
+    /// check.
+    ///
+    /// An expected version no stream can have (e.g. `exact` ≥ 2^63 on a store whose versions
+    /// are signed 64-bit) is a [`StoreError::WrongExpectedVersion`] like any other.
+    ///
+    /// Adapters may bound how far back a repeat is recognised (the CQL adapter looks at the
+    /// stream's newest `id_window` events, and at the expected positions of an `exact` append).
+    ///
+    /// An append whose outcome cannot be learnt in time fails with
+    /// [`StoreError::OutcomeUnknown`]; every other error means nothing was appended.
     fn append(
         &self,
         stream: &StreamId,

@@ -496,6 +496,105 @@ async fn outages_are_unavailable_and_recoverable() {
     assert!(versions == [1, 2] || versions == [1, 2, 3], "{versions:?}");
 }
 
+/// An append whose batch reached the node but whose answer was lost (the proxy swallows the
+/// response, so the driver times out) is resolved by reading the stream back linearizably: it
+/// is reported as committed, with its versions, and stored once. When the read-back cannot get
+/// through either, the append is reported as `OutcomeUnknown` — never as a plain failure — and
+/// a retry with the same event ids then returns the original result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_appends_are_read_back() {
+    let Some(node) = node("unanswered_appends_are_read_back") else {
+        return;
+    };
+    let upstream: SocketAddr = tokio::net::lookup_host(&node)
+        .await
+        .expect("resolve")
+        .next()
+        .expect("an address");
+    let proxy = FrameProxy::start(upstream).await;
+    let mut cfg = config("unanswered", &proxy.addr().to_string());
+    cfg.request_timeout = Duration::from_secs(2);
+    cfg.append_deadline = Duration::from_secs(8);
+    let store = connect(cfg).await;
+    let s = stream("unanswered-1");
+    store
+        .append(&s, ExpectedVersion::NoStream, &[event(1)])
+        .await
+        .expect("append while answered");
+
+    // The batch goes through, its answer is lost: the read-back finds it committed.
+    for expected in [ExpectedVersion::Exact(1), ExpectedVersion::Any] {
+        proxy.swallow(Swallow::BatchAnswer);
+        let batch = [event(2), event(3)];
+        let head = store
+            .stream_info(&s)
+            .await
+            .expect("info")
+            .expect("exists")
+            .version;
+        let started = Instant::now();
+        let got = store.append(&s, expected, &batch).await;
+        eprintln!(
+            "{expected}: batch answer lost: {got:?} after {:?}",
+            started.elapsed()
+        );
+        assert!(proxy.swallowed() > 0, "the proxy saw no batch to swallow");
+        let r = got.unwrap_or_else(|e| panic!("{expected}: a committed append reported as {e:?}"));
+        assert_eq!((r.first_version, r.last_version), (head + 1, head + 2));
+        let ids: Vec<Uuid> = store
+            .read(&s, ReadRequest::forwards(head + 1, 10))
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| e.event_id)
+            .collect();
+        assert_eq!(ids, [batch[0].event_id, batch[1].event_id], "stored once");
+    }
+
+    // The answer is lost and so is every answer after it, until the deadline: unknown.
+    proxy.swallow(Swallow::EverythingFromBatch);
+    let batch = [event(4)];
+    let started = Instant::now();
+    let got = store.append(&s, ExpectedVersion::Exact(5), &batch).await;
+    eprintln!(
+        "batch and read-backs unanswered: {got:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(&got, Err(StoreError::OutcomeUnknown(_))),
+        "an append that may have committed must say so: {got:?}"
+    );
+    let text = got.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        text.contains("retrying with the same event ids is safe"),
+        "{text}"
+    );
+    proxy.swallow(Swallow::Nothing);
+    // The node did get the batch: the retry finds it, once the driver has its answers again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let retried = loop {
+        match store.append(&s, ExpectedVersion::Exact(5), &batch).await {
+            Ok(r) => break r,
+            Err(StoreError::Unavailable(e)) | Err(StoreError::OutcomeUnknown(e))
+                if Instant::now() < deadline =>
+            {
+                eprintln!("retry: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("retry with the same ids: {e:?}"),
+        }
+    };
+    assert_eq!((retried.first_version, retried.last_version), (6, 6));
+    assert_eq!(
+        store
+            .stream_info(&s)
+            .await
+            .expect("info")
+            .map(|i| i.version),
+        Some(6)
+    );
+}
+
 /// The configuration is checked at connect: the append deadline must leave room for two
 /// requests, and the confidence window has a floor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -847,5 +946,147 @@ impl Proxy {
             }
         };
         self.accept = Some(self.serve(listener));
+    }
+}
+
+/// What a [`FrameProxy`] drops of the node's answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Swallow {
+    /// Forwards everything.
+    Nothing,
+    /// Drops the answer to the next BATCH request (the request itself goes through).
+    BatchAnswer,
+    /// Drops the answer to the next BATCH request and every answer after it.
+    EverythingFromBatch,
+}
+
+/// A TCP proxy in front of the node that reads CQL v4 frames in both directions and can drop
+/// the node's answer to a BATCH request after forwarding the request, so that the driver
+/// times out on a write the node did apply.
+struct FrameProxy {
+    addr: SocketAddr,
+    state: std::sync::Arc<std::sync::Mutex<SwallowState>>,
+    accept: JoinHandle<()>,
+}
+
+struct SwallowState {
+    mode: Swallow,
+    /// (connection, stream id) of batch requests whose answers are to be dropped.
+    pending: Vec<(u64, i16)>,
+    /// Drop every answer from now on.
+    black_hole: bool,
+    swallowed: u32,
+}
+
+impl Drop for FrameProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Reads one CQL frame (9-byte v4 header and body); `None` at the end of the stream.
+async fn read_frame(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut frame = vec![0u8; 9];
+    r.read_exact(&mut frame).await.ok()?;
+    let len = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) as usize;
+    frame.resize(9 + len, 0);
+    r.read_exact(&mut frame[9..]).await.ok()?;
+    Some(frame)
+}
+
+impl FrameProxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        use tokio::io::AsyncWriteExt;
+        const BATCH: u8 = 0x0D;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let state = std::sync::Arc::new(std::sync::Mutex::new(SwallowState {
+            mode: Swallow::Nothing,
+            pending: Vec::new(),
+            black_hole: false,
+            swallowed: 0,
+        }));
+        let shared = state.clone();
+        let accept = tokio::spawn(async move {
+            let mut conn = 0u64;
+            while let Ok((client, _)) = listener.accept().await {
+                conn += 1;
+                let (up_state, down_state) = (shared.clone(), shared.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut client_rx, mut client_tx) = client.into_split();
+                    let (mut server_rx, mut server_tx) = server.into_split();
+                    let up = async move {
+                        while let Some(frame) = read_frame(&mut client_rx).await {
+                            if frame[4] == BATCH {
+                                let mut st = up_state.lock().expect("lock");
+                                if st.mode != Swallow::Nothing {
+                                    let stream = i16::from_be_bytes([frame[2], frame[3]]);
+                                    st.pending.push((conn, stream));
+                                }
+                            }
+                            if server_tx.write_all(&frame).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let down = async move {
+                        while let Some(frame) = read_frame(&mut server_rx).await {
+                            let stream = i16::from_be_bytes([frame[2], frame[3]]);
+                            let drop_it = {
+                                let mut st = down_state.lock().expect("lock");
+                                if let Some(i) =
+                                    st.pending.iter().position(|p| *p == (conn, stream))
+                                {
+                                    st.pending.remove(i);
+                                    st.swallowed += 1;
+                                    if st.mode == Swallow::EverythingFromBatch {
+                                        st.black_hole = true;
+                                    }
+                                    st.mode = Swallow::Nothing;
+                                    true
+                                } else {
+                                    st.black_hole && stream >= 0
+                                }
+                            };
+                            if !drop_it && client_tx.write_all(&frame).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            state,
+            accept,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Arms the proxy (or, with [`Swallow::Nothing`], disarms it and forwards everything).
+    fn swallow(&self, mode: Swallow) {
+        let mut st = self.state.lock().expect("lock");
+        st.mode = mode;
+        if mode == Swallow::Nothing {
+            st.black_hole = false;
+            st.pending.clear();
+        }
+    }
+
+    /// How many batch answers were dropped so far.
+    fn swallowed(&self) -> u32 {
+        self.state.lock().expect("lock").swallowed
     }
 }

@@ -144,7 +144,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                         tracing::warn!(error = %e, retry_in = ?backoff, "projection failed; retrying");
                         poll_due = Instant::now() + backoff;
                         leases_due = poll_due;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        // Capped at a second: a store that answers again is used within it.
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
                 }
                 continue;

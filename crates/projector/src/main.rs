@@ -42,10 +42,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
-    let Some(store) = args.cql.connect(&shutdown).await else {
+    let Some(store) = args.cql.connect(&shutdown).await? else {
         return Ok(());
     };
-    let Some(read) = args.redis.connect(&shutdown).await else {
+    let Some(read) = args.redis.connect(&shutdown).await? else {
         return Ok(());
     };
     let mut config = Config {

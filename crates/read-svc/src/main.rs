@@ -27,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
-    let Some(store) = args.redis.connect(&shutdown).await else {
+    let Some(store) = args.redis.connect(&shutdown).await? else {
         return Ok(());
     };
     let config = esq_read_svc::Config {

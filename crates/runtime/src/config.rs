@@ -1,6 +1,7 @@
 //! Command-line and environment configuration shared by the binaries: every flag also reads an
 //! `ESQ_…` variable. Parsed once in `main`; libraries receive plain config values.
 
+use anyhow::Context as _;
 use esq_eventstore::cql::{CqlConfig, CqlStore, FeedKind};
 use esq_readstore::redis::{RedisConfig, RedisStore};
 use std::time::Duration;
@@ -88,13 +89,15 @@ impl CqlArgs {
         c
     }
 
-    /// Connects (creating the schema if needed), retrying until it works; `None` on shutdown.
-    pub async fn connect(&self, shutdown: &CancellationToken) -> Option<CqlStore> {
+    /// Connects (creating the schema if needed), retrying while the cluster is unavailable;
+    /// `Ok(None)` on shutdown, an error at once for a bad configuration.
+    pub async fn connect(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<CqlStore>> {
         let config = self.config();
         crate::connect_with_retry("the event store", shutdown, || {
             CqlStore::connect(config.clone())
         })
         .await
+        .context("cannot start with this event-store configuration")
     }
 }
 
@@ -126,12 +129,17 @@ impl RedisArgs {
         }
     }
 
-    /// Connects, retrying until it works; `None` on shutdown.
-    pub async fn connect(&self, shutdown: &CancellationToken) -> Option<RedisStore> {
+    /// Connects, retrying while Redis is unavailable; `Ok(None)` on shutdown, an error at once
+    /// for a bad configuration.
+    pub async fn connect(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<RedisStore>> {
         let config = self.config();
         crate::connect_with_retry("the read store", shutdown, || {
             RedisStore::connect(config.clone())
         })
         .await
+        .context("cannot start with this read-store configuration")
     }
 }

@@ -144,25 +144,49 @@ pub async fn serve_grpc(
     Ok(())
 }
 
-/// Runs `connect` until it succeeds, backing off from 100 ms to 5 s and logging each failure,
-/// so a service can start before its backing stores. `None` if `shutdown` came first.
-pub async fn connect_with_retry<T, E: std::fmt::Display, Fut>(
+/// Whether an error at start may go away by itself (a backing store not up yet), so that
+/// connecting again is worth it; anything else (a bad configuration) should stop the process.
+pub trait Transient {
+    /// True for "cannot reach it (yet)", false for errors that retrying cannot fix.
+    fn is_transient(&self) -> bool;
+}
+
+impl Transient for esq_eventstore::StoreError {
+    fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+impl Transient for esq_readstore::ReadError {
+    fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+/// Runs `connect` until it succeeds, backing off from 100 ms to 5 s and logging each
+/// transient failure, so a service can start before its backing stores. `Ok(None)` if
+/// `shutdown` came first; an error that is not [`Transient`] (a bad configuration) is returned
+/// at once, for the binary to exit with it.
+pub async fn connect_with_retry<T, E: std::fmt::Display + Transient, Fut>(
     what: &str,
     shutdown: &CancellationToken,
     mut connect: impl FnMut() -> Fut,
-) -> Option<T>
+) -> Result<Option<T>, E>
 where
     Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut backoff = Duration::from_millis(100);
     loop {
         match connect().await {
-            Ok(v) => return Some(v),
-            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to {what}"),
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to {what}")
+            }
+            Err(e) => return Err(e),
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Ok(None),
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }

@@ -118,7 +118,7 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
 }
 
 /// The folder holding the workspace's binaries (next to this test executable's `deps/`).
-fn bin_dir() -> anyhow::Result<PathBuf> {
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe
         .parent()

@@ -11,7 +11,6 @@ use crate::error::status_from_store;
 use crate::Nudge;
 use esq::convert::status_from_domain;
 use esq_domain::aggregate::{self, Aggregate, Folded};
-use esq_domain::event::{repeated_append, Repeat};
 use esq_domain::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
 use esq_eventstore::{EventStore, ReadRequest, StoreError};
 use std::collections::HashMap;
@@ -141,17 +140,27 @@ impl<S: EventStore> Executor<S> {
         );
         self.with_retries(stream, deadline, retry, || async move {
             let loaded = self.load::<A>(stream, "", events).await?;
-            match repeated_append(events, &loaded.repeats) {
-                Repeat::None => {}
-                Repeat::Same(result) => return Ok(Attempt::Done(result)),
-                Repeat::Reused { index, version } => {
-                    return Err(Status::failed_precondition(format!(
-                        "events[{index}].event_id {} is already recorded in stream {stream} at \
-                         version {version}, not as this append: an append is repeated only \
-                         with exactly the same events",
-                        events[index].event_id
-                    )))
-                }
+            if let Some((index, stored)) = loaded.repeats.iter().min_by_key(|(i, _)| *i) {
+                // Ids already stored: the store's one repeat rule decides (the original result,
+                // or refused). Asking at the version the original append must have expected
+                // can never write, since heads only grow past it.
+                let base = (stored.version - 1).saturating_sub(*index as u64);
+                let at = if base == 0 {
+                    ExpectedVersion::NoStream
+                } else {
+                    ExpectedVersion::Exact(base)
+                };
+                return match self.store.append(stream, at, events).await {
+                    Ok(result) => Ok(Attempt::Done(result)),
+                    Err(StoreError::WrongExpectedVersion { .. }) => {
+                        Err(status_from_store(StoreError::EventIdReused {
+                            index: *index,
+                            event_id: events[*index].event_id,
+                            version: stored.version,
+                        }))
+                    }
+                    Err(e) => Err(status_from_store(e)),
+                };
             }
             let version = loaded.folded.version;
             if !expected.admits(version) {

@@ -76,11 +76,16 @@ pub fn redis_nudge(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(4096);
     tokio::spawn(async move {
         let connect = || esq_readstore::redis::RedisStore::connect(config.clone());
-        let Some(redis) =
-            esq_runtime::connect_with_retry("Redis for nudges", &shutdown, connect).await
-        else {
-            return;
-        };
+        let redis =
+            match esq_runtime::connect_with_retry("Redis for nudges", &shutdown, connect).await {
+                Ok(Some(redis)) => redis,
+                Ok(None) => return,
+                Err(e) => {
+                    // Nudges are an optimisation: appends go on, projectors rely on the change log.
+                    tracing::error!(error = %e, "bad nudge configuration: nudges disabled");
+                    return;
+                }
+            };
         loop {
             tokio::select! {
                 message = rx.recv() => match message {

@@ -32,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
-    let Some(store) = args.cql.connect(&shutdown).await else {
+    let Some(store) = args.cql.connect(&shutdown).await? else {
         return Ok(());
     };
     let nudge = args.nudge_url.map(|url| {

@@ -6,16 +6,24 @@
 //! rows share the partition, so Paxos makes the batch atomic and linearizable across any number
 //! of writers.
 //!
-//! Idempotency: an append whose first event id is already recorded returns the original
-//! result. The ids are looked up in the stream's *idempotency window* — its newest
+//! Idempotency follows [`crate::repeat`]: an append is a repeat only if its events are exactly
+//! one earlier append (each row records the bounds of the append that wrote it, `append_first`
+//! and `append_last`), with the same contents; anything else reusing an id is refused. The ids
+//! are looked up in the stream's *idempotency window* — its newest
 //! [`super::CqlConfig::id_window`] events, read in the same query as the head — rather than
 //! through a secondary index: the read is a single-partition slice that `Any` appends need
 //! anyway for the head, it is exact (no index lag, no index to build or to keep in step with
-//! the partition), and it is bounded whatever the stream's length. The price is the window: a
-//! retry arriving after more than `id_window` newer events of the same stream is not recognised.
-//! `Exact` appends are covered without the window too: a retry of one that committed finds the
-//! head moved, and the rows at the expected positions are read back (linearizably) and
-//! compared.
+//! the partition), and it is bounded whatever the stream's length. A candidate repeat's stored
+//! events are then read (linearizably) and compared. The price is the window: a retry arriving
+//! after more than `id_window` newer events of the same stream is not recognised. `Exact`
+//! appends are covered without the window too: a retry of one that committed finds the head
+//! moved, and the rows at the expected positions are read back (linearizably) and compared.
+//!
+//! Unanswered batches: a timeout or a connection lost while the batch was in flight leaves its
+//! outcome open. The head is then read with SERIAL consistency — which completes a Paxos round
+//! in flight or makes it fail, so the answer is final — and the rows at the target versions are
+//! compared as after a lost race. Read failures are retried until the append deadline; after it
+//! the append fails with [`StoreError::OutcomeUnknown`].
 //!
 //! Timing rules, so that the change log never loses a committed append: the notification is
 //! written first, and the batch is sent only if [`batch_guard`] allows it — the notification
@@ -35,8 +43,9 @@
 
 use super::changes::Noted;
 use super::{error, Inner};
+use crate::repeat::{check_contents, check_ids, IdCheck, Known};
 use crate::StoreError;
-use esq_domain::{AppendResult, ExpectedVersion, NewEvent, StreamId};
+use esq_domain::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
 use scylla::response::query_result::QueryResult;
 use scylla::serialize::row::{RowSerializationContext, SerializeRow};
 use scylla::serialize::writers::RowWriter;
@@ -56,55 +65,56 @@ const MAX_ATTEMPTS: u32 = 64;
 pub(crate) struct Tail {
     /// The stream's version (0: no events).
     pub(crate) head: u64,
-    /// `(version, event id, recorded at)`, newest first.
-    pub(crate) events: Vec<(u64, Uuid, i64)>,
+    /// The newest events, newest first.
+    pub(crate) events: Vec<TailEvent>,
+}
+
+/// One event of a [`Tail`].
+pub(crate) struct TailEvent {
+    pub(crate) version: u64,
+    pub(crate) id: Uuid,
+    pub(crate) recorded_at: i64,
+    /// First and last version of the append that wrote it (none on rows written before those
+    /// columns existed).
+    pub(crate) append: Option<(u64, u64)>,
 }
 
 impl Tail {
     /// The newest commit time among the events read, if any.
     pub(crate) fn newest_recorded_at(&self) -> Option<i64> {
-        self.events.iter().map(|&(_, _, at)| at).max()
+        self.events.iter().map(|e| e.recorded_at).max()
     }
 
-    /// Whether `events` (or any of their ids) are already in the window: the original result
-    /// when the first id starts the same events at consecutive versions, `EventIdReused` when
-    /// an id is recorded otherwise, `None` when no id is known.
-    pub(crate) fn find_ids(&self, events: &[NewEvent]) -> Option<Result<AppendResult, StoreError>> {
-        let by_id: HashMap<Uuid, (u64, i64)> = self
+    /// Judges `events` by the ids in the window ([`check_ids`]).
+    pub(crate) fn check(&self, events: &[NewEvent]) -> IdCheck {
+        let by_id: HashMap<Uuid, Known> = self
             .events
             .iter()
-            .map(|(version, id, at)| (*id, (*version, *at)))
-            .collect();
-        let first = events.first()?;
-        if let Some(&(start, recorded_at)) = by_id.get(&first.event_id) {
-            let by_version: HashMap<u64, Uuid> =
-                self.events.iter().map(|(v, id, _)| (*v, *id)).collect();
-            let same = events
-                .iter()
-                .enumerate()
-                .all(|(i, e)| by_version.get(&(start + i as u64)) == Some(&e.event_id));
-            return Some(if same {
-                Ok(AppendResult {
-                    first_version: start,
-                    last_version: start + events.len() as u64 - 1,
-                    committed_at_us: recorded_at,
-                })
-            } else {
-                Err(StoreError::EventIdReused {
-                    event_id: first.event_id,
-                    version: start,
-                })
-            });
-        }
-        events.iter().find_map(|e| {
-            by_id.get(&e.event_id).map(|&(version, _)| {
-                Err(StoreError::EventIdReused {
-                    event_id: e.event_id,
-                    version,
-                })
+            .map(|e| {
+                let known = Known {
+                    version: e.version,
+                    append: e.append,
+                };
+                (e.id, known)
             })
-        })
+            .collect();
+        let known: Vec<Option<Known>> = events
+            .iter()
+            .map(|e| by_id.get(&e.event_id).copied())
+            .collect();
+        check_ids(events, &known)
     }
+}
+
+/// What a linearizable read-back says about a batch that got no answer.
+enum Resolved {
+    /// The append is decided: it committed (the original result), or it reuses ids.
+    Outcome(Result<AppendResult, StoreError>),
+    /// Another append moved the head to this version instead.
+    Lost { head: u64 },
+    /// The head is still where the batch expected it: the batch did not apply, and cannot any
+    /// more (the serial read completed or superseded its Paxos round).
+    NotApplied,
 }
 
 /// What the conditional batch reported.
@@ -114,6 +124,8 @@ enum Cas {
     /// The head was not the expected one; this is the head the engine reported (0 when the
     /// partition does not exist).
     Lost { head: u64 },
+    /// No answer (a timeout or a connection lost after sending): the batch may have applied.
+    Unknown(StoreError),
 }
 
 /// One row of the append batch: the head update or an event insert.
@@ -133,6 +145,8 @@ enum BatchRow<'a> {
             &'a str,
             &'a [u8],
             &'a BTreeMap<String, String>,
+            i64,
+            i64,
             i64,
         ),
     ),
@@ -199,6 +213,15 @@ pub(crate) fn commit_time(now_us: i64, newest: Option<i64>) -> i64 {
     newest.map_or(now_us, |newest| now_us.max(newest))
 }
 
+/// Whether `expected` names versions the table cannot hold (versions are signed 64-bit): no
+/// stream is at such a version, so the append is a plain version conflict.
+fn beyond_bigint(expected: ExpectedVersion, n: u64) -> bool {
+    match expected {
+        ExpectedVersion::Exact(v) => v.checked_add(n).is_none_or(|last| last > i64::MAX as u64),
+        _ => false,
+    }
+}
+
 fn to_i64(version: u64) -> Result<i64, StoreError> {
     i64::try_from(version)
         .map_err(|_| StoreError::Internal(format!("version {version} is out of range")))
@@ -218,6 +241,16 @@ impl Inner {
             ));
         }
         let n = events.len() as u64;
+        if beyond_bigint(expected, n) {
+            let tail = self.tail(stream).await?;
+            if let Some(outcome) = self.judge(stream, events, tail.check(events)).await? {
+                return outcome;
+            }
+            return Err(StoreError::WrongExpectedVersion {
+                expected,
+                actual: tail.head,
+            });
+        }
         let notify = self.config.feed == super::FeedKind::ChangesTable;
         let started = Instant::now();
         let mut attempt = 0;
@@ -240,7 +273,7 @@ impl Inner {
                     notified = true;
                     noted = note;
                     newest = tail.newest_recorded_at();
-                    if let Some(outcome) = tail.find_ids(events) {
+                    if let Some(outcome) = self.judge(stream, events, tail.check(events)).await? {
                         return outcome;
                     }
                     if tail.head > v {
@@ -256,7 +289,7 @@ impl Inner {
                 ExpectedVersion::NoStream => 0,
                 ExpectedVersion::Any | ExpectedVersion::StreamExists => {
                     let tail = self.tail(stream).await?;
-                    if let Some(outcome) = tail.find_ids(events) {
+                    if let Some(outcome) = self.judge(stream, events, tail.check(events)).await? {
                         return outcome;
                     }
                     if expected == ExpectedVersion::StreamExists && tail.head == 0 {
@@ -283,11 +316,25 @@ impl Inner {
                         committed_at_us,
                     })
                 }
-                Cas::Lost { head } => head,
+                Cas::Lost { head } => {
+                    if let Some(outcome) = self.after_lost_race(stream, base, events, head).await? {
+                        return outcome;
+                    }
+                    head
+                }
+                Cas::Unknown(cause) => {
+                    let deadline = started + self.config.append_deadline;
+                    match self.resolve(stream, base, events, deadline, &cause).await? {
+                        Resolved::Outcome(outcome) => return outcome,
+                        Resolved::Lost { head } => head,
+                        Resolved::NotApplied => {
+                            return Err(StoreError::Unavailable(format!(
+                                "append to {stream} was not applied ({cause}); retrying is safe"
+                            )))
+                        }
+                    }
+                }
             };
-            if let Some(outcome) = self.after_lost_race(stream, base, events, head).await? {
-                return outcome;
-            }
             match expected {
                 ExpectedVersion::Any | ExpectedVersion::StreamExists => {
                     if attempt >= MAX_ATTEMPTS || started.elapsed() >= self.config.append_deadline {
@@ -341,7 +388,7 @@ impl Inner {
         let limit = self.config.id_window.clamp(1, i32::MAX as u32) as i32;
         let values = (stream.kind.as_str(), stream.id.as_str(), 0i32, limit);
         let rows = self
-            .timed(self.session.execute_unpaged(&self.stmts.tail, values))
+            .timed(self.session().execute_unpaged(&self.stmts.tail, values))
             .await?
             .into_rows_result()
             .map_err(error::into_rows)?;
@@ -349,15 +396,16 @@ impl Inner {
             head: 0,
             events: Vec::with_capacity(rows.rows_num()),
         };
-        for row in rows
-            .rows::<(Option<i64>, Option<i64>, Option<Uuid>, Option<i64>)>()
-            .map_err(error::rows)?
-        {
-            let (head, version, id, at) = row.map_err(error::deserialize)?;
+        for row in rows.rows::<TailRow>().map_err(error::rows)? {
+            let (head, version, id, at, first, last) = row.map_err(error::deserialize)?;
             tail.head = head.unwrap_or(0).max(0) as u64;
             if let (Some(version), Some(id)) = (version, id) {
-                tail.events
-                    .push((version.max(0) as u64, id, at.unwrap_or_default()));
+                tail.events.push(TailEvent {
+                    version: version.max(0) as u64,
+                    id,
+                    recorded_at: at.unwrap_or_default(),
+                    append: append_bounds(first, last),
+                });
             }
         }
         Ok(tail)
@@ -372,6 +420,7 @@ impl Inner {
     ) -> Result<Cas, StoreError> {
         let n = events.len() as u64;
         let new_head = to_i64(base + n)?;
+        let (append_first, append_last) = (to_i64(base + 1)?, new_head);
         let recorded_at = commit_time(crate::now_us(), newest);
         let (kind, id) = (stream.kind.as_str(), stream.id.as_str());
         let mut batch = Batch::new(BatchType::Unlogged);
@@ -412,9 +461,28 @@ impl Inner {
                 event.data.as_slice(),
                 &event.metadata,
                 recorded_at,
+                append_first,
+                append_last,
             )));
         }
-        let result = self.timed(self.session.batch(&batch, values)).await?;
+        let sent = tokio::time::timeout(
+            self.config.request_timeout,
+            self.session().batch(&batch, values),
+        )
+        .await;
+        let result = match sent {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) if error::may_have_applied(&e) => {
+                return Ok(Cas::Unknown(error::execution(e)))
+            }
+            Ok(Err(e)) => return Err(error::execution(e)),
+            Err(_) => {
+                return Ok(Cas::Unknown(StoreError::Unavailable(format!(
+                    "no answer within {} ms",
+                    self.config.request_timeout.as_millis()
+                ))))
+            }
+        };
         Ok(match cas_outcome(result)? {
             None => Cas::Applied(recorded_at),
             Some(head) => Cas::Lost { head },
@@ -422,7 +490,7 @@ impl Inner {
     }
 
     /// After the head moved under an append: whether the append is in fact already recorded
-    /// (a retry of one that committed), or reuses ids. `None`: a plain conflict.
+    /// (a repeat of one that committed), or reuses ids. `None`: a plain conflict.
     async fn after_lost_race(
         &self,
         stream: &StreamId,
@@ -432,43 +500,205 @@ impl Inner {
     ) -> Result<Option<Result<AppendResult, StoreError>>, StoreError> {
         let n = events.len() as u64;
         if head >= base + n {
-            let values = (
-                stream.kind.as_str(),
-                stream.id.as_str(),
-                0i32,
-                to_i64(base + 1)?,
-                to_i64(base + n)?,
-            );
-            let rows = self
-                .timed(
-                    self.session
-                        .execute_unpaged(&self.stmts.ids_in_range, values),
-                )
-                .await?
-                .into_rows_result()
-                .map_err(error::into_rows)?;
-            let mut recorded = Vec::with_capacity(events.len());
-            for row in rows.rows::<(i64, Uuid, i64)>().map_err(error::rows)? {
-                recorded.push(row.map_err(error::deserialize)?);
-            }
-            let ours = recorded.len() == events.len()
-                && recorded
+            let rows = self.events_serial(stream, base + 1, base + n).await?;
+            let ours = rows.len() == events.len()
+                && rows
                     .iter()
                     .zip(events)
-                    .all(|((_, id, _), e)| *id == e.event_id);
+                    .all(|((r, _), e)| r.event_id == e.event_id);
             if ours {
-                return Ok(Some(Ok(AppendResult {
-                    first_version: base + 1,
-                    last_version: base + n,
-                    committed_at_us: recorded[0].2,
-                })));
+                let known: Vec<Option<Known>> = rows
+                    .iter()
+                    .map(|(r, append)| {
+                        Some(Known {
+                            version: r.version,
+                            append: *append,
+                        })
+                    })
+                    .collect();
+                let stored: Vec<RecordedEvent> = rows.into_iter().map(|(r, _)| r).collect();
+                return Ok(Some(match check_ids(events, &known) {
+                    IdCheck::Candidate { .. } => check_contents(events, &stored),
+                    IdCheck::Reused(e) => Err(e),
+                    IdCheck::New => Err(StoreError::Internal(
+                        "ids read back were not recognised".into(),
+                    )),
+                }));
             }
         }
         if head > 0 {
             // The ids may sit elsewhere in the stream (a retry with another expectation).
-            return Ok(self.tail(stream).await?.find_ids(events));
+            let tail = self.tail(stream).await?;
+            return self.judge(stream, events, tail.check(events)).await;
         }
         Ok(None)
+    }
+
+    /// Finishes an id check: a candidate repeat is compared with the stored events.
+    async fn judge(
+        &self,
+        stream: &StreamId,
+        events: &[NewEvent],
+        check: IdCheck,
+    ) -> Result<Option<Result<AppendResult, StoreError>>, StoreError> {
+        match check {
+            IdCheck::New => Ok(None),
+            IdCheck::Reused(e) => Ok(Some(Err(e))),
+            IdCheck::Candidate { first_version } => {
+                let last = first_version + events.len() as u64 - 1;
+                let stored: Vec<RecordedEvent> = self
+                    .events_serial(stream, first_version, last)
+                    .await?
+                    .into_iter()
+                    .map(|(r, _)| r)
+                    .collect();
+                Ok(Some(check_contents(events, &stored)))
+            }
+        }
+    }
+
+    /// Learns, by linearizable reads, what became of a batch that got no answer: the serial
+    /// read of the head completes a Paxos round still in flight or makes it fail, so what it
+    /// reads is final. Read failures are retried until `deadline`; after it the append's
+    /// outcome is reported as unknown.
+    async fn resolve(
+        &self,
+        stream: &StreamId,
+        base: u64,
+        events: &[NewEvent],
+        deadline: Instant,
+        cause: &StoreError,
+    ) -> Result<Resolved, StoreError> {
+        tracing::warn!(%stream, %cause, "append batch got no answer: reading back its outcome");
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let attempt = async {
+                let head = self.head_serial(stream).await?;
+                if head == base {
+                    return Ok(Resolved::NotApplied);
+                }
+                Ok(
+                    match self.after_lost_race(stream, base, events, head).await? {
+                        Some(outcome) => Resolved::Outcome(outcome),
+                        None => Resolved::Lost { head },
+                    },
+                )
+            };
+            match attempt.await {
+                Ok(resolved) => return Ok(resolved),
+                Err(StoreError::Unavailable(e)) => {
+                    if Instant::now() + pause + self.config.request_timeout >= deadline {
+                        return Err(StoreError::OutcomeUnknown(format!(
+                            "append to {stream}: {cause}; reading it back failed: {e}"
+                        )));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The stream's head, read linearizably.
+    async fn head_serial(&self, stream: &StreamId) -> Result<u64, StoreError> {
+        let values = (stream.kind.as_str(), stream.id.as_str(), 0i32);
+        let rows = self
+            .timed(
+                self.session()
+                    .execute_unpaged(&self.stmts.head_serial, values),
+            )
+            .await?
+            .into_rows_result()
+            .map_err(error::into_rows)?;
+        let head = rows
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(|e| StoreError::Internal(format!("unexpected head row: {e}")))?
+            .and_then(|(head,)| head);
+        Ok(head.unwrap_or(0).max(0) as u64)
+    }
+
+    /// The events at versions `from..=to`, read linearizably, with their append bounds.
+    async fn events_serial(
+        &self,
+        stream: &StreamId,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(RecordedEvent, Option<(u64, u64)>)>, StoreError> {
+        let values = (
+            stream.kind.as_str(),
+            stream.id.as_str(),
+            0i32,
+            to_i64(from)?,
+            to_i64(to)?,
+        );
+        let rows = self
+            .timed(
+                self.session()
+                    .execute_unpaged(&self.stmts.events_serial, values),
+            )
+            .await?
+            .into_rows_result()
+            .map_err(error::into_rows)?;
+        let mut out = Vec::with_capacity(rows.rows_num());
+        for row in rows.rows::<SerialRow>().map_err(error::rows)? {
+            let (
+                version,
+                event_id,
+                event_type,
+                schema_version,
+                content_type,
+                data,
+                metadata,
+                recorded_at_us,
+                first,
+                last,
+            ) = row.map_err(error::deserialize)?;
+            let event = RecordedEvent {
+                stream: stream.clone(),
+                version: version.max(0) as u64,
+                event_id,
+                event_type,
+                schema_version: schema_version.max(0) as u32,
+                content_type,
+                data: data.unwrap_or_default(),
+                metadata: metadata.unwrap_or_default(),
+                recorded_at_us,
+            };
+            out.push((event, append_bounds(first, last)));
+        }
+        Ok(out)
+    }
+}
+
+/// One row of the tail read: head, version, event id, recorded at, append bounds.
+type TailRow = (
+    Option<i64>,
+    Option<i64>,
+    Option<Uuid>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+
+/// One row of [`super::statements::Statements::events_serial`].
+type SerialRow = (
+    i64,
+    Uuid,
+    String,
+    i32,
+    String,
+    Option<Vec<u8>>,
+    Option<BTreeMap<String, String>>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+);
+
+fn append_bounds(first: Option<i64>, last: Option<i64>) -> Option<(u64, u64)> {
+    match (first, last) {
+        (Some(first), Some(last)) => Some((first.max(0) as u64, last.max(0) as u64)),
+        _ => None,
     }
 }
 
@@ -532,53 +762,56 @@ mod tests {
 
     fn tail() -> Tail {
         // Versions 1..=4 hold ids 11..=14; versions 3 and 4 were one append at time 300.
+        let e = |version, id, recorded_at, append| TailEvent {
+            version,
+            id: Uuid::from_u128(id),
+            recorded_at,
+            append: Some(append),
+        };
         Tail {
             head: 4,
             events: vec![
-                (4, Uuid::from_u128(14), 300),
-                (3, Uuid::from_u128(13), 300),
-                (2, Uuid::from_u128(12), 200),
-                (1, Uuid::from_u128(11), 100),
+                e(4, 14, 300, (3, 4)),
+                e(3, 13, 300, (3, 4)),
+                e(2, 12, 200, (2, 2)),
+                e(1, 11, 100, (1, 1)),
             ],
         }
     }
 
     #[test]
-    fn a_retried_append_finds_its_original_result() {
-        let found = tail().find_ids(&[event(13), event(14)]);
+    fn a_whole_earlier_append_is_a_candidate_repeat() {
         assert_eq!(
-            found,
-            Some(Ok(AppendResult {
-                first_version: 3,
-                last_version: 4,
-                committed_at_us: 300
-            }))
+            tail().check(&[event(13), event(14)]),
+            IdCheck::Candidate { first_version: 3 }
         );
+        assert_eq!(tail().check(&[event(98), event(99)]), IdCheck::New);
     }
 
     #[test]
     fn reused_ids_are_refused() {
-        assert_eq!(
-            tail().find_ids(&[event(13), event(99)]),
-            Some(Err(StoreError::EventIdReused {
-                event_id: Uuid::from_u128(13),
-                version: 3
-            }))
-        );
-        // Past the head.
-        assert!(matches!(
-            tail().find_ids(&[event(14), event(15)]),
-            Some(Err(StoreError::EventIdReused { version: 4, .. }))
-        ));
+        let reused = |events: &[NewEvent]| match tail().check(events) {
+            IdCheck::Reused(StoreError::EventIdReused { index, version, .. }) => (index, version),
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert_eq!(reused(&[event(13), event(99)]), (0, 3));
+        // Past the head, a prefix, a suffix, two appends together.
+        assert_eq!(reused(&[event(14), event(15)]), (0, 4));
+        assert_eq!(reused(&[event(13)]), (0, 3));
+        assert_eq!(reused(&[event(14)]), (0, 4));
+        assert_eq!(reused(&[event(12), event(13), event(14)]), (0, 2));
         // A later event of the append reuses an id.
-        assert_eq!(
-            tail().find_ids(&[event(98), event(12)]),
-            Some(Err(StoreError::EventIdReused {
-                event_id: Uuid::from_u128(12),
-                version: 2
-            }))
-        );
-        assert_eq!(tail().find_ids(&[event(98), event(99)]), None);
+        assert_eq!(reused(&[event(98), event(12)]), (1, 2));
+    }
+
+    #[test]
+    fn expected_versions_beyond_bigint_are_conflicts() {
+        let big = 1u64 << 63;
+        assert!(beyond_bigint(ExpectedVersion::Exact(big), 1));
+        assert!(beyond_bigint(ExpectedVersion::Exact(u64::MAX), 1));
+        assert!(beyond_bigint(ExpectedVersion::Exact(big - 1), 1));
+        assert!(!beyond_bigint(ExpectedVersion::Exact(big - 2), 1));
+        assert!(!beyond_bigint(ExpectedVersion::Any, 500));
     }
 
     fn limits() -> Limits {

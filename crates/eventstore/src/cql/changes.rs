@@ -193,10 +193,8 @@ impl Inner {
             last as i64,
             ttl,
         );
-        let note = self.timed(
-            self.session
-                .execute_unpaged(&self.stmts.note_change, values),
-        );
+        let session = self.session();
+        let note = self.timed(session.execute_unpaged(&self.stmts.note_change, values));
         tokio::try_join!(self.index_bucket(shard, bucket), note)?;
         let mut noted = Noted {
             at_us: noted_at,
@@ -280,7 +278,7 @@ impl Inner {
     ) -> Result<Vec<i64>, StoreError> {
         let values = (shard as i32, from, to, INDEX_PAGE);
         let rows = self
-            .timed(self.session.execute_unpaged(&self.stmts.buckets, values))
+            .timed(self.session().execute_unpaged(&self.stmts.buckets, values))
             .await?
             .into_rows_result()
             .map_err(error::into_rows)?;
@@ -307,7 +305,7 @@ impl Inner {
             .as_secs()
             .clamp(1, i32::MAX as u64) as i32;
         self.timed(
-            self.session
+            self.session()
                 .execute_unpaged(&self.stmts.index_bucket, (shard, bucket, ttl)),
         )
         .await?;
@@ -334,7 +332,7 @@ impl Inner {
             Some(id) => {
                 let values = (shard, bucket, CqlTimeuuid::from(id), cutoff, limit);
                 self.timed(
-                    self.session
+                    self.session()
                         .execute_unpaged(&self.stmts.changes_after, values),
                 )
                 .await?
@@ -342,7 +340,7 @@ impl Inner {
             None => {
                 let values = (shard, bucket, cutoff, limit);
                 self.timed(
-                    self.session
+                    self.session()
                         .execute_unpaged(&self.stmts.changes_from_start, values),
                 )
                 .await?

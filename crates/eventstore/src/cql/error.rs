@@ -32,6 +32,39 @@ pub(crate) fn execution(err: ExecutionError) -> StoreError {
     }
 }
 
+/// Whether a failed write may nevertheless have been applied: the request was (or may have
+/// been) sent and no verdict came back — a client timeout, a connection lost in flight, a
+/// server-side write timeout, or a Paxos round of unknown outcome. Every other error is a
+/// refusal before anything was written (no node, overloaded, not enough replicas, bad
+/// request).
+pub(crate) fn may_have_applied(err: &ExecutionError) -> bool {
+    match err {
+        ExecutionError::RequestTimeout(_) => true,
+        ExecutionError::LastAttemptError(e) => match e {
+            RequestAttemptError::BrokenConnectionError(_) => true,
+            RequestAttemptError::DbError(db, _) => {
+                matches!(
+                    db,
+                    DbError::WriteTimeout { .. } | DbError::ReadTimeout { .. }
+                ) || matches!(db, DbError::Other(code) if *code == CAS_WRITE_UNKNOWN)
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Whether a request failed for want of any usable connection (the pool is empty or its
+/// connection broke): the hint that the session may need reviving once the cluster is back.
+pub(crate) fn no_connection(err: &ExecutionError) -> bool {
+    matches!(
+        err,
+        ExecutionError::ConnectionPoolError(_)
+            | ExecutionError::EmptyPlan
+            | ExecutionError::LastAttemptError(RequestAttemptError::BrokenConnectionError(_))
+    )
+}
+
 /// Translates a failure to prepare a statement.
 pub(crate) fn prepare(err: PrepareError) -> StoreError {
     match err {
@@ -155,5 +188,22 @@ mod tests {
         ));
         assert!(matches!(db(DbError::SyntaxError), StoreError::Internal(_)));
         assert!(matches!(db(DbError::Invalid), StoreError::Internal(_)));
+    }
+
+    #[test]
+    fn only_unanswered_writes_may_have_applied() {
+        let db = |e: DbError| {
+            ExecutionError::LastAttemptError(RequestAttemptError::DbError(e, "m".into()))
+        };
+        assert!(may_have_applied(&ExecutionError::RequestTimeout(
+            Duration::from_millis(5)
+        )));
+        assert!(may_have_applied(&db(DbError::Other(CAS_WRITE_UNKNOWN))));
+        assert!(!may_have_applied(&ExecutionError::EmptyPlan));
+        assert!(!may_have_applied(&db(DbError::Overloaded)));
+        assert!(!may_have_applied(&db(DbError::Invalid)));
+        assert!(!may_have_applied(&ExecutionError::ConnectionPoolError(
+            ConnectionPoolError::Initializing
+        )));
     }
 }

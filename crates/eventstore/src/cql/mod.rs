@@ -23,13 +23,15 @@
 //! partition, `IF head = 0` does not) plus one INSERT per event. `Any` and `StreamExists` read
 //! the head first and condition on it, retrying lost races until the append deadline.
 //!
-//! Idempotency uses a window, not an index: the read that returns the head also returns the
-//! ids of the stream's newest [`CqlConfig::id_window`] events, and an append whose first id is
-//! among them returns the original result (or [`StoreError::EventIdReused`]). That read is one
-//! bounded, exact, single-partition slice — no index lag, nothing to keep in step — at the price
-//! that an `Any` retry arriving after more than `id_window` newer events of its stream is not
-//! recognised. `Exact` retries are recognised wherever they are: the batch finds the head moved,
-//! and the rows at the expected positions are read back linearizably and compared.
+//! Idempotency (the rule of [`EventStore::append`]) uses a window, not an index: the read that
+//! returns the head also returns the ids of the stream's newest [`CqlConfig::id_window`] events
+//! with the bounds of the appends that wrote them; an append that is exactly one of those
+//! appends, with the same contents, returns the original result, any other use of a known id is
+//! [`StoreError::EventIdReused`]. That read is one bounded, exact, single-partition slice — no
+//! index lag, nothing to keep in step — at the price that an `Any` retry arriving after more
+//! than `id_window` newer events of its stream is not recognised. `Exact` retries are
+//! recognised wherever they are: the batch finds the head moved, and the rows at the expected
+//! positions are read back linearizably and compared.
 //!
 //! With [`FeedKind::ChangesTable`] the notification row is written *before* the batch, so a
 //! committed append always has one; a notification whose batch never commits is an orphan the
@@ -49,8 +51,12 @@
 //! # Failures
 //! Every request carries [`CqlConfig::request_timeout`] (in the driver and around the call), and
 //! driver errors are translated at this boundary: no reachable node, broken connections and
-//! timeouts become [`StoreError::Unavailable`], promptly; the driver reconnects by itself, so the
-//! same store serves again once the cluster is back.
+//! timeouts become [`StoreError::Unavailable`], promptly. The same store serves again once the
+//! cluster is back: the driver reconnects by itself, and when a request finds no connection at
+//! all while a node accepts TCP again, the store opens a new session at once rather than wait
+//! out the driver's reconnect backoff (up to 10 s). A batch that got no answer (timeout, lost
+//! connection) may have committed: it is resolved by linearizable reads of the stream before
+//! the append answers, or reported as [`StoreError::OutcomeUnknown`].
 
 mod append;
 mod cdc;
@@ -71,8 +77,8 @@ use scylla::errors::ExecutionError;
 use scylla::statement::{Consistency, SerialConsistency};
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 /// Which change feed the store writes and serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -250,7 +256,11 @@ impl std::fmt::Debug for CqlStore {
 }
 
 pub(crate) struct Inner {
-    session: Arc<Session>,
+    /// The current session; replaced by [`Inner::revive_if_stuck`] after an outage.
+    session: RwLock<Arc<Session>>,
+    /// When a revival was last considered, so that it is tried at most once per
+    /// [`REVIVE_INTERVAL`].
+    revived_at: Mutex<Option<Instant>>,
     config: CqlConfig,
     engine: Engine,
     stmts: statements::Statements,
@@ -265,28 +275,7 @@ impl CqlStore {
     /// within the request timeout, [`StoreError::Internal`] for a bad configuration.
     pub async fn connect(config: CqlConfig) -> Result<Self, StoreError> {
         config.validate()?;
-        let profile = ExecutionProfile::builder()
-            .request_timeout(Some(config.request_timeout))
-            .consistency(Consistency::LocalQuorum)
-            .serial_consistency(Some(SerialConsistency::LocalSerial))
-            .build();
-        let builder = SessionBuilder::new()
-            .known_nodes(&config.nodes)
-            .connection_timeout(config.request_timeout)
-            .default_execution_profile_handle(profile.into_handle())
-            .keyspaces_to_fetch([config.keyspace.clone()])
-            .schema_agreement_timeout(config.request_timeout * 6);
-        let connect = builder.build();
-        let session = match tokio::time::timeout(config.request_timeout * 2, connect).await {
-            Ok(session) => session.map_err(error::new_session)?,
-            Err(_) => {
-                return Err(StoreError::Unavailable(format!(
-                    "no CQL node of {:?} answered within {:?}",
-                    config.nodes,
-                    config.request_timeout * 2
-                )))
-            }
-        };
+        let session = open_session(&config).await?;
         let engine = schema::detect_engine(&session).await?;
         if config.feed == FeedKind::ScyllaCdc && engine != Engine::Scylla {
             return Err(StoreError::Internal(
@@ -295,6 +284,8 @@ impl CqlStore {
         }
         schema::ensure(&session, &config, engine).await?;
         let stmts = statements::Statements::prepare(&session, &config.keyspace).await?;
+        // The Scylla CDC feed keeps this first session for its reader even if a later one
+        // replaces it for requests.
         let session = Arc::new(session);
         let cdc = (config.feed == FeedKind::ScyllaCdc).then(|| {
             cdc::CdcFeed::new(
@@ -308,7 +299,8 @@ impl CqlStore {
         tracing::info!(keyspace = %config.keyspace, ?engine, feed = ?config.feed, "CQL event store ready");
         Ok(Self {
             inner: Arc::new(Inner {
-                session,
+                session: RwLock::new(session),
+                revived_at: Mutex::new(None),
                 config,
                 engine,
                 stmts,
@@ -335,18 +327,114 @@ impl CqlStore {
     }
 }
 
+/// Opens a driver session on `config`'s nodes with its timeouts and consistency levels.
+async fn open_session(config: &CqlConfig) -> Result<Session, StoreError> {
+    let profile = ExecutionProfile::builder()
+        .request_timeout(Some(config.request_timeout))
+        .consistency(Consistency::LocalQuorum)
+        .serial_consistency(Some(SerialConsistency::LocalSerial))
+        .build();
+    let builder = SessionBuilder::new()
+        .known_nodes(&config.nodes)
+        .connection_timeout(config.request_timeout)
+        .default_execution_profile_handle(profile.into_handle())
+        .keyspaces_to_fetch([config.keyspace.clone()])
+        .schema_agreement_timeout(config.request_timeout * 6);
+    let connect = builder.build();
+    match tokio::time::timeout(config.request_timeout * 2, connect).await {
+        Ok(session) => session.map_err(error::new_session),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "no CQL node of {:?} answered within {:?}",
+            config.nodes,
+            config.request_timeout * 2
+        ))),
+    }
+}
+
+/// How often a store without any connection checks whether the cluster answers again.
+const REVIVE_INTERVAL: Duration = Duration::from_millis(500);
+
 impl Inner {
+    /// The current driver session.
+    fn session(&self) -> Arc<Session> {
+        match self.session.read() {
+            Ok(session) => Arc::clone(&session),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
     /// Runs one driver call under the request timeout and translates its error.
     async fn timed<T>(
         &self,
         call: impl Future<Output = Result<T, ExecutionError>>,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.config.request_timeout, call).await {
-            Ok(result) => result.map_err(error::execution),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                if error::no_connection(&e) {
+                    // Boxed: opening a session is a large future, and every request's future
+                    // would otherwise carry it (deep async stacks overflow in debug builds).
+                    Box::pin(self.revive_if_stuck()).await;
+                }
+                Err(error::execution(e))
+            }
             Err(_) => Err(StoreError::Unavailable(format!(
                 "no answer within {} ms",
                 self.config.request_timeout.as_millis()
             ))),
+        }
+    }
+
+    /// Replaces the session when it has no connection left but a contact point accepts
+    /// connections again.
+    ///
+    /// Why: the driver refills a lost pool with exponential backoff up to 10 s (not
+    /// configurable in its stable API), so after an outage of some seconds a process could go
+    /// on failing for up to ~11 s after the cluster is back. A new session connects at once.
+    /// Checked at most once per [`REVIVE_INTERVAL`], only after a request failed for want of a
+    /// connection; the probe is a plain TCP connect, refused at once while the node is down.
+    async fn revive_if_stuck(&self) {
+        {
+            let Ok(mut last) = self.revived_at.lock() else {
+                return;
+            };
+            if last.is_some_and(|at| at.elapsed() < REVIVE_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let session = self.session();
+        let state = session.get_cluster_state();
+        if state
+            .get_nodes_info()
+            .iter()
+            .any(|node| node.is_connected())
+        {
+            return;
+        }
+        let probe = Duration::from_millis(500).min(self.config.request_timeout);
+        let mut reachable = false;
+        for node in &self.config.nodes {
+            let connect = tokio::net::TcpStream::connect(node.as_str());
+            if let Ok(Ok(_)) = tokio::time::timeout(probe, connect).await {
+                reachable = true;
+                break;
+            }
+        }
+        if !reachable {
+            return;
+        }
+        match open_session(&self.config).await {
+            Ok(fresh) => {
+                tracing::info!(
+                    "CQL connections lost and a node answers again: opened a new session \
+                     rather than wait for the driver's reconnect backoff"
+                );
+                if let Ok(mut current) = self.session.write() {
+                    *current = Arc::new(fresh);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "a node accepts connections but no session yet"),
         }
     }
 }

@@ -75,7 +75,7 @@ impl Inner {
         let mut paging = PagingState::start();
         'pages: loop {
             let (result, next) = self
-                .timed(self.session.execute_single_page(stmt, &values, paging))
+                .timed(self.session().execute_single_page(stmt, &values, paging))
                 .await?;
             let rows = result.into_rows_result().map_err(error::into_rows)?;
             for row in rows.rows::<EventRow>().map_err(error::rows)? {
@@ -127,7 +127,7 @@ impl Inner {
     ) -> Result<Option<StreamInfo>, StoreError> {
         let values = (stream.kind.as_str(), stream.id.as_str(), 0i32);
         let rows = self
-            .timed(self.session.execute_unpaged(&self.stmts.info, values))
+            .timed(self.session().execute_unpaged(&self.stmts.info, values))
             .await?
             .into_rows_result()
             .map_err(error::into_rows)?;
@@ -168,7 +168,7 @@ impl Inner {
         let limit = limit.min(MAX_LIST_PAGE);
         let rows = self
             .timed(
-                self.session
+                self.session()
                     .execute_unpaged(&self.stmts.list_streams, (after, limit as i32)),
             )
             .await?

@@ -27,6 +27,10 @@ const EVENT_COLUMNS: &[(&str, &str)] = &[
     ("data", "blob"),
     ("metadata", "map<text, text>"),
     ("recorded_at", "bigint"),
+    // First and last version of the append that wrote the row: a retry is recognised only as
+    // the whole of one earlier append.
+    ("append_first", "bigint"),
+    ("append_last", "bigint"),
 ];
 
 /// Whether the cluster is ScyllaDB (it has `system.scylla_local`) or Apache Cassandra.

@@ -22,10 +22,15 @@ pub(crate) struct Statements {
     pub(crate) head_next: PreparedStatement,
     /// One event row of an append batch.
     pub(crate) insert_event: PreparedStatement,
-    /// The head and the newest event ids of a stream (the idempotency window).
+    /// The head and the newest event ids of a stream, with the bounds of the appends that
+    /// wrote them (the idempotency window).
     pub(crate) tail: PreparedStatement,
-    /// Event ids in a version range, read linearizably after a lost race.
-    pub(crate) ids_in_range: PreparedStatement,
+    /// Whole events in a version range with the bounds of their appends, read linearizably:
+    /// after a lost race or an unanswered batch, and to compare a candidate repeat.
+    pub(crate) events_serial: PreparedStatement,
+    /// The stream's head, read linearizably (completing any Paxos round in flight), to learn
+    /// the outcome of an unanswered batch.
+    pub(crate) head_serial: PreparedStatement,
     /// Events in ascending version order.
     pub(crate) read_forwards: PreparedStatement,
     /// Events in descending version order.
@@ -54,16 +59,22 @@ impl Statements {
             stmt.set_is_idempotent(idempotent);
             Ok::<_, StoreError>(stmt)
         };
-        let mut ids_in_range = prepare(
+        let mut events_serial = prepare(
             format!(
-                "SELECT version, event_id, recorded_at FROM {ks}.events \
+                "SELECT {EVENT_COLUMNS}, append_first, append_last FROM {ks}.events \
                  WHERE {pk} AND version >= ? AND version <= ?"
             ),
             true,
         )
         .await?;
         // After a lost race the winner's rows must be visible: read them through Paxos.
-        ids_in_range.set_consistency(Consistency::LocalSerial);
+        events_serial.set_consistency(Consistency::LocalSerial);
+        let mut head_serial = prepare(
+            format!("SELECT head FROM {ks}.events WHERE {pk} LIMIT 1"),
+            true,
+        )
+        .await?;
+        head_serial.set_consistency(Consistency::LocalSerial);
         let mut read_forwards = prepare(
             format!(
                 "SELECT {EVENT_COLUMNS} FROM {ks}.events \
@@ -103,21 +114,22 @@ impl Statements {
             insert_event: prepare(
                 format!(
                     "INSERT INTO {ks}.events (stream_type, stream_id, bucket, version, event_id, \
-                     event_type, schema_version, content_type, data, metadata, recorded_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                     event_type, schema_version, content_type, data, metadata, recorded_at, \
+                     append_first, append_last) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 ),
                 false,
             )
             .await?,
             tail: prepare(
                 format!(
-                    "SELECT head, version, event_id, recorded_at FROM {ks}.events \
-                     WHERE {pk} ORDER BY version DESC LIMIT ?"
+                    "SELECT head, version, event_id, recorded_at, append_first, append_last \
+                     FROM {ks}.events WHERE {pk} ORDER BY version DESC LIMIT ?"
                 ),
                 true,
             )
             .await?,
-            ids_in_range,
+            events_serial,
+            head_serial,
             read_forwards,
             read_backwards,
             info: prepare(
