@@ -7,3 +7,4 @@
 mod cluster;
 mod dev;
 mod suite;
+mod transport;
