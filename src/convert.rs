@@ -20,6 +20,7 @@ pub const DEFAULT_BINARY_CONTENT_TYPE: &str = "application/octet-stream";
 pub fn status_from_domain(e: DomainError) -> Status {
     match e {
         DomainError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        DomainError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
         DomainError::Rule(m) => Status::failed_precondition(m),
         DomainError::NotFound(m) => Status::not_found(m),
     }

@@ -34,10 +34,23 @@ dev_tests!(
     concurrent_commands_on_one_cart_all_succeed,
 );
 
-/// The `esq dev` binary prints its addresses, serves, and exits cleanly on SIGTERM.
+/// The `esq dev` binary prints its addresses, serves, and exits cleanly on SIGTERM; its logs,
+/// written to a pipe, carry no ANSI colour codes in either format.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn esq_dev_binary_serves_and_stops_on_sigterm() {
-    use tokio::io::AsyncBufReadExt;
+    for format in ["plain", "json"] {
+        let logs = run_esq_dev(format).await;
+        assert!(logs.contains("listening"), "{format} logs: {logs}");
+        assert!(
+            !logs.contains('\u{1b}'),
+            "{format} logs to a pipe carry escape codes: {logs:?}"
+        );
+    }
+}
+
+/// Runs `esq dev` with stderr piped, checks it serves and stops on SIGTERM; returns its logs.
+async fn run_esq_dev(log_format: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
     let bin = std::env::current_exe()
         .expect("test exe")
         .parent()
@@ -60,11 +73,20 @@ async fn esq_dev_binary_serves_and_stops_on_sigterm() {
             "--data-dir",
         ])
         .arg(dir.path())
+        .env("LOG_FORMAT", log_format)
+        .env("RUST_LOG", "debug")
+        .env_remove("NO_COLOR")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn esq dev");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let logs = tokio::spawn(async move {
+        let mut all = String::new();
+        let _ = stderr.read_to_string(&mut all).await;
+        all
+    });
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
     let (mut write, mut read) = (None, None);
     while let Some(line) = lines.next_line().await.expect("read stdout") {
@@ -83,6 +105,12 @@ async fn esq_dev_binary_serves_and_stops_on_sigterm() {
             .await
             .expect("connect");
     suite::health_is_serving(&clients).await;
+    // A refused call, so that warnings and error fields are logged too.
+    let _ = clients
+        .events
+        .clone()
+        .append(esq::pb::v1::AppendRequest::default())
+        .await;
     let pid = child.id().expect("pid").to_string();
     let status = tokio::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -90,11 +118,12 @@ async fn esq_dev_binary_serves_and_stops_on_sigterm() {
         .await
         .expect("kill");
     assert!(status.success());
-    let exit = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait())
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(40), child.wait())
         .await
         .expect("exits after SIGTERM")
         .expect("wait");
     assert!(exit.success(), "esq dev exited with {exit:?}");
+    logs.await.expect("logs")
 }
 
 /// Stopping and restarting the stack keeps every event and rebuilds the same query results.

@@ -9,3 +9,4 @@ mod core;
 mod dev;
 mod startup;
 mod suite;
+mod transport;

@@ -393,9 +393,8 @@ pub async fn bad_input_is_rejected_and_changes_nothing(c: &Clients) {
     r.events[0].payload = Some(pb::new_event::Payload::Data(vec![b'{'; 3]));
     r.events[0].content_type = "application/json".into();
     cases.push(("events[0].data", r));
-    let mut r = good();
-    r.events[0].payload = Some(pb::new_event::Payload::Data(vec![0; 600 * 1024]));
-    cases.push(("events[0].data", r));
+    let mut too_large = good();
+    too_large.events[0].payload = Some(pb::new_event::Payload::Data(vec![0; 600 * 1024]));
     let mut r = good();
     r.events[0].payload = None;
     cases.push(("events[0].payload", r));
@@ -417,6 +416,10 @@ pub async fn bad_input_is_rejected_and_changes_nothing(c: &Clients) {
             err.message()
         );
     }
+    // Over a size limit: RESOURCE_EXHAUSTED, still naming the field.
+    let err = events.append(too_large).await.expect_err("too large");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("events[0].data"), "{err:?}");
     // Domain commands: quantities, ids, required fields.
     let cart_id = unique("cart");
     let mut carts = c.carts.clone();

@@ -23,6 +23,8 @@ pub struct DevConfig {
     pub projector: esq_projector::Config,
     /// read-svc tunables.
     pub read: esq_read_svc::Config,
+    /// Longest drain of both servers on shutdown before open connections are closed.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl DevConfig {
@@ -34,6 +36,7 @@ impl DevConfig {
             read_addr: SocketAddr::from(([127, 0, 0, 1], 50052)),
             projector: esq_projector::Config::default(),
             read: esq_read_svc::Config::default(),
+            shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
@@ -87,18 +90,27 @@ impl DevStack {
             projector.run(wake, None, s).await;
             Ok(())
         });
+        let write_config = esq_write_svc::Config {
+            shutdown_grace: config.shutdown_grace,
+            ..esq_write_svc::Config::default()
+        };
         tasks.spawn(esq_write_svc::run(
             write_listener,
             esq_write_svc::Deps {
                 store,
                 nudge: Some(nudge),
             },
+            write_config,
             shutdown.clone(),
         ));
+        let read_config = esq_read_svc::Config {
+            shutdown_grace: config.shutdown_grace,
+            ..config.read
+        };
         tasks.spawn(esq_read_svc::run(
             read_listener,
             read,
-            config.read,
+            read_config,
             shutdown.clone(),
         ));
         Ok(Self {

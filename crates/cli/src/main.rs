@@ -33,6 +33,8 @@ enum Command {
         /// read-svc listen address.
         #[arg(long, env = "ESQ_READ_ADDR", default_value = "127.0.0.1:50052")]
         read_addr: SocketAddr,
+        #[command(flatten)]
+        server: esq_runtime::config::ServerArgs,
     },
 }
 
@@ -45,11 +47,13 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             write_addr,
             read_addr,
+            server,
         } => {
             let shutdown = esq_runtime::shutdown_on_signals();
             let mut config = DevConfig::new(data_dir);
             config.write_addr = write_addr;
             config.read_addr = read_addr;
+            config.shutdown_grace = server.shutdown_grace;
             let stack = DevStack::start(config, shutdown).await?;
             println!("esq dev is running (Ctrl-C to stop)");
             println!("  write-svc  {}  (esq.v1.EventStore, esq.cart.v1.CartCommands, esq.bookshop.v1.BookCommands)", stack.write_addr);

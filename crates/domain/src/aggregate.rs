@@ -121,7 +121,7 @@ fn decode_parts<E: DeserializeOwned>(
         other => ("data", other.to_string()),
     })?;
     serde_json::from_value(json!({ "type": event_type, "data": data }))
-        .map_err(|e| ("data", crate::quote(&e.to_string(), 200)))
+        .map_err(|e| ("data", crate::clip(&e.to_string(), 200)))
 }
 
 /// Checks a raw append to a stream of `A` against the stream's folded state: every event must
@@ -150,7 +150,7 @@ pub fn check_append<A: Aggregate>(
         if decided.as_slice() != std::slice::from_ref(&event) {
             let would = match decided.as_slice() {
                 [] => "nothing: the change it records is already the state".to_owned(),
-                d => crate::quote(&serde_json::to_string(d).unwrap_or_default(), 300),
+                d => crate::clip(&serde_json::to_string(d).unwrap_or_default(), 300),
             };
             return Err(refuse(format!("in this state the stream records {would}")));
         }
@@ -179,7 +179,7 @@ fn decode_new<A: Aggregate>(i: usize, new: &NewEvent) -> Result<A::Event, Domain
                 "stream type {} takes JSON events ({}), not {}",
                 A::KIND,
                 crate::JSON_CONTENT_TYPE,
-                crate::quote(&new.content_type, 64)
+                crate::quote(&new.content_type)
             ),
         ));
     }
@@ -189,7 +189,7 @@ fn decode_new<A: Aggregate>(i: usize, new: &NewEvent) -> Result<A::Event, Domain
             format!("events[{i}].type"),
             format!(
                 "{} is not an event of stream type {}; its events are {}",
-                crate::quote(&new.event_type, 64),
+                crate::quote(&new.event_type),
                 A::KIND,
                 known.join(", ")
             ),

@@ -286,7 +286,7 @@ impl Aggregate for Book {
                 if isbn != stream_id {
                     return Err(DomainError::Rule(format!(
                         "the book's isbn {} is not its stream id {stream_id}",
-                        crate::quote(isbn, 32)
+                        crate::quote(isbn)
                     )));
                 }
                 BookCommand::Create {

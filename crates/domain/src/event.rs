@@ -1,7 +1,7 @@
 //! Events as the store keeps them: self-describing (type, schema version, content type) and
 //! immutable once recorded, plus the expected-version forms of optimistic concurrency.
 
-use crate::{DomainError, StreamId};
+use crate::{quote, DomainError, StreamId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -120,7 +120,7 @@ impl NewEvent {
             ));
         }
         if self.data.len() > MAX_EVENT_DATA_BYTES {
-            return Err(DomainError::invalid(
+            return Err(DomainError::too_large(
                 format!("{field}.data"),
                 format!(
                     "is {} bytes, at most {MAX_EVENT_DATA_BYTES} allowed",
@@ -146,7 +146,7 @@ impl NewEvent {
             }
         }
         if self.metadata.len() > MAX_METADATA_ENTRIES {
-            return Err(DomainError::invalid(
+            return Err(DomainError::too_large(
                 format!("{field}.metadata"),
                 format!(
                     "has {} entries, at most {MAX_METADATA_ENTRIES} allowed",
@@ -154,14 +154,26 @@ impl NewEvent {
                 ),
             ));
         }
-        if let Some((k, _)) = self
-            .metadata
-            .iter()
-            .find(|(k, v)| k.is_empty() || k.len() > MAX_METADATA_LEN || v.len() > MAX_METADATA_LEN)
-        {
+        if self.metadata.keys().any(String::is_empty) {
             return Err(DomainError::invalid(
                 format!("{field}.metadata"),
-                format!("entry {k:?}: keys must be 1..={MAX_METADATA_LEN} bytes, values at most {MAX_METADATA_LEN}"),
+                "keys must not be empty",
+            ));
+        }
+        if let Some((k, v)) = self
+            .metadata
+            .iter()
+            .find(|(k, v)| k.len() > MAX_METADATA_LEN || v.len() > MAX_METADATA_LEN)
+        {
+            // The key is quoted, not echoed: it may be megabytes long.
+            return Err(DomainError::too_large(
+                format!("{field}.metadata"),
+                format!(
+                    "entry {} has a {}-byte key and a {}-byte value, at most {MAX_METADATA_LEN} each",
+                    quote(k),
+                    k.len(),
+                    v.len()
+                ),
             ));
         }
         Ok(())
@@ -212,7 +224,7 @@ pub fn validate_batch(events: &[NewEvent]) -> Result<(), DomainError> {
         ));
     }
     if events.len() > MAX_EVENTS_PER_APPEND {
-        return Err(DomainError::invalid(
+        return Err(DomainError::too_large(
             "events",
             format!(
                 "holds {} events, at most {MAX_EVENTS_PER_APPEND} allowed",
@@ -233,7 +245,7 @@ pub fn validate_batch(events: &[NewEvent]) -> Result<(), DomainError> {
         }
     }
     if total > MAX_APPEND_BYTES {
-        return Err(DomainError::invalid(
+        return Err(DomainError::too_large(
             "events",
             format!("payloads total {total} bytes, at most {MAX_APPEND_BYTES} allowed"),
         ));
@@ -344,7 +356,7 @@ mod tests {
         assert!(e.validate("events[0]").is_ok());
         e.data = vec![0; MAX_EVENT_DATA_BYTES + 1];
         assert!(
-            matches!(e.validate("events[0]"), Err(DomainError::Invalid { field, .. }) if field == "events[0].data")
+            matches!(e.validate("events[0]"), Err(DomainError::TooLarge { field, .. }) if field == "events[0].data")
         );
         let mut e = NewEvent::json("", 1, &json!({}));
         assert!(
@@ -355,6 +367,17 @@ mod tests {
         assert!(
             matches!(e.validate("events[0]"), Err(DomainError::Invalid { field, .. }) if field == "events[0].schema_version")
         );
+    }
+
+    #[test]
+    fn a_huge_metadata_key_is_quoted_not_echoed() {
+        let mut e = NewEvent::json("A", 1, &json!({}));
+        e.metadata.insert("k".repeat(3 << 20), "v".into());
+        let err = e.validate("events[0]").expect_err("key too long");
+        assert!(matches!(err, DomainError::TooLarge { .. }), "{err:?}");
+        assert!(err.to_string().len() < 300, "{}", err.to_string().len());
+        assert_eq!(quote("short"), "\"short\"");
+        assert!(quote(&"é".repeat(1000)).ends_with('…'));
     }
 
     #[test]

@@ -36,6 +36,14 @@ pub enum DomainError {
         /// What is wrong with it.
         reason: String,
     },
+    /// Input over a size limit (a payload, a batch, a metadata entry): `field` names it.
+    #[error("{field} too large: {reason}")]
+    TooLarge {
+        /// The field that is too large, e.g. `events[2].data` or `events`.
+        field: String,
+        /// The size found and the limit.
+        reason: String,
+    },
     /// A business rule refused the command (cart checked out, removing what is not there, ...).
     #[error("{0}")]
     Rule(String),
@@ -52,11 +60,31 @@ impl DomainError {
             reason: reason.into(),
         }
     }
+
+    /// Shorthand for [`DomainError::TooLarge`].
+    pub fn too_large(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::TooLarge {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
 }
 
-/// Quotes client input in a message, at most `max` bytes of it (cut on a character boundary,
-/// with `…` when cut), so that an error never echoes unbounded input back.
-pub fn quote(s: &str, max: usize) -> String {
+/// Longest quote of client input in an error message, in characters.
+pub const MAX_QUOTE_CHARS: usize = 64;
+
+/// `s` quoted for an error message: at most [`MAX_QUOTE_CHARS`] characters, with `…` when cut,
+/// so an error never echoes unbounded input back to the client or into the logs.
+pub fn quote(s: &str) -> String {
+    match s.char_indices().nth(MAX_QUOTE_CHARS) {
+        None => format!("{s:?}"),
+        Some((end, _)) => format!("{:?}…", &s[..end]),
+    }
+}
+
+/// Cuts a message that may embed client input (a decoder's error, a rendered event) to at most
+/// `max` bytes, on a character boundary, with `…` when cut.
+pub fn clip(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
     }

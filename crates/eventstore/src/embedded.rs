@@ -9,6 +9,12 @@
 //!
 //! redb calls block, so every call runs on tokio's blocking pool, never on an async worker.
 //!
+//! After an I/O error redb refuses every later operation until the database is reopened. So an
+//! I/O error marks the store broken (reported as `Unavailable`, and by [`EventStore::ping`], so
+//! write-svc's health says NOT_SERVING), and the next operation or ping reopens the file: once
+//! the cause is gone (disk space freed, device back) the store recovers without a restart. The
+//! reopen waits for every operation in flight (they hold a read lock on the database handle).
+//!
 //! Tables:
 //! - `events`: (stream key, version) → (recorded_at µs, postcard `EventHeader`, raw data).
 //!   The commit time is a column of its own so that as-of-time reads can binary-search it
@@ -33,6 +39,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -103,10 +110,18 @@ impl From<StoredChange> for Change {
     }
 }
 
+/// Opens (or reopens) the database.
+type Opener = Arc<dyn Fn() -> Result<Database, StoreError> + Send + Sync>;
+
 /// The embedded event store and change feed. Cloning is cheap and shares the database.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    /// The open database; `None` only while a reopen failed. Operations hold a read lock, a
+    /// reopen the write lock.
+    db: Arc<tokio::sync::RwLock<Option<Database>>>,
+    /// Set by an I/O error: redb must be reopened before it works again.
+    broken: Arc<AtomicBool>,
+    opener: Opener,
     /// Appends queue here, asynchronously, for their turn at redb's single writer: without it
     /// every waiting append would hold a blocking-pool thread parked on redb's writer lock.
     writer: Arc<tokio::sync::Mutex<()>>,
@@ -130,27 +145,80 @@ impl EmbeddedStore {
             ))
         })?;
         let file = path.join(DB_FILE_NAME);
-        let db = Database::create(&file).map_err(|e| {
-            StoreError::Internal(format!("cannot open event store {}: {e}", file.display()))
-        })?;
+        let store = Self::with_opener(Arc::new(move || {
+            Database::create(&file).map_err(|e| {
+                let cause = format!("cannot open event store {}: {e}", file.display());
+                match e {
+                    redb::DatabaseError::Storage(redb::StorageError::Io(_)) => {
+                        StoreError::Unavailable(cause)
+                    }
+                    _ => StoreError::Internal(cause),
+                }
+            })
+        }))?;
+        tracing::info!(path = %path.display(), "opened embedded event store");
+        Ok(store)
+    }
+
+    /// A store over what `opener` opens (and reopens after an I/O error).
+    fn with_opener(opener: Opener) -> Result<Self, StoreError> {
+        let db = opener()?;
         init_tables(&db)?;
-        tracing::info!(path = %file.display(), "opened embedded event store");
         Ok(Self {
-            db: Arc::new(db),
+            db: Arc::new(tokio::sync::RwLock::new(Some(db))),
+            broken: Arc::new(AtomicBool::new(false)),
+            opener,
             writer: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
-    /// Runs `f` against the database on the blocking pool.
+    /// Runs `f` against the database on the blocking pool, reopening it first if an I/O error
+    /// left it broken, and marking it broken if `f` meets one.
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     {
-        let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(|e| StoreError::Internal(format!("embedded store task failed: {e}")))?
+        if self.broken.load(Ordering::Acquire) {
+            self.reopen().await?;
+        }
+        let db = Arc::clone(&self.db).read_owned().await;
+        let result = tokio::task::spawn_blocking(move || match db.as_ref() {
+            Some(db) => f(db),
+            None => Err(StoreError::Unavailable(
+                "the event store could not be reopened".into(),
+            )),
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("embedded store task failed: {e}")))?;
+        if let Err(StoreError::Unavailable(cause)) = &result {
+            if !self.broken.swap(true, Ordering::AcqRel) {
+                tracing::error!(%cause, "embedded event store I/O error: reopening on next use");
+            }
+        }
+        result
+    }
+
+    /// Reopens the database if it is still broken, once every operation in flight is done.
+    async fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = Arc::clone(&self.db).write_owned().await;
+        if !self.broken.load(Ordering::Acquire) {
+            return Ok(()); // another caller reopened it while we waited
+        }
+        let opener = Arc::clone(&self.opener);
+        let broken = Arc::clone(&self.broken);
+        tokio::task::spawn_blocking(move || {
+            // The old handle holds the file lock: close it before opening again.
+            *db = None;
+            let fresh = opener()?;
+            init_tables(&fresh)?;
+            *db = Some(fresh);
+            broken.store(false, Ordering::Release);
+            tracing::info!("embedded event store reopened after an I/O error");
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("embedded store task failed: {e}")))?
     }
 }
 
@@ -179,9 +247,16 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
     txn.commit().map_err(db_err)
 }
 
-/// A redb failure, as the boundary reports it.
+/// A redb failure, as the boundary reports it: I/O errors are `Unavailable` (the store reopens
+/// the database and may work again), everything else `Internal`.
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::Internal(format!("redb: {}", e.into()))
+    let e = e.into();
+    match e {
+        redb::Error::Io(_) | redb::Error::PreviousIo => {
+            StoreError::Unavailable(format!("redb I/O: {e}"))
+        }
+        _ => StoreError::Internal(format!("redb: {e}")),
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -532,6 +607,15 @@ fn poll_blocking(db: &Database, after: u64, limit: u32) -> Result<ChangePage, St
 }
 
 impl EventStore for EmbeddedStore {
+    /// `Ok` unless an I/O error left the database broken and reopening it fails.
+    async fn ping(&self) -> Result<(), StoreError> {
+        if self.broken.load(Ordering::Acquire) {
+            self.reopen().await
+        } else {
+            Ok(())
+        }
+    }
+
     async fn append(
         &self,
         stream: &StreamId,
@@ -821,6 +905,105 @@ mod tests {
         let from_zero = store.list_streams(zero.next, 3).await.expect("list");
         assert_eq!(from_zero.streams.len(), 3);
         assert_eq!(store.list_streams(None, 3).await.expect("list").next, None);
+    }
+
+    /// A file backend whose writes fail while `fail` is set, like a full or vanished disk.
+    #[derive(Debug)]
+    struct Flaky {
+        file: redb::backends::FileBackend,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl Flaky {
+        fn check(&self) -> Result<(), std::io::Error> {
+            if self.fail.load(Ordering::SeqCst) {
+                Err(std::io::Error::other("injected write failure"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl redb::StorageBackend for Flaky {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.file.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.file.write(offset, data)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn recovers_from_io_errors_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(DB_FILE_NAME);
+        let fail = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&fail);
+        let store = EmbeddedStore::with_opener(Arc::new(move || {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&file)
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let backend = Flaky {
+                file: redb::backends::FileBackend::new(f)
+                    .map_err(|e| StoreError::Internal(e.to_string()))?,
+                fail: Arc::clone(&flag),
+            };
+            redb::Builder::new()
+                .create_with_backend(backend)
+                .map_err(|e| StoreError::Unavailable(e.to_string()))
+        }))
+        .unwrap();
+        let s = stream("flaky");
+        store
+            .append(&s, ExpectedVersion::Any, &[event(1)])
+            .await
+            .unwrap();
+        assert!(store.ping().await.is_ok());
+
+        fail.store(true, Ordering::SeqCst);
+        let err = store
+            .append(&s, ExpectedVersion::Any, &[event(2)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(store.ping().await.is_err(), "not healthy while writes fail");
+
+        fail.store(false, Ordering::SeqCst);
+        store.ping().await.expect("healthy once the cause is gone");
+        store
+            .append(&s, ExpectedVersion::Exact(1), &[event(3)])
+            .await
+            .expect("appends work again without a restart");
+        let read = store
+            .read(
+                &s,
+                ReadRequest {
+                    direction: Direction::Forwards,
+                    from_version: None,
+                    limit: 10,
+                    until_version: None,
+                    until_time_us: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(read.len(), 2, "the failed append left nothing behind");
     }
 
     #[test]

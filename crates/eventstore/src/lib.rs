@@ -160,6 +160,14 @@ pub trait EventStore: Send + Sync + 'static {
         cursor: Option<String>,
         limit: u32,
     ) -> impl Future<Output = Result<StreamPage, StoreError>> + Send;
+
+    /// Whether the store can serve now, for health checks. An adapter whose driver reports
+    /// outages per request (and reconnects by itself) keeps the default, always `Ok`; one that
+    /// can be left broken by an error (the embedded store after an I/O error) says so here, and
+    /// may use the call to recover.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// A notification that a stream changed up to a version. Duplicates, late arrivals and

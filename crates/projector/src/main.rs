@@ -4,7 +4,7 @@ use clap::Parser;
 use esq_eventstore::parse_nudge;
 use esq_projector::{Config, Projector};
 use esq_readstore::redis::subscribe_nudges;
-use esq_runtime::config::{CqlArgs, RedisArgs, TelemetryArgs};
+use esq_runtime::config::{CqlArgs, RedisArgs, ServerArgs, TelemetryArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,8 @@ struct Args {
     /// Pub/sub channel of the nudges.
     #[arg(long, env = "ESQ_NUDGE_CHANNEL", default_value = "esq:nudge")]
     nudge_channel: String,
+    #[command(flatten)]
+    server: ServerArgs,
     #[command(flatten)]
     cql: CqlArgs,
     #[command(flatten)]
@@ -78,10 +80,12 @@ async fn main() -> anyhow::Result<()> {
         })
     };
     let listener = esq_runtime::bind(args.listen).await?;
+    let mut options = esq_runtime::GrpcOptions::new(&[]);
+    options.grace = args.server.shutdown_grace;
     let health = tokio::spawn(esq_runtime::serve_grpc(
         listener,
         tonic::service::Routes::default(),
-        &[],
+        options,
         shutdown.clone(),
     ));
     projector.run(wake, Some(rx), shutdown).await;

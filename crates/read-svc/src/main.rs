@@ -1,7 +1,7 @@
 //! The read-svc binary: queries over gRPC answered from the Redis read model.
 
 use clap::Parser;
-use esq_runtime::config::{RedisArgs, TelemetryArgs};
+use esq_runtime::config::{RedisArgs, ServerArgs, TelemetryArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,8 @@ struct Args {
     /// Longest a min_version wait may last, in milliseconds.
     #[arg(long, env = "ESQ_MAX_WAIT_MS", default_value_t = 5000)]
     max_wait_ms: u64,
+    #[command(flatten)]
+    server: ServerArgs,
     #[command(flatten)]
     redis: RedisArgs,
     #[command(flatten)]
@@ -32,6 +34,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let config = esq_read_svc::Config {
         max_wait: Duration::from_millis(args.max_wait_ms),
+        shutdown_grace: args.server.shutdown_grace,
+        ..esq_read_svc::Config::default()
     };
     // Listen only once the store is there: until then clients are refused at once.
     let listener = esq_runtime::bind(args.listen).await?;

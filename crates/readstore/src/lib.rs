@@ -92,6 +92,9 @@ pub trait ReadStore: Send + Sync + 'static {
         name: &str,
         position: &str,
     ) -> impl Future<Output = Result<(), ReadError>> + Send;
+
+    /// One cheap round trip, for health checks: `Ok` when the store answers.
+    fn ping(&self) -> impl Future<Output = Result<(), ReadError>> + Send;
 }
 
 /// Coordination between projector replicas that share the change-log shards: leases with

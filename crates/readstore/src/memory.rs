@@ -93,6 +93,11 @@ impl MemoryStore {
 }
 
 impl ReadStore for MemoryStore {
+    /// Always answers: the store is this process's memory.
+    async fn ping(&self) -> Result<(), ReadError> {
+        Ok(())
+    }
+
     async fn apply(
         &self,
         projection: &str,

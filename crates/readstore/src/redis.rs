@@ -373,6 +373,11 @@ fn apply_cmd(sha: &str, key: &str, batch: &Batch) -> Cmd {
 }
 
 impl ReadStore for RedisStore {
+    async fn ping(&self) -> Result<(), ReadError> {
+        let _: String = self.query(&::redis::cmd("PING")).await?;
+        Ok(())
+    }
+
     async fn apply(
         &self,
         projection: &str,

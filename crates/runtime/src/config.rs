@@ -25,6 +25,35 @@ impl TelemetryArgs {
     }
 }
 
+/// Default of `--shutdown-grace`: long enough for ordinary calls to finish, short enough to
+/// stay within Kubernetes' default 30 s termination grace period.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Flags of every gRPC server.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// Longest drain on SIGTERM before open connections are closed (e.g. `20s`, `500ms`; a bare
+    /// number is seconds).
+    #[arg(long, env = "ESQ_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Parses `500ms`, `20s`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use e.g. 500ms, 20s or 2m"))?;
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        other => Err(format!("unknown duration unit {other:?}: use ms, s or m")),
+    }
+}
+
 /// Which change feed a CQL store writes and serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ChangeFeedArg {
@@ -141,5 +170,20 @@ impl RedisArgs {
         })
         .await
         .context("cannot start with this read-store configuration")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("3h").is_err());
     }
 }

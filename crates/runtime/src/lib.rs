@@ -5,6 +5,7 @@
 //! `ESQ_…` env vars) and pass values in.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -12,6 +13,8 @@ use tonic::service::Routes;
 use tracing_subscriber::EnvFilter;
 
 pub mod config;
+pub mod incoming;
+pub mod status;
 
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
@@ -93,22 +96,94 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
+/// Longest request message a server decodes, in bytes: the domain's own limits (3 MiB of
+/// payload per append, see `esq_domain::event`) plus 2 MiB for headers and metadata, so that an
+/// oversize append is refused by validation, naming the field, before the transport refuses it.
+pub const MAX_REQUEST_BYTES: usize = 5 * 1024 * 1024;
+
+/// HTTP/2 keepalive: the server pings every connection this often, idle or not, ...
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ... and closes it when a ping is not answered within this: a dead peer costs ≤ 40 s.
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection from which nothing at all is read for this long is closed. A live HTTP/2 peer
+/// answers our pings every [`HTTP2_KEEPALIVE_INTERVAL`], so this only catches silent sockets,
+/// such as ones that never send the HTTP/2 preface.
+pub const IDLE_READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// After this age a connection is asked to go away (GOAWAY; calls in flight finish, the client
+/// reconnects): idle but live connections do not live forever, and clients rebalance over
+/// replicas.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
+/// Concurrent calls per connection: the HTTP/2 spec's recommended minimum, and gRPC's usual
+/// value. A call can hold a ReadStream buffer (≈ 0.5 MiB), so this bounds one connection's
+/// buffered memory to tens of MiB; clients that need more open more connections.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// How long a server waits after the grace period, once connections are closed by force, for
+/// its connection tasks to end.
+const HARD_STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// How a gRPC server is run.
+#[derive(Debug, Clone)]
+pub struct GrpcOptions {
+    /// Fully-qualified names of the services, reported in health checks.
+    pub services: &'static [&'static str],
+    /// Whether the services can serve now (their stores reachable); health follows it.
+    pub readiness: Readiness,
+    /// Longest drain after shutdown before open connections are closed by force.
+    pub grace: Duration,
+}
+
+impl GrpcOptions {
+    /// Options for `services`, ready, with the default grace period.
+    pub fn new(services: &'static [&'static str]) -> Self {
+        Self {
+            services,
+            readiness: Readiness::default(),
+            grace: config::DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
 /// Serves `routes` plus `grpc.health.v1.Health` and server reflection (v1 and v1alpha) on
-/// `listener` until `shutdown` is cancelled. `services` are the fully-qualified names reported
-/// as SERVING; on shutdown they flip to NOT_SERVING before in-flight calls drain.
+/// `listener` until `shutdown` is cancelled.
+///
+/// Health reports the services SERVING while `options.readiness` is true. On shutdown they flip
+/// to NOT_SERVING, the listener closes, connections get GOAWAY and in-flight calls drain; after
+/// `options.grace` whatever is still open (idle connections, a stalled stream reader) is closed
+/// by force, so this returns within the grace period (plus a moment).
+///
+/// Every connection gets TCP_NODELAY and TCP keepalive ([`incoming`]), HTTP/2 keepalive
+/// ([`HTTP2_KEEPALIVE_INTERVAL`], [`HTTP2_KEEPALIVE_TIMEOUT`]), an idle bound
+/// ([`IDLE_READ_TIMEOUT`]), an age bound ([`MAX_CONNECTION_AGE`]) and at most
+/// [`MAX_CONCURRENT_STREAMS`] calls at once; every status passes [`status::StatusHygieneLayer`].
 pub async fn serve_grpc(
     listener: TcpListener,
     routes: Routes,
-    services: &[&str],
+    options: GrpcOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    use tonic_health::ServingStatus;
+    let GrpcOptions {
+        services,
+        readiness,
+        grace,
+    } = options;
     let (reporter, health) = tonic_health::server::health_reporter();
+    // Statuses exist before the first connection is accepted, so an early health check never
+    // finds the services unknown.
+    let initial = if readiness.get() {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
     for name in services.iter().copied().chain([""]) {
-        reporter
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
+        reporter.set_service_status(name, initial).await;
     }
+    // One task owns the reporter, so that the last status written on shutdown is NOT_SERVING.
+    let follower = tokio::spawn(follow_readiness(
+        reporter,
+        services,
+        readiness,
+        shutdown.clone(),
+    ));
     // Reflection lists only what this server serves, though the descriptor set has every API.
     let reflection = || {
         services.iter().copied().fold(
@@ -125,23 +200,156 @@ pub async fn serve_grpc(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    let names: Vec<String> = services.iter().map(|s| (*s).to_owned()).collect();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+    let hard_stop = CancellationToken::new();
+    // Whatever way this returns, no connection outlives the server.
+    let _close_all = hard_stop.clone().drop_guard();
+    let incoming = incoming::Incoming::new(
+        listener,
+        incoming::ConnLimits {
+            idle_read_timeout: IDLE_READ_TIMEOUT,
+            hard_stop: hard_stop.clone(),
+        },
+    );
+    let serve = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .max_connection_age(MAX_CONNECTION_AGE)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .layer(status::StatusHygieneLayer)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.cancelled().await;
-            for name in names.iter().map(String::as_str).chain([""]) {
-                reporter
-                    .set_service_status(name, ServingStatus::NotServing)
-                    .await;
+        .serve_with_incoming_shutdown(incoming, {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                let _ = follower.await;
+                tracing::info!(?grace, "draining gRPC calls");
             }
-            tracing::info!("draining gRPC calls");
+        });
+    tokio::pin!(serve);
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = &mut serve => return Ok(result?),
+        () = deadline => {}
+    }
+    tracing::warn!(
+        ?grace,
+        "shutdown grace period over: closing open connections"
+    );
+    hard_stop.cancel();
+    match tokio::time::timeout(HARD_STOP_WAIT, serve).await {
+        Ok(result) => Ok(result?),
+        Err(_) => {
+            tracing::warn!("gRPC connections still open after the hard stop; leaving them");
+            Ok(())
+        }
+    }
+}
+
+/// Writes health statuses: SERVING while `readiness` is true, NOT_SERVING otherwise, and
+/// NOT_SERVING for good once `shutdown` is cancelled.
+async fn follow_readiness(
+    reporter: tonic_health::server::HealthReporter,
+    services: &'static [&'static str],
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    use tonic_health::ServingStatus;
+    let mut ready = readiness.subscribe();
+    loop {
+        let status = if shutdown.is_cancelled() {
+            ServingStatus::NotServing
+        } else if *ready.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for name in services.iter().copied().chain([""]) {
+            reporter.set_service_status(name, status).await;
+        }
+        if shutdown.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            changed = ready.changed() => {
+                if changed.is_err() {
+                    // Every sender is gone: the status can no longer change until shutdown.
+                    shutdown.cancelled().await;
+                }
+            }
+            () = shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// Whether a server's services can serve, as they judge it themselves (e.g. their store answers);
+/// health checks report it. Cloning shares the flag.
+#[derive(Debug, Clone)]
+pub struct Readiness(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for Readiness {
+    /// Ready.
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(true)))
+    }
+}
+
+impl Readiness {
+    /// Sets the flag; returns whether it changed.
+    pub fn set(&self, ready: bool) -> bool {
+        self.0
+            .send_if_modified(|r| std::mem::replace(r, ready) != ready)
+    }
+
+    /// The flag now.
+    pub fn get(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.0.subscribe()
+    }
+
+    /// Spawns a probe that runs `check` every `every` until `shutdown` and keeps the flag equal
+    /// to its last outcome (a check that takes longer than `every` counts as failed); changes
+    /// are logged with `what` as the name of the dependency.
+    pub fn probe<E, Fut>(
+        &self,
+        what: &'static str,
+        every: Duration,
+        shutdown: CancellationToken,
+        mut check: impl FnMut() -> Fut + Send + 'static,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        E: std::fmt::Display,
+        Fut: std::future::Future<Output = Result<(), E>> + Send,
+    {
+        let readiness = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = shutdown.cancelled() => return,
+                }
+                let outcome = match tokio::time::timeout(every, check()).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {every:?}")),
+                };
+                let ok = outcome.is_ok();
+                if readiness.set(ok) {
+                    match outcome {
+                        Ok(()) => tracing::info!("{what} is back: serving"),
+                        Err(e) => tracing::warn!(error = %e, "{what} is unreachable: not serving"),
+                    }
+                }
+            }
         })
-        .await?;
-    Ok(())
+    }
 }
 
 /// Whether an error at start may go away by itself (a backing store not up yet), so that
@@ -189,5 +397,109 @@ where
             _ = shutdown.cancelled() => return Ok(None),
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+    /// The server returns within the grace period although an idle TCP connection and a
+    /// streaming call nobody ends (a health Watch, standing for a stalled reader) are open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_returns_within_the_grace_period() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let mut options = GrpcOptions::new(&["test.Service"]);
+        options.grace = Duration::from_secs(2);
+        let server = tokio::spawn(serve_grpc(
+            listener,
+            Routes::default(),
+            options,
+            shutdown.clone(),
+        ));
+        // A client that connects and never speaks.
+        let _idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut watch = HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: "test.Service".into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let first = watch.message().await.expect("status").expect("a status");
+        assert_eq!(first.status(), ServingStatus::Serving);
+
+        let started = std::time::Instant::now();
+        shutdown.cancel();
+        let next = tokio::time::timeout(Duration::from_secs(20), watch.message())
+            .await
+            .expect("health changes on shutdown")
+            .expect("status")
+            .expect("a status");
+        assert_eq!(next.status(), ServingStatus::NotServing);
+        tokio::time::timeout(Duration::from_secs(20), server)
+            .await
+            .expect("serve_grpc returns after the grace period")
+            .expect("join")
+            .expect("serve");
+        let took = started.elapsed();
+        eprintln!("shutdown with an idle connection and an open stream took {took:?}");
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+    }
+
+    /// Health follows readiness, and stays NOT_SERVING once shutdown began.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_follows_readiness() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let options = GrpcOptions::new(&["test.Service"]);
+        let readiness = options.readiness.clone();
+        let server = tokio::spawn(serve_grpc(
+            listener,
+            Routes::default(),
+            options,
+            shutdown.clone(),
+        ));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut watch = HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: "test.Service".into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        async fn next(
+            watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+        ) -> ServingStatus {
+            tokio::time::timeout(Duration::from_secs(20), watch.message())
+                .await
+                .expect("a health change")
+                .expect("status")
+                .expect("a status")
+                .status()
+        }
+        assert_eq!(next(&mut watch).await, ServingStatus::Serving);
+        readiness.set(false);
+        assert_eq!(next(&mut watch).await, ServingStatus::NotServing);
+        readiness.set(true);
+        assert_eq!(next(&mut watch).await, ServingStatus::Serving);
+        shutdown.cancel();
+        assert_eq!(next(&mut watch).await, ServingStatus::NotServing);
+        drop(watch);
+        server.await.expect("join").expect("serve");
     }
 }

@@ -106,12 +106,34 @@ impl DevHarness {
         Ok(h)
     }
 
+    /// Starts a stack over a fresh temporary folder, with `configure` applied to its config.
+    pub async fn start_with(configure: impl FnOnce(&mut DevConfig)) -> anyhow::Result<Self> {
+        let temp = tempfile::tempdir()?;
+        let dir = temp.path().to_path_buf();
+        let mut h = Self::start_configured(&dir, configure).await?;
+        h._temp = Some(temp);
+        Ok(h)
+    }
+
     /// Starts a stack over `dir` (kept after the harness is dropped).
     pub async fn start_in(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_configured(dir, |_| {}).await
+    }
+
+    /// Where write-svc listens.
+    pub fn write_addr(&self) -> Option<SocketAddr> {
+        self.stack.as_ref().map(|s| s.write_addr)
+    }
+
+    async fn start_configured(
+        dir: &Path,
+        configure: impl FnOnce(&mut DevConfig),
+    ) -> anyhow::Result<Self> {
         let mut config = DevConfig::new(dir);
         config.write_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config.read_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config.projector.poll_interval = Duration::from_millis(50);
+        configure(&mut config);
         let stack = DevStack::start(config, CancellationToken::new()).await?;
         let clients = Clients::connect(stack.write_addr, stack.read_addr).await?;
         Ok(Self {

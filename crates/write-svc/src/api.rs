@@ -13,10 +13,31 @@ use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-/// Events fetched from the store per page while streaming a read.
-const READ_PAGE: u32 = 500;
-/// Pages buffered ahead of a slow reader; the bound keeps server memory flat.
-const READ_BUFFER: usize = 2 * READ_PAGE as usize;
+/// Events in the first page of a streamed read: small, since nothing is known of their size.
+const FIRST_PAGE: u32 = 4;
+/// Most events per page, whatever their size.
+const MAX_PAGE: u32 = 500;
+/// Bytes a page aims at: later pages are sized from the events seen so far to hold about this
+/// much payload. With [`READ_BUFFER`] this bounds what a reader that stops granting HTTP/2
+/// flow-control window pins on the server: one page, one event in the channel, and what tonic
+/// and h2 queued (one encoded message) — well under 1 MiB even for 512 KiB events.
+const PAGE_BYTES: usize = 256 * 1024;
+/// Events buffered between the page reader and the response stream.
+const READ_BUFFER: usize = 1;
+
+/// The size of the next page after `events` events of `bytes` payload and metadata were read,
+/// for at most `remaining` more: about [`PAGE_BYTES`], between 1 and [`MAX_PAGE`] events.
+fn next_page(events: usize, bytes: usize, remaining: u64) -> u32 {
+    let per_event = (bytes / events.max(1)).max(1);
+    let fit = (PAGE_BYTES / per_event).clamp(1, MAX_PAGE as usize) as u32;
+    fit.min(remaining.try_into().unwrap_or(u32::MAX)).max(1)
+}
+
+/// Bytes an event holds in memory, roughly: payload, metadata and names.
+fn event_bytes(e: &esq_domain::RecordedEvent) -> usize {
+    let metadata: usize = e.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    e.data.len() + metadata + e.event_type.len() + e.content_type.len() + 64
+}
 
 /// The `esq.v1.EventStore` service.
 pub struct EventStoreApi<S> {
@@ -103,13 +124,12 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
         let mut request = ReadRequest {
             direction,
             from_version: req.from_version,
-            limit: READ_PAGE,
+            limit: FIRST_PAGE.min(remaining.try_into().unwrap_or(FIRST_PAGE)),
             until_version: req.until_version,
             until_time_us: req.until_time.as_ref().map(convert::micros),
         };
         // The first page is read before answering, so that an outage is a status, not a
         // broken stream.
-        request.limit = READ_PAGE.min(remaining.try_into().unwrap_or(READ_PAGE));
         let first = self
             .store
             .read(&stream, request)
@@ -119,12 +139,15 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
         let store = Arc::clone(&self.store);
         tokio::spawn(async move {
             let mut page = first;
+            let (mut seen, mut seen_bytes) = (0usize, 0usize);
             loop {
                 let full = page.len() as u32 == request.limit;
                 let Some(last) = page.last().map(|e| e.version) else {
                     break;
                 };
                 remaining -= page.len() as u64;
+                seen += page.len();
+                seen_bytes += page.iter().map(event_bytes).sum::<usize>();
                 for event in page {
                     if tx.send(Ok(convert::recorded_event(event))).await.is_err() {
                         return; // the client went away
@@ -138,7 +161,7 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
                     Direction::Backwards if last > 1 => Some(last - 1),
                     Direction::Backwards => break,
                 };
-                request.limit = READ_PAGE.min(remaining.try_into().unwrap_or(READ_PAGE));
+                request.limit = next_page(seen, seen_bytes, remaining);
                 page = match store.read(&stream, request).await {
                     Ok(p) => p,
                     Err(e) => {
@@ -185,9 +208,28 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
         if stream_types.is_empty() {
             return Err(Status::not_found(format!(
                 "no aggregate owns stream type {}; its streams are free-form",
-                esq_domain::quote(&wanted, 64)
+                esq_domain::quote(&wanted)
             )));
         }
         Ok(Response::new(pb::ListEventTypesResponse { stream_types }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_fit_the_byte_budget() {
+        // Small events: the page grows to the event cap.
+        assert_eq!(next_page(4, 4 * 100, u64::MAX), MAX_PAGE);
+        // 64 KiB events: four per page.
+        assert_eq!(next_page(4, 4 * 65_600, u64::MAX), 3);
+        assert_eq!(next_page(10, 10 * 64 * 1024, u64::MAX), 4);
+        // 512 KiB events: one at a time.
+        assert_eq!(next_page(4, 4 * 512 * 1024, u64::MAX), 1);
+        // Never more than what is left, never zero.
+        assert_eq!(next_page(4, 400, 7), 7);
+        assert_eq!(next_page(0, 0, 1), 1);
     }
 }

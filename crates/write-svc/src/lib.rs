@@ -17,6 +17,7 @@ use esq::pb::v1::event_store_server::EventStoreServer;
 use esq_domain::StreamId;
 use esq_eventstore::EventStore;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -38,30 +39,71 @@ pub struct Deps<S> {
     pub nudge: Option<Nudge>,
 }
 
-/// The gRPC routes of write-svc, for embedding in a larger server.
-pub fn routes<S: EventStore>(deps: Deps<S>) -> tonic::service::Routes {
-    let executor = commands::Executor::new(Arc::clone(&deps.store), deps.nudge.clone());
-    tonic::service::Routes::new(EventStoreServer::new(api::EventStoreApi::new(
-        deps.store,
-        deps.nudge,
-        executor.clone(),
-    )))
-    .add_service(CartCommandsServer::new(domain_api::CartCommandsApi(
-        executor.clone(),
-    )))
-    .add_service(BookCommandsServer::new(domain_api::BookCommandsApi(
-        executor,
-    )))
+/// Tunables of write-svc.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// How often the event store is asked whether it can serve ([`EventStore::ping`]); health
+    /// reports NOT_SERVING while it cannot.
+    pub health_probe: Duration,
+    /// Longest drain on shutdown before open connections are closed.
+    pub shutdown_grace: Duration,
 }
 
-/// Serves write-svc on `listener` until `shutdown` is cancelled, then drains.
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            health_probe: Duration::from_secs(1),
+            shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// The gRPC routes of write-svc, for embedding in a larger server.
+pub fn routes<S: EventStore>(deps: Deps<S>) -> tonic::service::Routes {
+    let max = esq_runtime::MAX_REQUEST_BYTES;
+    let executor = commands::Executor::new(Arc::clone(&deps.store), deps.nudge.clone());
+    tonic::service::Routes::new(
+        EventStoreServer::new(api::EventStoreApi::new(
+            deps.store,
+            deps.nudge,
+            executor.clone(),
+        ))
+        .max_decoding_message_size(max),
+    )
+    .add_service(
+        CartCommandsServer::new(domain_api::CartCommandsApi(executor.clone()))
+            .max_decoding_message_size(max),
+    )
+    .add_service(
+        BookCommandsServer::new(domain_api::BookCommandsApi(executor))
+            .max_decoding_message_size(max),
+    )
+}
+
+/// Serves write-svc on `listener` until `shutdown` is cancelled, then drains. Health reports
+/// NOT_SERVING while the event store says it cannot serve.
 pub async fn run<S: EventStore>(
     listener: TcpListener,
     deps: Deps<S>,
+    config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     tracing::info!(addr = ?listener.local_addr().ok(), "write-svc listening");
-    esq_runtime::serve_grpc(listener, routes(deps), SERVICES, shutdown).await
+    let mut options = esq_runtime::GrpcOptions::new(SERVICES);
+    options.grace = config.shutdown_grace;
+    let probe =
+        options
+            .readiness
+            .probe("the event store", config.health_probe, shutdown.clone(), {
+                let store = Arc::clone(&deps.store);
+                move || {
+                    let store = Arc::clone(&store);
+                    async move { store.ping().await }
+                }
+            });
+    let served = esq_runtime::serve_grpc(listener, routes(deps), options, shutdown).await;
+    probe.abort();
+    served
 }
 
 /// A [`Nudge`] that publishes `kind/id@version` on a Redis pub/sub channel. Appends never wait

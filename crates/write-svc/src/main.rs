@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use esq_readstore::redis::RedisConfig;
-use esq_runtime::config::{CqlArgs, TelemetryArgs};
+use esq_runtime::config::{CqlArgs, ServerArgs, TelemetryArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +21,8 @@ struct Args {
     /// Pub/sub channel of the nudges.
     #[arg(long, env = "ESQ_NUDGE_CHANNEL", default_value = "esq:nudge")]
     nudge_channel: String,
+    #[command(flatten)]
+    server: ServerArgs,
     #[command(flatten)]
     cql: CqlArgs,
     #[command(flatten)]
@@ -50,5 +52,9 @@ async fn main() -> anyhow::Result<()> {
     };
     // Listen only once the store is there: until then clients are refused at once.
     let listener = esq_runtime::bind(args.listen).await?;
-    esq_write_svc::run(listener, deps, shutdown).await
+    let config = esq_write_svc::Config {
+        shutdown_grace: args.server.shutdown_grace,
+        ..esq_write_svc::Config::default()
+    };
+    esq_write_svc::run(listener, deps, config, shutdown).await
 }
