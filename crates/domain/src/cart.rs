@@ -726,31 +726,12 @@ mod tests {
         (status, lines)
     }
 
-    fn raw_event() -> impl proptest::strategy::Strategy<Value = NewEvent> {
-        use proptest::prelude::*;
-        let sku = prop::sample::select(vec!["A", "B", "C"]);
-        let qty = prop_oneof![1i64..5, -3i64..=0, Just(i64::MAX), Just(i64::MIN)];
-        let price = prop_oneof![0i64..3, Just(150i64), Just(999i64)];
-        prop_oneof![
-            4 => (sku.clone(), qty.clone(), price.clone()).prop_map(|(s, q, p)| NewEvent::json(
-                "ItemAdded", 2, &json!({"sku": s, "quantity": q, "unit_price_cents": p}))),
-            1 => (sku.clone(), qty.clone()).prop_map(|(s, q)| NewEvent::json(
-                "ItemAdded", 1, &json!({"sku": s, "qty": q}))),
-            3 => (sku, qty, price).prop_map(|(s, q, p)| NewEvent::json(
-                "ItemRemoved", 1, &json!({"sku": s, "quantity": q, "unit_price_cents": p}))),
-            1 => (0i64..9, 0i64..9).prop_map(|(t, n)| NewEvent::json(
-                "CheckedOut", 1, &json!({"total_cents": t, "item_count": n}))),
-            1 => Just(NewEvent::json("ItemAdded", 3, &json!({"sku": "A"}))),
-            1 => Just(NewEvent::json("Renamed", 1, &json!({"name": "x"}))),
-        ]
-    }
-
     proptest::proptest! {
         /// Whatever reached a stream (old data, raw appends of any shape), the aggregate, the
         /// read model in any batching, and the plain-code model agree.
         #[test]
         fn fold_agrees_with_the_model_and_any_batching(
-            events in proptest::collection::vec(raw_event(), 0..30),
+            events in proptest::collection::vec(crate::arbitrary::raw_cart_event(), 0..30),
             cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..6),
         ) {
             let mut given = cart();
@@ -780,7 +761,7 @@ mod tests {
         /// Raw appends that the contract accepts keep the cart exactly where commands would.
         #[test]
         fn accepted_raw_appends_are_what_commands_record(
-            events in proptest::collection::vec(raw_event(), 0..30),
+            events in proptest::collection::vec(crate::arbitrary::raw_cart_event(), 0..30),
         ) {
             let mut given = cart();
             for e in events {

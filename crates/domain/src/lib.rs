@@ -7,6 +7,8 @@
 //! tested with plain unit and property tests.
 
 pub mod aggregate;
+#[cfg(any(test, feature = "arbitrary"))]
+pub mod arbitrary;
 pub mod bookshop;
 pub mod cart;
 pub mod contract;

@@ -374,26 +374,6 @@ fn cluster_matches_reference() {
     matches_reference(Backend::Cluster, "cluster_matches_reference");
 }
 
-/// A cart event as a client could append it raw: valid or not, any schema version.
-fn cart_event() -> impl Strategy<Value = esq_domain::NewEvent> {
-    use esq_domain::NewEvent;
-    use serde_json::json;
-    let sku = prop::sample::select(vec!["A", "B", "C"]);
-    let qty = prop_oneof![1i64..5, -3i64..=0, Just(i64::MAX), Just(i64::MIN)];
-    let price = prop_oneof![0i64..3, Just(150i64), Just(999i64)];
-    prop_oneof![
-        4 => (sku.clone(), qty.clone(), price.clone()).prop_map(|(s, q, p)| NewEvent::json(
-            "ItemAdded", 2, &json!({"sku": s, "quantity": q, "unit_price_cents": p}))),
-        1 => (sku.clone(), qty.clone()).prop_map(|(s, q)| NewEvent::json(
-            "ItemAdded", 1, &json!({"sku": s, "qty": q}))),
-        3 => (sku, qty, price).prop_map(|(s, q, p)| NewEvent::json(
-            "ItemRemoved", 1, &json!({"sku": s, "quantity": q, "unit_price_cents": p}))),
-        1 => (0i64..9, 0i64..9).prop_map(|(t, n)| NewEvent::json(
-            "CheckedOut", 1, &json!({"total_cents": t, "item_count": n}))),
-        1 => Just(NewEvent::json("Renamed", 1, &json!({"name": "x"}))),
-    ]
-}
-
 /// One truth: for any events in a cart stream, the cart read model that the fenced Lua apply
 /// builds (in any batching) is the aggregate's own state, folded from the same events.
 async fn carts_agree<S: ReadStore>(
@@ -456,7 +436,7 @@ fn carts_agree_on<S: ReadStore>(runtime: &tokio::runtime::Runtime, store: &S, te
         ..Config::default()
     });
     let cases = (
-        prop::collection::vec(cart_event(), 1..30),
+        prop::collection::vec(esq_domain::arbitrary::raw_cart_event(), 1..30),
         prop::collection::vec(any::<prop::sample::Index>(), 0..6),
     );
     runner
