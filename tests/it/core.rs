@@ -1,7 +1,7 @@
 //! Backend-agnostic scenarios of the core's promises under abuse: one truth for the write and
 //! read models, event contracts on owned stream types, and no self-inflicted conflicts.
 
-use crate::suite::{any, exact, json_event, read_all, stream, to_domain, unique};
+use crate::suite::{add, any, exact, json_event, read_all, stream, to_domain, unique};
 use esq::pb::cart::v1 as cart;
 use esq::pb::v1 as pb;
 use esq_domain::aggregate::load;
@@ -96,13 +96,7 @@ pub async fn read_model_agrees_with_the_aggregate(c: &Clients) {
     let id = unique("truth");
     let mut carts = c.carts.clone();
     let v = carts
-        .add_item(cart::AddItemRequest {
-            cart_id: id.clone(),
-            sku: "apple".into(),
-            quantity: 2,
-            unit_price_cents: 150,
-            ..Default::default()
-        })
+        .add_item(add(&id, "apple", 2, 150))
         .await
         .expect("add apples")
         .into_inner()
@@ -174,13 +168,7 @@ pub async fn read_model_agrees_with_the_aggregate(c: &Clients) {
                     .await
                 }
                 3 => carts
-                    .add_item(cart::AddItemRequest {
-                        cart_id: id.clone(),
-                        sku: sku.into(),
-                        quantity,
-                        unit_price_cents: price,
-                        ..Default::default()
-                    })
+                    .add_item(add(&id, sku, quantity, price))
                     .await
                     .map(|r| r.into_inner().version),
                 4 => carts
@@ -254,13 +242,7 @@ pub async fn owned_streams_honour_their_contracts(c: &Clients) {
     let v = c
         .carts
         .clone()
-        .add_item(cart::AddItemRequest {
-            cart_id: id.clone(),
-            sku: "pear".into(),
-            quantity: 1,
-            unit_price_cents: 5,
-            ..Default::default()
-        })
+        .add_item(add(&id, "pear", 1, 5))
         .await
         .expect("the cart takes commands")
         .into_inner()
@@ -340,13 +322,7 @@ pub async fn concurrent_commands_on_one_cart_all_succeed(c: &Clients) {
             let id = id.clone();
             tokio::spawn(async move {
                 carts
-                    .add_item(cart::AddItemRequest {
-                        cart_id: id,
-                        sku: "apple".into(),
-                        quantity: 1,
-                        unit_price_cents: 10,
-                        ..Default::default()
-                    })
+                    .add_item(add(&id, "apple", 1, 10))
                     .await
                     .map(|r| r.into_inner().version)
             })
@@ -380,16 +356,7 @@ pub async fn contended_commands(
             tokio::spawn(async move {
                 let mut aborted = 0;
                 for _ in 0..per_writer {
-                    match carts
-                        .add_item(cart::AddItemRequest {
-                            cart_id: id.clone(),
-                            sku: "apple".into(),
-                            quantity: 1,
-                            unit_price_cents: 10,
-                            ..Default::default()
-                        })
-                        .await
-                    {
+                    match carts.add_item(add(&id, "apple", 1, 10)).await {
                         Ok(_) => {}
                         Err(s) if s.code() == Code::Aborted => aborted += 1,
                         Err(s) => panic!("add item: {s:?}"),

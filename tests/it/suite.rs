@@ -70,7 +70,8 @@ pub async fn read(c: &Clients, req: pb::ReadStreamRequest) -> Vec<pb::RecordedEv
     out
 }
 
-fn add(cart_id: &str, sku: &str, quantity: i64, price: i64) -> cart::AddItemRequest {
+/// An AddItem command.
+pub fn add(cart_id: &str, sku: &str, quantity: i64, price: i64) -> cart::AddItemRequest {
     cart::AddItemRequest {
         cart_id: cart_id.into(),
         sku: sku.into(),
