@@ -393,10 +393,13 @@ struct Loaded {
 /// One FIFO queue per stream with work in flight in this process.
 #[derive(Default)]
 struct StreamQueues {
-    queues: Mutex<HashMap<StreamId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per stream in flight: its queue and how many turns hold or wait for it.
+    queues: Mutex<HashMap<StreamId, (Arc<tokio::sync::Mutex<()>>, usize)>>,
 }
 
-/// A turn at a stream: the holder is the only one in this process working on it.
+/// A turn at a stream: once its guard is taken, the holder is the only one in this process
+/// working on the stream. It exists while waiting too, so a caller that gives up waiting
+/// (its call was cancelled) still leaves the queue's count right.
 struct Turn<'a> {
     queues: &'a StreamQueues,
     stream: StreamId,
@@ -411,13 +414,17 @@ impl StreamQueues {
                 .queues
                 .lock()
                 .expect("stream queue map is never poisoned");
-            Arc::clone(queues.entry(stream.clone()).or_default())
+            let (queue, turns) = queues.entry(stream.clone()).or_default();
+            *turns += 1;
+            Arc::clone(queue)
         };
-        Turn {
+        let mut turn = Turn {
             queues: self,
             stream: stream.clone(),
-            guard: Some(queue.lock_owned().await),
-        }
+            guard: None,
+        };
+        turn.guard = Some(queue.lock_owned().await);
+        turn
     }
 }
 
@@ -431,11 +438,11 @@ impl Drop for Turn<'_> {
             .queues
             .lock()
             .expect("stream queue map is never poisoned");
-        if queues
-            .get(&self.stream)
-            .is_some_and(|q| Arc::strong_count(q) == 1)
-        {
-            queues.remove(&self.stream);
+        if let Some((_, turns)) = queues.get_mut(&self.stream) {
+            *turns -= 1;
+            if *turns == 0 {
+                queues.remove(&self.stream);
+            }
         }
     }
 }
@@ -482,6 +489,24 @@ mod tests {
         drop(first);
         let second = queues.turn(&s).await;
         drop(second);
+        assert!(queues.queues.lock().expect("lock").is_empty());
+    }
+
+    /// A waiter whose call is cancelled after the holder left still removes the queue.
+    #[tokio::test]
+    async fn a_cancelled_waiter_leaves_no_queue_behind() {
+        use std::future::Future as _;
+        let queues = StreamQueues::default();
+        let s = StreamId::new("cart", "c").expect("valid");
+        let first = queues.turn(&s).await;
+        let mut waiter = Box::pin(queues.turn(&s));
+        let waker = std::task::Waker::noop();
+        let polled = waiter
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker));
+        assert!(polled.is_pending(), "the waiter queues behind the holder");
+        drop(first);
+        drop(waiter);
         assert!(queues.queues.lock().expect("lock").is_empty());
     }
 }
