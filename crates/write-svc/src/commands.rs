@@ -393,9 +393,11 @@ struct Loaded {
 /// One FIFO queue per stream with work in flight in this process.
 #[derive(Default)]
 struct StreamQueues {
-    /// Per stream in flight: its queue and how many turns hold or wait for it.
-    queues: Mutex<HashMap<StreamId, (Arc<tokio::sync::Mutex<()>>, usize)>>,
+    queues: Mutex<HashMap<StreamId, Queue>>,
 }
+
+/// A stream's queue, and how many turns hold or wait for it.
+type Queue = (Arc<tokio::sync::Mutex<()>>, usize);
 
 /// A turn at a stream: once its guard is taken, the holder is the only one in this process
 /// working on the stream. It exists while waiting too, so a caller that gives up waiting
