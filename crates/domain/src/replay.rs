@@ -65,6 +65,18 @@ pub enum Edit {
     },
 }
 
+impl Edit {
+    /// The edit's name as the API spells it: `skip`, `move`, `insert`, `stop_at`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Skip { .. } => "skip",
+            Self::Move { .. } => "move",
+            Self::Insert { .. } => "insert",
+            Self::StopAt { .. } => "stop_at",
+        }
+    }
+}
+
 /// Where an event of the new timeline comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -214,22 +226,24 @@ fn plan(
             "history must hold every version from 1",
         ));
     }
+    // Fields are named as the client spells them: `edits[i].<edit>.<field>`.
+    let field = |i: usize, name: &str| format!("edits[{i}].{}.{name}", edits[i].name());
     let version = |i: usize, v: u64| {
         if (1..=head).contains(&v) {
             Ok(v)
         } else {
             Err(DomainError::invalid(
-                format!("edits[{i}].version"),
+                field(i, "version"),
                 format!("stream {stream} has no version {v}; its version is {head}"),
             ))
         }
     };
-    let position = |i: usize, field: &str, p: u64| {
+    let position = |i: usize, name: &str, p: u64| {
         if p <= head {
             Ok(p)
         } else {
             Err(DomainError::invalid(
-                format!("edits[{i}].{field}"),
+                field(i, name),
                 format!("position {p} is past the end of stream {stream} (version {head})"),
             ))
         }
@@ -242,7 +256,7 @@ fn plan(
     let (mut inserted, mut inserted_bytes) = (0usize, 0usize);
     let mut take = |i: usize, v: u64| match taken.insert(v, i) {
         Some(j) => Err(DomainError::invalid(
-            format!("edits[{i}].version"),
+            field(i, "version"),
             format!("version {v} is already skipped or moved by edits[{j}]"),
         )),
         None => Ok(()),
@@ -265,15 +279,16 @@ fn plan(
                 let p = position(i, "position", *p)?;
                 if events.is_empty() {
                     return Err(DomainError::invalid(
-                        format!("edits[{i}].events"),
+                        field(i, "events"),
                         "must hold at least one event",
                     ));
                 }
                 for (index, e) in events.iter().enumerate() {
-                    e.validate(&format!("edits[{i}].events[{index}]"))?;
+                    let at = field(i, &format!("events[{index}]"));
+                    e.validate(&at)?;
                     if !inserted_ids.insert(e.event_id) {
                         return Err(DomainError::invalid(
-                            format!("edits[{i}].events[{index}].event_id"),
+                            format!("{at}.event_id"),
                             "repeats the id of another inserted event",
                         ));
                     }
@@ -310,7 +325,7 @@ fn plan(
     if let Some((i, v)) = stop {
         if let Some(Edit::Skip { .. }) = taken.get(&v).map(|&j| &edits[j]) {
             return Err(DomainError::invalid(
-                format!("edits[{i}].version"),
+                field(i, "version"),
                 format!("version {v} is skipped, so the timeline cannot stop at it"),
             ));
         }
@@ -675,38 +690,34 @@ mod tests {
     fn bad_edits_name_the_edit() {
         let given = cart();
         let skip = |version| Edit::Skip { version };
-        assert_eq!(
-            invalid_field(&given, &[skip(1), skip(6)]),
-            "edits[1].version"
-        );
-        assert_eq!(invalid_field(&given, &[skip(0)]), "edits[0].version");
-        assert_eq!(
-            invalid_field(&given, &[skip(2), skip(2)]),
-            "edits[1].version"
-        );
+        let stop = |version| Edit::StopAt { version };
         let to_far = Edit::Move {
             version: 1,
             to_position: 6,
         };
-        assert_eq!(invalid_field(&given, &[to_far]), "edits[0].to_position");
         let empty = Edit::Insert {
             position: 0,
             events: vec![],
         };
-        assert_eq!(invalid_field(&given, &[empty]), "edits[0].events");
-        let stop = |version| Edit::StopAt { version };
-        assert_eq!(invalid_field(&given, &[stop(1), stop(2)]), "edits[1]");
-        assert_eq!(
-            invalid_field(&given, &[skip(3), stop(3)]),
-            "edits[1].version"
-        );
-        let mut bad = item_added("x", 1);
-        bad.event_type = String::new();
-        let bad = Edit::Insert {
+        let mut unnamed = item_added("x", 1);
+        unnamed.event_type = String::new();
+        let unnamed = Edit::Insert {
             position: 0,
-            events: vec![bad],
+            events: vec![unnamed],
         };
-        assert_eq!(invalid_field(&given, &[bad]), "edits[0].events[0].type");
+        let cases: Vec<(Vec<Edit>, &str)> = vec![
+            (vec![skip(1), skip(6)], "edits[1].skip.version"),
+            (vec![skip(0)], "edits[0].skip.version"),
+            (vec![skip(2), skip(2)], "edits[1].skip.version"),
+            (vec![to_far], "edits[0].move.to_position"),
+            (vec![empty], "edits[0].insert.events"),
+            (vec![stop(1), stop(2)], "edits[1]"),
+            (vec![skip(3), stop(3)], "edits[1].stop_at.version"),
+            (vec![unnamed], "edits[0].insert.events[0].type"),
+        ];
+        for (edits, field) in cases {
+            assert_eq!(invalid_field(&given, &edits), field, "{edits:?}");
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use crate::commands::Executor;
 use crate::error::status_from_store;
+use crate::timelines::Timelines;
 use crate::Nudge;
 use esq::convert::{self, status_from_domain};
 use esq::pb::v1 as pb;
@@ -45,6 +46,8 @@ pub struct EventStoreApi<S> {
     nudge: Option<Nudge>,
     /// Appends to owned stream types go through the aggregates' rules.
     executor: Executor<S>,
+    /// Replay previews and saved timelines.
+    timelines: Timelines<S>,
 }
 
 impl<S: EventStore> EventStoreApi<S> {
@@ -52,6 +55,7 @@ impl<S: EventStore> EventStoreApi<S> {
     /// appends events to the stream types an aggregate owns.
     pub fn new(store: Arc<S>, nudge: Option<Nudge>, executor: Executor<S>) -> Self {
         Self {
+            timelines: Timelines::new(Arc::clone(&store), nudge.clone()),
             store,
             nudge,
             executor,
@@ -212,6 +216,42 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
             )));
         }
         Ok(Response::new(pb::ListEventTypesResponse { stream_types }))
+    }
+
+    async fn replay_preview(
+        &self,
+        request: Request<pb::ReplayPreviewRequest>,
+    ) -> Result<Response<pb::ReplayPreviewResponse>, Status> {
+        Ok(Response::new(
+            self.timelines.preview(request.into_inner()).await?,
+        ))
+    }
+
+    async fn save_timeline(
+        &self,
+        request: Request<pb::SaveTimelineRequest>,
+    ) -> Result<Response<pb::Timeline>, Status> {
+        Ok(Response::new(
+            self.timelines.save(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_timeline(
+        &self,
+        request: Request<pb::GetTimelineRequest>,
+    ) -> Result<Response<pb::Timeline>, Status> {
+        Ok(Response::new(
+            self.timelines.get(&request.into_inner().name).await?,
+        ))
+    }
+
+    async fn list_timelines(
+        &self,
+        _request: Request<pb::ListTimelinesRequest>,
+    ) -> Result<Response<pb::ListTimelinesResponse>, Status> {
+        Ok(Response::new(pb::ListTimelinesResponse {
+            timelines: self.timelines.list().await?,
+        }))
     }
 }
 

@@ -1,0 +1,232 @@
+//! Replay previews and named what-if timelines (`esq.v1.EventStore/ReplayPreview`,
+//! `SaveTimeline`, `GetTimeline`, `ListTimelines`).
+//!
+//! The work is the domain's ([`esq_domain::replay`]): this module only reads the stream, hands
+//! it over, and stores timelines. A preview writes nothing. A saved timeline is a
+//! `TimelineSaved` event in its own free-form stream (`esq-timeline/<name>`), the newest one
+//! winning, so timelines live in the event store on every backend and never touch the stream
+//! they edit.
+
+use crate::error::status_from_store;
+use crate::Nudge;
+use esq::convert::{self, status_from_domain};
+use esq::pb::v1 as pb;
+use esq_domain::aggregate::check_append;
+use esq_domain::bookshop::{self, Book};
+use esq_domain::cart::{self, Cart};
+use esq_domain::event::MAX_EVENT_DATA_BYTES;
+use esq_domain::replay::{self, SavedTimeline, TIMELINE_KIND, TIMELINE_SAVED};
+use esq_domain::{ExpectedVersion, NewEvent, RecordedEvent, StreamId};
+use esq_eventstore::{Direction, EventStore, ReadRequest};
+use std::sync::Arc;
+use tonic::Status;
+
+/// Events read per page when loading a stream for a preview.
+const PAGE: u32 = 1000;
+/// Stream ids read per page when listing timelines.
+const LIST_PAGE: u32 = 500;
+
+/// Previews and timelines over one store.
+pub struct Timelines<S> {
+    store: Arc<S>,
+    nudge: Option<Nudge>,
+}
+
+impl<S: EventStore> Timelines<S> {
+    /// Over `store`; `nudge` is called after a timeline is saved (its stream is a stream too).
+    pub fn new(store: Arc<S>, nudge: Option<Nudge>) -> Self {
+        Self { store, nudge }
+    }
+
+    /// Previews the request's edits, or its saved timeline's, on the stream as it is now.
+    pub async fn preview(
+        &self,
+        req: pb::ReplayPreviewRequest,
+    ) -> Result<pb::ReplayPreviewResponse, Status> {
+        let (stream, edits) = if req.timeline.is_empty() {
+            let stream = convert::stream_id(req.stream.as_ref()).map_err(status_from_domain)?;
+            let edits = convert::timeline_edits(req.edits).map_err(status_from_domain)?;
+            (stream, edits)
+        } else {
+            if !req.edits.is_empty() {
+                return Err(Status::invalid_argument(
+                    "invalid edits: must be empty when `timeline` names a saved timeline",
+                ));
+            }
+            let (saved, _) = self.load(&req.timeline).await?;
+            if let Some(given) = req.stream.as_ref() {
+                let given = convert::stream_id(Some(given)).map_err(status_from_domain)?;
+                if given != saved.stream {
+                    return Err(Status::invalid_argument(format!(
+                        "invalid stream: timeline {} edits {}, not {given}",
+                        esq_domain::quote(&req.timeline),
+                        saved.stream
+                    )));
+                }
+            }
+            (saved.stream, saved.edits)
+        };
+        let history = self.history(&stream).await?;
+        let now = esq_eventstore::now_us();
+        let preview =
+            replay::preview(&stream, &history, &edits, now).map_err(status_from_domain)?;
+        // What Append would say of the corrective append today.
+        let refused = match stream.kind.as_str() {
+            _ if preview.inserted.is_empty() => None,
+            cart::KIND => check_append::<Cart>(&stream, &preview.today, &preview.inserted).err(),
+            bookshop::KIND => {
+                check_append::<Book>(&stream, &preview.today, &preview.inserted).err()
+            }
+            _ => None,
+        };
+        Ok(convert::replay_preview(&stream, preview, refused))
+    }
+
+    /// Checks the timeline's edits against its stream (as a preview would) and saves it.
+    pub async fn save(&self, req: pb::SaveTimelineRequest) -> Result<pb::Timeline, Status> {
+        let at = replay::timeline_stream(&req.name).map_err(status_from_domain)?;
+        let stream = convert::stream_id(req.stream.as_ref()).map_err(status_from_domain)?;
+        let edits = convert::timeline_edits(req.edits).map_err(status_from_domain)?;
+        let history = self.history(&stream).await?;
+        replay::preview(&stream, &history, &edits, 0).map_err(status_from_domain)?;
+        let saved = SavedTimeline { stream, edits };
+        let data = serde_json::to_value(&saved)
+            .map_err(|e| Status::internal(format!("timeline does not serialize: {e}")))?;
+        let event = NewEvent::json(TIMELINE_SAVED, 1, &data);
+        if event.data.len() > MAX_EVENT_DATA_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "edits too large: the timeline takes {} bytes as stored, at most \
+                 {MAX_EVENT_DATA_BYTES} allowed",
+                event.data.len()
+            )));
+        }
+        let result = self
+            .store
+            .append(&at, ExpectedVersion::Any, std::slice::from_ref(&event))
+            .await
+            .map_err(status_from_store)?;
+        if let Some(nudge) = &self.nudge {
+            nudge(&at, result.last_version);
+        }
+        Ok(timeline(
+            req.name,
+            saved,
+            result.last_version,
+            result.committed_at_us,
+        ))
+    }
+
+    /// The saved timeline `name`.
+    pub async fn get(&self, name: &str) -> Result<pb::Timeline, Status> {
+        let (saved, event) = self.load(name).await?;
+        Ok(timeline(
+            name.to_owned(),
+            saved,
+            event.version,
+            event.recorded_at_us,
+        ))
+    }
+
+    /// Every saved timeline, by name.
+    pub async fn list(&self) -> Result<Vec<pb::Timeline>, Status> {
+        let mut names = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self
+                .store
+                .list_streams(cursor, LIST_PAGE)
+                .await
+                .map_err(status_from_store)?;
+            names.extend(
+                page.streams
+                    .into_iter()
+                    .filter(|s| s.kind == TIMELINE_KIND)
+                    .map(|s| s.id),
+            );
+            cursor = page.next;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        names.sort();
+        let mut timelines = Vec::with_capacity(names.len());
+        for name in names {
+            timelines.push(self.get(&name).await?);
+        }
+        Ok(timelines)
+    }
+
+    /// The newest save of timeline `name`, and the event that holds it.
+    async fn load(&self, name: &str) -> Result<(SavedTimeline, RecordedEvent), Status> {
+        let at = replay::timeline_stream(name).map_err(|e| {
+            // The name arrives as `timeline` in previews and `name` in GetTimeline alike.
+            Status::invalid_argument(e.to_string())
+        })?;
+        let newest = self
+            .store
+            .read(
+                &at,
+                ReadRequest {
+                    direction: Direction::Backwards,
+                    from_version: None,
+                    limit: 1,
+                    until_version: None,
+                    until_time_us: None,
+                },
+            )
+            .await
+            .map_err(status_from_store)?
+            .pop()
+            .ok_or_else(|| {
+                Status::not_found(format!("no timeline named {}", esq_domain::quote(name)))
+            })?;
+        // The stream is free-form, so a raw Append may have put something else there.
+        let saved = (newest.event_type == TIMELINE_SAVED)
+            .then(|| serde_json::from_slice::<SavedTimeline>(&newest.data).ok())
+            .flatten()
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "timeline {}: the newest event of stream {at} (version {}) is not a \
+                     readable {TIMELINE_SAVED}",
+                    esq_domain::quote(name),
+                    newest.version
+                ))
+            })?;
+        Ok((saved, newest))
+    }
+
+    /// Every event of `stream`, oldest first; RESOURCE_EXHAUSTED past
+    /// [`replay::MAX_STREAM_EVENTS`].
+    async fn history(&self, stream: &StreamId) -> Result<Vec<RecordedEvent>, Status> {
+        let mut events: Vec<RecordedEvent> = Vec::new();
+        loop {
+            let page = self
+                .store
+                .read(stream, ReadRequest::forwards(events.len() as u64 + 1, PAGE))
+                .await
+                .map_err(status_from_store)?;
+            let full = page.len() == PAGE as usize;
+            events.extend(page);
+            if events.len() as u64 > replay::MAX_STREAM_EVENTS {
+                return Err(Status::resource_exhausted(format!(
+                    "stream {stream} holds more than {} events, the most a preview folds",
+                    replay::MAX_STREAM_EVENTS
+                )));
+            }
+            if !full {
+                return Ok(events);
+            }
+        }
+    }
+}
+
+/// The wire form of a saved timeline.
+fn timeline(name: String, saved: SavedTimeline, revision: u64, saved_at_us: i64) -> pb::Timeline {
+    pb::Timeline {
+        name,
+        stream: Some(convert::stream_ref(&saved.stream)),
+        edits: convert::timeline_edits_out(&saved.edits),
+        revision,
+        saved_at: Some(convert::timestamp(saved_at_us)),
+    }
+}
