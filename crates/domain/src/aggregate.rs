@@ -136,6 +136,15 @@ pub fn check_append<A: Aggregate>(
     let projection = A::Projection::default();
     let mut folded = folded.clone();
     for (i, new) in events.iter().enumerate() {
+        if new.metadata.contains_key(crate::event::COMMAND_ID_KEY) {
+            return Err(DomainError::invalid(
+                format!("events[{i}].metadata"),
+                format!(
+                    "{} is reserved for the events of commands, which it makes idempotent",
+                    crate::event::COMMAND_ID_KEY
+                ),
+            ));
+        }
         check_event::<A>(&stream.id, &folded.state(), new).map_err(|refusal| match refusal {
             Refusal::Malformed { field, reason } => {
                 DomainError::invalid(format!("events[{i}].{field}"), reason)
@@ -145,6 +154,9 @@ pub fn check_append<A: Aggregate>(
                 new.event_type,
                 A::KIND
             )),
+            Refusal::TooLarge { field, reason } => {
+                DomainError::too_large(format!("events[{i}].{field}"), reason)
+            }
         })?;
         let recorded = RecordedEvent {
             stream: stream.clone(),
@@ -169,9 +181,16 @@ pub enum Refusal {
     /// The event does not decode: `field` (`content_type`, `type`, `data`, `schema_version`)
     /// is wrong.
     Malformed {
-        /// The event's field at fault.
-        field: &'static str,
+        /// The event's field at fault, e.g. `type` or `data.quantity`.
+        field: String,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// A field of the event's payload is over a limit the command would enforce.
+    TooLarge {
+        /// The event's field at fault, e.g. `data.sku`.
+        field: String,
+        /// The size found and the limit.
         reason: String,
     },
     /// The event decodes, but the aggregate would not record it in this state: the rule.
@@ -182,6 +201,7 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Malformed { field, reason } => write!(f, "invalid {field}: {reason}"),
+            Self::TooLarge { field, reason } => write!(f, "{field} too large: {reason}"),
             Self::Rule(reason) => f.write_str(reason),
         }
     }
@@ -197,9 +217,18 @@ pub fn check_event<A: Aggregate>(
 ) -> Result<(), Refusal> {
     let event = decode_new::<A>(new)?;
     let command = A::command_for(stream_id, &event).map_err(|e| Refusal::Rule(e.to_string()))?;
-    let decided = state
-        .decide(&command)
-        .map_err(|e| Refusal::Rule(e.to_string()))?;
+    let decided = state.decide(&command).map_err(|e| match e {
+        // A field the command would refuse is malformed in the event's payload too.
+        DomainError::Invalid { field, reason } => Refusal::Malformed {
+            field: format!("data.{field}"),
+            reason,
+        },
+        DomainError::TooLarge { field, reason } => Refusal::TooLarge {
+            field: format!("data.{field}"),
+            reason,
+        },
+        other => Refusal::Rule(other.to_string()),
+    })?;
     if decided.as_slice() != std::slice::from_ref(&event) {
         let would = match decided.as_slice() {
             [] => "nothing: the change it records is already the state".to_owned(),
@@ -214,7 +243,10 @@ pub fn check_event<A: Aggregate>(
 
 /// Decodes a new event as an event of `A`, naming the malformed field.
 fn decode_new<A: Aggregate>(new: &NewEvent) -> Result<A::Event, Refusal> {
-    let malformed = |field, reason| Refusal::Malformed { field, reason };
+    let malformed = |field: &str, reason| Refusal::Malformed {
+        field: field.to_owned(),
+        reason,
+    };
     if !crate::event::is_json(&new.content_type) {
         return Err(malformed(
             "content_type",
