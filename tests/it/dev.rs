@@ -38,6 +38,7 @@ dev_tests!(
     replay: replay_preview_skip_move_insert_stop,
     replay_preview_validates_edits,
     saved_timelines_preview_again,
+    saved_timelines_follow_the_stream_as_it_grows,
     replay_preview_of_a_free_form_stream,
 );
 

@@ -124,13 +124,15 @@ fn diff(p: &pb::ReplayPreviewResponse) -> Vec<(&str, Option<&str>, Option<&str>)
         .collect()
 }
 
-/// The stream's events and version, to check that previews and saves leave it alone.
+/// The stream's events and version, to check that previews and saves leave it alone: the
+/// same events (ids, payloads, recorded times) and the same version as read before.
 async fn untouched(c: &Clients, id: &str, before: &[pb::RecordedEvent]) {
     assert_eq!(
         read_all(c, "cart", id).await,
         before,
         "the stream is untouched"
     );
+    let last = before.last().map_or(0, |e| e.version);
     let info = c
         .events
         .clone()
@@ -140,7 +142,7 @@ async fn untouched(c: &Clients, id: &str, before: &[pb::RecordedEvent]) {
         .await
         .expect("info")
         .into_inner();
-    assert_eq!(info.version, 5);
+    assert_eq!(info.version, last);
 }
 
 /// Skip, move, insert and stop each give the new timeline's state, the fields that differ
@@ -164,9 +166,10 @@ pub async fn replay_preview_skip_move_insert_stop(c: &Clients) {
         v.reason.contains("pear") && v.reason.contains("not in the cart"),
         "{v:?}"
     );
-    assert!(
-        v.message.starts_with("position 3 (v4 ItemRemoved): "),
-        "{v:?}"
+    assert_eq!(
+        v.message,
+        "position 3 (v4 ItemRemoved): cannot remove sku pear: it is not in the cart, \
+         once v2 is skipped"
     );
     assert_eq!(diff(&p), vec![("price:pear", Some("10"), None)]);
     assert_eq!(
@@ -258,6 +261,21 @@ pub async fn replay_preview_validates_edits(c: &Clients) {
             Code::InvalidArgument,
             "edits[0]",
         ),
+        (
+            vec![insert(6, vec![item_added("fig", 1)])],
+            Code::InvalidArgument,
+            "edits[0].insert.position",
+        ),
+        (
+            vec![stop_at(0)],
+            Code::InvalidArgument,
+            "edits[0].stop_at.version",
+        ),
+        (
+            vec![stop_at(6)],
+            Code::InvalidArgument,
+            "edits[0].stop_at.version",
+        ),
         (vec![skip(1); 101], Code::ResourceExhausted, "edits"),
     ];
     for (edits, code, named) in cases {
@@ -275,7 +293,64 @@ pub async fn replay_preview_validates_edits(c: &Clients) {
         .await
         .expect_err("unknown timeline");
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // A stream without events, or none at all, is no stream to preview.
+    let err = preview(c, &unique("never-written"), vec![])
+        .await
+        .expect_err("unknown stream");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("invalid stream: ") && err.message().contains("no events"),
+        "{err:?}"
+    );
+    let err = c
+        .events
+        .clone()
+        .replay_preview(pb::ReplayPreviewRequest::default())
+        .await
+        .expect_err("no stream");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("stream"), "{err:?}");
+
+    // The saved timelines' stream type takes no raw appends.
+    let err = c
+        .events
+        .clone()
+        .append(pb::AppendRequest {
+            stream: stream(esq_domain::replay::TIMELINE_KIND, &unique("forged")),
+            expected_version: crate::suite::any(),
+            events: vec![json_event("TimelineSaved", r#"{"edits":[]}"#)],
+        })
+        .await
+        .expect_err("raw append to a timeline");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("stream.type"), "{err:?}");
     untouched(c, &id, &before).await;
+}
+
+/// Every saved timeline, page by page (small pages, so that paging is exercised).
+async fn all_timelines(c: &Clients) -> Vec<pb::Timeline> {
+    let mut out = Vec::new();
+    let mut page_token = String::new();
+    for _ in 0..10_000 {
+        let page = c
+            .events
+            .clone()
+            .list_timelines(pb::ListTimelinesRequest {
+                page_size: 2,
+                page_token,
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(page.timelines.len() <= 2, "{page:?}");
+        out.extend(page.timelines);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        page_token = page.next_page_token;
+    }
+    panic!("ListTimelines never ended");
 }
 
 /// A timeline without its save time (the commit time the store reports on append and the
@@ -309,14 +384,9 @@ pub async fn saved_timelines_preview_again(c: &Clients) {
         .expect("get")
         .into_inner();
     assert_eq!(undated(got), undated(saved.clone()));
-    let listed = events
-        .list_timelines(pb::ListTimelinesRequest {})
-        .await
-        .expect("list")
-        .into_inner();
+    let listed = all_timelines(c).await;
     assert!(
         listed
-            .timelines
             .into_iter()
             .map(undated)
             .any(|t| t == undated(saved.clone())),
@@ -418,4 +488,112 @@ pub async fn replay_preview_of_a_free_form_stream(c: &Clients) {
         2,
         "nothing was written"
     );
+}
+
+/// A saved timeline is previewed against the stream as it is at the time of the preview:
+/// events appended after the save join the new timeline (and today's state), the edits keep
+/// naming the same versions, and new violations are reported where they happen.
+pub async fn saved_timelines_follow_the_stream_as_it_grows(c: &Clients) {
+    let id = unique("grows");
+    let mut carts = c.carts.clone();
+    for (sku, quantity) in [("apple", 2), ("pear", 1)] {
+        carts
+            .add_item(cart::AddItemRequest {
+                cart_id: id.clone(),
+                sku: sku.into(),
+                quantity,
+                unit_price_cents: 10,
+                ..Default::default()
+            })
+            .await
+            .expect("add");
+    }
+    let name = unique("without-pear");
+    let mut events = c.events.clone();
+    let saved = events
+        .save_timeline(pb::SaveTimelineRequest {
+            name: name.clone(),
+            stream: stream("cart", &id),
+            edits: vec![skip(2)],
+        })
+        .await
+        .expect("save")
+        .into_inner();
+    let by_name = pb::ReplayPreviewRequest {
+        timeline: name.clone(),
+        ..Default::default()
+    };
+    let p = events
+        .replay_preview(by_name.clone())
+        .await
+        .expect("preview")
+        .into_inner();
+    assert_eq!((p.version_today, p.timeline.len()), (2, 1));
+    assert!(p.violations.is_empty(), "{p:?}");
+    assert_eq!(
+        diff(&p),
+        vec![
+            ("item:pear", Some("1"), None),
+            ("price:pear", Some("10"), None)
+        ]
+    );
+
+    // Reality moves on: the pear is removed, a fig added.
+    carts
+        .remove_item(cart::RemoveItemRequest {
+            cart_id: id.clone(),
+            sku: "pear".into(),
+            quantity: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("remove");
+    carts
+        .add_item(cart::AddItemRequest {
+            cart_id: id.clone(),
+            sku: "fig".into(),
+            quantity: 3,
+            unit_price_cents: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("add fig");
+    let before = read_all(c, "cart", &id).await;
+    assert_eq!(before.len(), 4);
+
+    let p = events
+        .replay_preview(by_name)
+        .await
+        .expect("preview again")
+        .into_inner();
+    assert_eq!(p.version_today, 4);
+    let origins: Vec<u64> = p
+        .timeline
+        .iter()
+        .map(
+            |s| match s.origin.as_ref().and_then(|o| o.origin.as_ref()) {
+                Some(Origin::OriginalVersion(v)) => *v,
+                other => panic!("only originals on this timeline: {other:?}"),
+            },
+        )
+        .collect();
+    assert_eq!(origins, vec![1, 3, 4]);
+    assert_eq!(violations_at(&p), vec![(2, 3)]);
+    assert!(
+        p.violations[0].message.ends_with("once v2 is skipped"),
+        "{p:?}"
+    );
+    // Compared with reality: both have the fig, only today had the pear's price.
+    assert_eq!(p.state_today.get("item:fig").map(String::as_str), Some("3"));
+    assert_eq!(p.state_after.get("item:fig").map(String::as_str), Some("3"));
+    assert_eq!(diff(&p), vec![("price:pear", Some("10"), None)]);
+
+    // The timeline itself did not change, and neither did the stream.
+    let got = events
+        .get_timeline(pb::GetTimelineRequest { name })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(undated(got), undated(saved));
+    untouched(c, &id, &before).await;
 }

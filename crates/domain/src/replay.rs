@@ -122,6 +122,9 @@ pub struct Violation {
     pub event_type: String,
     /// The rule it breaks (or what does not decode).
     pub reason: String,
+    /// The edits that make this timeline, in words (e.g. `v2 is skipped`); empty without
+    /// edits.
+    pub context: String,
 }
 
 impl fmt::Display for Violation {
@@ -130,7 +133,39 @@ impl fmt::Display for Violation {
             f,
             "position {} ({} {}): {}",
             self.position, self.origin, self.event_type, self.reason
-        )
+        )?;
+        if !self.context.is_empty() {
+            write!(f, ", once {}", self.context)?;
+        }
+        Ok(())
+    }
+}
+
+/// The edits in words, for violation messages: `v2 is skipped and v5 is moved first`.
+pub fn describe(edits: &[Edit]) -> String {
+    let place = |p: u64| match p {
+        0 => "first".to_owned(),
+        p => format!("after v{p}"),
+    };
+    let parts: Vec<String> = edits
+        .iter()
+        .map(|edit| match edit {
+            Edit::Skip { version } => format!("v{version} is skipped"),
+            Edit::Move {
+                version,
+                to_position,
+            } => format!("v{version} is moved {}", place(*to_position)),
+            Edit::Insert { position, events } => match events.as_slice() {
+                [one] => format!("{} is inserted {}", one.event_type, place(*position)),
+                many => format!("{} events are inserted {}", many.len(), place(*position)),
+            },
+            Edit::StopAt { version } => format!("the timeline stops at v{version}"),
+        })
+        .collect();
+    match parts.as_slice() {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
     }
 }
 
@@ -172,19 +207,21 @@ pub fn preview(
     edits: &[Edit],
     now_us: i64,
 ) -> Result<Preview, DomainError> {
-    match stream.kind.as_str() {
-        cart::KIND => preview_owned::<Cart>(stream, history, edits, now_us),
-        bookshop::KIND => preview_owned::<Book>(stream, history, edits, now_us),
+    let mut preview = match stream.kind.as_str() {
+        cart::KIND => preview_owned::<Cart>(stream, history, edits, now_us)?,
+        bookshop::KIND => preview_owned::<Book>(stream, history, edits, now_us)?,
         _ => {
             let timeline = plan(stream, history, edits, now_us)?;
-            Ok(fold_timeline(
-                &StateProjection,
-                history,
-                timeline,
-                |_, _| Ok(()),
-            ))
+            fold_timeline(&StateProjection, history, timeline, |_, _| Ok(()))
+        }
+    };
+    if !preview.violations.is_empty() {
+        let context = describe(edits);
+        for v in &mut preview.violations {
+            v.context.clone_from(&context);
         }
     }
+    Ok(preview)
 }
 
 fn preview_owned<A: Aggregate>(
@@ -399,6 +436,7 @@ fn fold_timeline<P: Projection>(
                 origin: step.origin,
                 event_type: step.event.event_type.clone(),
                 reason,
+                context: String::new(),
             });
         }
         after.extend(projection, std::slice::from_ref(&step.event));
@@ -541,12 +579,10 @@ mod tests {
             "{:?}",
             p.violations
         );
-        assert!(
-            p.violations[0]
-                .to_string()
-                .starts_with("position 3 (v4 ItemRemoved): "),
-            "{}",
-            p.violations[0]
+        assert_eq!(
+            p.violations[0].to_string(),
+            "position 3 (v4 ItemRemoved): cannot remove sku pear: it is not in the cart, \
+             once v2 is skipped"
         );
         let state: Cart = p.after.state();
         assert_eq!(state.lines["apple"].quantity, 3);
@@ -647,6 +683,44 @@ mod tests {
         );
         use Origin::Original as O;
         assert_eq!(origins(&p), vec![O(2), O(3), O(1)]);
+    }
+
+    #[test]
+    fn old_schema_versions_are_upcast_on_the_new_timeline_too() {
+        // An ItemAdded of schema 1 ({sku, qty}) as an old client recorded it.
+        let stream = StreamId::new(cart::KIND, "c-old").expect("valid");
+        let mut history = Vec::new();
+        crate::testing::record(
+            &stream,
+            &mut history,
+            vec![NewEvent::json(
+                "ItemAdded",
+                1,
+                &json!({"sku": "old", "qty": 2}),
+            )],
+        );
+        let remove_one = NewEvent::json(
+            "ItemRemoved",
+            1,
+            &json!({"sku": "old", "quantity": 1, "unit_price_cents": 0}),
+        );
+        let p = preview(
+            &stream,
+            &history,
+            &[Edit::Insert {
+                position: 1,
+                events: vec![remove_one],
+            }],
+            0,
+        )
+        .expect("valid");
+        assert!(p.violations.is_empty(), "{:?}", p.violations);
+        assert_eq!(p.after.state::<Cart>().lines["old"].quantity, 1);
+        assert_eq!(p.today.state::<Cart>().lines["old"].quantity, 2);
+        assert_eq!(
+            p.today.state::<Cart>(),
+            crate::aggregate::load::<Cart>(&history)
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use esq::pb::v1 as pb;
 use esq_domain::bookshop::{self, Book};
 use esq_domain::cart::{self, Cart};
 use esq_domain::contract;
+use esq_domain::replay;
 use esq_eventstore::{Direction, EventStore, ReadRequest};
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -84,6 +85,15 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
         let deadline = convert::deadline(request.metadata());
         let req = request.into_inner();
         let stream = convert::stream_id(req.stream.as_ref()).map_err(status_from_domain)?;
+        if stream.kind == replay::TIMELINE_KIND {
+            // Saved timelines are written by SaveTimeline only, which checks them; a raw
+            // event there would be a timeline nobody checked.
+            return Err(Status::invalid_argument(format!(
+                "invalid stream.type: stream type {} holds saved timelines and is written \
+                 only by SaveTimeline",
+                replay::TIMELINE_KIND
+            )));
+        }
         let expected =
             convert::expected_version(req.expected_version.as_ref()).map_err(status_from_domain)?;
         let events = convert::new_events(req.events).map_err(status_from_domain)?;
@@ -264,10 +274,14 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
 
     async fn list_timelines(
         &self,
-        _request: Request<pb::ListTimelinesRequest>,
+        request: Request<pb::ListTimelinesRequest>,
     ) -> Result<Response<pb::ListTimelinesResponse>, Status> {
+        let req = request.into_inner();
+        let (timelines, next_page_token) =
+            self.timelines.list(req.page_size, req.page_token).await?;
         Ok(Response::new(pb::ListTimelinesResponse {
-            timelines: self.timelines.list().await?,
+            timelines,
+            next_page_token,
         }))
     }
 }

@@ -17,14 +17,18 @@ use esq_domain::cart::{self, Cart};
 use esq_domain::event::MAX_EVENT_DATA_BYTES;
 use esq_domain::replay::{self, SavedTimeline, TIMELINE_KIND, TIMELINE_SAVED};
 use esq_domain::{ExpectedVersion, NewEvent, RecordedEvent, StreamId};
-use esq_eventstore::{Direction, EventStore, ReadRequest};
+use esq_eventstore::{Direction, EventStore, ReadRequest, StoreError};
 use std::sync::Arc;
 use tonic::Status;
 
 /// Events read per page when loading a stream for a preview.
 const PAGE: u32 = 1000;
-/// Stream ids read per page when listing timelines.
-const LIST_PAGE: u32 = 500;
+/// Timelines per ListTimelines page unless the client asks for fewer.
+const DEFAULT_LIST_PAGE: u32 = 100;
+/// Most timelines per ListTimelines page.
+const MAX_LIST_PAGE: u32 = 500;
+/// Most stream ids one ListTimelines call scans.
+const MAX_LIST_SCAN: usize = 5000;
 
 /// Previews and timelines over one store.
 pub struct Timelines<S> {
@@ -127,33 +131,54 @@ impl<S: EventStore> Timelines<S> {
         ))
     }
 
-    /// Every saved timeline, by name.
-    pub async fn list(&self) -> Result<Vec<pb::Timeline>, Status> {
-        let mut names = Vec::new();
-        let mut cursor = None;
-        loop {
+    /// One page of saved timelines, from `page_token` (empty: the start): at most
+    /// `page_size` of them (0: the default), in the store's order, after scanning at most
+    /// [`MAX_LIST_SCAN`] stream ids; and the token of the next page (empty: none).
+    pub async fn list(
+        &self,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Vec<pb::Timeline>, String), Status> {
+        let want = match page_size {
+            0 => DEFAULT_LIST_PAGE,
+            n if n > MAX_LIST_PAGE => {
+                return Err(Status::invalid_argument(format!(
+                    "invalid page_size: {n} is more than the {MAX_LIST_PAGE} allowed"
+                )))
+            }
+            n => n,
+        } as usize;
+        let mut cursor = (!page_token.is_empty()).then_some(page_token);
+        let mut from_client = cursor.is_some();
+        let mut timelines = Vec::new();
+        let mut scanned = 0;
+        while timelines.len() < want && scanned < MAX_LIST_SCAN {
+            // Never more ids than timelines still wanted, so that a page ends on a cursor.
+            let limit = (want - timelines.len()).min(MAX_LIST_SCAN - scanned) as u32;
             let page = self
                 .store
-                .list_streams(cursor, LIST_PAGE)
+                .list_streams(cursor.take(), limit)
                 .await
-                .map_err(status_from_store)?;
-            names.extend(
-                page.streams
-                    .into_iter()
-                    .filter(|s| s.kind == TIMELINE_KIND)
-                    .map(|s| s.id),
-            );
+                .map_err(|e| match e {
+                    // The store's cursors are opaque: one it cannot read came from the client.
+                    StoreError::Internal(_) if from_client => Status::invalid_argument(
+                        "invalid page_token: not a token this server issued",
+                    ),
+                    other => status_from_store(other),
+                })?;
+            from_client = false;
+            scanned += page.streams.len();
+            for stream in page.streams {
+                if stream.kind == TIMELINE_KIND {
+                    timelines.push(self.get(&stream.id).await?);
+                }
+            }
             cursor = page.next;
             if cursor.is_none() {
                 break;
             }
         }
-        names.sort();
-        let mut timelines = Vec::with_capacity(names.len());
-        for name in names {
-            timelines.push(self.get(&name).await?);
-        }
-        Ok(timelines)
+        Ok((timelines, cursor.unwrap_or_default()))
     }
 
     /// The newest save of timeline `name`, and the event that holds it.
@@ -195,8 +220,8 @@ impl<S: EventStore> Timelines<S> {
         Ok((saved, newest))
     }
 
-    /// Every event of `stream`, oldest first; RESOURCE_EXHAUSTED past
-    /// [`replay::MAX_STREAM_EVENTS`].
+    /// Every event of `stream`, oldest first; INVALID_ARGUMENT naming `stream` if it has
+    /// none, RESOURCE_EXHAUSTED past [`replay::MAX_STREAM_EVENTS`].
     async fn history(&self, stream: &StreamId) -> Result<Vec<RecordedEvent>, Status> {
         let mut events: Vec<RecordedEvent> = Vec::new();
         loop {
@@ -207,6 +232,11 @@ impl<S: EventStore> Timelines<S> {
                 .map_err(status_from_store)?;
             let full = page.len() == PAGE as usize;
             events.extend(page);
+            if events.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "invalid stream: stream {stream} has no events"
+                )));
+            }
             if events.len() as u64 > replay::MAX_STREAM_EVENTS {
                 return Err(Status::resource_exhausted(format!(
                     "stream {stream} holds more than {} events, the most a preview folds",
