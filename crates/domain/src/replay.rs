@@ -329,6 +329,16 @@ fn plan(
                             "repeats the id of another inserted event",
                         ));
                     }
+                    if let Some(there) = history.iter().find(|h| h.event_id == e.event_id) {
+                        return Err(DomainError::invalid(
+                            format!("{at}.event_id"),
+                            format!(
+                                "{} is already recorded in stream {stream} at version {}: an \
+                                 inserted event is a new one",
+                                e.event_id, there.version
+                            ),
+                        ));
+                    }
                     inserted += 1;
                     inserted_bytes += e.data.len();
                     gaps[p as usize].push(Origin::Inserted { edit: i, index });
@@ -779,7 +789,14 @@ mod tests {
             position: 0,
             events: vec![unnamed],
         };
+        let mut recorded = item_added("y", 1);
+        recorded.event_id = given.history[2].event_id;
+        let recorded = Edit::Insert {
+            position: 5,
+            events: vec![recorded],
+        };
         let cases: Vec<(Vec<Edit>, &str)> = vec![
+            (vec![recorded], "edits[0].insert.events[0].event_id"),
             (vec![skip(1), skip(6)], "edits[1].skip.version"),
             (vec![skip(0)], "edits[0].skip.version"),
             (vec![skip(2), skip(2)], "edits[1].skip.version"),
