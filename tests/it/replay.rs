@@ -293,6 +293,17 @@ pub async fn replay_preview_validates_edits(c: &Clients) {
         .await
         .expect_err("unknown timeline");
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = c
+        .events
+        .clone()
+        .replay_preview(pb::ReplayPreviewRequest {
+            timeline: "no spaces allowed".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("malformed timeline name");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("invalid timeline: "), "{err:?}");
 
     // A stream without events, or none at all, is no stream to preview.
     let err = preview(c, &unique("never-written"), vec![])

@@ -3,9 +3,11 @@
 //!
 //! The work is the domain's ([`esq_domain::replay`]): this module only reads the stream, hands
 //! it over, and stores timelines. A preview writes nothing. A saved timeline is a
-//! `TimelineSaved` event in its own free-form stream (`esq-timeline/<name>`), the newest one
-//! winning, so timelines live in the event store on every backend and never touch the stream
-//! they edit.
+//! `TimelineSaved` event in its own stream (`esq-timeline/<name>`), the newest one winning, so
+//! timelines live in the event store on every backend and never touch the stream they edit.
+//! Only SaveTimeline writes that stream type (raw Append refuses it, see `api.rs`), and reads
+//! still check what they find (FAILED_PRECONDITION for an event that is not a readable
+//! timeline).
 
 use crate::error::status_from_store;
 use crate::Nudge;
@@ -57,7 +59,7 @@ impl<S: EventStore> Timelines<S> {
                     "invalid edits: must be empty when `timeline` names a saved timeline",
                 ));
             }
-            let (saved, _) = self.load(&req.timeline).await?;
+            let (saved, _) = self.load("timeline", &req.timeline).await?;
             if let Some(given) = req.stream.as_ref() {
                 let given = convert::stream_id(Some(given)).map_err(status_from_domain)?;
                 if given != saved.stream {
@@ -122,7 +124,7 @@ impl<S: EventStore> Timelines<S> {
 
     /// The saved timeline `name`.
     pub async fn get(&self, name: &str) -> Result<pb::Timeline, Status> {
-        let (saved, event) = self.load(name).await?;
+        let (saved, event) = self.load("name", name).await?;
         Ok(timeline(
             name.to_owned(),
             saved,
@@ -182,10 +184,18 @@ impl<S: EventStore> Timelines<S> {
     }
 
     /// The newest save of timeline `name`, and the event that holds it.
-    async fn load(&self, name: &str) -> Result<(SavedTimeline, RecordedEvent), Status> {
-        let at = replay::timeline_stream(name).map_err(|e| {
-            // The name arrives as `timeline` in previews and `name` in GetTimeline alike.
-            Status::invalid_argument(e.to_string())
+    /// A malformed name is INVALID_ARGUMENT naming `field` (`timeline` in previews, `name` in
+    /// GetTimeline).
+    async fn load(
+        &self,
+        field: &str,
+        name: &str,
+    ) -> Result<(SavedTimeline, RecordedEvent), Status> {
+        let at = replay::timeline_stream(name).map_err(|e| match e {
+            esq_domain::DomainError::Invalid { reason, .. } => {
+                Status::invalid_argument(format!("invalid {field}: {reason}"))
+            }
+            other => status_from_domain(other),
         })?;
         let newest = self
             .store
