@@ -364,6 +364,30 @@ async fn all_timelines(c: &Clients) -> Vec<pb::Timeline> {
     panic!("ListTimelines never ended");
 }
 
+/// ListTimelines refuses pages over its limit and tokens it did not issue, naming the field.
+async fn list_timelines_refuses_bad_pages(c: &Clients) {
+    for (req, field) in [
+        (
+            pb::ListTimelinesRequest {
+                page_size: 501,
+                page_token: String::new(),
+            },
+            "invalid page_size",
+        ),
+        (
+            pb::ListTimelinesRequest {
+                page_size: 1,
+                page_token: "not-a-token\u{1}".into(),
+            },
+            "invalid page_token",
+        ),
+    ] {
+        let err = c.events.clone().list_timelines(req).await.expect_err(field);
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with(field), "{err:?}");
+    }
+}
+
 /// A timeline without its save time (the commit time the store reports on append and the
 /// recorded time it reads back need not be the same clock reading on every backend).
 fn undated(mut t: pb::Timeline) -> pb::Timeline {
@@ -395,6 +419,7 @@ pub async fn saved_timelines_preview_again(c: &Clients) {
         .expect("get")
         .into_inner();
     assert_eq!(undated(got), undated(saved.clone()));
+    list_timelines_refuses_bad_pages(c).await;
     let listed = all_timelines(c).await;
     assert!(
         listed

@@ -29,6 +29,9 @@ const PAGE: u32 = 1000;
 const DEFAULT_LIST_PAGE: u32 = 100;
 /// Most timelines per ListTimelines page.
 const MAX_LIST_PAGE: u32 = 500;
+/// What every ListTimelines page token starts with (the store's cursor follows), so that a
+/// token from elsewhere is refused on every backend.
+const TOKEN_PREFIX: &str = "tl1.";
 /// Most stream ids one ListTimelines call scans.
 const MAX_LIST_SCAN: usize = 5000;
 
@@ -150,7 +153,19 @@ impl<S: EventStore> Timelines<S> {
             }
             n => n,
         } as usize;
-        let mut cursor = (!page_token.is_empty()).then_some(page_token);
+        let mut cursor = match page_token.as_str() {
+            "" => None,
+            token => Some(
+                token
+                    .strip_prefix(TOKEN_PREFIX)
+                    .ok_or_else(|| {
+                        Status::invalid_argument(
+                            "invalid page_token: not a token this server issued",
+                        )
+                    })?
+                    .to_owned(),
+            ),
+        };
         let mut from_client = cursor.is_some();
         let mut timelines = Vec::new();
         let mut scanned = 0;
@@ -180,7 +195,10 @@ impl<S: EventStore> Timelines<S> {
                 break;
             }
         }
-        Ok((timelines, cursor.unwrap_or_default()))
+        Ok((
+            timelines,
+            cursor.map_or_else(String::new, |c| format!("{TOKEN_PREFIX}{c}")),
+        ))
     }
 
     /// The newest save of timeline `name`, and the event that holds it.
