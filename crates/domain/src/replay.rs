@@ -34,6 +34,8 @@ pub const MAX_EDITS: usize = 100;
 pub const MAX_INSERTED_EVENTS: usize = MAX_EVENTS_PER_APPEND;
 /// Longest stream a preview folds, in events: a preview holds the whole stream in memory.
 pub const MAX_STREAM_EVENTS: u64 = 10_000;
+/// Most payload and metadata bytes of the stream a preview folds (it holds them all).
+pub const MAX_STREAM_BYTES: usize = 64 << 20;
 
 /// One change to a stream's timeline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

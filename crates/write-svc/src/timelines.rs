@@ -249,9 +249,11 @@ impl<S: EventStore> Timelines<S> {
     }
 
     /// Every event of `stream`, oldest first; INVALID_ARGUMENT naming `stream` if it has
-    /// none, RESOURCE_EXHAUSTED past [`replay::MAX_STREAM_EVENTS`].
+    /// none, RESOURCE_EXHAUSTED past [`replay::MAX_STREAM_EVENTS`] or
+    /// [`replay::MAX_STREAM_BYTES`].
     async fn history(&self, stream: &StreamId) -> Result<Vec<RecordedEvent>, Status> {
         let mut events: Vec<RecordedEvent> = Vec::new();
+        let mut bytes = 0usize;
         loop {
             let page = self
                 .store
@@ -259,7 +261,23 @@ impl<S: EventStore> Timelines<S> {
                 .await
                 .map_err(status_from_store)?;
             let full = page.len() == PAGE as usize;
+            bytes += page
+                .iter()
+                .map(|e| {
+                    e.data.len()
+                        + e.metadata
+                            .iter()
+                            .map(|(k, v)| k.len() + v.len())
+                            .sum::<usize>()
+                })
+                .sum::<usize>();
             events.extend(page);
+            if bytes > replay::MAX_STREAM_BYTES {
+                return Err(Status::resource_exhausted(format!(
+                    "stream {stream} holds more than {} MiB of events, the most a preview folds",
+                    replay::MAX_STREAM_BYTES >> 20
+                )));
+            }
             if events.is_empty() {
                 return Err(Status::invalid_argument(format!(
                     "invalid stream: stream {stream} has no events"
