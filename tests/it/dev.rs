@@ -271,6 +271,6 @@ async fn saved_timelines_survive_a_restart() {
         .await
         .expect("preview after restart")
         .into_inner();
-    assert!(p.timeline.is_empty() && p.state_after.get("f.a").is_none());
+    assert!(p.timeline.is_empty() && !p.state_after.contains_key("f.a"));
     h.stop().await.expect("stop");
 }
