@@ -181,6 +181,7 @@ pub async fn serve_grpc(
     let follower = tokio::spawn(follow_readiness(
         reporter,
         services,
+        initial,
         readiness,
         shutdown.clone(),
     ));
@@ -249,10 +250,12 @@ pub async fn serve_grpc(
 }
 
 /// Writes health statuses: SERVING while `readiness` is true, NOT_SERVING otherwise, and
-/// NOT_SERVING for good once `shutdown` is cancelled.
+/// NOT_SERVING for good once `shutdown` is cancelled. Only changes are written (the reporter
+/// notifies watchers of every write), so a `Watch` client never sees the same status twice.
 async fn follow_readiness(
     reporter: tonic_health::server::HealthReporter,
     services: &'static [&'static str],
+    mut written: tonic_health::ServingStatus,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) {
@@ -266,8 +269,11 @@ async fn follow_readiness(
         } else {
             ServingStatus::NotServing
         };
-        for name in services.iter().copied().chain([""]) {
-            reporter.set_service_status(name, status).await;
+        if status != written {
+            for name in services.iter().copied().chain([""]) {
+                reporter.set_service_status(name, status).await;
+            }
+            written = status;
         }
         if shutdown.is_cancelled() {
             return;
@@ -454,6 +460,48 @@ mod tests {
         let took = started.elapsed();
         eprintln!("shutdown with an idle connection and an open stream took {took:?}");
         assert!(took < Duration::from_secs(10), "took {took:?}");
+    }
+
+    /// The follower writes changes only: the reporter notifies watchers of every write, so a
+    /// write of an unchanged status reaches a `Watch` client as a duplicate message.
+    #[tokio::test(flavor = "current_thread")]
+    async fn readiness_follower_writes_only_changes() {
+        use tokio_stream::StreamExt as _;
+        use tonic_health::pb::health_server::Health as _;
+        let reporter = tonic_health::server::HealthReporter::new();
+        let health = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        reporter
+            .set_service_status("s", tonic_health::ServingStatus::Serving)
+            .await;
+        let mut watch = health
+            .watch(tonic::Request::new(HealthCheckRequest {
+                service: "s".into(),
+            }))
+            .await
+            .expect("watch")
+            .into_inner();
+        let first = watch.next().await.expect("first").expect("status");
+        assert_eq!(first.status(), ServingStatus::Serving);
+        let readiness = Readiness::default();
+        let shutdown = CancellationToken::new();
+        let follower = tokio::spawn(follow_readiness(
+            reporter,
+            &["s"],
+            tonic_health::ServingStatus::Serving,
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+        // On this single-threaded runtime the follower runs until it waits for a change.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let pending = tokio::time::timeout(Duration::from_millis(1), watch.next()).await;
+        assert!(pending.is_err(), "a duplicate status was sent: {pending:?}");
+        readiness.set(false);
+        let next = watch.next().await.expect("next").expect("status");
+        assert_eq!(next.status(), ServingStatus::NotServing);
+        shutdown.cancel();
+        follower.await.expect("follower");
     }
 
     /// Health follows readiness, and stays NOT_SERVING once shutdown began.
