@@ -5,6 +5,7 @@
 
 use crate::pb::v1 as pb;
 use esq_domain::event::validate_batch;
+use esq_domain::replay::{self, Edit, Origin, Preview};
 use esq_domain::{
     DomainError, ExpectedVersion, NewEvent, RecordedEvent, StreamId, JSON_CONTENT_TYPE,
 };
@@ -104,6 +105,178 @@ fn new_event(i: usize, e: pb::NewEvent) -> Result<NewEvent, DomainError> {
         data,
         metadata: e.metadata.into_iter().collect::<BTreeMap<_, _>>(),
     })
+}
+
+/// The edits of a replay preview or saved timeline, fields named `edits[i].…`.
+pub fn timeline_edits(edits: Vec<pb::TimelineEdit>) -> Result<Vec<Edit>, DomainError> {
+    use pb::timeline_edit::Edit as E;
+    if edits.len() > replay::MAX_EDITS {
+        return Err(DomainError::too_large(
+            "edits",
+            format!(
+                "holds {} edits, at most {} allowed",
+                edits.len(),
+                replay::MAX_EDITS
+            ),
+        ));
+    }
+    edits
+        .into_iter()
+        .enumerate()
+        .map(|(i, edit)| {
+            Ok(match edit.edit {
+                Some(E::Skip(s)) => Edit::Skip { version: s.version },
+                Some(E::Move(m)) => Edit::Move {
+                    version: m.version,
+                    to_position: m.to_position,
+                },
+                Some(E::StopAt(s)) => Edit::StopAt { version: s.version },
+                Some(E::Insert(insert)) => Edit::Insert {
+                    position: insert.position,
+                    events: insert
+                        .events
+                        .into_iter()
+                        .enumerate()
+                        .map(|(j, e)| new_event(j, e))
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| within(&format!("edits[{i}].insert."), e))?,
+                },
+                None => {
+                    return Err(DomainError::invalid(
+                        format!("edits[{i}]"),
+                        "is required: set one of skip, move, insert or stop_at",
+                    ))
+                }
+            })
+        })
+        .collect()
+}
+
+/// `e` with its field named inside `prefix` (e.g. `edits[2].insert.`).
+fn within(prefix: &str, e: DomainError) -> DomainError {
+    match e {
+        DomainError::Invalid { field, reason } => DomainError::Invalid {
+            field: format!("{prefix}{field}"),
+            reason,
+        },
+        DomainError::TooLarge { field, reason } => DomainError::TooLarge {
+            field: format!("{prefix}{field}"),
+            reason,
+        },
+        other => other,
+    }
+}
+
+/// The wire form of timeline edits.
+pub fn timeline_edits_out(edits: &[Edit]) -> Vec<pb::TimelineEdit> {
+    use pb::timeline_edit::{self as te, Edit as E};
+    edits
+        .iter()
+        .map(|edit| pb::TimelineEdit {
+            edit: Some(match edit {
+                Edit::Skip { version } => E::Skip(te::Skip { version: *version }),
+                Edit::Move {
+                    version,
+                    to_position,
+                } => E::Move(te::Move {
+                    version: *version,
+                    to_position: *to_position,
+                }),
+                Edit::StopAt { version } => E::StopAt(te::StopAt { version: *version }),
+                Edit::Insert { position, events } => E::Insert(te::Insert {
+                    position: *position,
+                    events: events.iter().map(new_event_out).collect(),
+                }),
+            }),
+        })
+        .collect()
+}
+
+/// The wire form of an event to append: JSON payloads as text, others as bytes.
+pub fn new_event_out(e: &NewEvent) -> pb::NewEvent {
+    use pb::new_event::Payload;
+    let payload = match std::str::from_utf8(&e.data) {
+        Ok(text) if esq_domain::event::is_json(&e.content_type) => Payload::Json(text.to_owned()),
+        _ => Payload::Data(e.data.clone()),
+    };
+    pb::NewEvent {
+        event_id: e.event_id.to_string(),
+        r#type: e.event_type.clone(),
+        schema_version: e.schema_version,
+        content_type: e.content_type.clone(),
+        payload: Some(payload),
+        metadata: e.metadata.clone().into_iter().collect(),
+    }
+}
+
+/// The wire form of where a timeline event comes from.
+pub fn timeline_origin(origin: Origin) -> pb::TimelineOrigin {
+    use pb::timeline_origin::{Inserted, Origin as O};
+    pb::TimelineOrigin {
+        origin: Some(match origin {
+            Origin::Original(v) => O::OriginalVersion(v),
+            Origin::Inserted { edit, index } => O::Inserted(Inserted {
+                edit: edit as u32,
+                index: index as u32,
+            }),
+        }),
+    }
+}
+
+/// The wire form of a replay preview of `stream`. `corrective_refused` says why the
+/// aggregate would refuse the corrective append today (`None`: it would not).
+pub fn replay_preview(
+    stream: &StreamId,
+    p: Preview,
+    corrective_refused: Option<DomainError>,
+) -> pb::ReplayPreviewResponse {
+    let corrective_append = (!p.inserted.is_empty()).then(|| pb::AppendRequest {
+        stream: Some(stream_ref(stream)),
+        expected_version: Some(pb::ExpectedVersion {
+            kind: Some(pb::expected_version::Kind::Exact(p.today.version)),
+        }),
+        events: p.inserted.iter().map(new_event_out).collect(),
+    });
+    pb::ReplayPreviewResponse {
+        stream: Some(stream_ref(stream)),
+        version_today: p.today.version,
+        state_today: p.today.doc.into_iter().collect(),
+        state_after: p.after.doc.into_iter().collect(),
+        diff: p
+            .diff
+            .into_iter()
+            .map(|c| pb::FieldChange {
+                field: c.field,
+                before: c.before,
+                after: c.after,
+            })
+            .collect(),
+        timeline: p
+            .timeline
+            .into_iter()
+            .map(|s| pb::TimelineStep {
+                position: s.position,
+                origin: Some(timeline_origin(s.origin)),
+                r#type: s.event.event_type,
+                event_id: s.event.event_id.to_string(),
+            })
+            .collect(),
+        violations: p
+            .violations
+            .into_iter()
+            .map(|v| pb::RuleViolation {
+                position: v.position,
+                origin: Some(timeline_origin(v.origin)),
+                message: v.to_string(),
+                r#type: v.event_type,
+                reason: v.reason,
+            })
+            .collect(),
+        corrective_append,
+        corrective_append_refused: corrective_refused
+            .map(|e| e.to_string())
+            .unwrap_or_default(),
+    }
 }
 
 /// The wire form of a recorded event: JSON payloads travel as text, others as bytes.

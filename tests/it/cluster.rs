@@ -1,8 +1,8 @@
 //! The suite and the fault tests against the distributed deployment: write-svc, projector and
 //! read-svc as separate processes on a real Cassandra node and a real Redis.
 
-use crate::core;
 use crate::suite::{self, exact, read_all, stream, to_domain, unique};
+use crate::{core, replay};
 use esq::pb::bookshop::v1 as book;
 use esq::pb::cart::v1 as cart;
 use esq::pb::v1 as pb;
@@ -48,6 +48,21 @@ async fn suite_on_cassandra_and_redis() {
     core::read_model_agrees_with_the_aggregate(c).await;
     core::owned_streams_honour_their_contracts(c).await;
     core::concurrent_commands_on_one_cart_all_succeed(c).await;
+}
+
+/// Replay previews and saved what-if timelines, against one deployment (fresh streams).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_on_cassandra_and_redis() {
+    let Some(h) = harness("replay_on_cassandra_and_redis", ClusterOptions::default()).await else {
+        return;
+    };
+    let c = &h.clients;
+    eprintln!("logs in {}", h.logs().display());
+    replay::replay_preview_skip_move_insert_stop(c).await;
+    replay::replay_preview_validates_edits(c).await;
+    replay::saved_timelines_preview_again(c).await;
+    replay::saved_timelines_follow_the_stream_as_it_grows(c).await;
+    replay::replay_preview_of_a_free_form_stream(c).await;
 }
 
 /// 16 concurrent writers spread over two write-svc processes on one stream.

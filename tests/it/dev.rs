@@ -1,6 +1,6 @@
 //! The suite against the embedded single-process stack (`esq dev`), plus restart durability.
 
-use crate::{core, suite};
+use crate::{core, replay, suite};
 use esq_testkit::DevHarness;
 
 macro_rules! dev_tests {
@@ -32,6 +32,14 @@ dev_tests!(
     core: read_model_agrees_with_the_aggregate,
     owned_streams_honour_their_contracts,
     concurrent_commands_on_one_cart_all_succeed,
+);
+
+dev_tests!(
+    replay: replay_preview_skip_move_insert_stop,
+    replay_preview_validates_edits,
+    saved_timelines_preview_again,
+    saved_timelines_follow_the_stream_as_it_grows,
+    replay_preview_of_a_free_form_stream,
 );
 
 /// The `esq dev` binary prints its addresses, serves, and exits cleanly on SIGTERM; its logs,
@@ -206,5 +214,63 @@ async fn restart_keeps_events_and_rebuilds_queries() {
         events_after.extend(suite::read_all(&h.clients, "cart", id).await);
     }
     assert_eq!(events_before, events_after);
+    h.stop().await.expect("stop");
+}
+
+/// A saved timeline survives a restart of the stack: it is an event in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saved_timelines_survive_a_restart() {
+    use esq::pb::v1 as pb;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = DevHarness::start_in(dir.path()).await.expect("start");
+    let id = suite::unique("order");
+    h.clients
+        .events
+        .clone()
+        .append(pb::AppendRequest {
+            stream: suite::stream("order", &id),
+            expected_version: suite::any(),
+            events: vec![suite::json_event("Set", r#"{"a":1}"#)],
+        })
+        .await
+        .expect("append");
+    let name = suite::unique("kept");
+    let edits = vec![pb::TimelineEdit {
+        edit: Some(pb::timeline_edit::Edit::Skip(pb::timeline_edit::Skip {
+            version: 1,
+        })),
+    }];
+    h.clients
+        .events
+        .clone()
+        .save_timeline(pb::SaveTimelineRequest {
+            name: name.clone(),
+            stream: suite::stream("order", &id),
+            edits: edits.clone(),
+        })
+        .await
+        .expect("save");
+    h.restart().await.expect("restart");
+    let got = h
+        .clients
+        .events
+        .clone()
+        .get_timeline(pb::GetTimelineRequest { name: name.clone() })
+        .await
+        .expect("get after restart")
+        .into_inner();
+    assert_eq!((got.edits, got.revision), (edits, 1));
+    let p = h
+        .clients
+        .events
+        .clone()
+        .replay_preview(pb::ReplayPreviewRequest {
+            timeline: name,
+            ..Default::default()
+        })
+        .await
+        .expect("preview after restart")
+        .into_inner();
+    assert!(p.timeline.is_empty() && !p.state_after.contains_key("f.a"));
     h.stop().await.expect("stop");
 }

@@ -136,14 +136,6 @@ pub fn check_append<A: Aggregate>(
     let projection = A::Projection::default();
     let mut folded = folded.clone();
     for (i, new) in events.iter().enumerate() {
-        let event = decode_new::<A>(i, new)?;
-        let refuse = |reason: String| {
-            DomainError::Rule(format!(
-                "events[{i}] ({}) is refused by stream type {}: {reason}",
-                new.event_type,
-                A::KIND
-            ))
-        };
         if new.metadata.contains_key(crate::event::COMMAND_ID_KEY) {
             return Err(DomainError::invalid(
                 format!("events[{i}].metadata"),
@@ -153,25 +145,19 @@ pub fn check_append<A: Aggregate>(
                 ),
             ));
         }
-        let state: A = folded.state();
-        let command = A::command_for(&stream.id, &event).map_err(|e| refuse(e.to_string()))?;
-        let decided = state.decide(&command).map_err(|e| match e {
-            // A field the command would refuse is malformed in the event's payload too.
-            DomainError::Invalid { field, reason } => {
-                DomainError::invalid(format!("events[{i}].data.{field}"), reason)
+        check_event::<A>(&stream.id, &folded.state(), new).map_err(|refusal| match refusal {
+            Refusal::Malformed { field, reason } => {
+                DomainError::invalid(format!("events[{i}].{field}"), reason)
             }
-            DomainError::TooLarge { field, reason } => {
-                DomainError::too_large(format!("events[{i}].data.{field}"), reason)
+            Refusal::Rule(reason) => DomainError::Rule(format!(
+                "events[{i}] ({}) is refused by stream type {}: {reason}",
+                new.event_type,
+                A::KIND
+            )),
+            Refusal::TooLarge { field, reason } => {
+                DomainError::too_large(format!("events[{i}].{field}"), reason)
             }
-            other => refuse(other.to_string()),
         })?;
-        if decided.as_slice() != std::slice::from_ref(&event) {
-            let would = match decided.as_slice() {
-                [] => "nothing: the change it records is already the state".to_owned(),
-                d => crate::clip(&serde_json::to_string(d).unwrap_or_default(), 300),
-            };
-            return Err(refuse(format!("in this state the stream records {would}")));
-        }
         let recorded = RecordedEvent {
             stream: stream.clone(),
             version: folded.version + 1,
@@ -188,11 +174,82 @@ pub fn check_append<A: Aggregate>(
     Ok(())
 }
 
-/// Decodes the `i`th event of a raw append as an event of `A`, naming the malformed field.
-fn decode_new<A: Aggregate>(i: usize, new: &NewEvent) -> Result<A::Event, DomainError> {
+/// Why one event is outside an aggregate's contract, without saying where the event is (the
+/// caller knows: `events[i]` of an append, a position of a replayed timeline).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The event does not decode: `field` (`content_type`, `type`, `data`, `schema_version`)
+    /// is wrong.
+    Malformed {
+        /// The event's field at fault, e.g. `type` or `data.quantity`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A field of the event's payload is over a limit the command would enforce.
+    TooLarge {
+        /// The event's field at fault, e.g. `data.sku`.
+        field: String,
+        /// The size found and the limit.
+        reason: String,
+    },
+    /// The event decodes, but the aggregate would not record it in this state: the rule.
+    Rule(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Malformed { field, reason } => write!(f, "invalid {field}: {reason}"),
+            Self::TooLarge { field, reason } => write!(f, "{field} too large: {reason}"),
+            Self::Rule(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// Checks one event against `state`, the aggregate of stream `stream_id` before it: the event
+/// must decode and be exactly what the aggregate decides for the command it records
+/// ([`Aggregate::command_for`]). The one rule behind [`check_append`] and replay previews.
+pub fn check_event<A: Aggregate>(
+    stream_id: &str,
+    state: &A,
+    new: &NewEvent,
+) -> Result<(), Refusal> {
+    let event = decode_new::<A>(new)?;
+    let command = A::command_for(stream_id, &event).map_err(|e| Refusal::Rule(e.to_string()))?;
+    let decided = state.decide(&command).map_err(|e| match e {
+        // A field the command would refuse is malformed in the event's payload too.
+        DomainError::Invalid { field, reason } => Refusal::Malformed {
+            field: format!("data.{field}"),
+            reason,
+        },
+        DomainError::TooLarge { field, reason } => Refusal::TooLarge {
+            field: format!("data.{field}"),
+            reason,
+        },
+        other => Refusal::Rule(other.to_string()),
+    })?;
+    if decided.as_slice() != std::slice::from_ref(&event) {
+        let would = match decided.as_slice() {
+            [] => "nothing: the change it records is already the state".to_owned(),
+            d => crate::clip(&serde_json::to_string(d).unwrap_or_default(), 300),
+        };
+        return Err(Refusal::Rule(format!(
+            "in this state the stream records {would}"
+        )));
+    }
+    Ok(())
+}
+
+/// Decodes a new event as an event of `A`, naming the malformed field.
+fn decode_new<A: Aggregate>(new: &NewEvent) -> Result<A::Event, Refusal> {
+    let malformed = |field: &str, reason| Refusal::Malformed {
+        field: field.to_owned(),
+        reason,
+    };
     if !crate::event::is_json(&new.content_type) {
-        return Err(DomainError::invalid(
-            format!("events[{i}].content_type"),
+        return Err(malformed(
+            "content_type",
             format!(
                 "stream type {} takes JSON events ({}), not {}",
                 A::KIND,
@@ -203,8 +260,8 @@ fn decode_new<A: Aggregate>(i: usize, new: &NewEvent) -> Result<A::Event, Domain
     }
     let known = crate::contract::event_types::<A>();
     if !known.iter().any(|t| *t == new.event_type) {
-        return Err(DomainError::invalid(
-            format!("events[{i}].type"),
+        return Err(malformed(
+            "type",
             format!(
                 "{} is not an event of stream type {}; its events are {}",
                 crate::quote(&new.event_type),
@@ -213,11 +270,10 @@ fn decode_new<A: Aggregate>(i: usize, new: &NewEvent) -> Result<A::Event, Domain
             ),
         ));
     }
-    let data: Value = serde_json::from_slice(&new.data).map_err(|e| {
-        DomainError::invalid(format!("events[{i}].data"), format!("is not JSON: {e}"))
-    })?;
+    let data: Value = serde_json::from_slice(&new.data)
+        .map_err(|e| malformed("data", format!("is not JSON: {e}")))?;
     decode_parts::<A::Event>(&new.event_type, new.schema_version, data)
-        .map_err(|(field, reason)| DomainError::invalid(format!("events[{i}].{field}"), reason))
+        .map_err(|(field, reason)| malformed(field, reason))
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod contract;
 pub mod event;
 pub mod ids;
 pub mod projection;
+pub mod replay;
 pub mod state;
 pub mod upcast;
 

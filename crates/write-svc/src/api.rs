@@ -2,12 +2,14 @@
 
 use crate::commands::Executor;
 use crate::error::status_from_store;
+use crate::timelines::Timelines;
 use crate::Nudge;
 use esq::convert::{self, status_from_domain};
 use esq::pb::v1 as pb;
 use esq_domain::bookshop::{self, Book};
 use esq_domain::cart::{self, Cart};
 use esq_domain::contract;
+use esq_domain::replay;
 use esq_eventstore::{Direction, EventStore, ReadRequest};
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -57,6 +59,8 @@ pub struct EventStoreApi<S> {
     nudge: Option<Nudge>,
     /// Appends to owned stream types go through the aggregates' rules.
     executor: Executor<S>,
+    /// Replay previews and saved timelines.
+    timelines: Timelines<S>,
 }
 
 impl<S: EventStore> EventStoreApi<S> {
@@ -64,6 +68,7 @@ impl<S: EventStore> EventStoreApi<S> {
     /// appends events to the stream types an aggregate owns.
     pub fn new(store: Arc<S>, nudge: Option<Nudge>, executor: Executor<S>) -> Self {
         Self {
+            timelines: Timelines::new(Arc::clone(&store), nudge.clone()),
             store,
             nudge,
             executor,
@@ -80,6 +85,15 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
         let deadline = convert::deadline(request.metadata());
         let req = request.into_inner();
         let stream = convert::stream_id(req.stream.as_ref()).map_err(status_from_domain)?;
+        if stream.kind == replay::TIMELINE_KIND {
+            // Saved timelines are written by SaveTimeline only, which checks them; a raw
+            // event there would be a timeline nobody checked.
+            return Err(Status::invalid_argument(format!(
+                "invalid stream.type: stream type {} holds saved timelines and is written \
+                 only by SaveTimeline",
+                replay::TIMELINE_KIND
+            )));
+        }
         let expected =
             convert::expected_version(req.expected_version.as_ref()).map_err(status_from_domain)?;
         let events = convert::new_events(req.events).map_err(status_from_domain)?;
@@ -229,6 +243,46 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
             )));
         }
         Ok(Response::new(pb::ListEventTypesResponse { stream_types }))
+    }
+
+    async fn replay_preview(
+        &self,
+        request: Request<pb::ReplayPreviewRequest>,
+    ) -> Result<Response<pb::ReplayPreviewResponse>, Status> {
+        Ok(Response::new(
+            self.timelines.preview(request.into_inner()).await?,
+        ))
+    }
+
+    async fn save_timeline(
+        &self,
+        request: Request<pb::SaveTimelineRequest>,
+    ) -> Result<Response<pb::Timeline>, Status> {
+        Ok(Response::new(
+            self.timelines.save(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_timeline(
+        &self,
+        request: Request<pb::GetTimelineRequest>,
+    ) -> Result<Response<pb::Timeline>, Status> {
+        Ok(Response::new(
+            self.timelines.get(&request.into_inner().name).await?,
+        ))
+    }
+
+    async fn list_timelines(
+        &self,
+        request: Request<pb::ListTimelinesRequest>,
+    ) -> Result<Response<pb::ListTimelinesResponse>, Status> {
+        let req = request.into_inner();
+        let (timelines, next_page_token) =
+            self.timelines.list(req.page_size, req.page_token).await?;
+        Ok(Response::new(pb::ListTimelinesResponse {
+            timelines,
+            next_page_token,
+        }))
     }
 }
 

@@ -10,6 +10,7 @@ pub mod api;
 pub mod commands;
 pub mod domain_api;
 pub mod error;
+pub mod timelines;
 
 use esq::pb::bookshop::v1::book_commands_server::BookCommandsServer;
 use esq::pb::cart::v1::cart_commands_server::CartCommandsServer;
