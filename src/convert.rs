@@ -3,6 +3,8 @@
 //! Inbound conversions validate and name the offending field the way the client spelled it, so
 //! that a service can return the error as INVALID_ARGUMENT unchanged.
 
+use crate::pb::bookshop::v1 as book_pb;
+use crate::pb::cart::v1 as cart_pb;
 use crate::pb::v1 as pb;
 use esq_domain::event::validate_batch;
 use esq_domain::{
@@ -206,6 +208,46 @@ pub fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::In
         _ => return None,
     };
     std::time::Instant::now().checked_add(timeout)
+}
+
+/// The wire form of a cart, for `CartQueries/GetCart` and `CartHistory/GetCartAt` alike.
+pub fn cart(cart_id: String, view: esq_domain::cart::CartView) -> cart_pb::Cart {
+    let status = match view.status.as_str() {
+        "open" => cart_pb::CartStatus::Open,
+        "checked_out" => cart_pb::CartStatus::CheckedOut,
+        _ => cart_pb::CartStatus::Unspecified,
+    };
+    cart_pb::Cart {
+        cart_id,
+        status: status.into(),
+        items: view
+            .items
+            .into_iter()
+            .map(|l| cart_pb::CartItem {
+                line_total_cents: l.quantity.saturating_mul(l.unit_price_cents),
+                sku: l.sku,
+                quantity: l.quantity,
+                unit_price_cents: l.unit_price_cents,
+            })
+            .collect(),
+        total_cents: view.total_cents,
+        item_count: view.item_count,
+        version: view.version,
+        checked_out_at: view.checked_out_at_us.map(timestamp),
+    }
+}
+
+/// The wire form of a book, for `BookQueries` and `BookHistory` alike.
+pub fn book(view: esq_domain::bookshop::BookView) -> book_pb::Book {
+    book_pb::Book {
+        isbn: view.isbn,
+        title: view.title,
+        author: view.author,
+        price_cents: view.price_cents,
+        created_at: Some(timestamp(view.created_at_us)),
+        updated_at: Some(timestamp(view.updated_at_us)),
+        version: view.version,
+    }
 }
 
 /// The wire form of an owned stream type's contract.

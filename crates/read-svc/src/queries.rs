@@ -33,47 +33,12 @@ impl<R: ReadStore> cart_pb::cart_queries_server::CartQueries for CartQueriesApi<
             .get_at_least(&metadata, CartProjection.name(), &r.cart_id, r.min_version)
             .await?
             .ok_or_else(|| Status::not_found(format!("cart {} not found", r.cart_id)))?;
-        let view = CartView::from_doc(&doc);
-        let status = match view.status.as_str() {
-            "open" => cart_pb::CartStatus::Open,
-            "checked_out" => cart_pb::CartStatus::CheckedOut,
-            _ => cart_pb::CartStatus::Unspecified,
-        };
-        Ok(Response::new(cart_pb::Cart {
-            cart_id: r.cart_id,
-            status: status.into(),
-            items: view
-                .items
-                .into_iter()
-                .map(|l| cart_pb::CartItem {
-                    line_total_cents: l.quantity.saturating_mul(l.unit_price_cents),
-                    sku: l.sku,
-                    quantity: l.quantity,
-                    unit_price_cents: l.unit_price_cents,
-                })
-                .collect(),
-            total_cents: view.total_cents,
-            item_count: view.item_count,
-            version: view.version,
-            checked_out_at: view.checked_out_at_us.map(convert::timestamp),
-        }))
+        Ok(Response::new(convert::cart(r.cart_id, CartView::from_doc(&doc))))
     }
 }
 
 /// `esq.bookshop.v1.BookQueries`.
 pub(crate) struct BookQueriesApi<R>(pub(crate) Reader<R>);
-
-fn book(view: BookView) -> book_pb::Book {
-    book_pb::Book {
-        isbn: view.isbn,
-        title: view.title,
-        author: view.author,
-        price_cents: view.price_cents,
-        created_at: Some(convert::timestamp(view.created_at_us)),
-        updated_at: Some(convert::timestamp(view.updated_at_us)),
-        version: view.version,
-    }
-}
 
 #[tonic::async_trait]
 impl<R: ReadStore> book_pb::book_queries_server::BookQueries for BookQueriesApi<R> {
@@ -89,7 +54,7 @@ impl<R: ReadStore> book_pb::book_queries_server::BookQueries for BookQueriesApi<
             .await?;
         doc.as_ref()
             .and_then(BookView::from_doc)
-            .map(|v| Response::new(book(v)))
+            .map(|v| Response::new(convert::book(v)))
             .ok_or_else(|| Status::not_found(format!("book {isbn} not found")))
     }
 
@@ -146,7 +111,7 @@ impl<R: ReadStore> book_pb::book_queries_server::BookQueries for BookQueriesApi<
                 if !author.is_empty() && view.author != author {
                     continue;
                 }
-                books.push(book(view));
+                books.push(convert::book(view));
                 if books.len() == page_size {
                     let more = !store
                         .index_page(projection, &index, Some(id), 1)

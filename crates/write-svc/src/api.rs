@@ -1,13 +1,15 @@
-//! `esq.v1.EventStore`: raw appends and reads of any stream.
+//! `esq.v1.EventStore`: raw appends and reads of any stream, and its state at any point.
 
 use crate::commands::Executor;
 use crate::error::status_from_store;
+use crate::history;
 use crate::Nudge;
 use esq::convert::{self, status_from_domain};
 use esq::pb::v1 as pb;
 use esq_domain::bookshop::{self, Book};
 use esq_domain::cart::{self, Cart};
 use esq_domain::contract;
+use esq_domain::state::{state_json, StateProjection};
 use esq_eventstore::{Direction, EventStore, ReadRequest};
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -212,6 +214,27 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
             )));
         }
         Ok(Response::new(pb::ListEventTypesResponse { stream_types }))
+    }
+
+    async fn get_state_at(
+        &self,
+        request: Request<pb::GetStateAtRequest>,
+    ) -> Result<Response<pb::GetStateAtResponse>, Status> {
+        let req = request.into_inner();
+        let stream = convert::stream_id(req.stream.as_ref()).map_err(status_from_domain)?;
+        let folded = history::fold_at(&*self.store, &stream, &StateProjection, req.as_of.into())
+            .await
+            .map_err(status_from_store)?;
+        if folded.version == 0 {
+            return Err(Status::not_found(format!(
+                "stream {stream} had no events at that point"
+            )));
+        }
+        Ok(Response::new(pb::GetStateAtResponse {
+            stream: Some(convert::stream_ref(&stream)),
+            version: folded.version,
+            state: Some(convert::to_struct(state_json(&folded.doc))),
+        }))
     }
 }
 
