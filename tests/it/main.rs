@@ -7,6 +7,7 @@
 mod cluster;
 mod core;
 mod dev;
+mod history;
 mod startup;
 mod suite;
 mod transport;

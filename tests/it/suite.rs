@@ -672,7 +672,7 @@ pub async fn bookshop_commands_and_queries(c: &Clients) {
     assert!(seen.contains(&isbns[0]) && seen.contains(&isbns[1]) && !seen.contains(&isbns[2]));
 }
 
-fn rand_isbn_suffix() -> u64 {
+pub fn rand_isbn_suffix() -> u64 {
     (uuid::Uuid::new_v4().as_u128() % 9_000_000_000) as u64
 }
 
@@ -841,6 +841,11 @@ pub async fn reflection_lists_services(c: &Clients) {
         assert!(
             names.contains("esq.v1.EventStore") && names.contains("esq.cart.v1.CartCommands"),
             "{names:?}"
+        );
+        assert!(
+            names.contains("esq.cart.v1.CartHistory")
+                && names.contains("esq.bookshop.v1.BookHistory"),
+            "write-svc answers temporal queries: {names:?}"
         );
         assert!(
             !names.contains("esq.cart.v1.CartQueries"),
