@@ -144,9 +144,27 @@ pub fn check_append<A: Aggregate>(
                 A::KIND
             ))
         };
+        if new.metadata.contains_key(crate::event::COMMAND_ID_KEY) {
+            return Err(DomainError::invalid(
+                format!("events[{i}].metadata"),
+                format!(
+                    "{} is reserved for the events of commands, which it makes idempotent",
+                    crate::event::COMMAND_ID_KEY
+                ),
+            ));
+        }
         let state: A = folded.state();
         let command = A::command_for(&stream.id, &event).map_err(|e| refuse(e.to_string()))?;
-        let decided = state.decide(&command).map_err(|e| refuse(e.to_string()))?;
+        let decided = state.decide(&command).map_err(|e| match e {
+            // A field the command would refuse is malformed in the event's payload too.
+            DomainError::Invalid { field, reason } => {
+                DomainError::invalid(format!("events[{i}].data.{field}"), reason)
+            }
+            DomainError::TooLarge { field, reason } => {
+                DomainError::too_large(format!("events[{i}].data.{field}"), reason)
+            }
+            other => refuse(other.to_string()),
+        })?;
         if decided.as_slice() != std::slice::from_ref(&event) {
             let would = match decided.as_slice() {
                 [] => "nothing: the change it records is already the state".to_owned(),

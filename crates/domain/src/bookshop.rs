@@ -799,4 +799,71 @@ mod tests {
         assert_eq!(BookView::from_doc(&doc), None);
         assert_eq!(BookView::from_doc(&HashMap::new()), None);
     }
+
+    fn check(
+        given: &Given<Book>,
+        event: serde_json::Value,
+        event_type: &str,
+    ) -> Result<(), DomainError> {
+        let e = crate::NewEvent::json(event_type, 1, &event);
+        crate::aggregate::check_append::<Book>(&given.stream, &given.folded, &[e])
+    }
+
+    fn rule_refused(result: Result<(), DomainError>) -> String {
+        match result {
+            Err(DomainError::Rule(m)) => m,
+            other => panic!("expected a rule refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn raw_book_events_are_held_to_the_catalogue_rules() {
+        let created_json = json!({"isbn": ISBN, "title": "T", "author": "A", "price_cents": 5});
+        // Created once, under its own ISBN, with valid fields.
+        assert_eq!(check(&book(), created_json.clone(), "BookCreated"), Ok(()));
+        let other = json!({"isbn": "9780000000019", "title": "T", "author": "A", "price_cents": 5});
+        assert!(rule_refused(check(&book(), other, "BookCreated")).contains("stream id"));
+        let blank = json!({"isbn": ISBN, "title": " ", "author": "A", "price_cents": 5});
+        assert!(matches!(
+            check(&book(), blank, "BookCreated"),
+            Err(DomainError::Invalid { ref field, .. }) if field == "events[0].data.title"
+        ));
+        let live = created();
+        assert!(
+            rule_refused(check(&live, created_json.clone(), "BookCreated"))
+                .contains("already exists")
+        );
+        // Updates record real changes, with the author they replace.
+        let author = |a: &str, previous: &str| json!({"author": a, "previous_author": previous});
+        let current = live.state.author.clone();
+        assert_eq!(check(&live, author("B", &current), "BookUpdated"), Ok(()));
+        assert!(
+            rule_refused(check(&live, author("B", "someone else"), "BookUpdated"))
+                .contains("records")
+        );
+        assert!(rule_refused(check(
+            &live,
+            json!({"title": live.state.title}),
+            "BookUpdated"
+        ))
+        .contains("nothing"));
+        // A deletion names the current author; nothing follows it.
+        assert!(
+            rule_refused(check(&live, json!({"author": "nobody"}), "BookDeleted"))
+                .contains("records")
+        );
+        let deleted = created().ok(delete());
+        assert!(
+            rule_refused(check(&deleted, created_json, "BookCreated")).contains("already exists")
+        );
+        assert!(
+            rule_refused(check(&deleted, json!({"price_cents": 1}), "BookUpdated"))
+                .contains("deleted")
+        );
+        // Never created: nothing to update or delete.
+        assert!(
+            rule_refused(check(&book(), json!({"price_cents": 1}), "BookUpdated"))
+                .contains("not found")
+        );
+    }
 }

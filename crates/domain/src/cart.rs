@@ -286,8 +286,11 @@ const CHECKED_OUT_AT_FIELD: &str = "checked_out_at_us";
 pub struct CartProjection;
 
 impl Projection for CartProjection {
+    /// `cart2`: the document layout of counts that never go below one; the name changed with
+    /// that meaning, so an upgraded deployment builds these documents afresh from the events
+    /// instead of continuing documents folded under the old meaning.
     fn name(&self) -> &'static str {
-        "cart"
+        "cart2"
     }
 
     fn handles(&self, stream_kind: &str) -> bool {
@@ -924,6 +927,23 @@ mod tests {
             field(NewEvent::json("ItemAdded", 2, &json!({"sku": 5}))),
             "events[0].data"
         );
+        assert_eq!(
+            field(NewEvent::json(
+                "ItemAdded",
+                2,
+                &json!({"sku": "A", "quantity": 0, "unit_price_cents": 1})
+            )),
+            "events[0].data.quantity"
+        );
+        let mut stamped = NewEvent::json(
+            "ItemAdded",
+            2,
+            &json!({"sku": "A", "quantity": 1, "unit_price_cents": 1}),
+        );
+        stamped
+            .metadata
+            .insert(crate::event::COMMAND_ID_KEY.into(), "k".into());
+        assert_eq!(field(stamped), "events[0].metadata");
         let mut binary = NewEvent::json("CheckedOut", 1, &json!({}));
         binary.content_type = "application/octet-stream".into();
         assert_eq!(field(binary), "events[0].content_type");

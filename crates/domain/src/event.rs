@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
+/// Metadata key carrying a command's idempotency key on every event the command produced;
+/// reserved for commands (raw appends to owned stream types may not set it).
+pub const COMMAND_ID_KEY: &str = "command_id";
 /// The content type of JSON event payloads; payloads under it must parse as JSON.
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 /// Largest payload of one event, in bytes. Kept well below the 4 MiB gRPC message limit so that

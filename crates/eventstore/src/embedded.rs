@@ -191,7 +191,7 @@ impl EmbeddedStore {
         })
         .await
         .map_err(|e| StoreError::Internal(format!("embedded store task failed: {e}")))?;
-        if let Err(StoreError::Unavailable(cause)) = &result {
+        if let Err(StoreError::Unavailable(cause) | StoreError::OutcomeUnknown(cause)) = &result {
             if !self.broken.swap(true, Ordering::AcqRel) {
                 tracing::error!(%cause, "embedded event store I/O error: reopening on next use");
             }
@@ -445,7 +445,15 @@ fn append_blocking(
             committed_at_us,
         }
     };
-    txn.commit().map_err(db_err)?;
+    // A commit that fails may still have reached the disk (the header written, its sync
+    // failed): the caller is told the outcome is unknown, and a retry with the same ids is
+    // answered by the repeat rule.
+    txn.commit().map_err(|e| match db_err(e) {
+        StoreError::Unavailable(cause) => {
+            StoreError::OutcomeUnknown(format!("redb commit failed: {cause}"))
+        }
+        other => other,
+    })?;
     tracing::debug!(
         stream = key,
         first = result.first_version,
@@ -981,7 +989,13 @@ mod tests {
             .append(&s, ExpectedVersion::Any, &[event(2)])
             .await
             .unwrap_err();
-        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                StoreError::Unavailable(_) | StoreError::OutcomeUnknown(_)
+            ),
+            "{err:?}"
+        );
         assert!(store.ping().await.is_err(), "not healthy while writes fail");
 
         fail.store(false, Ordering::SeqCst);

@@ -22,6 +22,12 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// The version of the read model's layout, part of its marker: bumped whenever a projection's
+/// document changes meaning (2: cart lines as counts that never go below one, in `cart2`), so
+/// that an upgraded projector rebuilds the read model from the events instead of continuing
+/// documents folded under the old meaning.
+pub const READ_MODEL_LAYOUT: u32 = 2;
+
 /// Tunables of a projector.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -281,9 +287,12 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     }
 
     /// Rebuilds the read model from the event store if it lost its marker (a new or flushed
-    /// read store), then sets the marker.
+    /// read store, or one built for an older [`READ_MODEL_LAYOUT`]), then sets the marker.
     pub async fn ensure_marker(&self) -> Result<(), ProjectError> {
-        let marker = format!("{}:marker", self.config.checkpoint_prefix);
+        let marker = format!(
+            "{}:marker:{READ_MODEL_LAYOUT}",
+            self.config.checkpoint_prefix
+        );
         if self.read.checkpoint(&marker).await?.is_none() {
             tracing::warn!(
                 "read model has no marker (new or flushed): rebuilding from the event store"
@@ -648,7 +657,7 @@ mod tests {
             read.checkpoint("projector:shard:0").await.expect("cp"),
             None
         );
-        assert_eq!(read.version("cart", "real").await.expect("v"), 0);
+        assert_eq!(read.version("cart2", "real").await.expect("v"), 0);
         // ...until the append deadline has passed: then it is an orphan and is skipped.
         feed.changes.lock().expect("lock")[0].1.noted_at_us = now_us() - 6_000_000;
         p.poll_shard(0).await.expect("poll");
@@ -659,9 +668,9 @@ mod tests {
                 .as_deref(),
             Some("1")
         );
-        let doc = read.get("cart", "real").await.expect("get").expect("doc");
+        let doc = read.get("cart2", "real").await.expect("get").expect("doc");
         assert_eq!(doc_version(&doc), 1);
-        assert_eq!(read.version("cart", "ghost").await.expect("v"), 0);
+        assert_eq!(read.version("cart2", "ghost").await.expect("v"), 0);
     }
 
     #[tokio::test]
@@ -722,7 +731,7 @@ mod tests {
         let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
         p.ensure_marker().await.expect("rebuild");
         for i in 0..3 {
-            assert_eq!(read.version("cart", &format!("c{i}")).await.expect("v"), 2);
+            assert_eq!(read.version("cart2", &format!("c{i}")).await.expect("v"), 2);
             assert_eq!(
                 read.version("state", &format!("cart:c{i}"))
                     .await
@@ -730,7 +739,7 @@ mod tests {
                 2
             );
         }
-        let doc = read.get("cart", "c0").await.expect("get").expect("doc");
+        let doc = read.get("cart2", "c0").await.expect("get").expect("doc");
         assert_eq!(esq_domain::cart::CartView::from_doc(&doc).total_cents, 6);
     }
 

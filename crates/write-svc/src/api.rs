@@ -15,24 +15,36 @@ use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-/// Events in the first page of a streamed read: small, since nothing is known of their size.
-const FIRST_PAGE: u32 = 4;
-/// Most events per page, whatever their size.
-const MAX_PAGE: u32 = 500;
-/// Bytes a page aims at: later pages are sized from the events seen so far to hold about this
-/// much payload. With [`READ_BUFFER`] this bounds what a reader that stops granting HTTP/2
-/// flow-control window pins on the server: one page, one event in the channel, and what tonic
-/// and h2 queued (one encoded message) — well under 1 MiB even for 512 KiB events.
+/// Events in the first page of a streamed read: one, since nothing is known of their size.
+const FIRST_PAGE: u32 = 1;
+/// Most events per page, whatever their size: also bounds what one read fetches when small
+/// events are followed by large ones (64 × 512 KiB at worst, briefly, before trimming).
+const MAX_PAGE: u32 = 64;
+/// Bytes a page may hold: a page read is trimmed to this (at least one event) before its
+/// events are sent, and the next page is sized from the largest event seen in the last one.
+/// With [`READ_BUFFER`] this bounds what a reader that stops granting HTTP/2 flow-control
+/// window pins on the server: one page, one event in the channel, and what tonic and h2 queued
+/// (one encoded message) — about 1 MiB even for 512 KiB events.
 const PAGE_BYTES: usize = 256 * 1024;
 /// Events buffered between the page reader and the response stream.
 const READ_BUFFER: usize = 1;
 
-/// The size of the next page after `events` events of `bytes` payload and metadata were read,
+/// The size of the next page when the largest event of the last one held `largest` bytes,
 /// for at most `remaining` more: about [`PAGE_BYTES`], between 1 and [`MAX_PAGE`] events.
-fn next_page(events: usize, bytes: usize, remaining: u64) -> u32 {
-    let per_event = (bytes / events.max(1)).max(1);
-    let fit = (PAGE_BYTES / per_event).clamp(1, MAX_PAGE as usize) as u32;
+fn next_page(largest: usize, remaining: u64) -> u32 {
+    let fit = (PAGE_BYTES / largest.max(1)).clamp(1, MAX_PAGE as usize) as u32;
     fit.min(remaining.try_into().unwrap_or(u32::MAX)).max(1)
+}
+
+/// How many events of `page` fit in [`PAGE_BYTES`] (at least one).
+fn fitting(page: &[esq_domain::RecordedEvent]) -> usize {
+    let mut bytes = 0;
+    page.iter()
+        .position(|e| {
+            bytes += event_bytes(e);
+            bytes > PAGE_BYTES
+        })
+        .map_or(page.len(), |i| i.max(1))
 }
 
 /// Bytes an event holds in memory, roughly: payload, metadata and names.
@@ -141,15 +153,20 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
         let store = Arc::clone(&self.store);
         tokio::spawn(async move {
             let mut page = first;
-            let (mut seen, mut seen_bytes) = (0usize, 0usize);
             loop {
-                let full = page.len() as u32 == request.limit;
+                let mut full = page.len() as u32 == request.limit;
+                // Only what fits the byte budget is held while the reader is slow; the rest
+                // is read again with the next page.
+                let keep = fitting(&page);
+                if keep < page.len() {
+                    page.truncate(keep);
+                    full = true;
+                }
                 let Some(last) = page.last().map(|e| e.version) else {
                     break;
                 };
                 remaining -= page.len() as u64;
-                seen += page.len();
-                seen_bytes += page.iter().map(event_bytes).sum::<usize>();
+                let largest = page.iter().map(event_bytes).max().unwrap_or(1);
                 for event in page {
                     if tx.send(Ok(convert::recorded_event(event))).await.is_err() {
                         return; // the client went away
@@ -163,7 +180,7 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
                     Direction::Backwards if last > 1 => Some(last - 1),
                     Direction::Backwards => break,
                 };
-                request.limit = next_page(seen, seen_bytes, remaining);
+                request.limit = next_page(largest, remaining);
                 page = match store.read(&stream, request).await {
                     Ok(p) => p,
                     Err(e) => {
@@ -245,14 +262,37 @@ mod tests {
     #[test]
     fn pages_fit_the_byte_budget() {
         // Small events: the page grows to the event cap.
-        assert_eq!(next_page(4, 4 * 100, u64::MAX), MAX_PAGE);
-        // 64 KiB events: four per page.
-        assert_eq!(next_page(4, 4 * 65_600, u64::MAX), 3);
-        assert_eq!(next_page(10, 10 * 64 * 1024, u64::MAX), 4);
+        assert_eq!(next_page(100, u64::MAX), MAX_PAGE);
+        // 64 KiB events: four per page (a little less with their overhead).
+        assert_eq!(next_page(65_600, u64::MAX), 3);
+        assert_eq!(next_page(64 * 1024, u64::MAX), 4);
         // 512 KiB events: one at a time.
-        assert_eq!(next_page(4, 4 * 512 * 1024, u64::MAX), 1);
+        assert_eq!(next_page(512 * 1024, u64::MAX), 1);
         // Never more than what is left, never zero.
-        assert_eq!(next_page(4, 400, 7), 7);
-        assert_eq!(next_page(0, 0, 1), 1);
+        assert_eq!(next_page(400, 7), 7);
+        assert_eq!(next_page(0, 1), 1);
+    }
+
+    #[test]
+    fn a_page_is_trimmed_to_the_byte_budget() {
+        let s = esq_domain::StreamId::new("s", "1").expect("valid");
+        let event = |version: u64, size: usize| esq_domain::RecordedEvent {
+            stream: s.clone(),
+            version,
+            event_id: uuid::Uuid::now_v7(),
+            event_type: "E".into(),
+            schema_version: 1,
+            content_type: "application/octet-stream".into(),
+            data: vec![0; size],
+            metadata: Default::default(),
+            recorded_at_us: 0,
+        };
+        // Small events followed by large ones in one page: only what fits is kept.
+        let mut page: Vec<_> = (1..=10).map(|v| event(v, 100)).collect();
+        page.extend((11..=64).map(|v| event(v, 512 * 1024)));
+        assert_eq!(fitting(&page), 10);
+        // A single event larger than the budget still goes, alone.
+        assert_eq!(fitting(&page[10..]), 1);
+        assert_eq!(fitting(&page[..5]), 5);
     }
 }

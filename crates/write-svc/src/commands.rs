@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 use tonic::Status;
 use uuid::Uuid;
 
-/// Metadata key carrying the client's idempotency key on every event a command produced.
-pub const COMMAND_ID_KEY: &str = "command_id";
+pub use esq_domain::event::COMMAND_ID_KEY;
 /// Events read per page while loading an aggregate.
 const LOAD_PAGE: u32 = 1000;
 /// How long a call without a deadline keeps retrying races lost to other processes.
@@ -29,6 +28,8 @@ pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(2);
 /// Longest backoff between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
+/// Most of the caller's deadline kept back for answering (a tenth of it, at most this).
+const DEADLINE_MARGIN: Duration = Duration::from_millis(500);
 
 /// Runs commands of any aggregate, and checked appends, against one store.
 pub struct Executor<S> {
@@ -190,7 +191,12 @@ impl<S: EventStore> Executor<S> {
         Fut: std::future::Future<Output = Result<Attempt<T>, Status>>,
     {
         let started = Instant::now();
-        let deadline = deadline.unwrap_or(started + DEFAULT_RETRY_BUDGET);
+        // Stop a little before the caller's deadline: an attempt cut off by the transport's
+        // own timeout would leave the caller without an answer, and an append without a
+        // known outcome.
+        let deadline = deadline.map_or(started + DEFAULT_RETRY_BUDGET, |d| {
+            d - (d.saturating_duration_since(started) / 10).min(DEADLINE_MARGIN)
+        });
         let mut backoff = FIRST_BACKOFF;
         let mut attempts = 0u32;
         loop {
@@ -248,6 +254,29 @@ impl<S: EventStore> Executor<S> {
             Err(StoreError::WrongExpectedVersion { actual, .. }) if retry => {
                 Ok(Attempt::LostRace { version, actual })
             }
+            Err(StoreError::OutcomeUnknown(cause)) => {
+                // Our events' ids are known here (a command's client may know none of them):
+                // look for them before giving the caller an unknown outcome.
+                match self.find_appended(stream, version, events).await {
+                    Some(Found::Ours(result)) => {
+                        if let Some(nudge) = &self.nudge {
+                            nudge(stream, result.last_version);
+                        }
+                        Ok(Attempt::Done(result))
+                    }
+                    Some(Found::Others { head }) if retry => Ok(Attempt::LostRace {
+                        version,
+                        actual: head,
+                    }),
+                    Some(Found::Others { head }) => {
+                        Err(status_from_store(StoreError::WrongExpectedVersion {
+                            expected,
+                            actual: head,
+                        }))
+                    }
+                    None => Err(status_from_store(StoreError::OutcomeUnknown(cause))),
+                }
+            }
             Err(StoreError::WrongExpectedVersion { actual, .. }) => {
                 Err(status_from_store(StoreError::WrongExpectedVersion {
                     expected,
@@ -256,6 +285,41 @@ impl<S: EventStore> Executor<S> {
             }
             Err(e) => Err(status_from_store(e)),
         }
+    }
+
+    /// What follows `version` in the stream after an append of `events` at `version` with an
+    /// unknown outcome: our events (it committed), others' (it cannot commit any more: its
+    /// condition was the head at `version`), or `None` when the stream still ends at `version`
+    /// or cannot be read (still unknown).
+    async fn find_appended(
+        &self,
+        stream: &StreamId,
+        version: u64,
+        events: &[NewEvent],
+    ) -> Option<Found> {
+        let n = u32::try_from(events.len()).ok()?;
+        let stored = self
+            .store
+            .read(stream, ReadRequest::forwards(version + 1, n))
+            .await
+            .ok()?;
+        let first = stored.first()?;
+        let ours = stored.len() == events.len()
+            && stored
+                .iter()
+                .zip(events)
+                .all(|(s, e)| s.event_id == e.event_id);
+        Some(if ours {
+            Found::Ours(AppendResult {
+                first_version: first.version,
+                last_version: stored[stored.len() - 1].version,
+                committed_at_us: stored[stored.len() - 1].recorded_at_us,
+            })
+        } else {
+            Found::Others {
+                head: stored[stored.len() - 1].version,
+            }
+        })
     }
 
     /// Folds the stream through `A`'s projection; also finds where `command_id` last took
@@ -309,6 +373,12 @@ impl<S: EventStore> Executor<S> {
             }
         }
     }
+}
+
+/// What [`Executor::find_appended`] found after the append's version.
+enum Found {
+    Ours(AppendResult),
+    Others { head: u64 },
 }
 
 /// A stream as loaded for one attempt.

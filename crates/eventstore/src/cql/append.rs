@@ -57,6 +57,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+/// Slack on top of the request timeout before a batch without an answer is taken as dead.
+const SETTLE_MARGIN: Duration = Duration::from_millis(250);
 /// Attempts of an `Any`/`StreamExists` append that keeps losing races, within the append
 /// deadline.
 const MAX_ATTEMPTS: u32 = 64;
@@ -277,7 +279,14 @@ impl Inner {
                         return outcome;
                     }
                     if tail.head > v {
-                        // Heads only grow: this append cannot succeed.
+                        // Heads only grow: this append cannot succeed. It may be a retry of
+                        // one that did, further back than the id window: the rows where it
+                        // would be say so.
+                        if let Some(outcome) =
+                            self.after_lost_race(stream, v, events, tail.head).await?
+                        {
+                            return outcome;
+                        }
                         return Err(StoreError::WrongExpectedVersion {
                             expected,
                             actual: tail.head,
@@ -308,6 +317,7 @@ impl Inner {
             if let Some(noted) = &noted {
                 self.guard_batch(stream, noted)?;
             }
+            let sent_at = Instant::now();
             let head = match self.conditional_batch(stream, base, events, newest).await? {
                 Cas::Applied(committed_at_us) => {
                     return Ok(AppendResult {
@@ -324,7 +334,8 @@ impl Inner {
                 }
                 Cas::Unknown(cause) => {
                     let deadline = started + self.config.append_deadline;
-                    match self.resolve(stream, base, events, deadline, &cause).await? {
+                    let times = (sent_at, deadline);
+                    match self.resolve(stream, base, events, times, &cause).await? {
                         Resolved::Outcome(outcome) => return outcome,
                         Resolved::Lost { head } => head,
                         Resolved::NotApplied => {
@@ -566,26 +577,42 @@ impl Inner {
         stream: &StreamId,
         base: u64,
         events: &[NewEvent],
-        deadline: Instant,
+        (sent_at, deadline): (Instant, Instant),
         cause: &StoreError,
     ) -> Result<Resolved, StoreError> {
         tracing::warn!(%stream, %cause, "append batch got no answer: reading back its outcome");
+        // A head still at `base` is final only once the coordinator has given up on its Paxos
+        // round (a serial read merely pre-empts it; the coordinator may propose again and
+        // commit). The deployment rule is that the database gives up on writes within the
+        // request timeout, so after that the batch can no longer apply.
+        let settled = sent_at + self.config.request_timeout + SETTLE_MARGIN;
         let mut pause = Duration::from_millis(100);
         loop {
             let attempt = async {
                 let head = self.head_serial(stream).await?;
                 if head == base {
-                    return Ok(Resolved::NotApplied);
+                    let now = Instant::now();
+                    if now >= settled {
+                        return Ok(Some(Resolved::NotApplied));
+                    }
+                    if settled + self.config.request_timeout >= deadline {
+                        return Err(StoreError::OutcomeUnknown(format!(
+                            "append to {stream}: {cause}; its Paxos round may still commit and \
+                             there is no time left to wait for it"
+                        )));
+                    }
+                    return Ok(None); // wait for the round to settle, then read again
                 }
-                Ok(
+                Ok(Some(
                     match self.after_lost_race(stream, base, events, head).await? {
                         Some(outcome) => Resolved::Outcome(outcome),
                         None => Resolved::Lost { head },
                     },
-                )
+                ))
             };
             match attempt.await {
-                Ok(resolved) => return Ok(resolved),
+                Ok(Some(resolved)) => return Ok(resolved),
+                Ok(None) => tokio::time::sleep_until(settled.into()).await,
                 Err(StoreError::Unavailable(e)) => {
                     if Instant::now() + pause + self.config.request_timeout >= deadline {
                         return Err(StoreError::OutcomeUnknown(format!(
