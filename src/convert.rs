@@ -147,6 +147,18 @@ pub fn micros(ts: &Timestamp) -> i64 {
         .saturating_add(i64::from(ts.nanos) / 1000)
 }
 
+/// Microseconds since the Unix epoch from a client's timestamp field, refusing one that is not
+/// a valid protobuf `Timestamp` (nanos outside 0..1e9).
+pub fn checked_micros(field: &str, ts: &Timestamp) -> Result<i64, DomainError> {
+    if !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(DomainError::invalid(
+            format!("{field}.nanos"),
+            format!("{} is outside 0..=999999999", ts.nanos),
+        ));
+    }
+    Ok(micros(ts))
+}
+
 /// A protobuf `Struct` from a JSON object.
 pub fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
     prost_types::Struct {

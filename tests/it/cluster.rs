@@ -1,8 +1,8 @@
 //! The suite and the fault tests against the distributed deployment: write-svc, projector and
 //! read-svc as separate processes on a real Cassandra node and a real Redis.
 
-use crate::{core, history};
 use crate::suite::{self, exact, read_all, stream, to_domain, unique};
+use crate::{core, history};
 use esq::pb::bookshop::v1 as book;
 use esq::pb::cart::v1 as cart;
 use esq::pb::v1 as pb;
@@ -53,6 +53,7 @@ async fn suite_on_cassandra_and_redis() {
     history::book_at_after_update_and_delete(c).await;
     history::list_books_at_shows_the_old_catalogue(c).await;
     history::sales_report_over_checked_out_carts(c).await;
+    history::cart_at_every_version_is_what_the_read_model_served_then(c).await;
 }
 
 /// 16 concurrent writers spread over two write-svc processes on one stream.

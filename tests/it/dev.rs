@@ -34,6 +34,7 @@ dev_tests!(
     book_at_after_update_and_delete,
     list_books_at_shows_the_old_catalogue,
     sales_report_over_checked_out_carts,
+    cart_at_every_version_is_what_the_read_model_served_then,
 );
 
 dev_tests!(

@@ -1,7 +1,8 @@
-//! The read-svc binary: queries over gRPC answered from the Redis read model.
+//! The read-svc binary: queries over gRPC answered from the Redis read model, and temporal
+//! queries answered from the ScyllaDB/Cassandra event store when one is configured.
 
 use clap::Parser;
-use esq_runtime::config::{RedisArgs, ServerArgs, TelemetryArgs};
+use esq_runtime::config::{CqlArgs, RedisArgs, ServerArgs, TelemetryArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,11 @@ struct Args {
     server: ServerArgs,
     #[command(flatten)]
     redis: RedisArgs,
+    /// The event store, read only, for the temporal queries (GetCartAt, SalesReport, GetBookAt,
+    /// ListBooksAt): the same settings as write-svc's. Without --cql-nodes those queries answer
+    /// FAILED_PRECONDITION; every other query works without it.
+    #[command(flatten)]
+    cql: Option<CqlArgs>,
     #[command(flatten)]
     telemetry: TelemetryArgs,
 }
@@ -32,6 +38,16 @@ async fn main() -> anyhow::Result<()> {
     let Some(store) = args.redis.connect(&shutdown).await? else {
         return Ok(());
     };
+    let history = match &args.cql {
+        Some(cql) => match cql.connect(&shutdown).await? {
+            Some(store) => Some(Arc::new(store)),
+            None => return Ok(()),
+        },
+        None => {
+            tracing::warn!("no event store configured (--cql-nodes): temporal queries disabled");
+            None
+        }
+    };
     let config = esq_read_svc::Config {
         max_wait: Duration::from_millis(args.max_wait_ms),
         shutdown_grace: args.server.shutdown_grace,
@@ -39,5 +55,9 @@ async fn main() -> anyhow::Result<()> {
     };
     // Listen only once the store is there: until then clients are refused at once.
     let listener = esq_runtime::bind(args.listen).await?;
-    esq_read_svc::run(listener, Arc::new(store), config, shutdown).await
+    let deps = esq_read_svc::Deps {
+        read: Arc::new(store),
+        history,
+    };
+    esq_read_svc::run(listener, deps, config, shutdown).await
 }

@@ -1,5 +1,7 @@
-//! The query services: requests in, read-model documents out.
+//! The query services: requests in, read-model documents out; the temporal queries of the same
+//! services are [`History`]'s, which reads the event store instead.
 
+use crate::history::History;
 use crate::wait::{status_from_read, Reader};
 use esq::convert::{self, status_from_domain};
 use esq::pb::bookshop::v1 as book_pb;
@@ -10,6 +12,7 @@ use esq_domain::cart::{CartProjection, CartView};
 use esq_domain::ids::validate_id;
 use esq_domain::projection::{doc_version, Projection};
 use esq_domain::state::{state_json, StateProjection};
+use esq_eventstore::EventStore;
 use esq_readstore::ReadStore;
 use tonic::{Request, Response, Status};
 
@@ -18,10 +21,12 @@ const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
 
 /// `esq.cart.v1.CartQueries`.
-pub(crate) struct CartQueriesApi<R>(pub(crate) Reader<R>);
+pub(crate) struct CartQueriesApi<R, H>(pub(crate) Reader<R>, pub(crate) History<H>);
 
 #[tonic::async_trait]
-impl<R: ReadStore> cart_pb::cart_queries_server::CartQueries for CartQueriesApi<R> {
+impl<R: ReadStore, H: EventStore> cart_pb::cart_queries_server::CartQueries
+    for CartQueriesApi<R, H>
+{
     async fn get_cart(
         &self,
         request: Request<cart_pb::GetCartRequest>,
@@ -33,15 +38,60 @@ impl<R: ReadStore> cart_pb::cart_queries_server::CartQueries for CartQueriesApi<
             .get_at_least(&metadata, CartProjection.name(), &r.cart_id, r.min_version)
             .await?
             .ok_or_else(|| Status::not_found(format!("cart {} not found", r.cart_id)))?;
-        Ok(Response::new(convert::cart(r.cart_id, CartView::from_doc(&doc))))
+        Ok(Response::new(convert::cart(
+            r.cart_id,
+            CartView::from_doc(&doc),
+        )))
+    }
+
+    async fn get_cart_at(
+        &self,
+        request: Request<cart_pb::GetCartAtRequest>,
+    ) -> Result<Response<cart_pb::Cart>, Status> {
+        self.1
+            .cart_at(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn sales_report(
+        &self,
+        request: Request<cart_pb::SalesReportRequest>,
+    ) -> Result<Response<cart_pb::SalesReportResponse>, Status> {
+        self.1
+            .sales_report(request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 
 /// `esq.bookshop.v1.BookQueries`.
-pub(crate) struct BookQueriesApi<R>(pub(crate) Reader<R>);
+pub(crate) struct BookQueriesApi<R, H>(pub(crate) Reader<R>, pub(crate) History<H>);
 
 #[tonic::async_trait]
-impl<R: ReadStore> book_pb::book_queries_server::BookQueries for BookQueriesApi<R> {
+impl<R: ReadStore, H: EventStore> book_pb::book_queries_server::BookQueries
+    for BookQueriesApi<R, H>
+{
+    async fn get_book_at(
+        &self,
+        request: Request<book_pb::GetBookAtRequest>,
+    ) -> Result<Response<book_pb::Book>, Status> {
+        self.1
+            .book_at(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_books_at(
+        &self,
+        request: Request<book_pb::ListBooksAtRequest>,
+    ) -> Result<Response<book_pb::ListBooksResponse>, Status> {
+        self.1
+            .list_books_at(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn get_book(
         &self,
         request: Request<book_pb::GetBookRequest>,

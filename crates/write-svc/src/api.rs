@@ -2,7 +2,6 @@
 
 use crate::commands::Executor;
 use crate::error::status_from_store;
-use crate::history;
 use crate::Nudge;
 use esq::convert::{self, status_from_domain};
 use esq::pb::v1 as pb;
@@ -10,6 +9,7 @@ use esq_domain::bookshop::{self, Book};
 use esq_domain::cart::{self, Cart};
 use esq_domain::contract;
 use esq_domain::state::{state_json, StateProjection};
+use esq_eventstore::history::{fold_at, AsOf};
 use esq_eventstore::{Direction, EventStore, ReadRequest};
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -238,8 +238,16 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
         request: Request<pb::GetStateAtRequest>,
     ) -> Result<Response<pb::GetStateAtResponse>, Status> {
         let req = request.into_inner();
+        use pb::get_state_at_request::AsOf as Wire;
         let stream = convert::stream_id(req.stream.as_ref()).map_err(status_from_domain)?;
-        let folded = history::fold_at(&*self.store, &stream, &StateProjection, req.as_of.into())
+        let as_of = match req.as_of {
+            None => AsOf::Now,
+            Some(Wire::Version(v)) => AsOf::Version(v),
+            Some(Wire::Time(t)) => {
+                AsOf::TimeUs(convert::checked_micros("time", &t).map_err(status_from_domain)?)
+            }
+        };
+        let folded = fold_at(&*self.store, &stream, &StateProjection, as_of)
             .await
             .map_err(status_from_store)?;
         if folded.version == 0 {

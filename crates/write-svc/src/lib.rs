@@ -1,8 +1,8 @@
 //! esq write-svc: the command side. It serves `esq.v1.EventStore` (raw appends and reads),
 //! `esq.cart.v1.CartCommands` and `esq.bookshop.v1.BookCommands`, turning commands into events
-//! appended to the event store with optimistic concurrency; and the temporal queries
-//! (`EventStore/GetStateAt`, `esq.cart.v1.CartHistory`, `esq.bookshop.v1.BookHistory`), which
-//! fold history from the event store.
+//! appended to the event store with optimistic concurrency; and `EventStore/GetStateAt`, the
+//! generic state of any stream as of a version or a time, folded from the event store (the
+//! domain forms of that question are read-svc's, see `esq_eventstore::history`).
 //!
 //! It is the only writer of the event store and never touches the read model. After each
 //! append it calls an optional best-effort *nudge* so projectors can pick the change up at once;
@@ -12,12 +12,9 @@ pub mod api;
 pub mod commands;
 pub mod domain_api;
 pub mod error;
-pub mod history;
 
 use esq::pb::bookshop::v1::book_commands_server::BookCommandsServer;
-use esq::pb::bookshop::v1::book_history_server::BookHistoryServer;
 use esq::pb::cart::v1::cart_commands_server::CartCommandsServer;
-use esq::pb::cart::v1::cart_history_server::CartHistoryServer;
 use esq::pb::v1::event_store_server::EventStoreServer;
 use esq_domain::StreamId;
 use esq_eventstore::EventStore;
@@ -34,8 +31,6 @@ pub const SERVICES: &[&str] = &[
     "esq.v1.EventStore",
     "esq.cart.v1.CartCommands",
     "esq.bookshop.v1.BookCommands",
-    "esq.cart.v1.CartHistory",
-    "esq.bookshop.v1.BookHistory",
 ];
 
 /// What write-svc runs on.
@@ -69,8 +64,6 @@ impl Default for Config {
 pub fn routes<S: EventStore>(deps: Deps<S>) -> tonic::service::Routes {
     let max = esq_runtime::MAX_REQUEST_BYTES;
     let executor = commands::Executor::new(Arc::clone(&deps.store), deps.nudge.clone());
-    let cart_history = history::CartHistoryApi(Arc::clone(&deps.store));
-    let book_history = history::BookHistoryApi(Arc::clone(&deps.store));
     tonic::service::Routes::new(
         EventStoreServer::new(api::EventStoreApi::new(
             deps.store,
@@ -87,8 +80,6 @@ pub fn routes<S: EventStore>(deps: Deps<S>) -> tonic::service::Routes {
         BookCommandsServer::new(domain_api::BookCommandsApi(executor))
             .max_decoding_message_size(max),
     )
-    .add_service(CartHistoryServer::new(cart_history).max_decoding_message_size(max))
-    .add_service(BookHistoryServer::new(book_history).max_decoding_message_size(max))
 }
 
 /// Serves write-svc on `listener` until `shutdown` is cancelled, then drains. Health reports
