@@ -164,10 +164,10 @@ mod tests {
         assert_eq!(all.version, u64::from(FOLD_PAGE) + 7);
         let n = |f: &Folded| state_json(&f.doc).get("n").cloned();
         assert_eq!(n(&all), Some(serde_json::json!(all.version)));
-        let at = fold_at(&store, &long, &StateProjection, AsOf::Version(600))
+        let at = fold_at(&store, &long, &StateProjection, AsOf::Version(503))
             .await
             .expect("fold");
-        assert_eq!((at.version, n(&at)), (600, Some(serde_json::json!(600))));
+        assert_eq!((at.version, n(&at)), (503, Some(serde_json::json!(503))));
         let missing = StreamId::new("order", "missing").expect("id");
         let none = fold_at(&store, &missing, &StateProjection, AsOf::Now)
             .await
