@@ -1,7 +1,7 @@
 //! The read-svc binary: queries over gRPC answered from the Redis read model, and temporal
 //! queries answered from the ScyllaDB/Cassandra event store when one is configured.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use esq_runtime::config::{CqlArgs, RedisArgs, ServerArgs, TelemetryArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,13 +32,22 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    // The event store is optional here (the shared CQL flags require it elsewhere): without it
+    // the temporal queries are refused and everything else works.
+    let matches = Args::command()
+        .mut_arg("cql_nodes", |a| a.required(false))
+        .get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
     let Some(store) = args.redis.connect(&shutdown).await? else {
         return Ok(());
     };
     let history = match &args.cql {
+        Some(cql) if cql.cql_nodes.is_empty() => anyhow::bail!(
+            "event-store settings (--cql-*, ESQ_CQL_*...) given without --cql-nodes \
+             (ESQ_CQL_NODES): set it to serve the temporal queries, or drop the others"
+        ),
         Some(cql) => match cql.connect(&shutdown).await? {
             Some(store) => Some(Arc::new(store)),
             None => return Ok(()),
