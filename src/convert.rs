@@ -222,7 +222,7 @@ pub fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::In
     std::time::Instant::now().checked_add(timeout)
 }
 
-/// The wire form of a cart, for `CartQueries/GetCart` and `CartHistory/GetCartAt` alike.
+/// The wire form of a cart, for `CartQueries/GetCart` and `CartQueries/GetCartAt` alike.
 pub fn cart(cart_id: String, view: esq_domain::cart::CartView) -> cart_pb::Cart {
     let status = match view.status.as_str() {
         "open" => cart_pb::CartStatus::Open,
@@ -249,7 +249,7 @@ pub fn cart(cart_id: String, view: esq_domain::cart::CartView) -> cart_pb::Cart 
     }
 }
 
-/// The wire form of a book, for `BookQueries` and `BookHistory` alike.
+/// The wire form of a book, for `BookQueries/GetBook`, `ListBooks`, `GetBookAt` and `ListBooksAt` alike.
 pub fn book(view: esq_domain::bookshop::BookView) -> book_pb::Book {
     book_pb::Book {
         isbn: view.isbn,
