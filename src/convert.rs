@@ -249,7 +249,8 @@ pub fn cart(cart_id: String, view: esq_domain::cart::CartView) -> cart_pb::Cart 
     }
 }
 
-/// The wire form of a book, for `BookQueries/GetBook`, `ListBooks`, `GetBookAt` and `ListBooksAt` alike.
+/// The wire form of a book, for `BookQueries/GetBook`, `ListBooks`, `GetBookAt` and
+/// `ListBooksAt` alike.
 pub fn book(view: esq_domain::bookshop::BookView) -> book_pb::Book {
     book_pb::Book {
         isbn: view.isbn,

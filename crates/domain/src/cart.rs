@@ -774,8 +774,9 @@ mod tests {
         }
 
         /// Temporal queries: the cart at version N, folded from the events up to N (in pages of
-        /// any size, as the temporal queries read them), is the document the read model held right after
-        /// applying N, for any command sequence and any batching of the projector's applies.
+        /// any size, as the temporal queries read them), is the document the read model held
+        /// right after applying N, for any command sequence and any batching of the projector's
+        /// applies.
         #[test]
         fn state_at_a_version_is_what_the_read_model_held_then(
             commands in proptest::collection::vec(command(), 1..30),
