@@ -3,6 +3,8 @@
 //! Inbound conversions validate and name the offending field the way the client spelled it, so
 //! that a service can return the error as INVALID_ARGUMENT unchanged.
 
+use crate::pb::bookshop::v1 as book_pb;
+use crate::pb::cart::v1 as cart_pb;
 use crate::pb::v1 as pb;
 use esq_domain::event::validate_batch;
 use esq_domain::replay::{self, Edit, Origin, Preview};
@@ -318,6 +320,18 @@ pub fn micros(ts: &Timestamp) -> i64 {
         .saturating_add(i64::from(ts.nanos) / 1000)
 }
 
+/// Microseconds since the Unix epoch from a client's timestamp field, refusing one that is not
+/// a valid protobuf `Timestamp` (nanos outside 0..1e9).
+pub fn checked_micros(field: &str, ts: &Timestamp) -> Result<i64, DomainError> {
+    if !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(DomainError::invalid(
+            format!("{field}.nanos"),
+            format!("{} is outside 0..=999999999", ts.nanos),
+        ));
+    }
+    Ok(micros(ts))
+}
+
 /// A protobuf `Struct` from a JSON object.
 pub fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
     prost_types::Struct {
@@ -379,6 +393,47 @@ pub fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::In
         _ => return None,
     };
     std::time::Instant::now().checked_add(timeout)
+}
+
+/// The wire form of a cart, for `CartQueries/GetCart` and `CartQueries/GetCartAt` alike.
+pub fn cart(cart_id: String, view: esq_domain::cart::CartView) -> cart_pb::Cart {
+    let status = match view.status.as_str() {
+        "open" => cart_pb::CartStatus::Open,
+        "checked_out" => cart_pb::CartStatus::CheckedOut,
+        _ => cart_pb::CartStatus::Unspecified,
+    };
+    cart_pb::Cart {
+        cart_id,
+        status: status.into(),
+        items: view
+            .items
+            .into_iter()
+            .map(|l| cart_pb::CartItem {
+                line_total_cents: l.quantity.saturating_mul(l.unit_price_cents),
+                sku: l.sku,
+                quantity: l.quantity,
+                unit_price_cents: l.unit_price_cents,
+            })
+            .collect(),
+        total_cents: view.total_cents,
+        item_count: view.item_count,
+        version: view.version,
+        checked_out_at: view.checked_out_at_us.map(timestamp),
+    }
+}
+
+/// The wire form of a book, for `BookQueries/GetBook`, `ListBooks`, `GetBookAt` and
+/// `ListBooksAt` alike.
+pub fn book(view: esq_domain::bookshop::BookView) -> book_pb::Book {
+    book_pb::Book {
+        isbn: view.isbn,
+        title: view.title,
+        author: view.author,
+        price_cents: view.price_cents,
+        created_at: Some(timestamp(view.created_at_us)),
+        updated_at: Some(timestamp(view.updated_at_us)),
+        version: view.version,
+    }
 }
 
 /// The wire form of an owned stream type's contract.

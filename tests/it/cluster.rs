@@ -2,7 +2,7 @@
 //! read-svc as separate processes on a real Cassandra node and a real Redis.
 
 use crate::suite::{self, exact, read_all, stream, to_domain, unique};
-use crate::{core, replay};
+use crate::{core, history, replay};
 use esq::pb::bookshop::v1 as book;
 use esq::pb::cart::v1 as cart;
 use esq::pb::v1 as pb;
@@ -48,6 +48,12 @@ async fn suite_on_cassandra_and_redis() {
     core::read_model_agrees_with_the_aggregate(c).await;
     core::owned_streams_honour_their_contracts(c).await;
     core::concurrent_commands_on_one_cart_all_succeed(c).await;
+    history::state_at_versions_and_exact_times(c).await;
+    history::cart_at_versions_and_times(c).await;
+    history::book_at_after_update_and_delete(c).await;
+    history::list_books_at_shows_the_old_catalogue(c).await;
+    history::sales_report_over_checked_out_carts(c).await;
+    history::cart_at_every_version_is_what_the_read_model_served_then(c).await;
 }
 
 /// Replay previews and saved what-if timelines, against one deployment (fresh streams).

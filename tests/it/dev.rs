@@ -1,6 +1,6 @@
 //! The suite against the embedded single-process stack (`esq dev`), plus restart durability.
 
-use crate::{core, replay, suite};
+use crate::{core, history, replay, suite};
 use esq_testkit::DevHarness;
 
 macro_rules! dev_tests {
@@ -26,6 +26,15 @@ dev_tests!(
     health_is_serving,
     reflection_lists_services,
     schema_upgrades_are_read_through_upcasters,
+);
+
+dev_tests!(
+    history: state_at_versions_and_exact_times,
+    cart_at_versions_and_times,
+    book_at_after_update_and_delete,
+    list_books_at_shows_the_old_catalogue,
+    sales_report_over_checked_out_carts,
+    cart_at_every_version_is_what_the_read_model_served_then,
 );
 
 dev_tests!(

@@ -7,6 +7,7 @@
 mod cluster;
 mod core;
 mod dev;
+mod history;
 mod replay;
 mod startup;
 mod suite;

@@ -673,7 +673,7 @@ pub async fn bookshop_commands_and_queries(c: &Clients) {
     assert!(seen.contains(&isbns[0]) && seen.contains(&isbns[1]) && !seen.contains(&isbns[2]));
 }
 
-fn rand_isbn_suffix() -> u64 {
+pub fn rand_isbn_suffix() -> u64 {
     (uuid::Uuid::new_v4().as_u128() % 9_000_000_000) as u64
 }
 

@@ -94,6 +94,11 @@ impl DevStack {
             shutdown_grace: config.shutdown_grace,
             ..esq_write_svc::Config::default()
         };
+        // read-svc's temporal queries read the same embedded store, read only.
+        let read_deps = esq_read_svc::Deps {
+            read,
+            history: Some(Arc::clone(&store)),
+        };
         tasks.spawn(esq_write_svc::run(
             write_listener,
             esq_write_svc::Deps {
@@ -109,7 +114,7 @@ impl DevStack {
         };
         tasks.spawn(esq_read_svc::run(
             read_listener,
-            read,
+            read_deps,
             read_config,
             shutdown.clone(),
         ));

@@ -729,6 +729,18 @@ mod tests {
         (status, lines)
     }
 
+    /// Any cart command over a few SKUs and prices, valid in some states and refused in others.
+    fn command() -> impl proptest::strategy::Strategy<Value = CartCommand> {
+        use proptest::prelude::*;
+        let sku = prop::sample::select(vec!["A", "B", "C"]);
+        prop_oneof![
+            4 => (sku.clone(), 1i64..5, prop::sample::select(vec![100i64, 150]))
+                .prop_map(|(s, q, p)| add(s, q, p)),
+            2 => (sku, 1i64..4).prop_map(|(s, q)| remove(s, q)),
+            1 => Just(CartCommand::Checkout),
+        ]
+    }
+
     proptest::proptest! {
         /// Whatever reached a stream (old data, raw appends of any shape), the aggregate, the
         /// read model in any batching, and the plain-code model agree.
@@ -759,6 +771,49 @@ mod tests {
             proptest::prop_assert_eq!(view.item_count, given.state.item_count());
             proptest::prop_assert_eq!(view.items.len(), given.state.lines.len());
             proptest::prop_assert_eq!(Cart::from_doc(&doc), given.state);
+        }
+
+        /// Temporal queries: the cart at version N, folded from the events up to N (in pages of
+        /// any size, as the temporal queries read them), is the document the read model held
+        /// right after applying N, for any command sequence and any batching of the projector's
+        /// applies.
+        #[test]
+        fn state_at_a_version_is_what_the_read_model_held_then(
+            commands in proptest::collection::vec(command(), 1..30),
+            cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..8),
+            page in 1usize..=6,
+        ) {
+            let mut given = cart();
+            for c in commands {
+                let _ = given.run(c); // refused commands record nothing
+            }
+            let history = &given.history;
+            let mut bounds: Vec<usize> = cuts.iter().map(|c| c.index(history.len() + 1)).collect();
+            bounds.extend([0, history.len()]);
+            bounds.sort_unstable();
+            bounds.dedup();
+            // The read model, batch by batch, recording the document after each apply.
+            let mut doc = Doc::new();
+            let mut held = Vec::new();
+            for w in bounds.windows(2) {
+                let b = crate::projection::batch(&CartProjection, &history[w[0]..w[1]])
+                    .expect("non-empty");
+                proptest::prop_assert_eq!(
+                    crate::projection::apply_to_doc(&mut doc, &b),
+                    crate::projection::ApplyOutcome::Applied
+                );
+                held.push((w[1], doc.clone()));
+            }
+            for (n, held) in held {
+                let mut at = crate::aggregate::Folded::default();
+                for chunk in history[..n].chunks(page) {
+                    at.extend(&CartProjection, chunk);
+                }
+                proptest::prop_assert_eq!(at.version, n as u64);
+                proptest::prop_assert_eq!(&at.doc, &held);
+                proptest::prop_assert_eq!(&fold(&CartProjection, &history[..n]), &held);
+                proptest::prop_assert_eq!(CartView::from_doc(&at.doc), CartView::from_doc(&held));
+            }
         }
 
         /// Raw appends that the contract accepts keep the cart exactly where commands would.

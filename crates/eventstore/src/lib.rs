@@ -9,6 +9,7 @@
 pub mod contract;
 pub mod cql;
 pub mod embedded;
+pub mod history;
 mod repeat;
 
 use esq_domain::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId, StreamInfo};

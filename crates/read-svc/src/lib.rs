@@ -1,18 +1,27 @@
 //! esq read-svc: the query side. It serves `esq.cart.v1.CartQueries`,
-//! `esq.bookshop.v1.BookQueries` and `esq.v1.StateQueries` from the read store alone.
+//! `esq.bookshop.v1.BookQueries` and `esq.v1.StateQueries`.
 //!
-//! It never talks to the event store, so it keeps answering while the event store is down.
-//! Queries carry an optional `min_version` for read-your-writes: the call waits, bounded by its
-//! deadline and a server maximum, until the projection has caught up.
+//! Present-state queries are answered from the read store alone, so they keep answering while
+//! the event store is down. They carry an optional `min_version` for read-your-writes: the call
+//! waits, bounded by its deadline and a server maximum, until the projection has caught up.
+//!
+//! The temporal queries (`GetCartAt`, `SalesReport`, `GetBookAt`, `ListBooksAt`) are the
+//! exception: the read model only knows the present, so they fold history from the event store
+//! ([`Deps::history`], read only) and never read the read model. Without a history store they
+//! answer FAILED_PRECONDITION naming the missing setting.
+
+mod history;
 
 mod queries;
 mod wait;
 
+pub use history::MISSING_STORE;
 pub use wait::parse_grpc_timeout;
 
 use esq::pb::bookshop::v1::book_queries_server::BookQueriesServer;
 use esq::pb::cart::v1::cart_queries_server::CartQueriesServer;
 use esq::pb::v1::state_queries_server::StateQueriesServer;
+use esq_eventstore::EventStore;
 use esq_readstore::ReadStore;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,16 +56,29 @@ impl Default for Config {
     }
 }
 
+/// What read-svc reads.
+pub struct Deps<R, H> {
+    /// The read model: every present-state query.
+    pub read: Arc<R>,
+    /// The event store, read only, for the temporal queries; `None` makes them answer
+    /// FAILED_PRECONDITION.
+    pub history: Option<Arc<H>>,
+}
+
 /// The gRPC routes of read-svc, for embedding in a larger server.
-pub fn routes<R: ReadStore>(store: Arc<R>, config: Config) -> tonic::service::Routes {
-    let reader = wait::Reader::new(store, config);
+pub fn routes<R: ReadStore, H: EventStore>(
+    deps: Deps<R, H>,
+    config: Config,
+) -> tonic::service::Routes {
+    let reader = wait::Reader::new(deps.read, config);
+    let history = history::History::new(deps.history);
     let max = esq_runtime::MAX_REQUEST_BYTES;
     tonic::service::Routes::new(
-        CartQueriesServer::new(queries::CartQueriesApi(reader.clone()))
+        CartQueriesServer::new(queries::CartQueriesApi(reader.clone(), history.clone()))
             .max_decoding_message_size(max),
     )
     .add_service(
-        BookQueriesServer::new(queries::BookQueriesApi(reader.clone()))
+        BookQueriesServer::new(queries::BookQueriesApi(reader.clone(), history))
             .max_decoding_message_size(max),
     )
     .add_service(
@@ -67,9 +89,9 @@ pub fn routes<R: ReadStore>(store: Arc<R>, config: Config) -> tonic::service::Ro
 /// Serves read-svc on `listener` until `shutdown` is cancelled, then drains. Health reports
 /// the query services NOT_SERVING while the read store does not answer a ping (probed every
 /// `config.health_probe`), and SERVING again once it does.
-pub async fn run<R: ReadStore>(
+pub async fn run<R: ReadStore, H: EventStore>(
     listener: TcpListener,
-    store: Arc<R>,
+    deps: Deps<R, H>,
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -79,13 +101,13 @@ pub async fn run<R: ReadStore>(
     let probe = options
         .readiness
         .probe("the read store", config.health_probe, shutdown.clone(), {
-            let store = Arc::clone(&store);
+            let store = Arc::clone(&deps.read);
             move || {
                 let store = Arc::clone(&store);
                 async move { store.ping().await }
             }
         });
-    let served = esq_runtime::serve_grpc(listener, routes(store, config), options, shutdown).await;
+    let served = esq_runtime::serve_grpc(listener, routes(deps, config), options, shutdown).await;
     probe.abort();
     served
 }

@@ -1,7 +1,8 @@
-//! The read-svc binary: queries over gRPC answered from the Redis read model.
+//! The read-svc binary: queries over gRPC answered from the Redis read model, and temporal
+//! queries answered from the ScyllaDB/Cassandra event store when one is configured.
 
-use clap::Parser;
-use esq_runtime::config::{RedisArgs, ServerArgs, TelemetryArgs};
+use clap::{CommandFactory, FromArgMatches, Parser};
+use esq_runtime::config::{CqlArgs, RedisArgs, ServerArgs, TelemetryArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,17 +21,41 @@ struct Args {
     server: ServerArgs,
     #[command(flatten)]
     redis: RedisArgs,
+    /// The event store, read only, for the temporal queries (GetCartAt, SalesReport, GetBookAt,
+    /// ListBooksAt): the same settings as write-svc's. Without --cql-nodes those queries answer
+    /// FAILED_PRECONDITION; every other query works without it.
+    #[command(flatten)]
+    cql: Option<CqlArgs>,
     #[command(flatten)]
     telemetry: TelemetryArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    // The event store is optional here (the shared CQL flags require it elsewhere): without it
+    // the temporal queries are refused and everything else works.
+    let matches = Args::command()
+        .mut_arg("cql_nodes", |a| a.required(false))
+        .get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
     let Some(store) = args.redis.connect(&shutdown).await? else {
         return Ok(());
+    };
+    let history = match &args.cql {
+        Some(cql) if cql.cql_nodes.is_empty() => anyhow::bail!(
+            "event-store settings (--cql-*, ESQ_CQL_*...) given without --cql-nodes \
+             (ESQ_CQL_NODES): set it to serve the temporal queries, or drop the others"
+        ),
+        Some(cql) => match cql.connect(&shutdown).await? {
+            Some(store) => Some(Arc::new(store)),
+            None => return Ok(()),
+        },
+        None => {
+            tracing::warn!("no event store configured (--cql-nodes): temporal queries disabled");
+            None
+        }
     };
     let config = esq_read_svc::Config {
         max_wait: Duration::from_millis(args.max_wait_ms),
@@ -39,5 +64,9 @@ async fn main() -> anyhow::Result<()> {
     };
     // Listen only once the store is there: until then clients are refused at once.
     let listener = esq_runtime::bind(args.listen).await?;
-    esq_read_svc::run(listener, Arc::new(store), config, shutdown).await
+    let deps = esq_read_svc::Deps {
+        read: Arc::new(store),
+        history,
+    };
+    esq_read_svc::run(listener, deps, config, shutdown).await
 }

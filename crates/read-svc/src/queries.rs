@@ -1,5 +1,7 @@
-//! The query services: requests in, read-model documents out.
+//! The query services: requests in, read-model documents out; the temporal queries of the same
+//! services are [`History`]'s, which reads the event store instead.
 
+use crate::history::History;
 use crate::wait::{status_from_read, Reader};
 use esq::convert::{self, status_from_domain};
 use esq::pb::bookshop::v1 as book_pb;
@@ -10,6 +12,7 @@ use esq_domain::cart::{CartProjection, CartView};
 use esq_domain::ids::validate_id;
 use esq_domain::projection::{doc_version, Projection};
 use esq_domain::state::{state_json, StateProjection};
+use esq_eventstore::EventStore;
 use esq_readstore::ReadStore;
 use tonic::{Request, Response, Status};
 
@@ -18,10 +21,12 @@ const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
 
 /// `esq.cart.v1.CartQueries`.
-pub(crate) struct CartQueriesApi<R>(pub(crate) Reader<R>);
+pub(crate) struct CartQueriesApi<R, H>(pub(crate) Reader<R>, pub(crate) History<H>);
 
 #[tonic::async_trait]
-impl<R: ReadStore> cart_pb::cart_queries_server::CartQueries for CartQueriesApi<R> {
+impl<R: ReadStore, H: EventStore> cart_pb::cart_queries_server::CartQueries
+    for CartQueriesApi<R, H>
+{
     async fn get_cart(
         &self,
         request: Request<cart_pb::GetCartRequest>,
@@ -33,50 +38,60 @@ impl<R: ReadStore> cart_pb::cart_queries_server::CartQueries for CartQueriesApi<
             .get_at_least(&metadata, CartProjection.name(), &r.cart_id, r.min_version)
             .await?
             .ok_or_else(|| Status::not_found(format!("cart {} not found", r.cart_id)))?;
-        let view = CartView::from_doc(&doc);
-        let status = match view.status.as_str() {
-            "open" => cart_pb::CartStatus::Open,
-            "checked_out" => cart_pb::CartStatus::CheckedOut,
-            _ => cart_pb::CartStatus::Unspecified,
-        };
-        Ok(Response::new(cart_pb::Cart {
-            cart_id: r.cart_id,
-            status: status.into(),
-            items: view
-                .items
-                .into_iter()
-                .map(|l| cart_pb::CartItem {
-                    line_total_cents: l.quantity.saturating_mul(l.unit_price_cents),
-                    sku: l.sku,
-                    quantity: l.quantity,
-                    unit_price_cents: l.unit_price_cents,
-                })
-                .collect(),
-            total_cents: view.total_cents,
-            item_count: view.item_count,
-            version: view.version,
-            checked_out_at: view.checked_out_at_us.map(convert::timestamp),
-        }))
+        Ok(Response::new(convert::cart(
+            r.cart_id,
+            CartView::from_doc(&doc),
+        )))
+    }
+
+    async fn get_cart_at(
+        &self,
+        request: Request<cart_pb::GetCartAtRequest>,
+    ) -> Result<Response<cart_pb::Cart>, Status> {
+        self.1
+            .cart_at(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn sales_report(
+        &self,
+        request: Request<cart_pb::SalesReportRequest>,
+    ) -> Result<Response<cart_pb::SalesReportResponse>, Status> {
+        self.1
+            .sales_report(request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 
 /// `esq.bookshop.v1.BookQueries`.
-pub(crate) struct BookQueriesApi<R>(pub(crate) Reader<R>);
-
-fn book(view: BookView) -> book_pb::Book {
-    book_pb::Book {
-        isbn: view.isbn,
-        title: view.title,
-        author: view.author,
-        price_cents: view.price_cents,
-        created_at: Some(convert::timestamp(view.created_at_us)),
-        updated_at: Some(convert::timestamp(view.updated_at_us)),
-        version: view.version,
-    }
-}
+pub(crate) struct BookQueriesApi<R, H>(pub(crate) Reader<R>, pub(crate) History<H>);
 
 #[tonic::async_trait]
-impl<R: ReadStore> book_pb::book_queries_server::BookQueries for BookQueriesApi<R> {
+impl<R: ReadStore, H: EventStore> book_pb::book_queries_server::BookQueries
+    for BookQueriesApi<R, H>
+{
+    async fn get_book_at(
+        &self,
+        request: Request<book_pb::GetBookAtRequest>,
+    ) -> Result<Response<book_pb::Book>, Status> {
+        self.1
+            .book_at(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_books_at(
+        &self,
+        request: Request<book_pb::ListBooksAtRequest>,
+    ) -> Result<Response<book_pb::ListBooksResponse>, Status> {
+        self.1
+            .list_books_at(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn get_book(
         &self,
         request: Request<book_pb::GetBookRequest>,
@@ -89,7 +104,7 @@ impl<R: ReadStore> book_pb::book_queries_server::BookQueries for BookQueriesApi<
             .await?;
         doc.as_ref()
             .and_then(BookView::from_doc)
-            .map(|v| Response::new(book(v)))
+            .map(|v| Response::new(convert::book(v)))
             .ok_or_else(|| Status::not_found(format!("book {isbn} not found")))
     }
 
@@ -146,7 +161,7 @@ impl<R: ReadStore> book_pb::book_queries_server::BookQueries for BookQueriesApi<
                 if !author.is_empty() && view.author != author {
                     continue;
                 }
-                books.push(book(view));
+                books.push(convert::book(view));
                 if books.len() == page_size {
                     let more = !store
                         .index_page(projection, &index, Some(id), 1)

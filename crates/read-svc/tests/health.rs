@@ -131,12 +131,11 @@ async fn health_follows_the_read_store() {
         shutdown_grace: Duration::from_secs(2),
         ..esq_read_svc::Config::default()
     };
-    let server = tokio::spawn(esq_read_svc::run(
-        listener,
-        Arc::new(store),
-        config,
-        shutdown.clone(),
-    ));
+    let deps = esq_read_svc::Deps {
+        read: Arc::new(store),
+        history: None::<Arc<esq_eventstore::embedded::EmbeddedStore>>,
+    };
+    let server = tokio::spawn(esq_read_svc::run(listener, deps, config, shutdown.clone()));
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("endpoint")
         .connect()

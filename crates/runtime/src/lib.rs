@@ -15,6 +15,7 @@ use tracing_subscriber::EnvFilter;
 pub mod config;
 pub mod incoming;
 pub mod status;
+pub mod store_status;
 
 pub use tokio_util::sync::CancellationToken as Shutdown;
 

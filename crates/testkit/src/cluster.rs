@@ -209,6 +209,8 @@ impl ClusterHarness {
         let n = std::fs::read_dir(&self.logs)?.count();
         let log = std::fs::File::create(self.logs.join(format!("{name}-{n}.log")))?;
         let mut cmd = Command::new(&bin);
+        // Every process gets the CQL settings: write-svc and the projector for their work,
+        // read-svc for the temporal queries (it reads the event store for those alone).
         cmd.env("ESQ_LISTEN", addr.to_string())
             .env("ESQ_CQL_NODES", &self.backends.cassandra)
             .env("ESQ_CQL_KEYSPACE", &self.keyspace)

@@ -1,4 +1,4 @@
-//! `esq.v1.EventStore`: raw appends and reads of any stream.
+//! `esq.v1.EventStore`: raw appends and reads of any stream, and its state at any point.
 
 use crate::commands::Executor;
 use crate::error::status_from_store;
@@ -10,6 +10,8 @@ use esq_domain::bookshop::{self, Book};
 use esq_domain::cart::{self, Cart};
 use esq_domain::contract;
 use esq_domain::replay;
+use esq_domain::state::{state_json, StateProjection};
+use esq_eventstore::history::{fold_at, AsOf};
 use esq_eventstore::{Direction, EventStore, ReadRequest};
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -282,6 +284,35 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
         Ok(Response::new(pb::ListTimelinesResponse {
             timelines,
             next_page_token,
+        }))
+    }
+
+    async fn get_state_at(
+        &self,
+        request: Request<pb::GetStateAtRequest>,
+    ) -> Result<Response<pb::GetStateAtResponse>, Status> {
+        let req = request.into_inner();
+        use pb::get_state_at_request::AsOf as Wire;
+        let stream = convert::stream_id(req.stream.as_ref()).map_err(status_from_domain)?;
+        let as_of = match req.as_of {
+            None => AsOf::Now,
+            Some(Wire::Version(v)) => AsOf::Version(v),
+            Some(Wire::Time(t)) => {
+                AsOf::TimeUs(convert::checked_micros("time", &t).map_err(status_from_domain)?)
+            }
+        };
+        let folded = fold_at(&*self.store, &stream, &StateProjection, as_of)
+            .await
+            .map_err(status_from_store)?;
+        if folded.version == 0 {
+            return Err(Status::not_found(format!(
+                "stream {stream} had no events at that point"
+            )));
+        }
+        Ok(Response::new(pb::GetStateAtResponse {
+            stream: Some(convert::stream_ref(&stream)),
+            version: folded.version,
+            state: Some(convert::to_struct(state_json(&folded.doc))),
         }))
     }
 }

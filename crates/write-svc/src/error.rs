@@ -1,31 +1,3 @@
-//! The one mapping from store errors to gRPC statuses for write-svc.
+//! The mapping from store errors to gRPC statuses, shared with read-svc's temporal queries.
 
-use esq_eventstore::StoreError;
-use tonic::Status;
-
-/// Maps a store error onto a status: conflicts are FAILED_PRECONDITION with expected and actual
-/// versions, outages UNAVAILABLE; an append of unknown outcome is UNAVAILABLE too (retrying it
-/// with the same event ids is safe), but says that it may have committed; internal causes are
-/// logged here and reach the client as a generic message.
-pub fn status_from_store(e: StoreError) -> Status {
-    match e {
-        StoreError::WrongExpectedVersion { .. } | StoreError::EventIdReused { .. } => {
-            Status::failed_precondition(e.to_string())
-        }
-        StoreError::Unavailable(cause) => {
-            tracing::warn!(%cause, "event store unavailable");
-            Status::unavailable("event store unavailable; retry later")
-        }
-        StoreError::OutcomeUnknown(cause) => {
-            tracing::warn!(%cause, "append outcome unknown");
-            Status::unavailable(
-                "append outcome unknown: it may have committed; retrying with the same event \
-                 ids (or the same command_id) is safe",
-            )
-        }
-        StoreError::Internal(cause) => {
-            tracing::error!(%cause, "event store internal error");
-            Status::internal("internal error")
-        }
-    }
-}
+pub use esq_runtime::store_status::status_from_store;

@@ -1,6 +1,8 @@
 //! esq write-svc: the command side. It serves `esq.v1.EventStore` (raw appends and reads),
 //! `esq.cart.v1.CartCommands` and `esq.bookshop.v1.BookCommands`, turning commands into events
-//! appended to the event store with optimistic concurrency.
+//! appended to the event store with optimistic concurrency; and `EventStore/GetStateAt`, the
+//! generic state of any stream as of a version or a time, folded from the event store (the
+//! domain forms of that question are read-svc's, see `esq_eventstore::history`).
 //!
 //! It is the only writer of the event store and never touches the read model. After each
 //! append it calls an optional best-effort *nudge* so projectors can pick the change up at once;
