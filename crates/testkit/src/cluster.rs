@@ -113,8 +113,21 @@ pub struct ClusterHarness {
     pub clients: Clients,
 }
 
+/// A free loopback address for a process to listen on. The port is drawn at random below
+/// Linux's ephemeral range (32768 and up): a port the kernel handed out (port 0) is free only
+/// until the process binds it, and meanwhile any outgoing connection (to Cassandra, Redis, a
+/// service) may take it as its local port; below that range only another listener can.
 fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    const FIRST: u128 = 20_000;
+    const COUNT: u128 = 12_000;
+    for _ in 0..1000 {
+        let port = FIRST + uuid::Uuid::new_v4().as_u128() % COUNT;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        if TcpListener::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    anyhow::bail!("no free loopback port between {FIRST} and {}", FIRST + COUNT)
 }
 
 /// The folder holding the workspace's binaries (next to this test executable's `deps/`).
