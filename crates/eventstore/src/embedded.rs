@@ -686,6 +686,32 @@ impl ChangeFeed for EmbeddedStore {
         };
         self.run(move |db| poll_blocking(db, after, limit)).await
     }
+
+    /// The sequence number of the newest change committed before `time_us` (commit times never
+    /// decrease along the log), found by walking back from the end.
+    async fn position_before(
+        &self,
+        shard: u32,
+        time_us: i64,
+    ) -> Result<Option<String>, StoreError> {
+        if shard != 0 {
+            return Err(StoreError::Internal(format!(
+                "the embedded change feed has one shard, 0; asked for shard {shard}"
+            )));
+        }
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let changes = txn.open_table(CHANGES).map_err(db_err)?;
+            for entry in changes.iter().map_err(db_err)?.rev() {
+                let (k, v) = entry.map_err(db_err)?;
+                if decode::<StoredChange>(v.value())?.noted_at_us < time_us {
+                    return Ok(Some(k.value().to_string()));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -85,6 +85,11 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Kills the process with SIGKILL (no chance to clean up) and reaps it.
     pub async fn kill9(mut self) -> anyhow::Result<()> {
         self.child.start_kill()?;
