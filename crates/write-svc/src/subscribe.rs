@@ -323,7 +323,9 @@ impl<S: EventStore + ChangeFeed> Subscription<S> {
         };
         let oldest = now_us() - retention.as_micros() as i64;
         for cursor in &self.token.s {
-            if cursor.p.is_some() && cursor.t < oldest {
+            // A shard never read (no position, no time) starts at what the log holds.
+            let started = cursor.p.is_some() || cursor.t > 0;
+            if started && cursor.t < oldest {
                 return Err(Status::out_of_range(format!(
                     "the position is older than the change log keeps ({} s): events after it \
                      may be gone; resubscribe with from_start (what the log still holds) or \
