@@ -182,12 +182,7 @@ pub async fn subscribe_rejects_bad_requests(c: &Clients) {
         ),
     ];
     for (req, field) in cases {
-        let err = c
-            .events
-            .clone()
-            .subscribe(req)
-            .await
-            .expect_err("refused");
+        let err = c.events.clone().subscribe(req).await.expect_err("refused");
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains(field), "{field}: {err:?}");
     }
@@ -299,7 +294,11 @@ pub async fn subscribe_resumes_without_gap_or_duplicate(c: &Clients, total: usiz
     .await;
     let mut caught_up = false;
     receive(&mut sub, &mut seen, &mut count, &mut caught_up, |_, up| up).await;
-    assert_eq!(count, total / 2, "catch-up delivered the first half exactly");
+    assert_eq!(
+        count,
+        total / 2,
+        "catch-up delivered the first half exactly"
+    );
     let writers = {
         let (c, p) = (c.clone(), format!("{p}-2"));
         let rest = total - total / 2;

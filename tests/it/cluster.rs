@@ -1,8 +1,8 @@
 //! The suite and the fault tests against the distributed deployment: write-svc, projector and
 //! read-svc as separate processes on a real Cassandra node and a real Redis.
 
-use crate::{bus, core};
 use crate::suite::{self, exact, read_all, stream, to_domain, unique};
+use crate::{bus, core};
 use esq::pb::bookshop::v1 as book;
 use esq::pb::cart::v1 as cart;
 use esq::pb::v1 as pb;

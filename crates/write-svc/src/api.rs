@@ -2,13 +2,13 @@
 
 use crate::commands::Executor;
 use crate::error::status_from_store;
+use crate::subscribe::{self, Subscription};
 use crate::Nudge;
 use esq::convert::{self, status_from_domain};
 use esq::pb::v1 as pb;
 use esq_domain::bookshop::{self, Book};
 use esq_domain::cart::{self, Cart};
 use esq_domain::contract;
-use crate::subscribe::{self, Subscription};
 use esq_eventstore::{ChangeFeed, Direction, EventStore, ReadRequest};
 use std::sync::Arc;
 use std::time::Duration;

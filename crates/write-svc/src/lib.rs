@@ -63,7 +63,10 @@ impl Default for Config {
 }
 
 /// The gRPC routes of write-svc, for embedding in a larger server.
-pub fn routes<S: EventStore + ChangeFeed>(deps: Deps<S>, config: &Config) -> tonic::service::Routes {
+pub fn routes<S: EventStore + ChangeFeed>(
+    deps: Deps<S>,
+    config: &Config,
+) -> tonic::service::Routes {
     let max = esq_runtime::MAX_REQUEST_BYTES;
     let executor = commands::Executor::new(Arc::clone(&deps.store), deps.nudge.clone());
     tonic::service::Routes::new(

@@ -163,8 +163,8 @@ pub(crate) struct Plan {
 }
 
 enum Start {
-    FromStart,
-    FromNow,
+    Beginning,
+    Now,
     After(String),
 }
 
@@ -196,8 +196,8 @@ pub(crate) fn plan(req: pb::SubscribeRequest) -> Result<Plan, Status> {
         }
     }
     let start = match req.start {
-        None | Some(pb::subscribe_request::Start::FromStart(_)) => Start::FromStart,
-        Some(pb::subscribe_request::Start::FromNow(_)) => Start::FromNow,
+        None | Some(pb::subscribe_request::Start::FromStart(_)) => Start::Beginning,
+        Some(pb::subscribe_request::Start::FromNow(_)) => Start::Now,
         Some(pb::subscribe_request::Start::After(p)) => Start::After(p),
     };
     Ok(Plan {
@@ -269,12 +269,12 @@ impl<S: EventStore + ChangeFeed> Subscription<S> {
         }
         let shards = store.shard_count();
         let token = match plan.start {
-            Start::FromStart => Token {
+            Start::Beginning => Token {
                 v: TOKEN_VERSION,
                 from: None,
                 s: vec![Cursor::default(); shards as usize],
             },
-            Start::FromNow => {
+            Start::Now => {
                 let now = now_us();
                 let mut s = Vec::with_capacity(shards as usize);
                 for shard in 0..shards {
@@ -428,8 +428,7 @@ impl<S: EventStore + ChangeFeed> Subscription<S> {
     /// not an orphan (try again later).
     async fn process(&mut self, shard: usize, change: &Change) -> Result<bool, Stop> {
         let stream = &change.stream;
-        if !self.filter.stream(stream) || change.last_version <= self.token.claimed(shard, stream)
-        {
+        if !self.filter.stream(stream) || change.last_version <= self.token.claimed(shard, stream) {
             return Ok(true);
         }
         // Judged by the time before the store is read, as the projector does.
@@ -529,6 +528,10 @@ mod tests {
             s: vec![Cursor::default(); 16],
         };
         let shards = Token::decode(&token.encode(), 1).expect_err("refused");
-        assert!(shards.message().contains("16 shards"), "{}", shards.message());
+        assert!(
+            shards.message().contains("16 shards"),
+            "{}",
+            shards.message()
+        );
     }
 }
