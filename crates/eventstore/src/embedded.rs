@@ -823,6 +823,16 @@ mod tests {
         assert_eq!(rest.positions, vec!["4"]);
         let none = store.poll(0, Some("4"), 100).await.expect("poll");
         assert!(none.changes.is_empty() && none.positions.is_empty());
+        // "From a time": before every change committed at or after it.
+        let before = |t| store.position_before(0, t);
+        assert_eq!(before(expected[0].noted_at_us).await.expect("pos"), None);
+        assert_eq!(
+            before(expected[3].noted_at_us + 1).await.expect("pos"),
+            Some("4".to_owned())
+        );
+        let at_third = before(expected[2].noted_at_us).await.expect("pos");
+        let after_it = store.poll(0, at_third.as_deref(), 100).await.expect("poll");
+        assert!(after_it.changes.contains(&expected[2]) && after_it.changes.contains(&expected[3]));
         assert!(store
             .poll(0, None, 0)
             .await
