@@ -59,16 +59,26 @@ fn ev(id: &str, version: u64, event_type: &str) -> Got {
     Got::Event(id.to_owned(), version, event_type.to_owned())
 }
 
+/// Appends at exactly `version`. UNAVAILABLE (a store that did not answer in time on a busy
+/// machine) is retried with the same request — the same event ids, which the API documents as
+/// safe: a committed original answers as success, nothing is stored twice — for up to a minute.
 async fn append(c: &Clients, kind: &str, id: &str, version: u64, types: &[&str]) {
-    c.events
-        .clone()
-        .append(pb::AppendRequest {
-            stream: stream(kind, id),
-            expected_version: exact(version),
-            events: types.iter().map(|t| json_event(t, "{}")).collect(),
-        })
-        .await
-        .expect("append");
+    let req = pb::AppendRequest {
+        stream: stream(kind, id),
+        expected_version: exact(version),
+        events: types.iter().map(|t| json_event(t, "{}")).collect(),
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match c.events.clone().append(req.clone()).await {
+            Ok(_) => return,
+            Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                eprintln!("{id}@{version}: retrying after {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("append to {id} at {version}: {e:?}"),
+        }
+    }
 }
 
 /// Catch-up, then the caught-up marker, then live events; stream-type, id-prefix and
