@@ -2,7 +2,7 @@
 //! read-svc as separate processes on a real Cassandra node and a real Redis.
 
 use crate::suite::{self, exact, read_all, stream, to_domain, unique};
-use crate::{core, history, replay};
+use crate::{bus, core, history, replay};
 use esq::pb::bookshop::v1 as book;
 use esq::pb::cart::v1 as cart;
 use esq::pb::v1 as pb;
@@ -531,4 +531,77 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The event bus on Cassandra: catch-up → caught up → live, filters, bad requests, resume
+/// across disconnects with 8 concurrent writers, and stalled subscribers' memory in write-svc.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_bus_on_cassandra() {
+    let Some(h) = harness("event_bus_on_cassandra", ClusterOptions::default()).await else {
+        return;
+    };
+    eprintln!("logs in {}", h.logs().display());
+    let c = &h.clients;
+    bus::subscribe_catches_up_then_goes_live(c).await;
+    bus::subscribe_rejects_bad_requests(c).await;
+    bus::subscribe_resumes_without_gap_or_duplicate(c, BUS_EVENTS).await;
+    let writer = &h.writers[0];
+    let pid = writer.pid().expect("write-svc runs");
+    bus::stalled_subscribers_stay_flat(c, writer.addr, pid, 20).await;
+}
+
+/// Events written by the 8 writers of the resume test on Cassandra.
+const BUS_EVENTS: usize = 10_000;
+
+/// A position older than the change log's TTL answers OUT_OF_RANGE, naming how to resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_bus_position_past_retention_is_out_of_range() {
+    let options = ClusterOptions {
+        env: vec![("ESQ_CHANGE_TTL_SECS".into(), "3".into())],
+        ..ClusterOptions::default()
+    };
+    let Some(h) = harness("event_bus_position_past_retention_is_out_of_range", options).await
+    else {
+        return;
+    };
+    let c = &h.clients;
+    let id = unique("old");
+    c.events
+        .clone()
+        .append(pb::AppendRequest {
+            stream: stream("bus", &id),
+            expected_version: exact(0),
+            events: vec![suite::json_event("Happened", "{}")],
+        })
+        .await
+        .expect("append");
+    let mut sub = bus::subscribe(
+        c,
+        pb::SubscribeRequest {
+            stream_id_prefix: id.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (got, position) = bus::next(&mut sub).await;
+    assert_eq!(got, bus::Got::Event(id.clone(), 1, "Happened".into()));
+    drop(sub);
+    // Within a generous bound the position falls out of the 3 s retention.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let err = loop {
+        let req = pb::SubscribeRequest {
+            start: bus::after(&position),
+            stream_id_prefix: id.clone(),
+            ..Default::default()
+        };
+        match c.events.clone().subscribe(req).await {
+            Err(e) => break e,
+            Ok(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Ok(_) => panic!("the position never fell out of the retention"),
+        }
+    };
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("from_start"), "{err:?}");
 }

@@ -1,6 +1,6 @@
 //! The suite against the embedded single-process stack (`esq dev`), plus restart durability.
 
-use crate::{core, history, replay, suite};
+use crate::{bus, core, history, replay, suite};
 use esq_testkit::DevHarness;
 
 macro_rules! dev_tests {
@@ -36,6 +36,56 @@ dev_tests!(
     sales_report_over_checked_out_carts,
     cart_at_every_version_is_what_the_read_model_served_then,
 );
+
+dev_tests!(
+    bus: subscribe_catches_up_then_goes_live,
+    subscribe_rejects_bad_requests,
+);
+
+/// 10,000 events by 8 concurrent writers, two disconnects (catch-up, live): no gap, no repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_resumes_without_gap_or_duplicate() {
+    let h = DevHarness::start().await.expect("start dev stack");
+    bus::subscribe_resumes_without_gap_or_duplicate(&h.clients, 10_000).await;
+    h.stop().await.expect("stop dev stack");
+}
+
+/// Runs [`stalled_subscribers_inner`] in a process of its own, so that no other test's
+/// allocations land in the resident memory it measures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_subscribers_stay_flat() {
+    let exe = std::env::current_exe().expect("test exe");
+    let out = tokio::process::Command::new(exe)
+        .args([
+            "dev::stalled_subscribers_inner",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .await
+        .expect("run the measurement");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(out.status.success(), "measurement failed");
+    assert!(text.contains("1 passed"), "the measurement did not run");
+}
+
+/// 50 stalled subscribers on the dev stack (this process): bounded memory each, flat while the
+/// store grows. Run by [`stalled_subscribers_stay_flat`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measures this process's memory: run alone by stalled_subscribers_stay_flat"]
+async fn stalled_subscribers_inner() {
+    let h = DevHarness::start().await.expect("start dev stack");
+    let addr = h.write_addr().expect("running");
+    bus::stalled_subscribers_stay_flat(&h.clients, addr, std::process::id(), 50).await;
+    h.stop().await.expect("stop dev stack");
+}
 
 dev_tests!(
     core: read_model_agrees_with_the_aggregate,

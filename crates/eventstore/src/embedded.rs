@@ -686,6 +686,32 @@ impl ChangeFeed for EmbeddedStore {
         };
         self.run(move |db| poll_blocking(db, after, limit)).await
     }
+
+    /// The sequence number of the newest change committed before `time_us` (commit times never
+    /// decrease along the log), found by walking back from the end.
+    async fn position_before(
+        &self,
+        shard: u32,
+        time_us: i64,
+    ) -> Result<Option<String>, StoreError> {
+        if shard != 0 {
+            return Err(StoreError::Internal(format!(
+                "the embedded change feed has one shard, 0; asked for shard {shard}"
+            )));
+        }
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let changes = txn.open_table(CHANGES).map_err(db_err)?;
+            for entry in changes.iter().map_err(db_err)?.rev() {
+                let (k, v) = entry.map_err(db_err)?;
+                if decode::<StoredChange>(v.value())?.noted_at_us < time_us {
+                    return Ok(Some(k.value().to_string()));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -797,6 +823,16 @@ mod tests {
         assert_eq!(rest.positions, vec!["4"]);
         let none = store.poll(0, Some("4"), 100).await.expect("poll");
         assert!(none.changes.is_empty() && none.positions.is_empty());
+        // "From a time": before every change committed at or after it.
+        let before = |t| store.position_before(0, t);
+        assert_eq!(before(expected[0].noted_at_us).await.expect("pos"), None);
+        assert_eq!(
+            before(expected[3].noted_at_us + 1).await.expect("pos"),
+            Some("4".to_owned())
+        );
+        let at_third = before(expected[2].noted_at_us).await.expect("pos");
+        let after_it = store.poll(0, at_third.as_deref(), 100).await.expect("poll");
+        assert!(after_it.changes.contains(&expected[2]) && after_it.changes.contains(&expected[3]));
         assert!(store
             .poll(0, None, 0)
             .await

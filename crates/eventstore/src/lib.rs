@@ -14,6 +14,7 @@ mod repeat;
 
 use esq_domain::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId, StreamInfo};
 use std::future::Future;
+use std::time::Duration;
 
 /// Why a store call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -216,6 +217,49 @@ pub trait ChangeFeed: Send + Sync + 'static {
         after: Option<&str>,
         limit: u32,
     ) -> impl Future<Output = Result<ChangePage, StoreError>> + Send;
+
+    /// How long after its notification an append may still commit: a change whose events are
+    /// not in the store this long after it was noted is an orphan ([`is_orphan`]). Zero for a
+    /// feed whose entries are written in the same transaction as the events.
+    fn append_deadline(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    /// How far behind now a poll reads: a change noted at `t` is returned by polls made after
+    /// `t` plus this lag. Zero for a feed written in commit order.
+    fn visibility_lag(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    /// How long changes stay in the feed; `None` when they never expire. A reader whose
+    /// position is older than this has missed changes.
+    fn retention(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Whether positions are durable and may be held by any number of readers at once (the
+    /// event bus hands them to clients). A feed whose positions are per-process
+    /// acknowledgements says no.
+    fn shared_positions(&self) -> bool {
+        true
+    }
+
+    /// A position of `shard` before every change whose append may commit at or after `time_us`
+    /// (µs since the Unix epoch), and after as few older ones as the feed can tell; `None`
+    /// means the start of the shard. What "subscribe from now" starts from.
+    fn position_before(
+        &self,
+        shard: u32,
+        time_us: i64,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+}
+
+/// Whether `change`, whose events were found missing from the store at `checked_at_us` (taken
+/// *before* the store was read), belongs to an append that never committed: it was noted more
+/// than `append_deadline` before. Every reader of a change feed judges orphans by this rule.
+pub fn is_orphan(change: &Change, checked_at_us: i64, append_deadline: Duration) -> bool {
+    let age_us = checked_at_us.saturating_sub(change.noted_at_us);
+    age_us > append_deadline.as_micros() as i64
 }
 
 /// Current time in µs since the Unix epoch.

@@ -377,8 +377,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     }
 
     fn is_orphan(&self, change: &Change, checked_at_us: i64) -> bool {
-        let age_us = checked_at_us.saturating_sub(change.noted_at_us);
-        age_us > self.config.append_deadline.as_micros() as i64
+        esq_eventstore::is_orphan(change, checked_at_us, self.config.append_deadline)
     }
 
     /// Brings every projection of `stream` up to `target` (or to the stream's end when
@@ -597,6 +596,14 @@ mod tests {
                 }
             }
             Ok(page)
+        }
+
+        async fn position_before(
+            &self,
+            _shard: u32,
+            _time_us: i64,
+        ) -> Result<Option<String>, StoreError> {
+            Ok(None)
         }
     }
 

@@ -85,6 +85,11 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Kills the process with SIGKILL (no chance to clean up) and reaps it.
     pub async fn kill9(mut self) -> anyhow::Result<()> {
         self.child.start_kill()?;
@@ -127,7 +132,10 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
             return Ok(addr);
         }
     }
-    anyhow::bail!("no free loopback port between {FIRST} and {}", FIRST + COUNT)
+    anyhow::bail!(
+        "no free loopback port between {FIRST} and {}",
+        FIRST + COUNT
+    )
 }
 
 /// The folder holding the workspace's binaries (next to this test executable's `deps/`).

@@ -2,6 +2,7 @@
 
 use crate::commands::Executor;
 use crate::error::status_from_store;
+use crate::subscribe::{self, Subscription};
 use crate::timelines::Timelines;
 use crate::Nudge;
 use esq::convert::{self, status_from_domain};
@@ -12,8 +13,9 @@ use esq_domain::contract;
 use esq_domain::replay;
 use esq_domain::state::{state_json, StateProjection};
 use esq_eventstore::history::{fold_at, AsOf};
-use esq_eventstore::{Direction, EventStore, ReadRequest};
+use esq_eventstore::{ChangeFeed, Direction, EventStore, ReadRequest};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -27,19 +29,19 @@ const MAX_PAGE: u32 = 64;
 /// With [`READ_BUFFER`] this bounds what a reader that stops granting HTTP/2 flow-control
 /// window pins on the server: one page, one event in the channel, and what tonic and h2 queued
 /// (one encoded message) — about 1 MiB even for 512 KiB events.
-const PAGE_BYTES: usize = 256 * 1024;
+pub(crate) const PAGE_BYTES: usize = 256 * 1024;
 /// Events buffered between the page reader and the response stream.
 const READ_BUFFER: usize = 1;
 
 /// The size of the next page when the largest event of the last one held `largest` bytes,
 /// for at most `remaining` more: about [`PAGE_BYTES`], between 1 and [`MAX_PAGE`] events.
-fn next_page(largest: usize, remaining: u64) -> u32 {
+pub(crate) fn next_page(largest: usize, remaining: u64) -> u32 {
     let fit = (PAGE_BYTES / largest.max(1)).clamp(1, MAX_PAGE as usize) as u32;
     fit.min(remaining.try_into().unwrap_or(u32::MAX)).max(1)
 }
 
 /// How many events of `page` fit in [`PAGE_BYTES`] (at least one).
-fn fitting(page: &[esq_domain::RecordedEvent]) -> usize {
+pub(crate) fn fitting(page: &[esq_domain::RecordedEvent]) -> usize {
     let mut bytes = 0;
     page.iter()
         .position(|e| {
@@ -50,7 +52,7 @@ fn fitting(page: &[esq_domain::RecordedEvent]) -> usize {
 }
 
 /// Bytes an event holds in memory, roughly: payload, metadata and names.
-fn event_bytes(e: &esq_domain::RecordedEvent) -> usize {
+pub(crate) fn event_bytes(e: &esq_domain::RecordedEvent) -> usize {
     let metadata: usize = e.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
     e.data.len() + metadata + e.event_type.len() + e.content_type.len() + 64
 }
@@ -63,23 +65,32 @@ pub struct EventStoreApi<S> {
     executor: Executor<S>,
     /// Replay previews and saved timelines.
     timelines: Timelines<S>,
+    /// How often a subscription polls the change feed once it has read everything.
+    subscribe_poll: Duration,
 }
 
-impl<S: EventStore> EventStoreApi<S> {
+impl<S: EventStore + ChangeFeed> EventStoreApi<S> {
     /// Serves `store`, calling `nudge` after each successful append; `executor` checks and
-    /// appends events to the stream types an aggregate owns.
-    pub fn new(store: Arc<S>, nudge: Option<Nudge>, executor: Executor<S>) -> Self {
+    /// appends events to the stream types an aggregate owns; subscriptions poll the store's
+    /// change feed every `subscribe_poll` once caught up.
+    pub fn new(
+        store: Arc<S>,
+        nudge: Option<Nudge>,
+        executor: Executor<S>,
+        subscribe_poll: Duration,
+    ) -> Self {
         Self {
             timelines: Timelines::new(Arc::clone(&store), nudge.clone()),
             store,
             nudge,
             executor,
+            subscribe_poll,
         }
     }
 }
 
 #[tonic::async_trait]
-impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
+impl<S: EventStore + ChangeFeed> pb::event_store_server::EventStore for EventStoreApi<S> {
     async fn append(
         &self,
         request: Request<pb::AppendRequest>,
@@ -204,6 +215,19 @@ impl<S: EventStore> pb::event_store_server::EventStore for EventStoreApi<S> {
                 };
             }
         });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let plan = subscribe::plan(request.into_inner())?;
+        let (subscription, rx) =
+            Subscription::start(Arc::clone(&self.store), plan, self.subscribe_poll).await?;
+        tokio::spawn(subscription.run());
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

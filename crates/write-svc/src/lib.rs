@@ -12,13 +12,14 @@ pub mod api;
 pub mod commands;
 pub mod domain_api;
 pub mod error;
+mod subscribe;
 pub mod timelines;
 
 use esq::pb::bookshop::v1::book_commands_server::BookCommandsServer;
 use esq::pb::cart::v1::cart_commands_server::CartCommandsServer;
 use esq::pb::v1::event_store_server::EventStoreServer;
 use esq_domain::StreamId;
-use esq_eventstore::EventStore;
+use esq_eventstore::{ChangeFeed, EventStore};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -50,6 +51,8 @@ pub struct Config {
     pub health_probe: Duration,
     /// Longest drain on shutdown before open connections are closed.
     pub shutdown_grace: Duration,
+    /// How often a live subscription (`EventStore/Subscribe`) polls the change feed.
+    pub subscribe_poll: Duration,
 }
 
 impl Default for Config {
@@ -57,12 +60,16 @@ impl Default for Config {
         Self {
             health_probe: Duration::from_secs(1),
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
+            subscribe_poll: Duration::from_millis(100),
         }
     }
 }
 
 /// The gRPC routes of write-svc, for embedding in a larger server.
-pub fn routes<S: EventStore>(deps: Deps<S>) -> tonic::service::Routes {
+pub fn routes<S: EventStore + ChangeFeed>(
+    deps: Deps<S>,
+    config: &Config,
+) -> tonic::service::Routes {
     let max = esq_runtime::MAX_REQUEST_BYTES;
     let executor = commands::Executor::new(Arc::clone(&deps.store), deps.nudge.clone());
     tonic::service::Routes::new(
@@ -70,6 +77,7 @@ pub fn routes<S: EventStore>(deps: Deps<S>) -> tonic::service::Routes {
             deps.store,
             deps.nudge,
             executor.clone(),
+            config.subscribe_poll,
         ))
         .max_decoding_message_size(max),
     )
@@ -85,7 +93,7 @@ pub fn routes<S: EventStore>(deps: Deps<S>) -> tonic::service::Routes {
 
 /// Serves write-svc on `listener` until `shutdown` is cancelled, then drains. Health reports
 /// NOT_SERVING while the event store says it cannot serve.
-pub async fn run<S: EventStore>(
+pub async fn run<S: EventStore + ChangeFeed>(
     listener: TcpListener,
     deps: Deps<S>,
     config: Config,
@@ -104,7 +112,7 @@ pub async fn run<S: EventStore>(
                     async move { store.ping().await }
                 }
             });
-    let served = esq_runtime::serve_grpc(listener, routes(deps), options, shutdown).await;
+    let served = esq_runtime::serve_grpc(listener, routes(deps, &config), options, shutdown).await;
     probe.abort();
     served
 }

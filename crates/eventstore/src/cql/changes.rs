@@ -205,6 +205,18 @@ impl Inner {
         Ok(noted)
     }
 
+    /// A position of `shard` just before every notification noted at or after `time_us`: the
+    /// time's bucket, and a timeuuid one tick (100 ns) before the time (rows compare by time
+    /// first, so the clock sequence and node do not matter).
+    pub(crate) fn position_before(&self, time_us: i64) -> String {
+        let ticks = (time_us.max(0) as u64) * 10 + UUID_EPOCH_OFFSET_TICKS - 1;
+        Position {
+            bucket: bucket_of(time_us, self.bucket_width_us()),
+            id: timeuuid_from_ticks(ticks, &[0x80, 0, 0, 0, 0, 0, 0, 0]),
+        }
+        .to_string()
+    }
+
     /// [`crate::ChangeFeed::poll`] over the `changes` table.
     pub(crate) async fn poll_changes(
         &self,

@@ -493,6 +493,36 @@ impl ChangeFeed for CqlStore {
             None => self.inner.poll_changes(shard, after, limit).await,
         }
     }
+
+    fn append_deadline(&self) -> Duration {
+        self.inner.config.append_deadline
+    }
+
+    /// The confidence window (the CDC feed's own lag is not known here).
+    fn visibility_lag(&self) -> Duration {
+        self.inner.config.confidence_window
+    }
+
+    fn retention(&self) -> Option<Duration> {
+        Some(self.inner.config.change_ttl)
+    }
+
+    /// The Scylla CDC feed's positions are this process's acknowledgements.
+    fn shared_positions(&self) -> bool {
+        self.inner.cdc.is_none()
+    }
+
+    /// Just before every notification noted at or after `time_us − append_deadline`: an append
+    /// noted earlier than that cannot commit at or after `time_us`.
+    async fn position_before(
+        &self,
+        shard: u32,
+        time_us: i64,
+    ) -> Result<Option<String>, StoreError> {
+        let from = time_us - self.inner.config.append_deadline.as_micros() as i64;
+        let _ = shard;
+        Ok(Some(self.inner.position_before(from)))
+    }
 }
 
 #[cfg(test)]
