@@ -1,7 +1,7 @@
 //! The suite and the fault tests against the distributed deployment: write-svc, projector and
 //! read-svc as separate processes on a real Cassandra node and a real Redis.
 
-use crate::suite::{self, exact, read_all, stream, to_domain, unique};
+use crate::suite::{self, add, exact, read_all, stream, to_domain, unique};
 use crate::{bus, core, history, replay};
 use esq::pb::bookshop::v1 as book;
 use esq::pb::cart::v1 as cart;
@@ -388,13 +388,7 @@ async fn cassandra_outage_then_recovery() {
     let v = c
         .carts
         .clone()
-        .add_item(cart::AddItemRequest {
-            cart_id: id.clone(),
-            sku: "apple".into(),
-            quantity: 1,
-            unit_price_cents: 10,
-            ..Default::default()
-        })
+        .add_item(add(&id, "apple", 1, 10))
         .await
         .expect("add before the outage")
         .into_inner()
@@ -462,17 +456,7 @@ async fn cassandra_outage_then_recovery() {
     // reconnected.
     let deadline = back + Duration::from_secs(120);
     let v2 = loop {
-        let r = c
-            .carts
-            .clone()
-            .add_item(cart::AddItemRequest {
-                cart_id: id.clone(),
-                sku: "pear".into(),
-                quantity: 1,
-                unit_price_cents: 20,
-                ..Default::default()
-            })
-            .await;
+        let r = c.carts.clone().add_item(add(&id, "pear", 1, 20)).await;
         match r {
             Ok(r) => break r.into_inner().version,
             Err(s) if s.code() == Code::Unavailable && tokio::time::Instant::now() < deadline => {

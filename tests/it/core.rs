@@ -1,7 +1,9 @@
 //! Backend-agnostic scenarios of the core's promises under abuse: one truth for the write and
 //! read models, event contracts on owned stream types, and no self-inflicted conflicts.
 
-use crate::suite::{add, any, exact, json_event, read_all, stream, to_domain, unique};
+use crate::suite::{
+    add, any, checkout, exact, json_event, read_all, remove, stream, to_domain, unique,
+};
 use esq::pb::cart::v1 as cart;
 use esq::pb::v1 as pb;
 use esq_domain::aggregate::load;
@@ -121,13 +123,7 @@ pub async fn read_model_agrees_with_the_aggregate(c: &Clients) {
     );
     let got = get_cart(c, &id, 2).await;
     assert_eq!((got.total_cents, got.item_count), (450, 3));
-    carts
-        .checkout(cart::CheckoutRequest {
-            cart_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("checkout");
+    carts.checkout(checkout(&id)).await.expect("checkout");
     let checked_out = recorded(c, &id).await.pop().expect("checked out");
     assert_eq!(
         checked_out.json().expect("JSON"),
@@ -172,12 +168,7 @@ pub async fn read_model_agrees_with_the_aggregate(c: &Clients) {
                     .await
                     .map(|r| r.into_inner().version),
                 4 => carts
-                    .remove_item(cart::RemoveItemRequest {
-                        cart_id: id.clone(),
-                        sku: sku.into(),
-                        quantity,
-                        ..Default::default()
-                    })
+                    .remove_item(remove(&id, sku, quantity))
                     .await
                     .map(|r| r.into_inner().version),
                 _ => {

@@ -54,26 +54,7 @@ async fn subscribe_resumes_without_gap_or_duplicate() {
 /// allocations land in the resident memory it measures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_subscribers_stay_flat() {
-    let exe = std::env::current_exe().expect("test exe");
-    let out = tokio::process::Command::new(exe)
-        .args([
-            "dev::stalled_subscribers_inner",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .await
-        .expect("run the measurement");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
-    assert!(out.status.success(), "measurement failed");
-    assert!(text.contains("1 passed"), "the measurement did not run");
+    crate::suite::run_alone("dev::stalled_subscribers_inner").await;
 }
 
 /// 50 stalled subscribers on the dev stack (this process): bounded memory each, flat while the
@@ -209,13 +190,7 @@ async fn restart_keeps_events_and_rebuilds_queries() {
                 .clients
                 .carts
                 .clone()
-                .add_item(cart::AddItemRequest {
-                    cart_id: id.clone(),
-                    sku: (*sku).into(),
-                    quantity: i as i64 + 1,
-                    unit_price_cents: 99,
-                    ..Default::default()
-                })
+                .add_item(crate::suite::add(&id, sku, i as i64 + 1, 99))
                 .await
                 .expect("add")
                 .into_inner()

@@ -3,7 +3,9 @@
 //! (read-svc's `CartQueries` and `BookQueries`, which read the event store for them, never the
 //! read model). Times are taken from ReadStream's `recorded_at`, so the boundaries are exact.
 
-use crate::suite::{any, json_event, rand_isbn_suffix, read_all, stream, unique};
+use crate::suite::{
+    add, any, checkout, json_event, rand_isbn_suffix, read_all, remove, stream, unique,
+};
 use esq::convert::micros;
 use esq::pb::bookshop::v1 as book;
 use esq::pb::bookshop::v1::book_queries_client::BookQueriesClient;
@@ -129,16 +131,6 @@ pub async fn state_at_versions_and_exact_times(c: &Clients) {
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
 }
 
-fn add(cart_id: &str, sku: &str, quantity: i64, price: i64) -> cart::AddItemRequest {
-    cart::AddItemRequest {
-        cart_id: cart_id.into(),
-        sku: sku.into(),
-        quantity,
-        unit_price_cents: price,
-        ..Default::default()
-    }
-}
-
 async fn cart_at(
     c: &Clients,
     cart_id: &str,
@@ -164,19 +156,11 @@ pub async fn cart_at_versions_and_times(c: &Clients) {
         .expect("add");
     carts.add_item(add(&id, "pear", 1, 300)).await.expect("add");
     carts
-        .remove_item(cart::RemoveItemRequest {
-            cart_id: id.clone(),
-            sku: "apple".into(),
-            quantity: 1,
-            ..Default::default()
-        })
+        .remove_item(remove(&id, "apple", 1))
         .await
         .expect("remove");
     let v = carts
-        .checkout(cart::CheckoutRequest {
-            cart_id: id.clone(),
-            ..Default::default()
-        })
+        .checkout(checkout(&id))
         .await
         .expect("checkout")
         .into_inner()
@@ -485,13 +469,7 @@ pub async fn sales_report_over_checked_out_carts(c: &Clients) {
         if id == &second {
             carts.add_item(add(id, &x, 1, 150)).await.expect("add");
         }
-        carts
-            .checkout(cart::CheckoutRequest {
-                cart_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .expect("checkout");
+        carts.checkout(checkout(id)).await.expect("checkout");
     }
     let t1 = *recorded_times(c, "cart", &first).await.last().expect("t1");
     let t2 = *recorded_times(c, "cart", &second).await.last().expect("t2");
@@ -536,14 +514,7 @@ pub async fn cart_at_every_version_is_what_the_read_model_served_then(c: &Client
     for _ in 0..24 {
         let sku = ["apple", "pear", "plum"][next(3) as usize].to_owned();
         let result = match next(8) {
-            0 => {
-                carts
-                    .checkout(cart::CheckoutRequest {
-                        cart_id: id.clone(),
-                        ..Default::default()
-                    })
-                    .await
-            }
+            0 => carts.checkout(checkout(&id)).await,
             1..=2 => {
                 carts
                     .remove_item(cart::RemoveItemRequest {

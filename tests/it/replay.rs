@@ -2,8 +2,7 @@
 //! timeline's state and rule violations (with positions), input validation, and the stream
 //! left untouched.
 
-use crate::suite::{json_event, read_all, stream, unique};
-use esq::pb::cart::v1 as cart;
+use crate::suite::{add, checkout, json_event, read_all, remove, stream, unique};
 use esq::pb::v1 as pb;
 use esq::pb::v1::timeline_edit::{self as te, Edit};
 use esq::pb::v1::timeline_origin::Origin;
@@ -54,30 +53,16 @@ async fn five_event_cart(c: &Clients) -> String {
     let mut carts = c.carts.clone();
     for (sku, quantity) in [("apple", 2), ("pear", 1), ("apple", 1)] {
         carts
-            .add_item(cart::AddItemRequest {
-                cart_id: id.clone(),
-                sku: sku.into(),
-                quantity,
-                unit_price_cents: 10,
-                ..Default::default()
-            })
+            .add_item(add(&id, sku, quantity, 10))
             .await
             .expect("add");
     }
     carts
-        .remove_item(cart::RemoveItemRequest {
-            cart_id: id.clone(),
-            sku: "pear".into(),
-            quantity: 1,
-            ..Default::default()
-        })
+        .remove_item(remove(&id, "pear", 1))
         .await
         .expect("remove");
     let v = carts
-        .checkout(cart::CheckoutRequest {
-            cart_id: id.clone(),
-            ..Default::default()
-        })
+        .checkout(checkout(&id))
         .await
         .expect("checkout")
         .into_inner()
@@ -534,13 +519,7 @@ pub async fn saved_timelines_follow_the_stream_as_it_grows(c: &Clients) {
     let mut carts = c.carts.clone();
     for (sku, quantity) in [("apple", 2), ("pear", 1)] {
         carts
-            .add_item(cart::AddItemRequest {
-                cart_id: id.clone(),
-                sku: sku.into(),
-                quantity,
-                unit_price_cents: 10,
-                ..Default::default()
-            })
+            .add_item(add(&id, sku, quantity, 10))
             .await
             .expect("add");
     }
@@ -576,22 +555,11 @@ pub async fn saved_timelines_follow_the_stream_as_it_grows(c: &Clients) {
 
     // Reality moves on: the pear is removed, a fig added.
     carts
-        .remove_item(cart::RemoveItemRequest {
-            cart_id: id.clone(),
-            sku: "pear".into(),
-            quantity: 1,
-            ..Default::default()
-        })
+        .remove_item(remove(&id, "pear", 1))
         .await
         .expect("remove");
     carts
-        .add_item(cart::AddItemRequest {
-            cart_id: id.clone(),
-            sku: "fig".into(),
-            quantity: 3,
-            unit_price_cents: 10,
-            ..Default::default()
-        })
+        .add_item(add(&id, "fig", 3, 10))
         .await
         .expect("add fig");
     let before = read_all(c, "cart", &id).await;

@@ -70,6 +70,31 @@ pub async fn read(c: &Clients, req: pb::ReadStreamRequest) -> Vec<pb::RecordedEv
     out
 }
 
+/// Runs the ignored test `name` of this binary in a process of its own (so that no other
+/// test's allocations land in the memory it measures), and fails unless it ran and passed.
+pub async fn run_alone(name: &str) {
+    let exe = std::env::current_exe().expect("test exe");
+    let out = tokio::process::Command::new(exe)
+        .args([
+            name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .await
+        .expect("run the measurement");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(out.status.success(), "measurement failed");
+    assert!(text.contains("1 passed"), "the measurement did not run");
+}
+
 /// An AddItem command.
 pub fn add(cart_id: &str, sku: &str, quantity: i64, price: i64) -> cart::AddItemRequest {
     cart::AddItemRequest {
@@ -77,6 +102,24 @@ pub fn add(cart_id: &str, sku: &str, quantity: i64, price: i64) -> cart::AddItem
         sku: sku.into(),
         quantity,
         unit_price_cents: price,
+        ..Default::default()
+    }
+}
+
+/// A RemoveItem command.
+pub fn remove(cart_id: &str, sku: &str, quantity: i64) -> cart::RemoveItemRequest {
+    cart::RemoveItemRequest {
+        cart_id: cart_id.into(),
+        sku: sku.into(),
+        quantity,
+        ..Default::default()
+    }
+}
+
+/// A Checkout command.
+pub fn checkout(cart_id: &str) -> cart::CheckoutRequest {
+    cart::CheckoutRequest {
+        cart_id: cart_id.into(),
         ..Default::default()
     }
 }
@@ -94,12 +137,7 @@ pub async fn append_then_query_with_min_version(c: &Clients) {
         .await
         .expect("add pear");
     let v = carts
-        .remove_item(cart::RemoveItemRequest {
-            cart_id: id.clone(),
-            sku: "apple".into(),
-            quantity: 1,
-            ..Default::default()
-        })
+        .remove_item(remove(&id, "apple", 1))
         .await
         .expect("remove")
         .into_inner()
@@ -127,10 +165,7 @@ pub async fn append_then_query_with_min_version(c: &Clients) {
     assert_eq!(items, [("apple", 1, 150), ("pear", 1, 300)]);
 
     let v = carts
-        .checkout(cart::CheckoutRequest {
-            cart_id: id.clone(),
-            ..Default::default()
-        })
+        .checkout(checkout(&id))
         .await
         .expect("checkout")
         .into_inner()
@@ -440,12 +475,7 @@ pub async fn bad_input_is_rejected_and_changes_nothing(c: &Clients) {
         );
     }
     let err = carts
-        .remove_item(cart::RemoveItemRequest {
-            cart_id: cart_id.clone(),
-            sku: "apple".into(),
-            quantity: 0,
-            ..Default::default()
-        })
+        .remove_item(remove(&cart_id, "apple", 0))
         .await
         .expect_err("zero removal");
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -472,20 +502,12 @@ pub async fn cart_rules_and_conflicts(c: &Clients) {
     let id = unique("cart");
     let mut carts = c.carts.clone();
     let err = carts
-        .checkout(cart::CheckoutRequest {
-            cart_id: id.clone(),
-            ..Default::default()
-        })
+        .checkout(checkout(&id))
         .await
         .expect_err("empty checkout");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let err = carts
-        .remove_item(cart::RemoveItemRequest {
-            cart_id: id.clone(),
-            sku: "apple".into(),
-            quantity: 1,
-            ..Default::default()
-        })
+        .remove_item(remove(&id, "apple", 1))
         .await
         .expect_err("remove missing");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -504,13 +526,7 @@ pub async fn cart_rules_and_conflicts(c: &Clients) {
         err.message().contains("expected 0") && err.message().contains("actual 1"),
         "{err:?}"
     );
-    carts
-        .checkout(cart::CheckoutRequest {
-            cart_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("checkout");
+    carts.checkout(checkout(&id)).await.expect("checkout");
     let err = carts
         .add_item(add(&id, "apple", 1, 100))
         .await
@@ -897,12 +913,7 @@ pub async fn schema_upgrades_are_read_through_upcasters(c: &Clients) {
     let v = c
         .carts
         .clone()
-        .remove_item(cart::RemoveItemRequest {
-            cart_id: id.clone(),
-            sku: "apple".into(),
-            quantity: 2,
-            ..Default::default()
-        })
+        .remove_item(remove(&id, "apple", 2))
         .await
         .expect("remove the upgraded item")
         .into_inner()

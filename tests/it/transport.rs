@@ -151,26 +151,7 @@ const STALLED_BUDGET: u64 = 16 << 20;
 /// land in the resident memory it measures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_readers_hold_a_small_fixed_buffer() {
-    let exe = std::env::current_exe().expect("test exe");
-    let out = tokio::process::Command::new(exe)
-        .args([
-            "transport::stalled_readers_inner",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .await
-        .expect("run the measurement");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
-    assert!(out.status.success(), "measurement failed");
-    assert!(text.contains("1 passed"), "the measurement did not run");
+    crate::suite::run_alone("transport::stalled_readers_inner").await;
 }
 
 /// Five ReadStream calls on a 1500 × 64 KiB stream that take one message and then never grant
