@@ -49,8 +49,23 @@ fetch() {
 }
 
 # Prints a TCP port on 127.0.0.1 that nothing listens on right now.
+# A free loopback port below Linux's ephemeral range (32768 and up), so no outgoing connection
+# can take it before Cassandra binds it (see free_port in scripts/test).
 free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+    python3 - <<'PY'
+import random, socket
+while True:
+    p = random.randint(12000, 19999)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    print(p)
+    break
+PY
 }
 
 port_in_use() {

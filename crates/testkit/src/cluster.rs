@@ -123,8 +123,8 @@ pub struct ClusterHarness {
 /// until the process binds it, and meanwhile any outgoing connection (to Cassandra, Redis, a
 /// service) may take it as its local port; below that range only another listener can.
 fn free_addr() -> anyhow::Result<SocketAddr> {
-    const FIRST: u128 = 20_000;
-    const COUNT: u128 = 12_000;
+    const FIRST: u128 = 22_000;
+    const COUNT: u128 = 10_000;
     for _ in 0..1000 {
         let port = FIRST + uuid::Uuid::new_v4().as_u128() % COUNT;
         let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
