@@ -168,24 +168,8 @@ impl<H: EventStore> History<H> {
         &self,
         r: book_pb::ListBooksAtRequest,
     ) -> Result<book_pb::ListBooksResponse, Status> {
-        let page_size = match r.page_size as usize {
-            0 => DEFAULT_BOOKS,
-            n if n > MAX_BOOKS => {
-                return Err(Status::invalid_argument(format!(
-                    "invalid page_size: {n}, at most {MAX_BOOKS} allowed"
-                )))
-            }
-            n => n,
-        };
-        // Authors are stored trimmed, so the filter is too.
-        let author = r.author.trim();
-        if author.len() > bookshop::MAX_TEXT_LEN {
-            return Err(Status::invalid_argument(format!(
-                "invalid author: {} bytes, at most {} allowed",
-                author.len(),
-                bookshop::MAX_TEXT_LEN
-            )));
-        }
+        let (page_size, author) =
+            crate::queries::book_page(r.page_size, DEFAULT_BOOKS, MAX_BOOKS, &r.author)?;
         let as_of = AsOf::time(r.time.as_ref().map(|t| time_us("time", t)).transpose()?);
         let token = parse_books_token(&r.page_token)?;
         let store = self.store()?;

@@ -113,24 +113,7 @@ impl<R: ReadStore, H: EventStore> book_pb::book_queries_server::BookQueries
         request: Request<book_pb::ListBooksRequest>,
     ) -> Result<Response<book_pb::ListBooksResponse>, Status> {
         let r = request.into_inner();
-        let page_size = match r.page_size as usize {
-            0 => DEFAULT_PAGE,
-            n if n > MAX_PAGE => {
-                return Err(Status::invalid_argument(format!(
-                    "invalid page_size: {n}, at most {MAX_PAGE} allowed"
-                )))
-            }
-            n => n,
-        };
-        // Authors are stored trimmed, so the filter is too.
-        let author = r.author.trim();
-        if author.len() > bookshop::MAX_TEXT_LEN {
-            return Err(Status::invalid_argument(format!(
-                "invalid author: {} bytes, at most {} allowed",
-                author.len(),
-                bookshop::MAX_TEXT_LEN
-            )));
-        }
+        let (page_size, author) = book_page(r.page_size, DEFAULT_PAGE, MAX_PAGE, &r.author)?;
         let index = if author.is_empty() {
             bookshop::ALL_INDEX.to_owned()
         } else {
@@ -208,4 +191,32 @@ impl<R: ReadStore> pb::state_queries_server::StateQueries for StateQueriesApi<R>
             state: Some(convert::to_struct(state_json(&doc))),
         }))
     }
+}
+
+/// A book listing's page size (`default` for 0, at most `max`) and author filter (trimmed, as
+/// authors are stored), or INVALID_ARGUMENT naming the field.
+pub(crate) fn book_page(
+    page_size: u32,
+    default: usize,
+    max: usize,
+    author: &str,
+) -> Result<(usize, &str), Status> {
+    let page_size = match page_size as usize {
+        0 => default,
+        n if n > max => {
+            return Err(Status::invalid_argument(format!(
+                "invalid page_size: {n}, at most {max} allowed"
+            )))
+        }
+        n => n,
+    };
+    let author = author.trim();
+    if author.len() > bookshop::MAX_TEXT_LEN {
+        return Err(Status::invalid_argument(format!(
+            "invalid author: {} bytes, at most {} allowed",
+            author.len(),
+            bookshop::MAX_TEXT_LEN
+        )));
+    }
+    Ok((page_size, author))
 }
