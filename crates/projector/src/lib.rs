@@ -6,6 +6,8 @@
 //! only repeats fenced no-ops, and the read store can be rebuilt from the event store at any
 //! time ([`Projector::rebuild`]). The projector never writes the event store.
 
+pub mod ops;
+
 use esq_domain::bookshop::BookProjection;
 use esq_domain::cart::CartProjection;
 use esq_domain::projection::{
