@@ -7,6 +7,7 @@
 //! time ([`Projector::rebuild`]). The projector never writes the event store.
 
 pub mod ops;
+mod pending;
 
 use esq_domain::bookshop::BookProjection;
 use esq_domain::cart::CartProjection;
@@ -84,6 +85,9 @@ pub enum ProjectError {
     /// The read store failed.
     #[error(transparent)]
     Read(#[from] ReadError),
+    /// No projection has this name.
+    #[error("no projection named {0:?}")]
+    UnknownProjection(String),
 }
 
 /// How far a stream could be brought.
