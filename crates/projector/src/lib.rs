@@ -6,8 +6,11 @@
 //! only repeats fenced no-ops, and the read store can be rebuilt from the event store at any
 //! time ([`Projector::rebuild`]). The projector never writes the event store.
 
+mod generations;
 pub mod ops;
 mod pending;
+mod rebuild;
+mod verify;
 
 use esq_domain::bookshop::BookProjection;
 use esq_domain::cart::CartProjection;
@@ -106,6 +109,8 @@ pub struct Projector<E, F, R> {
     read: Arc<R>,
     projections: Vec<Arc<dyn Projection>>,
     config: Config,
+    /// The namespaces each projection writes to (its generations).
+    targets: generations::Targets,
 }
 
 /// A fast-path notification: this stream reached this version.
@@ -120,6 +125,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             read,
             projections: default_projections(),
             config,
+            targets: generations::Targets::default(),
         }
     }
 
@@ -131,10 +137,23 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     pub async fn run(
         &self,
         wake: Arc<Notify>,
-        mut nudges: Option<mpsc::Receiver<NudgeMessage>>,
+        nudges: Option<mpsc::Receiver<NudgeMessage>>,
         shutdown: CancellationToken,
     ) {
         tracing::info!(shards = self.feed.shard_count(), owner = %self.config.owner, "projector running");
+        // Rebuilds run beside the shard loop, never inside it: lease renewal never waits on one.
+        tokio::join!(
+            self.tail(wake, nudges, shutdown.clone()),
+            self.rebuild_loop(shutdown)
+        );
+    }
+
+    async fn tail(
+        &self,
+        wake: Arc<Notify>,
+        mut nudges: Option<mpsc::Receiver<NudgeMessage>>,
+        shutdown: CancellationToken,
+    ) {
         let mut owned = BTreeSet::new();
         let mut leases_due = Instant::now();
         let mut poll_due = Instant::now();
@@ -242,7 +261,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         leases_due: &mut Instant,
     ) -> Result<(), ProjectError> {
         if Instant::now() >= *leases_due {
-            self.ensure_marker().await?;
+            self.refresh_generations(false).await?;
             self.refresh_leases(owned).await?;
             *leases_due = Instant::now() + self.config.lease_ttl / 3;
         }
@@ -292,30 +311,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         Ok(())
     }
 
-    /// Rebuilds the read model from the event store if it lost its marker (a new or flushed
-    /// read store, or one built for an older [`READ_MODEL_LAYOUT`]), then sets the marker.
-    pub async fn ensure_marker(&self) -> Result<(), ProjectError> {
-        let marker = format!(
-            "{}:marker:{READ_MODEL_LAYOUT}",
-            self.config.checkpoint_prefix
-        );
-        if self.read.checkpoint(&marker).await?.is_none() {
-            tracing::warn!(
-                "read model has no marker (new or flushed): rebuilding from the event store"
-            );
-            let streams = self.rebuild().await?;
-            tracing::info!(streams, "read model rebuilt");
-            self.read
-                .save_checkpoint(&marker, &self.config.owner)
-                .await?;
-        }
-        Ok(())
-    }
-
     /// Brings the read model up to date with everything the store holds now, ignoring leases:
     /// used before serving queries at start. Returns the number of change pages processed.
     pub async fn catch_up(&self) -> Result<u64, ProjectError> {
-        self.ensure_marker().await?;
+        self.refresh_generations(true).await?;
         let mut pages = 0;
         for shard in 0..self.feed.shard_count() {
             while self.poll_shard(shard).await? {
@@ -387,32 +386,45 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     }
 
     /// Brings every projection of `stream` up to `target` (or to the stream's end when
-    /// `None`), pulling events after the lowest projected version, in pages.
+    /// `None`) in each of its generations ([`generations::Targets`]).
     async fn sync(&self, stream: &StreamId, target: Option<u64>) -> Result<Synced, ProjectError> {
-        let projections: Vec<&Arc<dyn Projection>> = self
-            .projections
-            .iter()
-            .filter(|p| p.handles(&stream.kind))
-            .collect();
-        let mut versions = Vec::with_capacity(projections.len());
-        for p in &projections {
+        let mut pairs = Vec::new();
+        for p in self.projections.iter().filter(|p| p.handles(&stream.kind)) {
+            let namespaces = self.targets.of(p.name()).ok_or_else(|| {
+                ReadError::Internal(format!("generations of {} not read yet", p.name()))
+            })?;
+            pairs.extend(namespaces.into_iter().map(|ns| (p.as_ref(), ns)));
+        }
+        self.sync_into(stream, target, &pairs).await
+    }
+
+    /// Brings `stream` up to `target` (or to its end when `None`) in each (projection,
+    /// namespace) of `pairs`, in that order, pulling events after the lowest version in pages.
+    async fn sync_into(
+        &self,
+        stream: &StreamId,
+        target: Option<u64>,
+        pairs: &[(&dyn Projection, String)],
+    ) -> Result<Synced, ProjectError> {
+        let mut versions = Vec::with_capacity(pairs.len());
+        for (p, ns) in pairs {
             let doc_id = p.doc_id(stream);
             let version = if p.has_indexes() {
                 // Finish index updates an earlier apply left pending (a crash, a Redis error).
-                let doc = self.read.get(p.name(), &doc_id).await?;
+                let doc = self.read.get(ns, &doc_id).await?;
                 let version = doc.as_ref().map_or(0, doc_version);
                 if doc.is_some_and(|d| d.contains_key(INDEX_PENDING_FIELD)) {
-                    self.reindex(p.as_ref(), &doc_id).await?;
+                    self.reindex(*p, ns, &doc_id).await?;
                 }
                 version
             } else {
-                self.read.version(p.name(), &doc_id).await?
+                self.read.version(ns, &doc_id).await?
             };
             versions.push(version);
         }
         loop {
             let low = versions.iter().copied().min().unwrap_or(u64::MAX);
-            if target.is_some_and(|t| low >= t) || projections.is_empty() {
+            if target.is_some_and(|t| low >= t) || pairs.is_empty() {
                 return Ok(Synced::Done);
             }
             let events = self
@@ -429,8 +441,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                     Synced::Done
                 });
             }
-            for (p, version) in projections.iter().zip(versions.iter_mut()) {
-                *version = self.apply(p.as_ref(), stream, &events, *version).await?;
+            for ((p, ns), version) in pairs.iter().zip(versions.iter_mut()) {
+                *version = self.apply(*p, ns, stream, &events, *version).await?;
             }
             if events.len() < self.config.read_page as usize && target.is_none() {
                 return Ok(Synced::Done);
@@ -442,6 +454,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     async fn apply(
         &self,
         projection: &dyn Projection,
+        namespace: &str,
         stream: &StreamId,
         events: &[RecordedEvent],
         version: u64,
@@ -460,11 +473,11 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             ));
         }
         let doc_id = projection.doc_id(stream);
-        let outcome = self.read.apply(projection.name(), &doc_id, &b).await?;
+        let outcome = self.read.apply(namespace, &doc_id, &b).await?;
         if projection.has_indexes() {
             // Also after a duplicate or stale apply: the projector that applied it may have
             // died before its index update.
-            self.reindex(projection, &doc_id).await?;
+            self.reindex(projection, namespace, &doc_id).await?;
         }
         Ok(match outcome {
             ApplyOutcome::Applied => b.last_version,
@@ -480,8 +493,13 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     /// newer apply by another projector), the indexes of the newest state are added again, so
     /// a late update can never leave a newer membership undone. Removals lost to a crash leave
     /// stale entries, which readers skip by checking each entry against its document.
-    async fn reindex(&self, projection: &dyn Projection, doc_id: &str) -> Result<(), ProjectError> {
-        let name = projection.name();
+    async fn reindex(
+        &self,
+        projection: &dyn Projection,
+        namespace: &str,
+        doc_id: &str,
+    ) -> Result<(), ProjectError> {
+        let name = namespace;
         let Some(mut doc) = self.read.get(name, doc_id).await? else {
             return Ok(());
         };
@@ -508,25 +526,6 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             removals = pending_removals(&marker);
         }
         Ok(())
-    }
-
-    /// Brings every stream of the event store into the read store: a complete rebuild after
-    /// the read store was lost, or a check that nothing was missed. Streams the store instead
-    /// of loading it: one page of stream ids and one page of events at a time.
-    pub async fn rebuild(&self) -> Result<u64, ProjectError> {
-        let mut cursor = None;
-        let mut streams = 0u64;
-        loop {
-            let page = self.store.list_streams(cursor, 500).await?;
-            for stream in &page.streams {
-                self.sync(stream, None).await?;
-                streams += 1;
-            }
-            match page.next {
-                Some(next) => cursor = Some(next),
-                None => return Ok(streams),
-            }
-        }
     }
 }
 
@@ -651,6 +650,7 @@ mod tests {
             ..Config::default()
         };
         let p = Projector::new(store.clone(), feed.clone(), read.clone(), config);
+        p.refresh_generations(true).await.expect("generations");
         let e = NewEvent::json(
             "ItemAdded",
             2,
@@ -670,7 +670,7 @@ mod tests {
             read.checkpoint("projector:shard:0").await.expect("cp"),
             None
         );
-        assert_eq!(read.version("cart2", "real").await.expect("v"), 0);
+        assert_eq!(read.version("cart2:g1", "real").await.expect("v"), 0);
         // ...until the append deadline has passed: then it is an orphan and is skipped.
         feed.changes.lock().expect("lock")[0].1.noted_at_us = now_us() - 6_000_000;
         p.poll_shard(0).await.expect("poll");
@@ -681,9 +681,13 @@ mod tests {
                 .as_deref(),
             Some("1")
         );
-        let doc = read.get("cart2", "real").await.expect("get").expect("doc");
+        let doc = read
+            .get("cart2:g1", "real")
+            .await
+            .expect("get")
+            .expect("doc");
         assert_eq!(doc_version(&doc), 1);
-        assert_eq!(read.version("cart2", "ghost").await.expect("v"), 0);
+        assert_eq!(read.version("cart2:g1", "ghost").await.expect("v"), 0);
     }
 
     #[tokio::test]
@@ -742,17 +746,20 @@ mod tests {
                 .expect("append");
         }
         let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
-        p.ensure_marker().await.expect("rebuild");
+        p.catch_up().await.expect("rebuild");
         for i in 0..3 {
-            assert_eq!(read.version("cart2", &format!("c{i}")).await.expect("v"), 2);
             assert_eq!(
-                read.version("state", &format!("cart:c{i}"))
+                read.version("cart2:g1", &format!("c{i}")).await.expect("v"),
+                2
+            );
+            assert_eq!(
+                read.version("state:g1", &format!("cart:c{i}"))
                     .await
                     .expect("v"),
                 2
             );
         }
-        let doc = read.get("cart2", "c0").await.expect("get").expect("doc");
+        let doc = read.get("cart2:g1", "c0").await.expect("get").expect("doc");
         assert_eq!(esq_domain::cart::CartView::from_doc(&doc).total_cents, 6);
     }
 
@@ -780,30 +787,35 @@ mod tests {
             .fields
             .push(FieldOp::Set(INDEX_PENDING_FIELD.to_owned(), "1".to_owned()));
         assert_eq!(
-            read.apply("book", &book.id, &b).await.expect("apply"),
+            read.apply("book:g1", &book.id, &b).await.expect("apply"),
             ApplyOutcome::Applied
         );
         assert!(read
-            .index_page("book", ALL_INDEX, None, 10)
+            .index_page("book:g1", ALL_INDEX, None, 10)
             .await
             .expect("page")
             .is_empty());
 
         let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        p.refresh_generations(false).await.expect("generations");
         assert_eq!(p.sync(&book, Some(1)).await.expect("sync"), Synced::Done);
         assert_eq!(
-            read.index_page("book", ALL_INDEX, None, 10)
+            read.index_page("book:g1", ALL_INDEX, None, 10)
                 .await
                 .expect("page"),
             vec![book.id.clone()]
         );
         assert_eq!(
-            read.index_page("book", "author:A", None, 10)
+            read.index_page("book:g1", "author:A", None, 10)
                 .await
                 .expect("page"),
             vec![book.id.clone()]
         );
-        let doc = read.get("book", &book.id).await.expect("get").expect("doc");
+        let doc = read
+            .get("book:g1", &book.id)
+            .await
+            .expect("get")
+            .expect("doc");
         assert!(!doc.contains_key(INDEX_PENDING_FIELD));
     }
 
@@ -829,9 +841,10 @@ mod tests {
             .await
             .expect("append");
         let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        p.refresh_generations(false).await.expect("generations");
         p.sync(&book, Some(1)).await.expect("sync");
         assert_eq!(
-            read.index_page("book", "author:A", None, 10)
+            read.index_page("book:g1", "author:A", None, 10)
                 .await
                 .expect("page"),
             vec![book.id.clone()]
@@ -850,16 +863,16 @@ mod tests {
             INDEX_PENDING_FIELD.to_owned(),
             pending_marker(2, &b.changes.indexes),
         ));
-        read.apply("book", &book.id, &b).await.expect("apply");
+        read.apply("book:g1", &book.id, &b).await.expect("apply");
         // The next sync of the book finishes the work, removals included.
         p.sync(&book, Some(2)).await.expect("sync");
         assert!(read
-            .index_page("book", "author:A", None, 10)
+            .index_page("book:g1", "author:A", None, 10)
             .await
             .expect("page")
             .is_empty());
         assert_eq!(
-            read.index_page("book", "author:B", None, 10)
+            read.index_page("book:g1", "author:B", None, 10)
                 .await
                 .expect("page"),
             vec![book.id.clone()]

@@ -92,6 +92,24 @@ pub async fn check_namespaces<S: ReadStore>(store: &S, prefix: &str) {
             (0..n).map(|i| format!("d{i}")).collect();
         assert_eq!(seen, expected, "ids of {ns}");
     }
+    assert!(store
+        .index_contains(&legacy, "all", "d3")
+        .await
+        .expect("contains"));
+    assert!(!store
+        .index_contains(&legacy, "all", "zz")
+        .await
+        .expect("contains"));
+    assert!(!store
+        .index_contains(&legacy, "none", "d3")
+        .await
+        .expect("contains"));
+    store.delete_doc(&g12, "d36").await.expect("delete doc");
+    assert_eq!(store.get(&g12, "d36").await.expect("get"), None);
+    store
+        .apply(&g12, "d36", &fields(1, 1, vec![set("f", "v")]))
+        .await
+        .expect("apply");
     let deleted = store.delete_namespace(&legacy).await.expect("delete");
     assert_eq!(deleted, n + 1, "documents and the one index of {legacy}");
     assert_eq!(store.get(&legacy, "d0").await.expect("get"), None);

@@ -121,6 +121,22 @@ pub trait ReadStore: Send + Sync + 'static {
         namespace: &str,
     ) -> impl Future<Output = Result<u64, ReadError>> + Send;
 
+    /// Removes document `doc_id` of `namespace` entirely, version included (so that it can be
+    /// projected again from version 1: a repair).
+    fn delete_doc(
+        &self,
+        namespace: &str,
+        doc_id: &str,
+    ) -> impl Future<Output = Result<(), ReadError>> + Send;
+
+    /// Whether `doc_id` is a member of `index` of `namespace`.
+    fn index_contains(
+        &self,
+        namespace: &str,
+        index: &str,
+        doc_id: &str,
+    ) -> impl Future<Output = Result<bool, ReadError>> + Send;
+
     /// A page of the document ids of `namespace`, in no particular order, and the cursor of the
     /// next page (`None`: that was the last). Each id is returned once over a full walk of a
     /// namespace that does not change meanwhile; a page may hold more or fewer than `limit`.

@@ -222,6 +222,35 @@ impl ReadStore for MemoryStore {
         Ok((docs + indexes) as u64)
     }
 
+    async fn delete_doc(&self, namespace: &str, doc_id: &str) -> Result<(), ReadError> {
+        let mut docs = self
+            .inner
+            .docs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(docs) = docs.get_mut(namespace) {
+            docs.remove(doc_id);
+        }
+        Ok(())
+    }
+
+    async fn index_contains(
+        &self,
+        namespace: &str,
+        index: &str,
+        doc_id: &str,
+    ) -> Result<bool, ReadError> {
+        let indexes = self
+            .inner
+            .indexes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(indexes
+            .get(namespace)
+            .and_then(|p| p.get(index))
+            .is_some_and(|set| set.contains(doc_id)))
+    }
+
     /// Pages in id order; the cursor is the last id of the page.
     async fn doc_ids_page(
         &self,

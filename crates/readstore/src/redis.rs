@@ -629,6 +629,24 @@ impl ReadStore for RedisStore {
         Ok(deleted)
     }
 
+    async fn delete_doc(&self, namespace: &str, doc_id: &str) -> Result<(), ReadError> {
+        let mut cmd = ::redis::cmd("UNLINK");
+        cmd.arg(self.doc_key(namespace, doc_id));
+        self.query::<i64>(&cmd).await.map(|_| ())
+    }
+
+    async fn index_contains(
+        &self,
+        namespace: &str,
+        index: &str,
+        doc_id: &str,
+    ) -> Result<bool, ReadError> {
+        let mut cmd = ::redis::cmd("ZSCORE");
+        cmd.arg(self.index_key(namespace, index)).arg(doc_id);
+        let score: Option<f64> = self.query(&cmd).await?;
+        Ok(score.is_some())
+    }
+
     /// The cursor is `<node>:<SCAN cursor>`, the node by its position among the primaries.
     async fn doc_ids_page(
         &self,

@@ -1,0 +1,463 @@
+//! Blue/green rebuilds: a new generation of a projection built from the whole event store while
+//! the active one keeps serving, then swapped in atomically.
+//!
+//! 1. The generation is registered as `building` in the projection's generation record.
+//! 2. The rebuild waits one `lease_ttl`: every live projector re-reads the records at each lease
+//!    renewal (every `lease_ttl / 3`, and a projector that has not renewed for a `lease_ttl` has
+//!    lost its shards), so afterwards every change is applied to the new generation too (first,
+//!    before the active one).
+//! 3. It streams the event store — a page of stream ids, a page of events at a time — folding
+//!    each stream into the new generation behind the version fence, and records its progress in
+//!    the read store about every second. A change applied meanwhile by the live projectors is a
+//!    fenced no-op for the rebuild or the other way round; whatever the scan read, the live
+//!    projectors apply what came after.
+//! 4. It swaps the active pointer (one compare-and-set of the record): the old generation is
+//!    `retired`. After a grace longer than read-svc's resolver cache, a min_version wait and a
+//!    renewal interval, its keys are deleted in the background.
+//!
+//! Exactly one replica runs a given rebuild: the holder of lease `<prefix>:rebuild:<projection>`,
+//! renewed beside the scan; losing it stops the scan (the next holder starts the scan over, a
+//! fenced no-op for what is already there). The rebuild runs beside the shard loop
+//! ([`Projector::run`]), so shard lease renewal never waits on it.
+
+use crate::ops::{ProjectionStatus, RebuildProgress, RebuildState};
+use crate::{ProjectError, Projector, READ_MODEL_LAYOUT};
+use esq_domain::projection::Projection;
+use esq_eventstore::{now_us, ChangeFeed, EventStore};
+use esq_readstore::generations::{namespace, read_record, update_record, Resolver};
+use esq_readstore::{Coordination, ReadError, ReadStore};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How often a running rebuild records its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Stream ids per page of the scan.
+const STREAM_PAGE: u32 = 500;
+
+impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, R> {
+    /// Every projection with its active generation, rebuild and parked count.
+    pub async fn projections_status(&self) -> Result<Vec<ProjectionStatus>, ProjectError> {
+        let mut out = Vec::with_capacity(self.projections.len());
+        for p in &self.projections {
+            let name = p.name();
+            let record = read_record(self.read.as_ref(), name).await?;
+            out.push(ProjectionStatus {
+                name: name.to_owned(),
+                active_generation: record.and_then(|(r, _)| r.active),
+                rebuild: self.rebuild_progress(name).await?,
+                parked: self.parked_count(name).await?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Asks for a rebuild of `projection` into a new generation; whichever replica takes the
+    /// rebuild lease runs it. A rebuild already requested or running is not started twice.
+    pub async fn request_rebuild(&self, projection: &str) -> Result<RebuildProgress, ProjectError> {
+        let p = self.projection(projection)?;
+        let record = update_record(self.read.as_ref(), p.name(), |r| {
+            if r.requested || r.building.is_some() {
+                return false;
+            }
+            r.requested = true;
+            true
+        })
+        .await?;
+        if let Some(progress) = self.rebuild_progress(projection).await? {
+            if matches!(progress.state, RebuildState::Building)
+                && record.building == Some(progress.generation)
+            {
+                return Ok(progress);
+            }
+        }
+        let progress = RebuildProgress {
+            generation: record.building.unwrap_or(record.last + 1),
+            state: RebuildState::Requested,
+            streams_done: 0,
+            streams_total: None,
+            events_done: 0,
+            events_total: None,
+            started_at_us: 0,
+            updated_at_us: now_us(),
+            owner: String::new(),
+            error: None,
+        };
+        self.save_progress(projection, &progress).await?;
+        Ok(progress)
+    }
+
+    /// The rebuild of `projection` in progress, or the last one.
+    pub async fn rebuild_progress(
+        &self,
+        projection: &str,
+    ) -> Result<Option<RebuildProgress>, ProjectError> {
+        let p = self.projection(projection)?;
+        let raw = self.read.checkpoint(&self.progress_name(p.name())).await?;
+        Ok(raw.as_deref().and_then(decode_progress))
+    }
+
+    pub(crate) fn projection(&self, name: &str) -> Result<&dyn Projection, ProjectError> {
+        self.projections
+            .iter()
+            .find(|p| p.name() == name)
+            .map(|p| p.as_ref())
+            .ok_or_else(|| ProjectError::UnknownProjection(name.to_owned()))
+    }
+
+    fn progress_name(&self, projection: &str) -> String {
+        format!(
+            "{}:rebuild-progress:{projection}",
+            self.config.checkpoint_prefix
+        )
+    }
+
+    fn rebuild_lease(&self, projection: &str) -> String {
+        format!("{}:rebuild:{projection}", self.config.checkpoint_prefix)
+    }
+
+    async fn save_progress(
+        &self,
+        projection: &str,
+        progress: &RebuildProgress,
+    ) -> Result<(), ReadError> {
+        self.read
+            .save_checkpoint(&self.progress_name(projection), &encode_progress(progress))
+            .await
+    }
+
+    /// How long a retired generation's keys are kept after the swap: past every reader's
+    /// cached resolution (plus a whole min_version wait) and past every projector's next
+    /// renewal, after which nobody writes or reads it.
+    fn deletion_grace(&self) -> Duration {
+        self.config.lease_ttl + Resolver::<R>::TTL * 2 + Duration::from_secs(5)
+    }
+
+    /// Runs the rebuilds that are due (requested, interrupted, or for an older layout) and the
+    /// deletions of retired generations, whenever this replica holds their lease, until
+    /// `shutdown`. Checks every `lease_ttl / 3`.
+    pub(crate) async fn rebuild_loop(&self, shutdown: CancellationToken) {
+        let every = self.config.lease_ttl / 3;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            for p in &self.projections {
+                let name = p.name();
+                let lease = self.rebuild_lease(name);
+                let due = match read_record(self.read.as_ref(), name).await {
+                    Ok(Some((r, _))) => {
+                        r.requested
+                            || r.building.is_some()
+                            || !r.retired.is_empty()
+                            || r.layout != READ_MODEL_LAYOUT
+                    }
+                    Ok(None) => false,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read generation records");
+                        break;
+                    }
+                };
+                if !due {
+                    continue;
+                }
+                match self.with_lease(&lease, self.rebuild(name), &shutdown).await {
+                    Ok(Some(Ok(()))) | Ok(None) => {}
+                    Ok(Some(Err(e))) | Err(e) => {
+                        tracing::warn!(projection = name, error = %e, "rebuild failed; retrying later");
+                        let failed = RebuildProgress {
+                            state: RebuildState::Failed,
+                            error: Some(e.to_string()),
+                            updated_at_us: now_us(),
+                            ..self
+                                .rebuild_progress(name)
+                                .await
+                                .ok()
+                                .flatten()
+                                .unwrap_or_else(|| empty_progress(&self.config.owner))
+                        };
+                        let _ = self.save_progress(name, &failed).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `work` while this replica holds lease `name`, renewing it every `lease_ttl / 3`;
+    /// `Ok(None)` if the lease is held by another replica, or was lost (the work is dropped).
+    async fn with_lease<T>(
+        &self,
+        name: &str,
+        work: impl std::future::Future<Output = T>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<T>, ProjectError> {
+        let (owner, ttl) = (&self.config.owner, self.config.lease_ttl);
+        if !self.read.acquire_lease(name, owner, ttl).await? {
+            return Ok(None);
+        }
+        let renew = async {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                match self.read.acquire_lease(name, owner, ttl).await {
+                    Ok(true) => {}
+                    Ok(false) => return tracing::warn!(lease = name, "rebuild lease lost"),
+                    Err(e) => {
+                        tracing::warn!(lease = name, error = %e, "cannot renew the rebuild lease")
+                    }
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            out = work => Some(out),
+            () = renew => None,
+            () = shutdown.cancelled() => None,
+        };
+        let _ = self.read.release_lease(name, owner).await;
+        Ok(outcome)
+    }
+
+    /// The rebuild of `projection` as described in the module docs, from wherever its record
+    /// stands (a rebuild interrupted midway starts its scan over into the same generation).
+    async fn rebuild(&self, projection: &str) -> Result<(), ProjectError> {
+        let p = self.projection(projection)?;
+        let record = update_record(self.read.as_ref(), projection, |r| {
+            if r.building.is_some() {
+                return false;
+            }
+            if !r.requested && r.layout == READ_MODEL_LAYOUT {
+                return false; // only deletions are due
+            }
+            r.last += 1;
+            r.building = Some(r.last);
+            r.requested = false;
+            true
+        })
+        .await?;
+        if let Some(generation) = record.building {
+            self.targets.set(projection, &record);
+            let started = now_us();
+            let mut progress = RebuildProgress {
+                generation,
+                state: RebuildState::Building,
+                started_at_us: started,
+                updated_at_us: started,
+                ..empty_progress(&self.config.owner)
+            };
+            self.save_progress(projection, &progress).await?;
+            tracing::info!(
+                projection,
+                generation,
+                "rebuild: waiting for every projector to write to the new generation"
+            );
+            tokio::time::sleep(self.config.lease_ttl).await;
+            progress.streams_total = Some(self.count_streams().await?);
+            self.scan_into(p, &namespace(projection, generation), &mut progress)
+                .await?;
+            let swapped = update_record(self.read.as_ref(), projection, |r| {
+                if r.building != Some(generation) {
+                    return false;
+                }
+                if let Some(old) = r.active {
+                    r.retired.push(old);
+                }
+                r.active = Some(generation);
+                r.building = None;
+                r.layout = READ_MODEL_LAYOUT;
+                true
+            })
+            .await?;
+            if swapped.active != Some(generation) {
+                return Err(ReadError::Internal(format!(
+                    "generation record of {projection} changed during the rebuild: {swapped:?}"
+                ))
+                .into());
+            }
+            self.targets.set(projection, &swapped);
+            tracing::info!(
+                projection,
+                generation,
+                streams = progress.streams_done,
+                events = progress.events_done,
+                "rebuild: swapped"
+            );
+            progress.state = RebuildState::Swapped;
+            progress.updated_at_us = now_us();
+            self.save_progress(projection, &progress).await?;
+            tokio::time::sleep(self.deletion_grace()).await;
+        }
+        self.delete_retired(projection).await?;
+        if let Some(mut progress) = self.rebuild_progress(projection).await? {
+            if progress.state == RebuildState::Swapped {
+                progress.state = RebuildState::Done;
+                progress.updated_at_us = now_us();
+                self.save_progress(projection, &progress).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the keys of every retired generation of `projection`, then forgets it.
+    async fn delete_retired(&self, projection: &str) -> Result<(), ProjectError> {
+        let retired = read_record(self.read.as_ref(), projection)
+            .await?
+            .map(|(r, _)| r.retired)
+            .unwrap_or_default();
+        for old in retired {
+            let ns = namespace(projection, old);
+            let keys = self.read.delete_namespace(&ns).await?;
+            tracing::info!(
+                projection,
+                generation = old,
+                keys,
+                "retired generation deleted"
+            );
+            update_record(self.read.as_ref(), projection, |r| {
+                let before = r.retired.len();
+                r.retired.retain(|g| *g != old);
+                r.retired.len() != before
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Counts the streams of the store (one pass over the stream ids, no events).
+    async fn count_streams(&self) -> Result<u64, ProjectError> {
+        let mut cursor = None;
+        let mut n = 0;
+        loop {
+            let page = self.store.list_streams(cursor, STREAM_PAGE).await?;
+            n += page.streams.len() as u64;
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(n),
+            }
+        }
+    }
+
+    /// Folds every stream `p` handles into namespace `ns`, recording progress about every
+    /// second.
+    async fn scan_into(
+        &self,
+        p: &dyn Projection,
+        ns: &str,
+        progress: &mut RebuildProgress,
+    ) -> Result<(), ProjectError> {
+        let projection = p.name();
+        let pairs = [(p, ns.to_owned())];
+        let mut cursor = None;
+        let mut saved_at = Instant::now();
+        loop {
+            let page = self.store.list_streams(cursor, STREAM_PAGE).await?;
+            for stream in &page.streams {
+                if p.handles(&stream.kind) {
+                    self.sync_into(stream, None, &pairs).await?;
+                    // The events the generation now covers for this stream.
+                    progress.events_done += self.read.version(ns, &p.doc_id(stream)).await?;
+                }
+                progress.streams_done += 1;
+                if saved_at.elapsed() >= PROGRESS_EVERY {
+                    progress.updated_at_us = now_us();
+                    self.save_progress(projection, progress).await?;
+                    saved_at = Instant::now();
+                }
+            }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        progress.updated_at_us = now_us();
+        self.save_progress(projection, progress).await?;
+        Ok(())
+    }
+}
+
+fn empty_progress(owner: &str) -> RebuildProgress {
+    RebuildProgress {
+        generation: 0,
+        state: RebuildState::Requested,
+        streams_done: 0,
+        streams_total: None,
+        events_done: 0,
+        events_total: None,
+        started_at_us: 0,
+        updated_at_us: 0,
+        owner: owner.to_owned(),
+        error: None,
+    }
+}
+
+fn state_name(state: RebuildState) -> &'static str {
+    match state {
+        RebuildState::Requested => "requested",
+        RebuildState::Building => "building",
+        RebuildState::Swapped => "swapped",
+        RebuildState::Done => "done",
+        RebuildState::Failed => "failed",
+    }
+}
+
+fn encode_progress(p: &RebuildProgress) -> String {
+    serde_json::json!({
+        "generation": p.generation,
+        "state": state_name(p.state),
+        "streams_done": p.streams_done,
+        "streams_total": p.streams_total,
+        "events_done": p.events_done,
+        "events_total": p.events_total,
+        "started_at_us": p.started_at_us,
+        "updated_at_us": p.updated_at_us,
+        "owner": p.owner,
+        "error": p.error,
+    })
+    .to_string()
+}
+
+fn decode_progress(raw: &str) -> Option<RebuildProgress> {
+    let v: serde_json::Value = serde_json::from_str(raw).ok()?;
+    let state = match v.get("state")?.as_str()? {
+        "requested" => RebuildState::Requested,
+        "building" => RebuildState::Building,
+        "swapped" => RebuildState::Swapped,
+        "done" => RebuildState::Done,
+        _ => RebuildState::Failed,
+    };
+    let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+    let i = |k: &str| v.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
+    Some(RebuildProgress {
+        generation: u32::try_from(n("generation")?).ok()?,
+        state,
+        streams_done: n("streams_done").unwrap_or(0),
+        streams_total: n("streams_total"),
+        events_done: n("events_done").unwrap_or(0),
+        events_total: n("events_total"),
+        started_at_us: i("started_at_us"),
+        updated_at_us: i("updated_at_us"),
+        owner: v.get("owner")?.as_str()?.to_owned(),
+        error: v.get("error").and_then(|e| e.as_str()).map(str::to_owned),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_round_trips() {
+        let p = RebuildProgress {
+            generation: 3,
+            state: RebuildState::Swapped,
+            streams_done: 10,
+            streams_total: Some(12),
+            events_done: 99,
+            events_total: None,
+            started_at_us: 5,
+            updated_at_us: 7,
+            owner: "a".to_owned(),
+            error: Some("x".to_owned()),
+        };
+        assert_eq!(decode_progress(&encode_progress(&p)), Some(p));
+    }
+}
