@@ -70,6 +70,10 @@ pub struct Config {
     /// How many times finishing a pending index update follows a newer apply by another
     /// projector before leaving the rest to the next sync of the document.
     pub reindex_rounds: u32,
+    /// How many changes of a shard are remembered past its checkpoint: a change whose append
+    /// is still in flight holds the checkpoint back, but later changes are processed meanwhile,
+    /// up to this many (then the shard waits for the append or its deadline).
+    pub unresolved_window: usize,
 }
 
 impl Default for Config {
@@ -88,6 +92,7 @@ impl Default for Config {
             nudge_batch: 256,
             list_page: 500,
             reindex_rounds: 8,
+            unresolved_window: 4096,
         }
     }
 }
@@ -122,6 +127,8 @@ pub struct Projector<E, F, R> {
     read: Arc<R>,
     projections: Vec<Arc<dyn Projection>>,
     config: Config,
+    /// Per shard, the changes processed past the checkpoint (see `shards::Window`).
+    windows: std::sync::Mutex<std::collections::HashMap<u32, shards::Window>>,
 }
 
 /// A fast-path notification: this stream reached this version.
@@ -136,6 +143,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             read,
             projections: default_projections(),
             config,
+            windows: Default::default(),
         }
     }
 
