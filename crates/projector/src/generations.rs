@@ -3,7 +3,7 @@
 //! Each projection's generation record (see [`esq_readstore::generations`]) names its active
 //! generation and, during a rebuild, the generation being built. Every apply goes to the
 //! building generation first, then to the active one ([`GenerationRecord::targets`]). The
-//! projector reads the records at every lease renewal (every `lease_ttl / 3`) and keeps them in
+//! projector reads the records at every lease renewal (every `lease_ttl / lease_renewals_per_ttl`) and keeps them in
 //! [`Targets`] meanwhile; a rebuild waits a whole `lease_ttl` after registering its generation
 //! before it scans the store, so that by then every live projector writes to it too.
 //!
@@ -123,7 +123,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let mut cursor = None;
         let mut streams = 0u64;
         loop {
-            let page = self.store.list_streams(cursor, 500).await?;
+            let page = self.store.list_streams(cursor, self.config.list_page).await?;
             for stream in &page.streams {
                 self.sync(stream, None).await?;
                 streams += 1;

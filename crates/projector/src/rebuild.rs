@@ -3,7 +3,7 @@
 //!
 //! 1. The generation is registered as `building` in the projection's generation record.
 //! 2. The rebuild waits one `lease_ttl`: every live projector re-reads the records at each lease
-//!    renewal (every `lease_ttl / 3`, and a projector that has not renewed for a `lease_ttl` has
+//!    renewal (every `lease_ttl / lease_renewals_per_ttl`, and a projector that has not renewed for a `lease_ttl` has
 //!    lost its shards), so afterwards every change is applied to the new generation too (first,
 //!    before the active one).
 //! 3. It streams the event store — a page of stream ids, a page of events at a time — folding
@@ -32,8 +32,6 @@ use tokio_util::sync::CancellationToken;
 
 /// How often a running rebuild records its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-/// Stream ids per page of the scan.
-const STREAM_PAGE: u32 = 500;
 
 impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, R> {
     /// Every projection with its active generation, rebuild and parked count.
@@ -126,6 +124,11 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             .await
     }
 
+    /// How often leases are renewed and generation records re-read.
+    fn renewal_interval(&self) -> Duration {
+        self.config.lease_ttl / self.config.lease_renewals_per_ttl.max(1)
+    }
+
     /// How long a retired generation's keys are kept after the swap: past every reader's
     /// cached resolution (plus a whole min_version wait) and past every projector's next
     /// renewal, after which nobody writes or reads it.
@@ -135,9 +138,9 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
 
     /// Runs the rebuilds that are due (requested, interrupted, or for an older layout) and the
     /// deletions of retired generations, whenever this replica holds their lease, until
-    /// `shutdown`. Checks every `lease_ttl / 3`.
+    /// `shutdown`. Checks every `lease_ttl / lease_renewals_per_ttl`.
     pub(crate) async fn rebuild_loop(&self, shutdown: CancellationToken) {
-        let every = self.config.lease_ttl / 3;
+        let every = self.renewal_interval();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -184,7 +187,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         }
     }
 
-    /// Runs `work` while this replica holds lease `name`, renewing it every `lease_ttl / 3`;
+    /// Runs `work` while this replica holds lease `name`, renewing it every `lease_ttl / lease_renewals_per_ttl`;
     /// `Ok(None)` if the lease is held by another replica, or was lost (the work is dropped).
     async fn with_lease<T>(
         &self,
@@ -198,7 +201,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         }
         let renew = async {
             loop {
-                tokio::time::sleep(ttl / 3).await;
+                tokio::time::sleep(self.renewal_interval()).await;
                 match self.read.acquire_lease(name, owner, ttl).await {
                     Ok(true) => {}
                     Ok(false) => return tracing::warn!(lease = name, "rebuild lease lost"),
@@ -327,7 +330,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let mut cursor = None;
         let mut n = 0;
         loop {
-            let page = self.store.list_streams(cursor, STREAM_PAGE).await?;
+            let page = self.store.list_streams(cursor, self.config.list_page).await?;
             n += page.streams.len() as u64;
             match page.next {
                 Some(next) => cursor = Some(next),
@@ -349,7 +352,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let mut cursor = None;
         let mut saved_at = Instant::now();
         loop {
-            let page = self.store.list_streams(cursor, STREAM_PAGE).await?;
+            let page = self.store.list_streams(cursor, self.config.list_page).await?;
             for stream in &page.streams {
                 if p.handles(&stream.kind) {
                     self.sync_into(stream, None, &pairs).await?;
@@ -443,6 +446,160 @@ fn decode_progress(raw: &str) -> Option<RebuildProgress> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::{DifferenceKind, VerifyOptions};
+    use crate::testing::{cart, setup};
+    use crate::Config;
+    use esq_domain::projection::{FieldOp, VERSION_FIELD};
+    use esq_domain::{ExpectedVersion, NewEvent};
+    use esq_readstore::contract::fields;
+    use std::sync::Arc;
+
+    fn item(sku: &str) -> NewEvent {
+        NewEvent::json(
+            "ItemAdded",
+            2,
+            &serde_json::json!({"sku": sku, "quantity": 1, "unit_price_cents": 3}),
+        )
+    }
+
+    fn verify_options(repair: bool) -> VerifyOptions {
+        VerifyOptions {
+            projection: "cart2".to_owned(),
+            examples: 10,
+            repair,
+        }
+    }
+
+    #[tokio::test]
+    async fn rebuild_restores_a_lost_read_model() {
+        let (_dir, store, feed, read) = setup(1).await;
+        for i in 0..3 {
+            for sku in ["a", "b"] {
+                store
+                    .append(&cart(&format!("c{i}")), ExpectedVersion::Any, &[item(sku)])
+                    .await
+                    .expect("append");
+            }
+        }
+        let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        p.catch_up().await.expect("rebuild");
+        for i in 0..3 {
+            let id = format!("c{i}");
+            assert_eq!(read.version("cart2:g1", &id).await.expect("v"), 2);
+            assert_eq!(read.version("state:g1", &format!("cart:{id}")).await.expect("v"), 2);
+        }
+        let doc = read.get("cart2:g1", "c0").await.expect("get").expect("doc");
+        assert_eq!(esq_domain::cart::CartView::from_doc(&doc).total_cents, 6);
+    }
+
+    /// A requested rebuild builds generation 2 beside the serving generation 1 — including what
+    /// is written meanwhile — swaps it in, deletes generation 1, and verify finds them equal.
+    #[tokio::test]
+    async fn blue_green_rebuild_swaps_in_a_complete_generation() {
+        let (_dir, store, feed, read) = setup(1).await;
+        for i in 0..20 {
+            store
+                .append(&cart(&format!("c{i}")), ExpectedVersion::Any, &[item("a")])
+                .await
+                .expect("append");
+        }
+        let config = Config {
+            lease_ttl: Duration::from_millis(300),
+            owner: "builder".to_owned(),
+            ..Config::default()
+        };
+        let p = Arc::new(Projector::new(store.clone(), feed, read.clone(), config));
+        p.catch_up().await.expect("catch up");
+        let requested = p.request_rebuild("cart2").await.expect("request");
+        assert_eq!((requested.state, requested.generation), (RebuildState::Requested, 2));
+        assert!(matches!(
+            p.request_rebuild("nope").await,
+            Err(ProjectError::UnknownProjection(_))
+        ));
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn({
+            let (p, shutdown) = (Arc::clone(&p), shutdown.clone());
+            async move { p.run(Arc::new(tokio::sync::Notify::new()), None, shutdown).await }
+        });
+        // Writes while the rebuild runs, applied the way the live projector applies them.
+        let mut written = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let stream = cart(&format!("c{}", written % 25));
+            store
+                .append(&stream, ExpectedVersion::Any, &[item("w")])
+                .await
+                .expect("append");
+            p.sync(&stream, None).await.expect("sync");
+            written += 1;
+            let progress = p.rebuild_progress("cart2").await.expect("progress");
+            if progress.as_ref().is_some_and(|p| p.state == RebuildState::Done) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "rebuild not done: {progress:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shutdown.cancel();
+        running.await.expect("run");
+        let (record, _) = read_record(read.as_ref(), "cart2").await.expect("record").expect("some");
+        assert_eq!((record.active, record.building), (Some(2), None));
+        assert!(record.retired.is_empty(), "{record:?}");
+        let (old, _) = read.doc_ids_page("cart2:g1", None, 10).await.expect("page");
+        assert!(old.is_empty(), "generation 1 deleted: {old:?}");
+        let progress = p.rebuild_progress("cart2").await.expect("p").expect("some");
+        assert_eq!(progress.streams_total, Some(25));
+        assert_eq!(progress.streams_done, 25);
+        let report = p.verify(&verify_options(false), &|_| {}).await.expect("verify");
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!((report.generation, report.streams_checked), (2, 25));
+        let status = p.projections_status().await.expect("status");
+        assert_eq!(status[0].active_generation, Some(2));
+        assert!(written > 0);
+    }
+
+    /// Verify reports a missing, a different and an extra document; repair fixes all three.
+    #[tokio::test]
+    async fn verify_finds_differences_and_repair_fixes_them() {
+        let (_dir, store, feed, read) = setup(1).await;
+        for i in 0..5 {
+            for sku in ["a", "b"] {
+                store
+                    .append(&cart(&format!("c{i}")), ExpectedVersion::Any, &[item(sku)])
+                    .await
+                    .expect("append");
+            }
+        }
+        let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        p.catch_up().await.expect("catch up");
+        assert!(p.verify(&verify_options(false), &|_| {}).await.expect("verify").is_clean());
+        read.delete_doc("cart2:g1", "c1").await.expect("delete");
+        read.delete_doc("cart2:g1", "c2").await.expect("delete");
+        let forged = fields(1, 2, vec![FieldOp::Set("line:a".to_owned(), "7".to_owned())]);
+        read.apply("cart2:g1", "c2", &forged).await.expect("forge");
+        read.apply("cart2:g1", "ghost", &fields(1, 1, vec![])).await.expect("extra");
+        let calls = std::sync::atomic::AtomicU64::new(0);
+        let report = p
+            .verify(&verify_options(false), &|_| {
+                calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })
+            .await
+            .expect("verify");
+        assert!(calls.into_inner() >= 1);
+        assert_eq!((report.missing, report.different, report.extra), (1, 1, 1), "{report:?}");
+        assert_eq!(report.repaired, 0);
+        let kinds: Vec<_> = report.examples.iter().map(|d| (d.kind, d.doc_id.as_str())).collect();
+        assert!(kinds.contains(&(DifferenceKind::Missing, "c1")), "{kinds:?}");
+        assert!(kinds.contains(&(DifferenceKind::Different, "c2")), "{kinds:?}");
+        assert!(kinds.contains(&(DifferenceKind::Extra, "ghost")), "{kinds:?}");
+        let different = report.examples.iter().find(|d| d.doc_id == "c2").expect("c2");
+        assert!(different.detail.contains("line:a"), "{}", different.detail);
+        let repaired = p.verify(&verify_options(true), &|_| {}).await.expect("repair");
+        assert_eq!(repaired.repaired, 3);
+        let after = p.verify(&verify_options(false), &|_| {}).await.expect("verify");
+        assert!(after.is_clean(), "{after:?}");
+        let doc = read.get("cart2:g1", "c2").await.expect("get").expect("doc");
+        assert_eq!(doc.get(VERSION_FIELD).map(String::as_str), Some("2"));
+    }
 
     #[test]
     fn progress_round_trips() {

@@ -26,8 +26,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Stream ids per page, and document ids per page of the namespace walk.
-const PAGE: u32 = 500;
 /// How often progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
@@ -57,7 +55,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let mut reported_at = Instant::now();
         let mut cursor = None;
         loop {
-            let page = self.store.list_streams(cursor, PAGE).await?;
+            let page = self.store.list_streams(cursor, self.config.list_page).await?;
             for stream in &page.streams {
                 seen.streams_done += 1;
                 if !p.handles(&stream.kind) {
@@ -173,7 +171,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         loop {
             let (ids, next) = self
                 .read
-                .doc_ids_page(ns, cursor.as_deref(), PAGE as usize)
+                .doc_ids_page(ns, cursor.as_deref(), self.config.list_page as usize)
                 .await?;
             for id in ids {
                 if !self.has_stream(p, kinds, &id).await? {
