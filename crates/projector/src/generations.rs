@@ -123,7 +123,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let mut cursor = None;
         let mut streams = 0u64;
         loop {
-            let page = self.store.list_streams(cursor, self.config.list_page).await?;
+            let page = self
+                .store
+                .list_streams(cursor, self.config.list_page)
+                .await?;
             for stream in &page.streams {
                 self.sync(stream, None).await?;
                 streams += 1;

@@ -49,11 +49,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         if !projection.has_indexes() {
             return Ok(());
         }
-        let before = self
-            .read
-            .get(namespace, doc_id)
-            .await?
-            .unwrap_or_default();
+        let before = self.read.get(namespace, doc_id).await?.unwrap_or_default();
         let mut after = before.clone();
         if apply_to_doc(&mut after, b) != ApplyOutcome::Applied {
             return Ok(());
@@ -200,7 +196,11 @@ mod tests {
                 .expect("page"),
             vec![book.id.clone()]
         );
-        let doc = read.get("book:g1", &book.id).await.expect("get").expect("doc");
+        let doc = read
+            .get("book:g1", &book.id)
+            .await
+            .expect("get")
+            .expect("doc");
         assert!(!doc.contains_key(INDEX_PENDING_FIELD));
     }
 
@@ -312,7 +312,9 @@ mod tests {
                 .expect("mark");
             read.apply("book:g1", &book.id, &b).await.expect("apply");
         }
-        p.reindex(&BookProjection, "book:g1", &book.id).await.expect("reindex");
+        p.reindex(&BookProjection, "book:g1", &book.id)
+            .await
+            .expect("reindex");
         for gone in ["author:A", "author:B"] {
             assert!(
                 read.index_page("book:g1", gone, None, 10)
@@ -330,7 +332,11 @@ mod tests {
                 vec![book.id.clone()]
             );
         }
-        let doc = read.get("book:g1", &book.id).await.expect("get").expect("doc");
+        let doc = read
+            .get("book:g1", &book.id)
+            .await
+            .expect("get")
+            .expect("doc");
         assert!(!doc.contains_key(INDEX_PENDING_FIELD));
     }
 

@@ -14,9 +14,9 @@ mod pending;
 mod rebuild;
 mod shards;
 mod sync;
-mod verify;
 #[cfg(test)]
 mod testing;
+mod verify;
 
 use esq_domain::bookshop::BookProjection;
 use esq_domain::cart::CartProjection;

@@ -55,7 +55,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let mut reported_at = Instant::now();
         let mut cursor = None;
         loop {
-            let page = self.store.list_streams(cursor, self.config.list_page).await?;
+            let page = self
+                .store
+                .list_streams(cursor, self.config.list_page)
+                .await?;
             for stream in &page.streams {
                 seen.streams_done += 1;
                 if !p.handles(&stream.kind) {
