@@ -291,8 +291,6 @@ impl ClusterHarness {
         Ok(owners)
     }
 
-    /// Deletes every Redis key of this deployment (what a FLUSHALL does to it, without
-    /// touching other tests' keys on the shared server). Returns how many keys went.
     /// The deployment's read store (Redis, with this harness's prefix).
     pub async fn read_store(&self) -> anyhow::Result<esq_readstore::redis::RedisStore> {
         Ok(
@@ -338,6 +336,8 @@ impl ClusterHarness {
             .await?)
     }
 
+    /// Deletes every Redis key of this deployment (what a FLUSHALL does to it, without
+    /// touching other tests' keys on the shared server). Returns how many keys went.
     pub async fn flush_read_model(&self) -> anyhow::Result<usize> {
         let client = redis::Client::open(self.backends.redis.as_str())?;
         let mut conn = client.get_multiplexed_async_connection().await?;
