@@ -6,6 +6,7 @@
 //! only repeats fenced no-ops, and the read store can be rebuilt from the event store at any
 //! time ([`Projector::rebuild`]). The projector never writes the event store.
 
+pub mod admin;
 pub mod ops;
 mod pending;
 
