@@ -184,9 +184,22 @@ async fn connect(url: &str, tls: &Tls) -> anyhow::Result<Channel> {
         .with_context(|| format!("cannot connect to {url}"))
 }
 
-/// A gRPC error, the way a person reads it.
+/// A gRPC error, the way a person reads it: the code as gRPC spells it (`NOT_FOUND`), then the
+/// server's message.
 fn call_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+    anyhow::anyhow!("{}: {}", code_name(status.code()), status.message())
+}
+
+/// `NotFound` → `NOT_FOUND`.
+fn code_name(code: tonic::Code) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
 }
 
 /// Parses `type/id`, naming what is wrong.
@@ -886,6 +899,13 @@ mod tests {
         let t = esq::convert::timestamp(1_709_210_096_789_012);
         assert_eq!(time_text(Some(&t)), "2024-02-29T12:34:56.789012Z");
         assert_eq!(time_text(None), "-");
+    }
+
+    #[test]
+    fn codes_are_named_as_grpc_spells_them() {
+        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
     }
 
     #[test]
