@@ -1,0 +1,301 @@
+//! Polling the change log: each shard the projector holds is read from its checkpoint, each
+//! change brought into the read model (see `sync`), notifications of appends that never
+//! committed (orphans) skipped after the append deadline, and the checkpoint saved.
+
+use crate::sync::Synced;
+use crate::{ProjectError, Projector};
+use esq_eventstore::{now_us, Change, ChangeFeed, EventStore};
+use esq_readstore::{Coordination, ReadStore};
+use std::collections::{BTreeSet, VecDeque};
+use tokio::time::Instant;
+
+impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, R> {
+    /// Polls every shard it holds, renewing its leases whenever they are due — also between
+    /// shards, so a long round cannot outlive them. True if a full page was processed.
+    pub(crate) async fn poll_round(
+        &self,
+        owned: &mut BTreeSet<u32>,
+        leases_due: &mut Instant,
+    ) -> Result<bool, ProjectError> {
+        let mut more = false;
+        self.renew_if_due(owned, leases_due).await?;
+        for shard in owned.clone() {
+            self.renew_if_due(owned, leases_due).await?;
+            if owned.contains(&shard) {
+                more |= self.poll_shard_until(shard, Some(*leases_due)).await?;
+            }
+        }
+        Ok(more)
+    }
+
+    /// Processes one page of a shard; true if the page was full.
+    pub async fn poll_shard(&self, shard: u32) -> Result<bool, ProjectError> {
+        self.poll_shard_until(shard, None).await
+    }
+
+    /// [`Projector::poll_shard`], stopping early (and reporting more to do) once `stop_at` has
+    /// passed, so that leases are renewed in time even within a long page.
+    ///
+    /// A change whose events are not in the store yet (an append still in flight, not yet an
+    /// orphan) does not stall the shard: later changes are processed, and the shard's
+    /// [`Window`] remembers which are done. The checkpoint only moves to just before the
+    /// earliest unresolved change, so a crash re-reads from there (repeating fenced no-ops).
+    pub(crate) async fn poll_shard_until(
+        &self,
+        shard: u32,
+        stop_at: Option<Instant>,
+    ) -> Result<bool, ProjectError> {
+        let name = self.shard_name(shard);
+        let checkpoint = self.read.checkpoint(&name).await?;
+        // Taken out while in use (one poller per shard); lost on an error, which only means
+        // re-reading from the checkpoint.
+        let taken = self.windows.lock().expect("windows").remove(&shard);
+        let mut window = match taken {
+            Some(w) if w.base == checkpoint => w,
+            // New, or another projector moved the checkpoint meanwhile.
+            _ => Window::new(checkpoint.clone()),
+        };
+        let stopped = |t: Option<Instant>| t.is_some_and(|t| Instant::now() >= t);
+        // First the changes still waiting for their append...
+        for i in 0..window.entries.len() {
+            if stopped(stop_at) {
+                break;
+            }
+            if let Some(change) = &window.entries[i].1 {
+                if self.resolve(change).await? {
+                    window.entries[i].1 = None;
+                }
+            }
+        }
+        // ...then new changes after the window, as long as it has room.
+        let room = self
+            .config
+            .unresolved_window
+            .saturating_sub(window.entries.len());
+        let mut more = false;
+        if room > 0 && !stopped(stop_at) {
+            let limit = self.config.poll_limit.min(room as u32);
+            let page = self.feed.poll(shard, window.frontier(), limit).await?;
+            more = page.changes.len() == limit as usize;
+            for (change, position) in page.changes.into_iter().zip(page.positions) {
+                if stopped(stop_at) {
+                    more = true;
+                    break;
+                }
+                let unresolved = (!self.resolve(&change).await?).then_some(change);
+                window.entries.push_back((position, unresolved));
+            }
+        }
+        // The checkpoint covers the changes done before the earliest unresolved one.
+        let mut done = None;
+        while window.entries.front().is_some_and(|(_, c)| c.is_none()) {
+            done = window.entries.pop_front().map(|(p, _)| p);
+        }
+        if let Some(position) = done {
+            // A full window that made room: read on at once.
+            more |= room == 0;
+            self.read.save_checkpoint(&name, &position).await?;
+            window.base = Some(position);
+        }
+        self.windows.lock().expect("windows").insert(shard, window);
+        Ok(more)
+    }
+
+    /// Brings a change into the read model: true if it is done (applied, or an orphan whose
+    /// append never committed), false if its events are not in the store yet.
+    async fn resolve(&self, change: &Change) -> Result<bool, ProjectError> {
+        // Judged by the time before the store is read: an append that commits later than this
+        // still commits before its deadline, so the read below would see it.
+        let checked_at = now_us();
+        Ok(
+            match self.sync(&change.stream, Some(change.last_version)).await? {
+                Synced::Done => true,
+                Synced::Missing if self.is_orphan(change, checked_at) => {
+                    tracing::warn!(stream = %change.stream, last = change.last_version,
+                        "skipping a notification whose append never committed");
+                    true
+                }
+                Synced::Missing => false,
+            },
+        )
+    }
+
+    fn is_orphan(&self, change: &Change, checked_at_us: i64) -> bool {
+        esq_eventstore::is_orphan(change, checked_at_us, self.config.append_deadline)
+    }
+}
+
+/// What a shard's poller remembers beyond its checkpoint (in memory, bounded by
+/// [`crate::Config::unresolved_window`]): the changes read after `base`, in feed order, each
+/// with its change while it is unresolved (its append still in flight) or `None` once done.
+/// The next poll re-checks the unresolved ones and reads on after the last entry.
+#[derive(Debug, Default)]
+pub(crate) struct Window {
+    /// The checkpoint the entries follow.
+    base: Option<String>,
+    /// Positions after `base`, in order, with the change while it is unresolved.
+    entries: VecDeque<(String, Option<Change>)>,
+}
+
+impl Window {
+    fn new(base: Option<String>) -> Self {
+        Self {
+            base,
+            entries: VecDeque::new(),
+        }
+    }
+
+    /// Where to read on: after the last entry, or after the checkpoint.
+    fn frontier(&self) -> Option<&str> {
+        self.entries
+            .back()
+            .map(|(p, _)| p.as_str())
+            .or(self.base.as_deref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{cart, change, setup};
+    use crate::{Config, Projector};
+    use esq_domain::{ExpectedVersion, NewEvent};
+    use esq_eventstore::{now_us, EventStore};
+    use esq_readstore::ReadStore;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    fn item() -> NewEvent {
+        NewEvent::json(
+            "ItemAdded",
+            2,
+            &serde_json::json!({"sku":"a","quantity":1,"unit_price_cents":3}),
+        )
+    }
+
+    /// A ghost (a notification whose append is not in the store) at position 0, then one
+    /// appended cart per `real` name at positions 1…
+    async fn ghost_then_real(
+        store: &esq_eventstore::embedded::EmbeddedStore,
+        feed: &crate::testing::HandFeed,
+        real: &[String],
+    ) -> i64 {
+        let noted = now_us();
+        let mut changes = vec![(0, change(cart("ghost"), 1, noted))];
+        for id in real {
+            store
+                .append(&cart(id), ExpectedVersion::NoStream, &[item()])
+                .await
+                .expect("append");
+            changes.push((0, change(cart(id), 1, now_us())));
+        }
+        feed.changes.lock().expect("lock").extend(changes);
+        noted
+    }
+
+    async fn checkpoint(read: &esq_readstore::memory::MemoryStore) -> Option<String> {
+        read.checkpoint("projector:shard:0").await.expect("cp")
+    }
+
+    #[tokio::test]
+    async fn a_change_still_in_flight_does_not_stall_its_shard() {
+        let (_dir, store, feed, read) = setup(1).await;
+        let deadline = Duration::from_secs(2);
+        let config = Config {
+            append_deadline: deadline,
+            poll_limit: 16,
+            ..Config::default()
+        };
+        let p = Projector::new(store.clone(), feed.clone(), read.clone(), config);
+        let real: Vec<String> = (0..100).map(|i| format!("r{i}")).collect();
+        let noted = ghost_then_real(&store, &feed, &real).await;
+        // The real changes behind the ghost are projected at once, page after page...
+        let mut polls = 0;
+        while p.poll_shard(0).await.expect("poll") {
+            polls += 1;
+            assert!(polls < 50, "the shard never ran dry");
+        }
+        for id in &real {
+            assert_eq!(read.version("cart2", id).await.expect("v"), 1, "{id}");
+        }
+        // ...while the checkpoint stays before the ghost...
+        assert_eq!(checkpoint(&read).await, None);
+        assert_eq!(read.version("cart2", "ghost").await.expect("v"), 0);
+        // ...until its append deadline has passed: then it is an orphan, and the checkpoint
+        // moves past it and past everything already done behind it.
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            p.poll_shard(0).await.expect("poll");
+            match checkpoint(&read).await {
+                None => {
+                    assert!(Instant::now() < give_up, "the orphan is never skipped");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Some(cp) => {
+                    assert_eq!(cp, "100", "the checkpoint moves past every done change");
+                    let waited = u64::try_from(now_us() - noted).expect("later");
+                    assert!(
+                        waited >= deadline.as_micros() as u64,
+                        "moved past the ghost after {waited} µs, before its deadline"
+                    );
+                    break;
+                }
+            }
+        }
+        assert_eq!(read.version("cart2", "ghost").await.expect("v"), 0);
+    }
+
+    #[tokio::test]
+    async fn an_append_that_lands_late_releases_the_checkpoint() {
+        let (_dir, store, feed, read) = setup(1).await;
+        let p = Projector::new(store.clone(), feed.clone(), read.clone(), Config::default());
+        let real: Vec<String> = (0..3).map(|i| format!("r{i}")).collect();
+        ghost_then_real(&store, &feed, &real).await;
+        assert!(!p.poll_shard(0).await.expect("poll"));
+        assert_eq!(checkpoint(&read).await, None);
+        assert_eq!(read.version("cart2", "r2").await.expect("v"), 1);
+        // The in-flight append commits: the next poll projects it and moves the checkpoint to
+        // the end without reading the done changes again.
+        store
+            .append(&cart("ghost"), ExpectedVersion::NoStream, &[item()])
+            .await
+            .expect("append");
+        assert!(!p.poll_shard(0).await.expect("poll"));
+        assert_eq!(checkpoint(&read).await.as_deref(), Some("3"));
+        assert_eq!(read.version("cart2", "ghost").await.expect("v"), 1);
+    }
+
+    #[tokio::test]
+    async fn the_changes_remembered_past_the_checkpoint_are_bounded() {
+        let (_dir, store, feed, read) = setup(1).await;
+        let config = Config {
+            unresolved_window: 8,
+            poll_limit: 4,
+            ..Config::default()
+        };
+        let p = Projector::new(store.clone(), feed.clone(), read.clone(), config);
+        let real: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
+        ghost_then_real(&store, &feed, &real).await;
+        let mut polls = 0;
+        while p.poll_shard(0).await.expect("poll") {
+            polls += 1;
+            assert!(polls < 50, "the shard never ran dry");
+        }
+        // The ghost and the next 7 changes fill the window; the rest wait for the ghost.
+        for (i, id) in real.iter().enumerate() {
+            let expected = u64::from(i < 7);
+            assert_eq!(
+                read.version("cart2", id).await.expect("v"),
+                expected,
+                "{id}"
+            );
+        }
+        assert_eq!(checkpoint(&read).await, None);
+        store
+            .append(&cart("ghost"), ExpectedVersion::NoStream, &[item()])
+            .await
+            .expect("append");
+        while p.poll_shard(0).await.expect("poll") {}
+        assert_eq!(checkpoint(&read).await.as_deref(), Some("20"));
+        assert_eq!(read.version("cart2", "r19").await.expect("v"), 1);
+    }
+}
