@@ -75,6 +75,8 @@ pub struct Config {
     /// is still in flight holds the checkpoint back, but later changes are processed meanwhile,
     /// up to this many (then the shard waits for the append or its deadline).
     pub unresolved_window: usize,
+    /// How often a shard's owner records the shard's freshness (`ShardStatus`) in the read store.
+    pub status_interval: Duration,
 }
 
 impl Default for Config {
@@ -94,6 +96,7 @@ impl Default for Config {
             list_page: 500,
             reindex_rounds: 8,
             unresolved_window: 4096,
+            status_interval: Duration::from_secs(1),
         }
     }
 }
