@@ -257,6 +257,7 @@ pub async fn projections_admin_statuses(channel: Channel, esq: &Esq) {
             code_of(
                 p.watch_rebuild(pb::WatchRebuildRequest {
                     projection: "nope".into(),
+                    generation: 0,
                 })
                 .await,
             ),
@@ -426,6 +427,18 @@ pub async fn projections_list_status_rebuild_verify(c: &Clients, esq: &Esq) {
         .as_u64()
         .expect("cart2 has an active generation");
     assert_eq!(cart2["parked"], 0);
+
+    // The human forms say the same.
+    let r = esq.run(&["projections", "list"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.lines().any(|l| l.starts_with("cart2 ")),
+        "{}",
+        r.stdout
+    );
+    let r = esq.run(&["projections", "status", "cart2"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("active generation  "), "{}", r.stdout);
 
     let status = esq.json(0, &["projections", "status", "cart2"]).await;
     assert_eq!(status["projection"]["name"], "cart2");

@@ -359,10 +359,12 @@ async fn watch_rebuild(
 ) -> anyhow::Result<ExitCode> {
     let mut progress = Progress::new(!json);
     progress.rebuild(&started);
+    let generation = started.generation;
     let mut last = started;
     let mut stream = client
         .watch_rebuild(pb::WatchRebuildRequest {
             projection: name.to_owned(),
+            generation,
         })
         .await
         .map_err(call_error)?

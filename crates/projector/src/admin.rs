@@ -285,43 +285,51 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projections
         &self,
         request: Request<pb::WatchRebuildRequest>,
     ) -> Result<Response<Self::WatchRebuildStream>, Status> {
-        let name = request.into_inner().projection;
+        let req = request.into_inner();
+        let (name, wanted) = (req.projection, req.generation);
         projection_name(&self.projector, &name)?;
         let first = self
             .projector
             .rebuild_progress(&name)
             .await
-            .map_err(status_from_project)?
-            .ok_or_else(|| {
-                Status::not_found(format!("projection {name:?} has never been rebuilt"))
-            })?;
+            .map_err(status_from_project)?;
+        if first.is_none() && wanted == 0 {
+            return Err(Status::not_found(format!(
+                "projection {name:?} has never been rebuilt"
+            )));
+        }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let projector = Arc::clone(&self.projector);
         tokio::spawn(async move {
+            // Progress of an older rebuild than the one asked for is not sent; the rebuild
+            // asked for is followed once it is recorded.
+            let current = |p: &RebuildProgress| p.generation >= wanted;
             let mut last = first;
-            if tx.send(Ok(rebuild_progress(&name, &last))).await.is_err() {
-                return;
+            if let Some(p) = last.as_ref().filter(|p| current(p)) {
+                if tx.send(Ok(rebuild_progress(&name, p))).await.is_err() {
+                    return;
+                }
             }
-            while !finished(last.state) {
+            while !last
+                .as_ref()
+                .is_some_and(|p| current(p) && finished(p.state))
+            {
                 tokio::select! {
                     () = tx.closed() => return,
                     () = tokio::time::sleep(WATCH_POLL) => {}
                 }
                 let now = match projector.rebuild_progress(&name).await {
-                    Ok(Some(p)) => p,
-                    Ok(None) => {
-                        let gone = Status::not_found(format!("the rebuild of {name:?} is gone"));
-                        let _ = tx.send(Err(gone)).await;
-                        return;
-                    }
+                    Ok(now) => now,
                     Err(e) => {
                         let _ = tx.send(Err(status_from_project(e))).await;
                         return;
                     }
                 };
                 if now != last {
-                    if tx.send(Ok(rebuild_progress(&name, &now))).await.is_err() {
-                        return;
+                    if let Some(p) = now.as_ref().filter(|p| current(p)) {
+                        if tx.send(Ok(rebuild_progress(&name, p))).await.is_err() {
+                            return;
+                        }
                     }
                     last = now;
                 }
