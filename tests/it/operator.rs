@@ -193,6 +193,33 @@ pub async fn streams_read_and_info(c: &Clients, esq: &Esq) {
     esq.fails(&["streams", "read", "Cart/x"], "stream.type")
         .await;
     esq.fails(&["streams", "read", "no-slash"], "type/id").await;
+
+    // TLS settings are checked: a CA certificate needs https://, must be readable, and TLS to
+    // a plaintext server fails to connect (exit 2) instead of hanging.
+    let https = esq.write_url.replacen("http://", "https://", 1);
+    esq.fails(
+        &["streams", "info", &name, "--ca-cert", "/nonexistent.pem"],
+        "https://",
+    )
+    .await;
+    esq.fails(
+        &[
+            "streams",
+            "info",
+            &name,
+            "--write-url",
+            &https,
+            "--ca-cert",
+            "/nonexistent.pem",
+        ],
+        "cannot read the CA certificate",
+    )
+    .await;
+    esq.fails(
+        &["streams", "info", &name, "--write-url", &https],
+        "cannot connect",
+    )
+    .await;
 }
 
 fn code_of<T>(r: Result<T, tonic::Status>) -> (Code, String) {
