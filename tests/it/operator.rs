@@ -684,3 +684,137 @@ async fn projections_operated_on_cassandra_and_redis() {
     let again = esq.json(0, &["projections", "verify", "cart2"]).await;
     assert_eq!(again["clean"], true, "{again}");
 }
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (needed to make the test certificates)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `esq` over TLS: write-svc's routes behind a certificate signed by a test CA; with
+/// `--ca-cert` naming that CA the call gets through (and is answered), without it the server is
+/// not trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_over_tls() {
+    use tonic::transport::{Identity, Server, ServerTlsConfig};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=esq test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("write ext");
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ],
+    );
+    let identity = Identity::from_pem(
+        std::fs::read(d.join("server.pem")).expect("cert"),
+        std::fs::read(d.join("server.key")).expect("key"),
+    );
+
+    let store = std::sync::Arc::new(
+        esq_eventstore::embedded::EmbeddedStore::open(&d.join("data")).expect("store"),
+    );
+    let routes = esq_write_svc::routes(
+        esq_write_svc::Deps { store, nudge: None },
+        &esq_write_svc::Config::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = tokio::spawn(
+        Server::builder()
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .expect("tls config")
+            .add_routes(routes)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let esq = Esq::new(
+        SocketAddr::from(([127, 0, 0, 1], 9)),
+        SocketAddr::from(([127, 0, 0, 1], 9)),
+    );
+    let url = format!("https://localhost:{port}");
+    let ca = d.join("ca.pem");
+    let ca = ca.to_str().expect("utf-8 path");
+    // Trusted: the call reaches write-svc, which answers (the stream has no events).
+    esq.fails(
+        &[
+            "streams",
+            "info",
+            "cart/tls",
+            "--write-url",
+            &url,
+            "--ca-cert",
+            ca,
+        ],
+        "NOT_FOUND: stream cart/tls has no events",
+    )
+    .await;
+    // Not trusted without the CA.
+    esq.fails(
+        &["streams", "info", "cart/tls", "--write-url", &url],
+        "cannot connect",
+    )
+    .await;
+    server.abort();
+}
