@@ -705,10 +705,9 @@ fn rebuild_json(p: &pb::RebuildProgress) -> Value {
 fn rebuild_line(p: &pb::RebuildProgress) -> String {
     let total = |t: Option<u64>| t.map_or_else(|| "?".to_owned(), |t| t.to_string());
     let mut s = format!(
-        "{} generation {}: {} {}: {}/{} streams, {}/{} events, {:.0} events/s",
+        "{} generation {}: rebuild {}: {}/{} streams, {}/{} events, {:.0} events/s",
         p.projection,
         p.generation,
-        "rebuild",
         state_name(p.state),
         p.streams_done,
         total(p.streams_total),
