@@ -4,8 +4,11 @@
 //! stream's events after the read model's version and applies them behind the version fence.
 //! So duplicate, late or reordered notifications are harmless, a crash between any two steps
 //! only repeats fenced no-ops, and the read store can be rebuilt from the event store at any
-//! time into a new generation while the old one serves (the `rebuild` module). The projector never writes the event store.
+//! time into a new generation while the old one serves (the `rebuild` module). The projector
+//! never writes the event store. [`admin`] serves the operator's API (`esq.v1.Projections`)
+//! over the methods of [`ops`]' types.
 
+pub mod admin;
 mod generations;
 mod index;
 mod leases;
@@ -76,6 +79,8 @@ pub struct Config {
     /// is still in flight holds the checkpoint back, but later changes are processed meanwhile,
     /// up to this many (then the shard waits for the append or its deadline).
     pub unresolved_window: usize,
+    /// How often a shard's owner records the shard's freshness (`ShardStatus`) in the read store.
+    pub status_interval: Duration,
 }
 
 impl Default for Config {
@@ -95,6 +100,7 @@ impl Default for Config {
             list_page: 500,
             reindex_rounds: 8,
             unresolved_window: 4096,
+            status_interval: Duration::from_secs(1),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! deletes its block here when it adds the real method; this file must be gone before issue 8 is
 //! called done.
 
-use crate::ops::{ParkedStream, RetryOutcome, ShardStatus};
+use crate::ops::{ParkedStream, RetryOutcome};
 use crate::{ProjectError, Projector};
 use esq_domain::StreamId;
 use esq_eventstore::{ChangeFeed, EventStore};
@@ -11,14 +11,6 @@ use esq_readstore::{Coordination, ReadError, ReadStore};
 
 fn not_built(what: &str) -> ProjectError {
     ProjectError::Read(ReadError::Internal(format!("{what} is not built yet")))
-}
-
-// shard freshness
-impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, R> {
-    /// How fresh each change-log shard is.
-    pub async fn shard_status(&self) -> Result<Vec<ShardStatus>, ProjectError> {
-        Err(not_built("shard_status"))
-    }
 }
 
 // parked streams

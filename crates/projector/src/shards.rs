@@ -2,6 +2,7 @@
 //! change brought into the read model (see `sync`), notifications of appends that never
 //! committed (orphans) skipped after the append deadline, and the checkpoint saved.
 
+use crate::ops::ShardStatus;
 use crate::sync::Synced;
 use crate::{ProjectError, Projector};
 use esq_eventstore::{now_us, Change, ChangeFeed, EventStore};
@@ -53,7 +54,12 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let mut window = match taken {
             Some(w) if w.base == checkpoint => w,
             // New, or another projector moved the checkpoint meanwhile.
-            _ => Window::new(checkpoint.clone()),
+            _ => {
+                let noted = self
+                    .recorded_checkpoint_time(shard, checkpoint.as_deref())
+                    .await?;
+                Window::new(checkpoint.clone(), noted)
+            }
         };
         let stopped = |t: Option<Instant>| t.is_some_and(|t| Instant::now() >= t);
         // First the changes still waiting for their append...
@@ -61,9 +67,9 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             if stopped(stop_at) {
                 break;
             }
-            if let Some(change) = &window.entries[i].1 {
+            if let Some(change) = &window.entries[i].unresolved {
                 if self.resolve(change).await? {
-                    window.entries[i].1 = None;
+                    window.entries[i].unresolved = None;
                 }
             }
         }
@@ -82,20 +88,34 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                     more = true;
                     break;
                 }
+                let noted_at_us = change.noted_at_us;
                 let unresolved = (!self.resolve(&change).await?).then_some(change);
-                window.entries.push_back((position, unresolved));
+                window.entries.push_back(Entry {
+                    position,
+                    noted_at_us,
+                    unresolved,
+                });
             }
         }
         // The checkpoint covers the changes done before the earliest unresolved one.
         let mut done = None;
-        while window.entries.front().is_some_and(|(_, c)| c.is_none()) {
-            done = window.entries.pop_front().map(|(p, _)| p);
+        while window
+            .entries
+            .front()
+            .is_some_and(|e| e.unresolved.is_none())
+        {
+            done = window.entries.pop_front();
         }
-        if let Some(position) = done {
+        if let Some(entry) = done {
             // A full window that made room: read on at once.
             more |= room == 0;
-            self.read.save_checkpoint(&name, &position).await?;
-            window.base = Some(position);
+            self.read.save_checkpoint(&name, &entry.position).await?;
+            window.base = Some(entry.position);
+            window.base_noted_us = Some(entry.noted_at_us);
+        }
+        if window.status_due.is_none_or(|t| Instant::now() >= t) {
+            self.record_status(shard, &window, more).await?;
+            window.status_due = Some(Instant::now() + self.config.status_interval);
         }
         self.windows.lock().expect("windows").insert(shard, window);
         Ok(more)
@@ -120,6 +140,95 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         )
     }
 
+    /// The name under which a shard's [`ShardStatus`] is recorded in the read store.
+    fn status_name(&self, shard: u32) -> String {
+        format!("{}:status:{shard}", self.config.checkpoint_prefix)
+    }
+
+    /// Records how fresh a shard is, after a poll by its owner: when the newest change its
+    /// checkpoint covers was noted, how many changes wait past the checkpoint (the window, plus
+    /// at most one page after it when the poll stopped on a full page) and since when the
+    /// oldest of them waits. Ages are computed when read, so a status recorded by a replica
+    /// that died keeps ageing.
+    async fn record_status(
+        &self,
+        shard: u32,
+        window: &Window,
+        more: bool,
+    ) -> Result<(), ProjectError> {
+        let mut behind = window.entries.len() as u64;
+        let mut oldest = window.entries.front().map(|e| e.noted_at_us);
+        if more {
+            let page = self
+                .feed
+                .poll(shard, window.frontier(), self.config.poll_limit)
+                .await?;
+            behind += page.changes.len() as u64;
+            let first = page.changes.first().map(|c| c.noted_at_us);
+            oldest = oldest.or(first);
+        }
+        let record = serde_json::json!({
+            "owner": self.config.owner,
+            "checkpoint": window.base,
+            "checkpoint_noted_us": window.base_noted_us,
+            "behind": behind,
+            "oldest_waiting_us": oldest,
+            "at": now_us(),
+        });
+        self.read
+            .save_checkpoint(&self.status_name(shard), &record.to_string())
+            .await?;
+        Ok(())
+    }
+
+    /// When the change at `checkpoint` was noted, from the shard's recorded status (`None` if
+    /// the status was recorded for another checkpoint or not at all).
+    async fn recorded_checkpoint_time(
+        &self,
+        shard: u32,
+        checkpoint: Option<&str>,
+    ) -> Result<Option<i64>, ProjectError> {
+        let Some(record) = self.read.checkpoint(&self.status_name(shard)).await? else {
+            return Ok(None);
+        };
+        let record: serde_json::Value = serde_json::from_str(&record).unwrap_or_default();
+        Ok(
+            if checkpoint.is_some() && record["checkpoint"].as_str() == checkpoint {
+                record["checkpoint_noted_us"].as_i64()
+            } else {
+                None
+            },
+        )
+    }
+
+    /// How fresh each change-log shard is, from the statuses their owners record each round.
+    /// A shard whose status was not recorded within the lease time has no owner.
+    pub async fn shard_status(&self) -> Result<Vec<ShardStatus>, ProjectError> {
+        let now = now_us();
+        let secs = |us: i64| (now - us).max(0) as f64 / 1e6;
+        let lease_us = i64::try_from(self.config.lease_ttl.as_micros()).unwrap_or(i64::MAX);
+        let mut out = Vec::new();
+        for shard in 0..self.feed.shard_count() {
+            let record = self.read.checkpoint(&self.status_name(shard)).await?;
+            let record: serde_json::Value = record
+                .and_then(|r| serde_json::from_str(&r).ok())
+                .unwrap_or_default();
+            let at = record["at"].as_i64().unwrap_or(0);
+            out.push(ShardStatus {
+                shard,
+                owner: record["owner"]
+                    .as_str()
+                    .filter(|_| now - at <= lease_us)
+                    .map(str::to_owned),
+                checkpoint_age_seconds: record["checkpoint_noted_us"].as_i64().map(secs),
+                changes_behind: record["behind"].as_u64().unwrap_or(0),
+                seconds_behind: record["oldest_waiting_us"].as_i64().map_or(0.0, secs),
+                updated_at_us: at,
+            });
+        }
+        Ok(out)
+    }
+
     fn is_orphan(&self, change: &Change, checked_at_us: i64) -> bool {
         esq_eventstore::is_orphan(change, checked_at_us, self.config.append_deadline)
     }
@@ -133,15 +242,31 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
 pub(crate) struct Window {
     /// The checkpoint the entries follow.
     base: Option<String>,
-    /// Positions after `base`, in order, with the change while it is unresolved.
-    entries: VecDeque<(String, Option<Change>)>,
+    /// When the change at `base` was noted, if known.
+    base_noted_us: Option<i64>,
+    /// The changes after `base`, in order.
+    entries: VecDeque<Entry>,
+    /// When the shard's status is next recorded.
+    status_due: Option<Instant>,
+}
+
+/// One change read past the checkpoint.
+#[derive(Debug)]
+struct Entry {
+    /// Its position in the shard.
+    position: String,
+    /// When it was noted.
+    noted_at_us: i64,
+    /// The change, while its append is still in flight; `None` once done.
+    unresolved: Option<Change>,
 }
 
 impl Window {
-    fn new(base: Option<String>) -> Self {
+    fn new(base: Option<String>, base_noted_us: Option<i64>) -> Self {
         Self {
             base,
-            entries: VecDeque::new(),
+            base_noted_us,
+            ..Self::default()
         }
     }
 
@@ -149,7 +274,7 @@ impl Window {
     fn frontier(&self) -> Option<&str> {
         self.entries
             .back()
-            .map(|(p, _)| p.as_str())
+            .map(|e| e.position.as_str())
             .or(self.base.as_deref())
     }
 }
@@ -300,5 +425,75 @@ mod tests {
         while p.poll_shard(0).await.expect("poll") {}
         assert_eq!(checkpoint(&read).await.as_deref(), Some("20"));
         assert_eq!(read.version("cart2:g1", "r19").await.expect("v"), 1);
+    }
+
+    #[tokio::test]
+    async fn owners_record_how_fresh_each_shard_is() {
+        let (_dir, store, feed, read) = setup(2).await;
+        let config = Config {
+            owner: "p1".to_owned(),
+            status_interval: Duration::ZERO,
+            poll_limit: 2,
+            ..Config::default()
+        };
+        let p = Projector::new(store.clone(), feed.clone(), read.clone(), config);
+        let unknown = |shard| crate::ops::ShardStatus {
+            shard,
+            owner: None,
+            checkpoint_age_seconds: None,
+            changes_behind: 0,
+            seconds_behind: 0.0,
+            updated_at_us: 0,
+        };
+        assert_eq!(
+            p.shard_status().await.expect("status"),
+            [unknown(0), unknown(1)]
+        );
+        // A ghost and three real changes: one page of two is read, the ghost waits.
+        let real: Vec<String> = (0..3).map(|i| format!("r{i}")).collect();
+        let noted = ghost_then_real(&store, &feed, &real).await;
+        let before = now_us();
+        assert!(p.poll_shard(0).await.expect("poll"), "a full page");
+        let status = p.shard_status().await.expect("status");
+        assert_eq!(status[1], unknown(1), "shard 1 was never polled");
+        let s0 = &status[0];
+        assert_eq!(s0.owner.as_deref(), Some("p1"));
+        assert_eq!(s0.checkpoint_age_seconds, None, "nothing checkpointed yet");
+        // The ghost and r0 in the window, r1 and r2 in the next page.
+        assert_eq!(s0.changes_behind, 4);
+        let waited = (now_us() - noted) as f64 / 1e6;
+        assert!(
+            s0.seconds_behind > 0.0 && s0.seconds_behind <= waited,
+            "{s0:?}"
+        );
+        assert!(s0.updated_at_us >= before);
+        // The ghost's append lands: the shard catches up.
+        store
+            .append(&cart("ghost"), ExpectedVersion::NoStream, &[item()])
+            .await
+            .expect("append");
+        while p.poll_shard(0).await.expect("poll") {}
+        let s0 = p.shard_status().await.expect("status").remove(0);
+        assert_eq!((s0.changes_behind, s0.seconds_behind), (0, 0.0), "{s0:?}");
+        let age = s0.checkpoint_age_seconds.expect("a checkpoint");
+        assert!(
+            age >= 0.0 && age <= (now_us() - noted) as f64 / 1e6,
+            "{s0:?}"
+        );
+        // Another replica (a fresh window) reads the checkpoint's time back from the record.
+        let q = Projector::new(
+            store.clone(),
+            feed.clone(),
+            read.clone(),
+            Config {
+                owner: "p2".to_owned(),
+                status_interval: Duration::ZERO,
+                ..Config::default()
+            },
+        );
+        q.poll_shard(0).await.expect("poll");
+        let s0 = q.shard_status().await.expect("status").remove(0);
+        assert_eq!(s0.owner.as_deref(), Some("p2"));
+        assert!(s0.checkpoint_age_seconds.is_some(), "{s0:?}");
     }
 }
