@@ -690,3 +690,62 @@ async fn rebuild_under_writes_and_queries() {
         .expect("page");
     assert!(old.is_empty(), "generation 1 deleted: {old:?}");
 }
+
+/// A document changed behind the projector's back (an HSET in Redis): verify finds it, repair
+/// re-projects it, and verify is clean again (through the `esq` CLI and the projector's
+/// esq.v1.Projections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_a_tampered_doc_and_repair_fixes_it() {
+    let Some(h) = harness(
+        "verify_finds_a_tampered_doc_and_repair_fixes_it",
+        ClusterOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    eprintln!("logs in {}", h.logs().display());
+    let esq = crate::operator::Esq::new(h.writers[0].addr, h.projectors[0].addr);
+    let load = Load::new(5);
+    load.run(&h.clients, 4, 2).await;
+    assert_read_model_equals_fold(&h.clients, &load.carts).await;
+    let clean = esq.json(0, &["projections", "verify", "cart2"]).await;
+    assert_eq!(clean["clean"], true, "{clean}");
+    let record = h.generations("cart2").await.expect("record").expect("some");
+    let generation = record.active.expect("active");
+    let id = &load.carts[0];
+    let client = redis::Client::open(h.backends.redis.as_str()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let key = format!("{}:cart2:g{generation}:{{{id}}}", h.prefix);
+    let () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("tampered")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    let report = esq
+        .json(1, &["projections", "verify", "cart2", "--examples", "5"])
+        .await;
+    assert_eq!(report["different"], 1, "{report}");
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["extra"], 0, "{report}");
+    let example = &report["examples"][0];
+    assert_eq!(example["doc_id"], id.as_str(), "{report}");
+    assert!(
+        example["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("tampered")),
+        "{report}"
+    );
+    let repaired = esq
+        .json(1, &["projections", "verify", "cart2", "--repair"])
+        .await;
+    assert_eq!(repaired["repaired"], 1, "{repaired}");
+    let again = esq.json(0, &["projections", "verify", "cart2"]).await;
+    assert_eq!(again["clean"], true, "{again}");
+    assert_read_model_equals_fold(&h.clients, &load.carts).await;
+}
