@@ -35,6 +35,8 @@ enum Command {
         read_addr: SocketAddr,
         #[command(flatten)]
         server: esq_runtime::config::ServerArgs,
+        #[command(flatten)]
+        metrics: esq_runtime::metrics::MetricsArgs,
     },
 }
 
@@ -48,16 +50,21 @@ async fn main() -> anyhow::Result<()> {
             write_addr,
             read_addr,
             server,
+            metrics,
         } => {
             let shutdown = esq_runtime::shutdown_on_signals();
             let mut config = DevConfig::new(data_dir);
             config.write_addr = write_addr;
             config.read_addr = read_addr;
             config.shutdown_grace = server.shutdown_grace;
+            config.metrics_addr = metrics.metrics_addr;
             let stack = DevStack::start(config, shutdown).await?;
             println!("esq dev is running (Ctrl-C to stop)");
             println!("  write-svc  {}  (esq.v1.EventStore, esq.cart.v1.CartCommands, esq.bookshop.v1.BookCommands)", stack.write_addr);
             println!("  read-svc   {}  (esq.cart.v1.CartQueries, esq.bookshop.v1.BookQueries, esq.v1.StateQueries)", stack.read_addr);
+            if let Some(addr) = stack.metrics_addr {
+                println!("  metrics    {addr}  (Prometheus, GET /metrics)");
+            }
             println!("try:");
             println!(
                 "  grpcurl -plaintext -d '{{\"cart_id\":\"c1\",\"sku\":\"apple\",\"quantity\":2,\"unit_price_cents\":150}}' {} esq.cart.v1.CartCommands/AddItem",

@@ -5,6 +5,7 @@ use esq_eventstore::parse_nudge;
 use esq_projector::{Config, Projector};
 use esq_readstore::redis::subscribe_nudges;
 use esq_runtime::config::{CqlArgs, RedisArgs, ServerArgs, TelemetryArgs};
+use esq_runtime::metrics::{Metered, MetricsArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,8 @@ struct Args {
     redis: RedisArgs,
     #[command(flatten)]
     telemetry: TelemetryArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 #[tokio::main]
@@ -44,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
+    args.metrics.spawn(&shutdown).await?;
     let Some(store) = args.cql.connect(&shutdown).await? else {
         return Ok(());
     };
@@ -59,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(id) = args.projector_id {
         config.owner = id;
     }
-    let store = Arc::new(store);
+    let store = Arc::new(Metered(store));
     let projector = Projector::new(Arc::clone(&store), store, Arc::new(read), config);
 
     // The fast path: nudges name a stream; a lost or late one only costs latency.
