@@ -61,14 +61,14 @@ impl DevStack {
     /// Opens the store, rebuilds the read model from the change log, then serves both gRPC
     /// services and tails the log until `shutdown` is cancelled.
     pub async fn start(config: DevConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        let store = Arc::new(Metered(EmbeddedStore::open(&config.data_dir).with_context(
-            || {
+        let store = Arc::new(Metered(
+            EmbeddedStore::open(&config.data_dir).with_context(|| {
                 format!(
                     "cannot open the event store in {}",
                     config.data_dir.display()
                 )
-            },
-        )?));
+            })?,
+        ));
         let read = Arc::new(MemoryStore::default());
         let projector = esq_projector::Projector::new(
             Arc::clone(&store),

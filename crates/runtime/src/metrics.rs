@@ -53,10 +53,7 @@ pub struct MetricsArgs {
 impl MetricsArgs {
     /// Binds the metrics address (if set) and serves it until `shutdown`; returns the bound
     /// address. A port that cannot be bound is an error at start, not a silent lack of metrics.
-    pub async fn spawn(
-        &self,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<Option<SocketAddr>> {
+    pub async fn spawn(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<SocketAddr>> {
         let Some(addr) = self.metrics_addr else {
             return Ok(None);
         };
@@ -539,7 +536,9 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
                         .body(Full::new(Bytes::from(render()))),
                     _ => Response::builder()
                         .status(StatusCode::NOT_FOUND)
-                        .body(Full::new(Bytes::from_static(b"metrics are at GET /metrics\n"))),
+                        .body(Full::new(Bytes::from_static(
+                            b"metrics are at GET /metrics\n",
+                        ))),
                 };
                 response
             });
@@ -647,7 +646,11 @@ impl<S: ChangeFeed> ChangeFeed for Metered<S> {
         time_us: i64,
     ) -> Result<Option<String>, StoreError> {
         store()
-            .time("event", "position_before", self.0.position_before(shard, time_us))
+            .time(
+                "event",
+                "position_before",
+                self.0.position_before(shard, time_us),
+            )
             .await
     }
 }
@@ -791,6 +794,7 @@ mod tests {
         write().conflict();
         projector().events_applied("cart2", 2);
         read().min_version_wait(true, Duration::from_millis(1));
+        store().observe("event", "append", Duration::from_millis(2));
         let text = render();
         for line in [
             "esq_grpc_requests_total{service=\"esq.cart.v1.CartCommands\",method=\"AddItem\",code=\"OK\"} 1",
@@ -800,6 +804,7 @@ mod tests {
             "esq_read_min_version_waits_total{outcome=\"met\"} 1",
             "# TYPE esq_grpc_request_duration_seconds histogram",
             "# TYPE esq_store_call_duration_seconds histogram",
+            "esq_store_call_duration_seconds_count{store=\"event\",operation=\"append\"} 1",
         ] {
             assert!(text.contains(line), "{line:?} missing from:\n{text}");
         }
