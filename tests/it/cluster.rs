@@ -606,6 +606,7 @@ async fn metrics_follow_traffic() {
         write: h.writers[0].metrics_addr,
         read: h.reader.as_ref().expect("read-svc").metrics_addr,
         projectors: h.projectors.iter().map(|p| p.metrics_addr).collect(),
+        shards: ClusterOptions::default().shards,
     };
     crate::metrics::counters_follow_traffic(&h.clients, &at).await;
 }

@@ -18,6 +18,8 @@ pub struct Endpoints {
     pub read: SocketAddr,
     /// Every projector.
     pub projectors: Vec<SocketAddr>,
+    /// Change-log shards, whose leases the projectors share.
+    pub shards: u32,
 }
 
 async fn scrape_ok(addr: SocketAddr) -> Scrape {
@@ -78,6 +80,29 @@ pub async fn counters_follow_traffic(c: &Clients, at: &Endpoints) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the projectors applied {applied} of {N} events within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Between them the projectors hold every shard's lease (once they have settled), and
+    // report each one's lag and checkpoint age.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let leases = projectors_sum(at, "esq_projector_leases_owned", &[]).await;
+        let mut lags = 0;
+        let mut ages = 0;
+        for &p in &at.projectors {
+            let s = scrape_ok(p).await;
+            lags += s.count("esq_projector_lag_seconds");
+            ages += s.count("esq_projector_checkpoint_age_seconds");
+        }
+        if leases == f64::from(at.shards) && lags == at.shards as usize && ages >= 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after 120 s the projectors hold {leases} of {} shard leases and report the lag of \
+             {lags} shards, the checkpoint age of {ages}",
+            at.shards
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -288,6 +313,7 @@ async fn dev_metrics_follow_traffic() {
         write: metrics,
         read: metrics,
         projectors: vec![metrics],
+        shards: 1,
     };
     counters_follow_traffic(&clients, &at).await;
     // Anything but GET /metrics is 404, and the port serves nothing else.

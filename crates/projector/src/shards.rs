@@ -48,6 +48,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             .await?;
         let mut more = page.changes.len() == self.config.poll_limit as usize;
         let mut done: Option<&str> = None;
+        // How many changes of the page are processed; the first one after them waits.
+        let mut processed = 0;
         for (change, position) in page.changes.iter().zip(&page.positions) {
             if stop_at.is_some_and(|t| Instant::now() >= t) {
                 more = true;
@@ -69,10 +71,25 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                     break;
                 }
             }
+            processed += 1;
         }
         if let Some(p) = done {
             self.read.save_checkpoint(&name, p).await?;
         }
+        let now = now_us();
+        let waited = page
+            .changes
+            .get(processed)
+            .map_or(0, |c| now.saturating_sub(c.noted_at_us).max(0));
+        let covered = processed
+            .checked_sub(1)
+            .and_then(|i| page.changes.get(i))
+            .map(|c| c.noted_at_us);
+        esq_runtime::metrics::projector().shard_polled(
+            shard,
+            std::time::Duration::from_micros(waited as u64),
+            covered,
+        );
         Ok(more)
     }
 

@@ -83,6 +83,18 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         index::mark_pending(&mut b);
         let doc_id = projection.doc_id(stream);
         let outcome = self.read.apply(projection.name(), &doc_id, &b).await?;
+        let metrics = esq_runtime::metrics::projector();
+        match outcome {
+            ApplyOutcome::Applied => {
+                let n = events[start..]
+                    .iter()
+                    .take_while(|e| e.version <= b.last_version)
+                    .count();
+                metrics.events_applied(projection.name(), n as u64);
+            }
+            ApplyOutcome::Duplicate => {}
+            ApplyOutcome::Stale { .. } => metrics.gap_pulled(),
+        }
         if projection.has_indexes() {
             // Also after a duplicate or stale apply: the projector that applied it may have
             // died before its index update.

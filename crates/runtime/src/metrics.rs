@@ -14,9 +14,10 @@
 //!   `esq_write_conflicts_total` (wrong expected version answered to a client) and
 //!   `esq_write_aborted_total` (a command that kept losing races, answered ABORTED);
 //! - the projector ([`projector`]): `esq_projector_events_applied_total{projection}`,
-//!   `esq_projector_gaps_pulled_total`, `esq_projector_lag_seconds{shard}`,
-//!   `esq_projector_checkpoint_age_seconds{shard}`, `esq_projector_leases_owned`,
-//!   `esq_projector_rebuild_events_done{projection}` and `esq_projector_rebuilds_total{projection}`;
+//!   `esq_projector_gaps_pulled_total`, `esq_projector_lag_seconds{shard}` (how long the oldest
+//!   unprocessed change has waited), `esq_projector_checkpoint_age_seconds{shard}` (age of the
+//!   newest change the checkpoint covers), `esq_projector_leases_owned`,
+//!   `esq_projector_rebuild_streams_done{projection}` and `esq_projector_rebuilds_total{projection}`;
 //! - read-svc ([`read`]): `esq_read_min_version_waits_total{outcome}` and
 //!   `esq_read_min_version_wait_duration_seconds`;
 //! - the event store, through [`Metered`]: `esq_store_call_duration_seconds{store,operation}`.
@@ -243,7 +244,10 @@ pub struct ProjectorMetrics {
     lag: Family<ShardLabels, Gauge<f64, AtomicU64>>,
     checkpoint_age: Family<ShardLabels, Gauge<f64, AtomicU64>>,
     leases_owned: Gauge,
-    rebuild_events_done: Family<ProjectionLabels, Gauge>,
+    /// Per polled shard: when the newest change its checkpoint covers was noted (µs since the
+    /// epoch, if known), from which the checkpoint age is computed at each scrape.
+    checkpoint_noted_us: std::sync::Mutex<std::collections::BTreeMap<u32, Option<i64>>>,
+    rebuild_streams_done: Family<ProjectionLabels, Gauge>,
     rebuilds: Family<ProjectionLabels, Counter>,
 }
 
@@ -263,27 +267,60 @@ impl ProjectorMetrics {
         self.gaps_pulled.inc();
     }
 
-    /// How far `shard`'s read position is behind the newest change it has seen.
-    pub fn lag(&self, shard: u32, behind: Duration) {
+    /// A poll of `shard` ended: its oldest unprocessed change has waited `behind` (zero when
+    /// none waits), and its checkpoint covers a change noted at `checkpoint_noted_us` (µs since
+    /// the epoch; `None` when the checkpoint did not move).
+    pub fn shard_polled(&self, shard: u32, behind: Duration, checkpoint_noted_us: Option<i64>) {
         self.lag
             .get_or_create(&ShardLabels {
                 shard: shard.to_string(),
             })
             .set(behind.as_secs_f64());
+        let mut noted = self.noted();
+        let entry = noted.entry(shard).or_default();
+        if checkpoint_noted_us.is_some() {
+            *entry = checkpoint_noted_us;
+        }
     }
 
-    /// How long ago `shard`'s checkpoint was last saved.
-    pub fn checkpoint_age(&self, shard: u32, age: Duration) {
-        self.checkpoint_age
-            .get_or_create(&ShardLabels {
+    /// This projector holds the leases of `shards` now; the shards it no longer holds leave
+    /// the per-shard series (another replica reports them).
+    pub fn leases_owned(&self, shards: &std::collections::BTreeSet<u32>) {
+        self.leases_owned
+            .set(i64::try_from(shards.len()).unwrap_or(i64::MAX));
+        let mut noted = self.noted();
+        let gone: Vec<u32> = noted
+            .keys()
+            .filter(|s| !shards.contains(s))
+            .copied()
+            .collect();
+        for shard in gone {
+            noted.remove(&shard);
+            let labels = ShardLabels {
                 shard: shard.to_string(),
-            })
-            .set(age.as_secs_f64());
+            };
+            self.lag.remove(&labels);
+            self.checkpoint_age.remove(&labels);
+        }
     }
 
-    /// This projector holds `n` shard leases now.
-    pub fn leases_owned(&self, n: usize) {
-        self.leases_owned.set(i64::try_from(n).unwrap_or(i64::MAX));
+    fn noted(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u32, Option<i64>>> {
+        self.checkpoint_noted_us
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sets the checkpoint ages from the recorded times, as of `now_us`.
+    fn refresh_checkpoint_ages(&self, now_us: i64) {
+        for (shard, noted) in self.noted().iter() {
+            let Some(noted) = noted else { continue };
+            let age = (now_us.saturating_sub(*noted)).max(0) as f64 / 1e6;
+            self.checkpoint_age
+                .get_or_create(&ShardLabels {
+                    shard: shard.to_string(),
+                })
+                .set(age);
+        }
     }
 
     /// A rebuild of `projection` started.
@@ -292,16 +329,16 @@ impl ProjectorMetrics {
             projection: projection.to_owned(),
         };
         self.rebuilds.get_or_create(&labels).inc();
-        self.rebuild_events_done.get_or_create(&labels).set(0);
+        self.rebuild_streams_done.get_or_create(&labels).set(0);
     }
 
-    /// The running rebuild of `projection` has folded `events` events so far.
-    pub fn rebuild_progress(&self, projection: &str, events: u64) {
-        self.rebuild_events_done
+    /// The running (or latest) rebuild of `projection` has brought `streams` streams in.
+    pub fn rebuild_progress(&self, projection: &str, streams: u64) {
+        self.rebuild_streams_done
             .get_or_create(&ProjectionLabels {
                 projection: projection.to_owned(),
             })
-            .set(i64::try_from(events).unwrap_or(i64::MAX));
+            .set(i64::try_from(streams).unwrap_or(i64::MAX));
     }
 }
 
@@ -412,13 +449,13 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     registry.register_with_unit(
         "esq_projector_lag",
-        "How far a shard's read position is behind the newest change it saw",
+        "How long the oldest change a shard has not processed yet has waited (0 when none)",
         Unit::Seconds,
         projector.lag.clone(),
     );
     registry.register_with_unit(
         "esq_projector_checkpoint_age",
-        "Time since a shard's checkpoint was last saved",
+        "Age of the newest change a shard's checkpoint covers",
         Unit::Seconds,
         projector.checkpoint_age.clone(),
     );
@@ -428,9 +465,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         projector.leases_owned.clone(),
     );
     registry.register(
-        "esq_projector_rebuild_events_done",
-        "Events folded by the latest rebuild of a projection",
-        projector.rebuild_events_done.clone(),
+        "esq_projector_rebuild_streams_done",
+        "Streams brought in by the running or latest rebuild of a projection",
+        projector.rebuild_streams_done.clone(),
     );
     registry.register(
         "esq_projector_rebuilds",
@@ -498,6 +535,9 @@ pub fn store() -> &'static StoreMetrics {
 
 /// Every metric of this process in the OpenMetrics text format.
 pub fn render() -> String {
+    METRICS
+        .projector
+        .refresh_checkpoint_ages(esq_eventstore::now_us());
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry) {
         tracing::error!(error = %e, "cannot encode the metrics");

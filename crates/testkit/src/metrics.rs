@@ -6,10 +6,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// One scrape: every sample line, as (series name, labels, value).
+/// One sample line: series name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// One scrape: every sample line.
 #[derive(Debug, Clone, Default)]
 pub struct Scrape {
-    samples: Vec<(String, Vec<(String, String)>, f64)>,
+    samples: Vec<Sample>,
     /// The text as served.
     pub text: String,
 }
@@ -72,7 +75,12 @@ impl Scrape {
 
     /// Whether any sample of `name` is exposed.
     pub fn has(&self, name: &str) -> bool {
-        self.samples.iter().any(|(n, _, _)| n == name)
+        self.count(name) > 0
+    }
+
+    /// How many series of `name` are exposed.
+    pub fn count(&self, name: &str) -> usize {
+        self.samples.iter().filter(|(n, _, _)| n == name).count()
     }
 }
 
