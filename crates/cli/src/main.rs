@@ -35,9 +35,23 @@ enum Command {
         read_addr: SocketAddr,
         #[command(flatten)]
         server: esq_runtime::config::ServerArgs,
-        #[command(flatten)]
-        metrics: esq_runtime::metrics::MetricsArgs,
+        /// Where to serve Prometheus metrics (GET /metrics); `off` serves none.
+        #[arg(long, env = "ESQ_METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
+        metrics_addr: MetricsAddr,
     },
+}
+
+/// `--metrics-addr` of `esq dev`: an address, or none (`off`).
+#[derive(Debug, Clone, Copy)]
+struct MetricsAddr(Option<SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("{s:?} is not an address (host:port) nor `off`: {e}"))
 }
 
 #[tokio::main]
@@ -50,14 +64,14 @@ async fn main() -> anyhow::Result<()> {
             write_addr,
             read_addr,
             server,
-            metrics,
+            metrics_addr,
         } => {
             let shutdown = esq_runtime::shutdown_on_signals();
             let mut config = DevConfig::new(data_dir);
             config.write_addr = write_addr;
             config.read_addr = read_addr;
             config.shutdown_grace = server.shutdown_grace;
-            config.metrics_addr = metrics.metrics_addr;
+            config.metrics_addr = metrics_addr.0;
             let stack = DevStack::start(config, shutdown).await?;
             println!("esq dev is running (Ctrl-C to stop)");
             println!("  write-svc  {}  (esq.v1.EventStore, esq.cart.v1.CartCommands, esq.bookshop.v1.BookCommands)", stack.write_addr);
