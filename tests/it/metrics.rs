@@ -51,6 +51,8 @@ pub async fn counters_follow_traffic(c: &Clients, at: &Endpoints) {
     let write0 = scrape_ok(at.write).await;
     let read0 = scrape_ok(at.read).await;
     let applied0 = projectors_sum(at, APPLIED, &cart2).await;
+    let read_apply = [("store", "read"), ("operation", "apply")];
+    let applies0 = projectors_sum(at, "esq_store_call_duration_seconds_count", &read_apply).await;
 
     let id = unique("metrics-cart");
     let mut version = 0;
@@ -242,6 +244,25 @@ pub async fn counters_follow_traffic(c: &Clients, at: &Endpoints) {
             1.0,
         ),
     ];
+    // Read-store calls are timed too: at least one get per query (the deadline one polls
+    // several times), and at least one apply by the projectors (one apply may carry several
+    // events of a stream).
+    let gets = delta(
+        &read0,
+        &read1,
+        "esq_store_call_duration_seconds_count",
+        &[("store", "read"), ("operation", "get")],
+    );
+    assert!(
+        gets >= 2.0,
+        "read-svc timed {gets} read-store gets for 2 queries"
+    );
+    let applies =
+        projectors_sum(at, "esq_store_call_duration_seconds_count", &read_apply).await - applies0;
+    assert!(
+        applies >= 1.0,
+        "the projectors timed {applies} read-store applies for {N} events"
+    );
     let wrong: Vec<_> = checks.iter().filter(|(_, got, want)| got != want).collect();
     assert!(
         wrong.is_empty(),

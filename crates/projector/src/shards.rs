@@ -47,7 +47,9 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         stop_at: Option<Instant>,
     ) -> Result<bool, ProjectError> {
         let name = self.shard_name(shard);
-        let checkpoint = self.read.checkpoint(&name).await?;
+        let checkpoint = esq_runtime::metrics::store()
+            .time("read", "checkpoint", self.read.checkpoint(&name))
+            .await?;
         // Taken out while in use (one poller per shard); lost on an error, which only means
         // re-reading from the checkpoint.
         let taken = self.windows.lock().expect("windows").remove(&shard);
@@ -109,7 +111,13 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         if let Some(entry) = done {
             // A full window that made room: read on at once.
             more |= room == 0;
-            self.read.save_checkpoint(&name, &entry.position).await?;
+            esq_runtime::metrics::store()
+                .time(
+                    "read",
+                    "save_checkpoint",
+                    self.read.save_checkpoint(&name, &entry.position),
+                )
+                .await?;
             window.base = Some(entry.position);
             window.base_noted_us = Some(entry.noted_at_us);
         }

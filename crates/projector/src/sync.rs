@@ -81,7 +81,13 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         // Marks the index work as pending in the same atomic apply, so that an index update cut
         // short (a crash, a Redis error) is noticed by whoever syncs this document next.
         self.mark_index_work(projection, &doc_id, &mut b).await?;
-        let outcome = self.read.apply(projection.name(), &doc_id, &b).await?;
+        let outcome = esq_runtime::metrics::store()
+            .time(
+                "read",
+                "apply",
+                self.read.apply(projection.name(), &doc_id, &b),
+            )
+            .await?;
         let metrics = esq_runtime::metrics::projector();
         match outcome {
             ApplyOutcome::Applied => {

@@ -63,9 +63,8 @@ impl<R: ReadStore> Reader<R> {
         let deadline = started + budget;
         let mut pause = Duration::from_millis(1);
         loop {
-            let doc = self
-                .store
-                .get(projection, doc_id)
+            let doc = esq_runtime::metrics::store()
+                .time("read", "get", self.store.get(projection, doc_id))
                 .await
                 .map_err(status_from_read)?;
             let version = doc.as_ref().map_or(0, doc_version);

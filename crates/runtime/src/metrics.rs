@@ -20,7 +20,8 @@
 //!   `esq_projector_rebuild_streams_done{projection}` and `esq_projector_rebuilds_total{projection}`;
 //! - read-svc ([`read`]): `esq_read_min_version_waits_total{outcome}` and
 //!   `esq_read_min_version_wait_duration_seconds`;
-//! - the event store, through [`Metered`]: `esq_store_call_duration_seconds{store,operation}`.
+//! - the event store, through [`Metered`], and the read store's hot calls, through
+//!   [`StoreMetrics::time`]: `esq_store_call_duration_seconds{store,operation}`.
 //!
 //! Label values are bounded: gRPC service and method names are those of the served APIs (any
 //! other path is counted as `unknown`), codes are the 17 gRPC codes, projections and shards are
