@@ -10,6 +10,7 @@ mod core;
 mod dev;
 mod history;
 mod metrics;
+mod operator;
 mod replay;
 mod startup;
 mod suite;
