@@ -354,6 +354,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let pairs = [(p, ns.to_owned())];
         let mut cursor = None;
         let mut saved_at = Instant::now();
+        let metrics = esq_runtime::metrics::projector();
+        metrics.rebuild_started(projection);
         loop {
             let page = self
                 .store
@@ -367,6 +369,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 }
                 progress.streams_done += 1;
                 if saved_at.elapsed() >= PROGRESS_EVERY {
+                    metrics.rebuild_progress(projection, progress.streams_done);
                     progress.updated_at_us = now_us();
                     self.save_progress(projection, progress).await?;
                     saved_at = Instant::now();
@@ -377,6 +380,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 None => break,
             }
         }
+        metrics.rebuild_progress(projection, progress.streams_done);
         progress.updated_at_us = now_us();
         self.save_progress(projection, progress).await?;
         Ok(())

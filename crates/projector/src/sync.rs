@@ -96,7 +96,21 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         // short (a crash, a Redis error) is noticed by whoever syncs this document next.
         self.mark_index_work(projection, namespace, &doc_id, &mut b)
             .await?;
-        let outcome = self.read.apply(namespace, &doc_id, &b).await?;
+        let outcome = esq_runtime::metrics::store()
+            .time("read", "apply", self.read.apply(namespace, &doc_id, &b))
+            .await?;
+        let metrics = esq_runtime::metrics::projector();
+        match outcome {
+            ApplyOutcome::Applied => {
+                let n = events[start..]
+                    .iter()
+                    .take_while(|e| e.version <= b.last_version)
+                    .count();
+                metrics.events_applied(projection.name(), n as u64);
+            }
+            ApplyOutcome::Duplicate => {}
+            ApplyOutcome::Stale { .. } => metrics.gap_pulled(),
+        }
         if projection.has_indexes() {
             // Also after a duplicate or stale apply: the projector that applied it may have
             // died before its index update.

@@ -55,9 +55,8 @@ impl<R: ReadStore> Reader<R> {
             .active(projection)
             .await
             .map_err(status_from_read)?;
-        self.resolver
-            .store()
-            .get(&namespace, doc_id)
+        esq_runtime::metrics::store()
+            .time("read", "get", self.resolver.store().get(&namespace, doc_id))
             .await
             .map_err(status_from_read)
     }
@@ -75,9 +74,14 @@ impl<R: ReadStore> Reader<R> {
             .active(projection)
             .await
             .map_err(status_from_read)?;
-        self.resolver
-            .store()
-            .index_page(&namespace, index, after, limit)
+        esq_runtime::metrics::store()
+            .time(
+                "read",
+                "index_page",
+                self.resolver
+                    .store()
+                    .index_page(&namespace, index, after, limit),
+            )
             .await
             .map_err(status_from_read)
     }
@@ -99,17 +103,22 @@ impl<R: ReadStore> Reader<R> {
         // Answer a little before the client's deadline, so it gets DEADLINE_EXCEEDED with our
         // explanation rather than cancelling the call itself.
         let budget = budget.saturating_sub((budget / 5).min(Duration::from_millis(50)));
-        let deadline = Instant::now() + budget;
+        let started = Instant::now();
+        let deadline = started + budget;
         let mut pause = Duration::from_millis(1);
         loop {
             // Resolved on every round, so a wait that spans a swap ends on the new generation.
             let doc = self.get(projection, doc_id).await?;
             let version = doc.as_ref().map_or(0, doc_version);
             if version >= min_version {
+                if min_version > 0 {
+                    esq_runtime::metrics::read().min_version_wait(true, started.elapsed());
+                }
                 return Ok(doc);
             }
             let now = Instant::now();
             if now >= deadline {
+                esq_runtime::metrics::read().min_version_wait(false, started.elapsed());
                 return Err(Status::deadline_exceeded(format!(
                     "the read model of {doc_id} is at version {version}; min_version {min_version} \
                      was not reached within {budget:?}"
