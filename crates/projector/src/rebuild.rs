@@ -146,43 +146,51 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(every) => {}
             }
-            for p in &self.projections {
-                let name = p.name();
-                let lease = self.rebuild_lease(name);
-                let due = match read_record(self.read.as_ref(), name).await {
-                    Ok(Some((r, _))) => {
-                        r.requested
-                            || r.building.is_some()
-                            || !r.retired.is_empty()
-                            || r.layout != READ_MODEL_LAYOUT
-                    }
-                    Ok(None) => false,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read generation records");
-                        break;
-                    }
+            // Every projection's rebuild runs concurrently with the others (each under its own
+            // lease), so one long rebuild does not hold up another.
+            let rounds = self
+                .projections
+                .iter()
+                .map(|p| self.rebuild_if_due(p.name(), &shutdown));
+            futures::future::join_all(rounds).await;
+        }
+    }
+
+    /// One round of [`Projector::rebuild_loop`] for `name`.
+    async fn rebuild_if_due(&self, name: &str, shutdown: &CancellationToken) {
+        let due = match read_record(self.read.as_ref(), name).await {
+            Ok(Some((r, _))) => {
+                r.requested
+                    || r.building.is_some()
+                    || !r.retired.is_empty()
+                    || r.layout != READ_MODEL_LAYOUT
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read generation records");
+                false
+            }
+        };
+        if !due {
+            return;
+        }
+        let lease = self.rebuild_lease(name);
+        match self.with_lease(&lease, self.rebuild(name), shutdown).await {
+            Ok(Some(Ok(()))) | Ok(None) => {}
+            Ok(Some(Err(e))) | Err(e) => {
+                tracing::warn!(projection = name, error = %e, "rebuild failed; retrying later");
+                let failed = RebuildProgress {
+                    state: RebuildState::Failed,
+                    error: Some(e.to_string()),
+                    updated_at_us: now_us(),
+                    ..self
+                        .rebuild_progress(name)
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or_else(|| empty_progress(&self.config.owner))
                 };
-                if !due {
-                    continue;
-                }
-                match self.with_lease(&lease, self.rebuild(name), &shutdown).await {
-                    Ok(Some(Ok(()))) | Ok(None) => {}
-                    Ok(Some(Err(e))) | Err(e) => {
-                        tracing::warn!(projection = name, error = %e, "rebuild failed; retrying later");
-                        let failed = RebuildProgress {
-                            state: RebuildState::Failed,
-                            error: Some(e.to_string()),
-                            updated_at_us: now_us(),
-                            ..self
-                                .rebuild_progress(name)
-                                .await
-                                .ok()
-                                .flatten()
-                                .unwrap_or_else(|| empty_progress(&self.config.owner))
-                        };
-                        let _ = self.save_progress(name, &failed).await;
-                    }
-                }
+                let _ = self.save_progress(name, &failed).await;
             }
         }
     }
@@ -287,7 +295,14 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             progress.state = RebuildState::Swapped;
             progress.updated_at_us = now_us();
             self.save_progress(projection, &progress).await?;
-            tokio::time::sleep(self.deletion_grace()).await;
+            // The old generation is deleted by a later round, once the grace has passed.
+            return Ok(());
+        }
+        let grace_us = i64::try_from(self.deletion_grace().as_micros()).unwrap_or(i64::MAX);
+        if let Some(p) = self.rebuild_progress(projection).await? {
+            if p.state == RebuildState::Swapped && now_us() - p.updated_at_us < grace_us {
+                return Ok(());
+            }
         }
         self.delete_retired(projection).await?;
         if let Some(mut progress) = self.rebuild_progress(projection).await? {

@@ -452,6 +452,7 @@ mod tests {
             ..Config::default()
         };
         let p = Projector::new(store.clone(), feed.clone(), read.clone(), config);
+        p.refresh_generations(false).await.expect("generations");
         let unknown = |shard| crate::ops::ShardStatus {
             shard,
             owner: None,
@@ -506,6 +507,7 @@ mod tests {
                 ..Config::default()
             },
         );
+        q.refresh_generations(false).await.expect("generations");
         q.poll_shard(0).await.expect("poll");
         let s0 = q.shard_status().await.expect("status").remove(0);
         assert_eq!(s0.owner.as_deref(), Some("p2"));
