@@ -603,6 +603,83 @@ mod tests {
         assert!(written > 0);
     }
 
+    /// The upgrade from the layout before generations: the old keys keep serving as generation
+    /// 0 while generation 1 is built, then are deleted.
+    #[tokio::test]
+    async fn the_pre_generation_layout_is_rebuilt_into_generation_one() {
+        let (_dir, store, feed, read) = setup(1).await;
+        for i in 0..4 {
+            store
+                .append(&cart(&format!("c{i}")), ExpectedVersion::Any, &[item("a")])
+                .await
+                .expect("append");
+        }
+        // What a projector of the old layout left: documents under the bare name, its marker.
+        let legacy = fields(1, 1, vec![FieldOp::Set("old".to_owned(), "1".to_owned())]);
+        for i in 0..4 {
+            read.apply("cart2", &format!("c{i}"), &legacy)
+                .await
+                .expect("apply");
+        }
+        read.save_checkpoint("projector:marker:2", "old")
+            .await
+            .expect("marker");
+        let config = Config {
+            lease_ttl: Duration::from_millis(300),
+            ..Config::default()
+        };
+        let p = Arc::new(Projector::new(store.clone(), feed, read.clone(), config));
+        p.refresh_generations(false).await.expect("generations");
+        let (record, _) = read_record(read.as_ref(), "cart2")
+            .await
+            .expect("r")
+            .expect("some");
+        assert_eq!(
+            (record.active, record.requested),
+            (Some(0), true),
+            "{record:?}"
+        );
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn({
+            let (p, shutdown) = (Arc::clone(&p), shutdown.clone());
+            async move {
+                p.run(Arc::new(tokio::sync::Notify::new()), None, shutdown)
+                    .await
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let progress = p.rebuild_progress("cart2").await.expect("progress");
+            if progress
+                .as_ref()
+                .is_some_and(|p| p.state == RebuildState::Done)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "upgrade not done: {progress:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        running.await.expect("run");
+        let (record, _) = read_record(read.as_ref(), "cart2")
+            .await
+            .expect("r")
+            .expect("some");
+        assert_eq!(
+            (record.active, record.building),
+            (Some(1), None),
+            "{record:?}"
+        );
+        let (old, _) = read.doc_ids_page("cart2", None, 10).await.expect("page");
+        assert!(old.is_empty(), "old keys deleted: {old:?}");
+        let report = p
+            .verify(&verify_options(false), &|_| {})
+            .await
+            .expect("verify");
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(report.streams_checked, 4);
+    }
+
     /// Verify reports a missing, a different and an extra document; repair fixes all three.
     #[tokio::test]
     async fn verify_finds_differences_and_repair_fixes_them() {
