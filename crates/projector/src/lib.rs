@@ -9,6 +9,7 @@
 mod index;
 mod leases;
 pub mod ops;
+mod parked;
 mod pending;
 mod rebuild;
 mod shards;
