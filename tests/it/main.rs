@@ -9,6 +9,7 @@ mod cluster;
 mod core;
 mod dev;
 mod history;
+mod parked;
 mod replay;
 mod startup;
 mod suite;
