@@ -227,10 +227,10 @@ async fn poison_streams_park_while_others_flow() {
 }
 
 /// The same on `esq dev` where it applies (its read store is in memory, so only an unreadable
-/// event can poison; listing, retry and skip need the operator service): an event at a schema
-/// version no upcaster knows, written to the embedded store while the stack is down, parks its
-/// stream in the rebuild at start and after it, while other streams flow; the executor names
-/// the unreadable event.
+/// event can poison): an event at a schema version no upcaster knows, written to the embedded
+/// store while the stack is down, parks its stream in the rebuild at start, while other streams
+/// flow; the executor names the unreadable event; esq.v1.Projections (on the read address)
+/// lists it, a retry leaves it parked, a skip lets the cart view past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_stream_parks_on_dev_while_others_flow() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -294,6 +294,63 @@ async fn poison_stream_parks_on_dev_while_others_flow() {
         .expect_err("the stream holds an unreadable event");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("version 2"), "{err:?}");
+    // Operated through esq.v1.Projections.
+    let channel = esq_testkit::channel(h.read_addr().expect("running"))
+        .await
+        .expect("connect");
+    let mut admin = esq::pb::v1::projections_client::ProjectionsClient::new(channel);
+    let listed = admin
+        .list_parked(esq::pb::v1::ListParkedRequest {
+            projection: "cart2".into(),
+            limit: 10,
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .parked;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (
+            listed[0].stream.as_ref().map(|s| s.id.as_str()),
+            listed[0].version
+        ),
+        (Some(poisoned.as_str()), 2)
+    );
+    assert!(listed[0].reason.contains("schema"), "{:?}", listed[0]);
+    let stream_ref = crate::suite::stream("cart", &poisoned);
+    let retried = admin
+        .retry_parked(esq::pb::v1::RetryParkedRequest {
+            projection: "cart2".into(),
+            stream: stream_ref.clone(),
+        })
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(
+        !retried.resumed && retried.reason.contains("schema"),
+        "{retried:?}"
+    );
+    admin
+        .skip_parked(esq::pb::v1::SkipParkedRequest {
+            projection: "cart2".into(),
+            stream: stream_ref,
+            version: 2,
+            reason: "written by a broken importer".into(),
+        })
+        .await
+        .expect("skip");
+    let skipped = cart_at(&h.clients, &poisoned, 2).await;
+    assert_eq!((skipped.version, skipped.item_count), (2, 1));
+    let listed = admin
+        .list_parked(esq::pb::v1::ListParkedRequest {
+            projection: String::new(),
+            limit: 10,
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .parked;
+    assert!(listed.is_empty(), "{listed:?}");
     // The generic state view reads any JSON object, so it is not held back.
     let state = h
         .clients
