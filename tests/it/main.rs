@@ -9,6 +9,7 @@ mod cluster;
 mod core;
 mod dev;
 mod history;
+mod metrics;
 mod operator;
 mod parked;
 mod replay;

@@ -153,7 +153,15 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         // Marks the index work as pending in the same atomic apply, so that an index update cut
         // short (a crash, a Redis error) is noticed by whoever syncs this document next.
         let outcome = match self.mark_index_work(projection, &doc_id, &mut b).await {
-            Ok(()) => self.read.apply(projection.name(), &doc_id, &b).await,
+            Ok(()) => {
+                esq_runtime::metrics::store()
+                    .time(
+                        "read",
+                        "apply",
+                        self.read.apply(projection.name(), &doc_id, &b),
+                    )
+                    .await
+            }
             Err(ProjectError::Read(e)) => Err(e),
             Err(e) => return Err(e),
         };
@@ -173,6 +181,18 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             }
             Err(e) => return Err(e.into()),
         };
+        let metrics = esq_runtime::metrics::projector();
+        match outcome {
+            ApplyOutcome::Applied => {
+                let n = events
+                    .iter()
+                    .take_while(|e| e.version <= b.last_version)
+                    .count();
+                metrics.events_applied(projection.name(), n as u64);
+            }
+            ApplyOutcome::Duplicate => {}
+            ApplyOutcome::Stale { .. } => metrics.gap_pulled(),
+        }
         if projection.has_indexes() {
             // Also after a duplicate or stale apply: the projector that applied it may have
             // died before its index update.
