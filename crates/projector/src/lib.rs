@@ -13,7 +13,7 @@ mod generations;
 mod index;
 mod leases;
 pub mod ops;
-mod pending;
+mod parked;
 mod rebuild;
 mod shards;
 mod sync;

@@ -378,7 +378,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 .await?;
             for stream in &page.streams {
                 if p.handles(&stream.kind) {
-                    self.sync_into(stream, None, &pairs).await?;
+                    self.sync_into(stream, None, pairs.to_vec()).await?;
                     // The events the generation now covers for this stream.
                     progress.events_done += self.read.version(ns, &p.doc_id(stream)).await?;
                 }

@@ -17,7 +17,7 @@
 
 use crate::ops::{Difference, DifferenceKind, VerifyOptions, VerifyProgress, VerifyReport};
 use crate::{ProjectError, Projector};
-use esq_domain::projection::{apply_to_doc, batch, Projection, INDEX_PENDING_FIELD};
+use esq_domain::projection::{apply_to_doc, batch_except, Projection, INDEX_PENDING_FIELD};
 use esq_domain::StreamId;
 use esq_eventstore::{ChangeFeed, EventStore, ReadRequest};
 use esq_readstore::generations::{namespace, read_record};
@@ -128,7 +128,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         record(report, options, kind, &doc_id, detail);
         if options.repair {
             self.read.delete_doc(ns, &doc_id).await?;
-            self.sync_into(stream, None, &[(p, ns.to_owned())]).await?;
+            self.sync_into(stream, None, vec![(p, ns.to_owned())])
+                .await?;
             report.repaired += 1;
         }
         Ok(())
@@ -140,6 +141,13 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         p: &dyn Projection,
         stream: &StreamId,
     ) -> Result<Option<Doc>, ProjectError> {
+        // Events an operator skipped are left out, as the projector leaves them out; an event
+        // that cannot be projected ends the fold there, where the projector parked the stream.
+        let skipped: BTreeSet<u64> = self
+            .skipped_versions(p.name(), stream)
+            .await?
+            .into_iter()
+            .collect();
         let mut doc = Doc::new();
         let mut next = 1;
         let mut any = false;
@@ -148,13 +156,26 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 .store
                 .read(stream, ReadRequest::forwards(next, self.config.read_page))
                 .await?;
-            let Some(b) = batch(p, &events) else {
+            let (b, parked) = match batch_except(p, &events, |v| skipped.contains(&v)) {
+                Ok(b) => (b, false),
+                Err(e) => {
+                    let before = events.partition_point(|ev| ev.version < e.version);
+                    let prefix = &events[..before];
+                    (
+                        batch_except(p, prefix, |v| skipped.contains(&v))
+                            .ok()
+                            .flatten(),
+                        true,
+                    )
+                }
+            };
+            let Some(b) = b else {
                 break;
             };
             any = true;
             apply_to_doc(&mut doc, &b);
             next = b.last_version + 1;
-            if events.len() < self.config.read_page as usize {
+            if parked || events.len() < self.config.read_page as usize {
                 break;
             }
         }
