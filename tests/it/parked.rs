@@ -4,7 +4,7 @@
 //! process over the same keyspace and Redis prefix (it never runs): its methods read and write
 //! the records every replica shares in the read store.
 
-use crate::suite::{add, unique};
+use crate::suite::{add, add_retrying, unique};
 use esq::pb::cart::v1 as cart;
 use esq_domain::{ExpectedVersion, NewEvent, StreamId};
 use esq_eventstore::cql::{CqlConfig, CqlStore};
@@ -142,7 +142,7 @@ async fn poison_streams_park_while_others_flow() {
         let (others, mut carts) = (Arc::clone(&others), c.carts.clone());
         tasks.push(tokio::spawn(async move {
             for id in others.iter().skip(t).step_by(16) {
-                carts.add_item(add(id, "apple", 1, 1)).await.expect("add");
+                add_retrying(&mut carts, add(id, "apple", 1, 1)).await;
             }
         }));
     }
@@ -273,7 +273,7 @@ async fn poison_stream_parks_on_dev_while_others_flow() {
         let (others, mut carts) = (Arc::clone(&others), h.clients.carts.clone());
         tasks.push(tokio::spawn(async move {
             for id in others.iter().skip(t).step_by(8) {
-                carts.add_item(add(id, "apple", 1, 1)).await.expect("add");
+                add_retrying(&mut carts, add(id, "apple", 1, 1)).await;
             }
         }));
     }

@@ -106,6 +106,29 @@ pub fn add(cart_id: &str, sku: &str, quantity: i64, price: i64) -> cart::AddItem
     }
 }
 
+/// Sends an AddItem with a command id and retries it on UNAVAILABLE (an overloaded store that
+/// did not answer in time on a busy machine) for up to a minute: the same command id makes the
+/// retry safe — a committed original answers as success, nothing is added twice.
+pub async fn add_retrying(
+    carts: &mut esq::pb::cart::v1::cart_commands_client::CartCommandsClient<Channel>,
+    mut req: cart::AddItemRequest,
+) {
+    if req.command_id.is_empty() {
+        req.command_id = unique("cmd");
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match carts.add_item(req.clone()).await {
+            Ok(_) => return,
+            Err(e) if e.code() == Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                eprintln!("{}: retrying after {e:?}", req.cart_id);
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("add to {}: {e:?}", req.cart_id),
+        }
+    }
+}
+
 /// A RemoveItem command.
 pub fn remove(cart_id: &str, sku: &str, quantity: i64) -> cart::RemoveItemRequest {
     cart::RemoveItemRequest {
