@@ -6,6 +6,7 @@
 //! only repeats fenced no-ops, and the read store can be rebuilt from the event store at any
 //! time ([`Projector::rebuild`]). The projector never writes the event store.
 
+mod derived;
 mod index;
 mod leases;
 pub mod ops;
@@ -16,10 +17,8 @@ mod sync;
 #[cfg(test)]
 mod testing;
 
-use esq_domain::bookshop::BookProjection;
-use esq_domain::cart::CartProjection;
+use esq_domain::derived::Derived;
 use esq_domain::projection::Projection;
-use esq_domain::state::StateProjection;
 use esq_domain::StreamId;
 use esq_eventstore::{ChangeFeed, EventStore, StoreError};
 use esq_readstore::{Coordination, ReadError, ReadStore};
@@ -92,14 +91,12 @@ impl Default for Config {
     }
 }
 
-/// The projections esq maintains: cart, book and the generic state of every stream.
+/// The per-stream projections esq maintains: every one in [`esq_domain::registry`].
 pub fn default_projections() -> Vec<Arc<dyn Projection>> {
-    vec![
-        Arc::new(CartProjection),
-        Arc::new(BookProjection),
-        Arc::new(StateProjection),
-    ]
+    esq_domain::registry::projections()
 }
+
+pub use derived::DERIVED_LAYOUT;
 
 /// Why projecting failed; always transient from the projector's point of view.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +118,8 @@ pub struct Projector<E, F, R> {
     feed: Arc<F>,
     read: Arc<R>,
     projections: Vec<Arc<dyn Projection>>,
+    /// The derived projections ([`esq_domain::registry::derived`]), fed from `projections`.
+    derived: Vec<Arc<dyn Derived>>,
     config: Config,
 }
 
@@ -135,6 +134,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             feed,
             read,
             projections: default_projections(),
+            derived: esq_domain::registry::derived(),
             config,
         }
     }

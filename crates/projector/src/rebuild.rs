@@ -24,7 +24,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 .save_checkpoint(&marker, &self.config.owner)
                 .await?;
         }
-        Ok(())
+        self.ensure_derived().await
     }
 
     /// Brings every stream of the event store into the read store: a complete rebuild after

@@ -36,6 +36,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             let doc_id = p.doc_id(stream);
             // Also finishes index updates an earlier apply left pending (a crash, a Redis error).
             versions.push(self.projected_version(p.as_ref(), &doc_id).await?);
+            // And derived updates left pending (see `derived`).
+            self.finish_derived(p.as_ref(), &doc_id).await?;
         }
         loop {
             let low = versions.iter().copied().min().unwrap_or(u64::MAX);
@@ -82,7 +84,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         // short (a crash, a Redis error) is noticed by whoever syncs this document next.
         index::mark_pending(&mut b);
         let doc_id = projection.doc_id(stream);
+        self.mark_derived(projection, &doc_id, &mut b).await?;
         let outcome = self.read.apply(projection.name(), &doc_id, &b).await?;
+        // Also after a duplicate or stale apply, like the index update below.
+        self.finish_derived(projection, &doc_id).await?;
         if projection.has_indexes() {
             // Also after a duplicate or stale apply: the projector that applied it may have
             // died before its index update.
