@@ -2,9 +2,11 @@
 //!
 //! A read model is a set of *documents* (one flat string map per aggregate and projection; a
 //! Redis hash in production) plus *indexes* (sets of document ids, kept in lexicographic order).
-//! A projection never sees the current document: it turns each event into [`FieldOp`]s and
-//! [`IndexOp`]s, which a read store applies atomically behind a version fence. That keeps the fold
-//! identical in every store, and lets the same events feed several projection shapes.
+//! A projection never sees the current document: it turns each event into [`FieldOp`]s, which a
+//! read store applies atomically behind a version fence. That keeps the fold identical in every
+//! store, and lets the same events feed several projection shapes. Index membership has one
+//! source of truth, the document: [`Projection::indexes`] says which indexes a document in a
+//! given state belongs to, and the projector brings the indexes in line with it after each apply.
 
 use crate::{RecordedEvent, StreamId};
 use std::collections::HashMap;
@@ -37,33 +39,11 @@ pub enum FieldOp {
     Tombstone,
 }
 
-/// One change to a cross-aggregate index. Applied idempotently after the fenced document
-/// change, so readers must confirm membership against the document itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IndexOp {
-    /// Add `member` to index `index`.
-    Add {
-        /// Index name, unique within the projection (e.g. `all`, `author:Ursula K. Le Guin`).
-        index: String,
-        /// The document id.
-        member: String,
-    },
-    /// Remove `member` from index `index`.
-    Remove {
-        /// Index name.
-        index: String,
-        /// The document id.
-        member: String,
-    },
-}
-
-/// The changes one batch of events makes to one document and to the indexes.
+/// The changes one batch of events makes to one document.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Changes {
     /// Document changes, in event order.
     pub fields: Vec<FieldOp>,
-    /// Index changes, in event order.
-    pub indexes: Vec<IndexOp>,
 }
 
 /// A batch ready for a read store: the version range it covers and its changes.
@@ -96,8 +76,11 @@ pub trait Projection: Send + Sync + 'static {
         false
     }
 
-    /// The indexes a document belongs to in its current state. Index membership is derived
-    /// from the document, so it can always be re-established from it.
+    /// The indexes a document belongs to in its current state: the one source of truth of
+    /// index membership, so it can always be re-established from the document (names unique
+    /// within the projection, e.g. `all`, `author:Ursula K. Le Guin`). Index entries are added
+    /// and removed after the fenced document change, so readers confirm membership against the
+    /// document itself.
     fn indexes(&self, doc: &HashMap<String, String>) -> Vec<String> {
         let _ = doc;
         Vec::new()
@@ -231,10 +214,7 @@ mod tests {
         Batch {
             first_version,
             last_version,
-            changes: Changes {
-                fields,
-                indexes: Vec::new(),
-            },
+            changes: Changes { fields },
         }
     }
 

@@ -15,9 +15,11 @@
 
 use crate::{ProjectError, Projector};
 use esq_domain::derived::{
-    self, derive, marker_targets, pending_field, pending_marker, Derived, ALL_INDEX,
+    derive, marker_targets, pending_field, pending_marker, Derived, ALL_INDEX,
 };
-use esq_domain::projection::{doc_version, Batch, Doc, FieldOp, Projection};
+use esq_domain::projection::{
+    apply_to_doc, doc_version, ApplyOutcome, Batch, Doc, FieldOp, Projection,
+};
 use esq_eventstore::{ChangeFeed, EventStore};
 use esq_readstore::{Coordination, ReadStore};
 use std::sync::Arc;
@@ -33,8 +35,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     }
 
     /// Before a batch is applied to a source document: adds to the batch the pending marker of
-    /// each derived projection it feeds, recording the targets the document contributes to now
-    /// (and those of a marker still pending), so the apply and the marker are one atomic step.
+    /// each derived projection whose contributions the batch changes, recording the targets the
+    /// document contributes to now (and those of a marker still pending), so the apply and the
+    /// marker are one atomic step. A batch that changes no contribution (most cart events:
+    /// only checkout sells) marks nothing and costs no derived write.
     pub(crate) async fn mark_derived(
         &self,
         projection: &dyn Projection,
@@ -44,15 +48,24 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         if self.derived_of(projection.name()).next().is_none() {
             return Ok(());
         }
-        let doc = self
+        let before = self
             .read
             .get(projection.name(), doc_id)
             .await?
             .unwrap_or_default();
+        let mut after = before.clone();
+        if apply_to_doc(&mut after, b) != ApplyOutcome::Applied {
+            return Ok(()); // the store will refuse it too
+        }
         for d in self.derived_of(projection.name()) {
             let field = pending_field(d.name());
-            let mut previous = derived::targets(d.as_ref(), &doc);
-            if let Some(marker) = doc.get(&field) {
+            let pending = before.get(&field);
+            let was = d.contributions(&before);
+            if pending.is_none() && was == d.contributions(&after) {
+                continue;
+            }
+            let mut previous: Vec<String> = was.into_iter().map(|(t, _)| t).collect();
+            if let Some(marker) = pending {
                 previous.extend(marker_targets(marker));
             }
             b.changes.fields.push(FieldOp::Set(

@@ -69,6 +69,12 @@ pub struct Config {
     /// How many times finishing a pending index update follows a newer apply by another
     /// projector before leaving the rest to the next sync of the document.
     pub reindex_rounds: u32,
+    /// How many changes of a shard are remembered past its checkpoint: a change whose append
+    /// is still in flight holds the checkpoint back, but later changes are processed meanwhile,
+    /// up to this many (then the shard waits for the append or its deadline).
+    pub unresolved_window: usize,
+    /// How often a shard's owner records the shard's freshness (`ShardStatus`) in the read store.
+    pub status_interval: Duration,
 }
 
 impl Default for Config {
@@ -87,6 +93,8 @@ impl Default for Config {
             nudge_batch: 256,
             list_page: 500,
             reindex_rounds: 8,
+            unresolved_window: 4096,
+            status_interval: Duration::from_secs(1),
         }
     }
 }
@@ -121,6 +129,8 @@ pub struct Projector<E, F, R> {
     /// The derived projections ([`esq_domain::registry::derived`]), fed from `projections`.
     derived: Vec<Arc<dyn Derived>>,
     config: Config,
+    /// Per shard, the changes processed past the checkpoint (see `shards::Window`).
+    windows: std::sync::Mutex<std::collections::HashMap<u32, shards::Window>>,
 }
 
 /// A fast-path notification: this stream reached this version.
@@ -136,6 +146,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             projections: default_projections(),
             derived: esq_domain::registry::derived(),
             config,
+            windows: Default::default(),
         }
     }
 

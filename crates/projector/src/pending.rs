@@ -4,8 +4,8 @@
 //! called done.
 
 use crate::ops::{
-    ParkedStream, ProjectionStatus, RebuildProgress, RetryOutcome, ShardStatus, VerifyOptions,
-    VerifyProgress, VerifyReport,
+    ParkedStream, ProjectionStatus, RebuildProgress, RetryOutcome, VerifyOptions, VerifyProgress,
+    VerifyReport,
 };
 use crate::{ProjectError, Projector};
 use esq_domain::StreamId;
@@ -47,14 +47,6 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     ) -> Result<VerifyReport, ProjectError> {
         let _ = progress;
         Err(not_built(&options.projection))
-    }
-}
-
-// shard freshness
-impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, R> {
-    /// How fresh each change-log shard is.
-    pub async fn shard_status(&self) -> Result<Vec<ShardStatus>, ProjectError> {
-        Err(not_built("shard_status"))
     }
 }
 

@@ -2,7 +2,7 @@
 //! projections hold, fold them through the domain's projections and apply each batch behind the
 //! read store's version fence, so duplicate, late or concurrent syncs are harmless.
 
-use crate::{index, ProjectError, Projector};
+use crate::{ProjectError, Projector};
 use esq_domain::projection::{batch, ApplyOutcome, Projection};
 use esq_domain::{RecordedEvent, StreamId};
 use esq_eventstore::{ChangeFeed, EventStore, ReadRequest};
@@ -79,11 +79,11 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let Some(mut b) = batch(projection, &events[start..]) else {
             return Ok(version);
         };
-        debug_assert!(projection.has_indexes() || b.changes.indexes.is_empty());
+        let doc_id = projection.doc_id(stream);
         // Marks the index work as pending in the same atomic apply, so that an index update cut
         // short (a crash, a Redis error) is noticed by whoever syncs this document next.
-        index::mark_pending(&mut b);
-        let doc_id = projection.doc_id(stream);
+        self.mark_index_work(projection, &doc_id, &mut b).await?;
+        // And the derived work (see `derived`), in the same apply.
         self.mark_derived(projection, &doc_id, &mut b).await?;
         let outcome = self.read.apply(projection.name(), &doc_id, &b).await?;
         // Also after a duplicate or stale apply, like the index update below.

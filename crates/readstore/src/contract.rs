@@ -8,7 +8,7 @@
 use crate::{Doc, ReadStore};
 use esq_domain::derived::{apply_contribution, Agg, Column, Contribution};
 use esq_domain::projection::{
-    apply_to_doc, is_deleted, ApplyOutcome, Batch, Changes, FieldOp, IndexOp, DELETED_FIELD,
+    apply_to_doc, is_deleted, ApplyOutcome, Batch, Changes, FieldOp, DELETED_FIELD,
     INDEX_PENDING_FIELD, VERSION_FIELD,
 };
 
@@ -32,22 +32,12 @@ pub fn fields(first: u64, last: u64, ops: Vec<FieldOp>) -> Batch {
     Batch {
         first_version: first,
         last_version: last,
-        changes: Changes {
-            fields: ops,
-            indexes: Vec::new(),
-        },
+        changes: Changes { fields: ops },
     }
 }
 
 fn set(k: &str, v: &str) -> FieldOp {
     FieldOp::Set(k.to_owned(), v.to_owned())
-}
-
-fn add(index: &str, member: &str) -> IndexOp {
-    IndexOp::Add {
-        index: index.to_owned(),
-        member: member.to_owned(),
-    }
 }
 
 /// Applies `batch` to the store and to `model`, and asserts the same outcome and document.
@@ -393,16 +383,15 @@ async fn pending_marker<S: ReadStore>(store: &S, projection: &str) -> Option<Str
 /// pending-index marker only while it still holds the given value.
 pub async fn check_index_marker<S: ReadStore>(store: &S, prefix: &str) {
     let projection = format!("{prefix}-marker");
-    let with = |f: u64, l: u64, indexes: Vec<IndexOp>| Batch {
+    let with = |f: u64, l: u64| Batch {
         first_version: f,
         last_version: l,
         changes: Changes {
             fields: vec![set(INDEX_PENDING_FIELD, &l.to_string())],
-            indexes,
         },
     };
     let outcome = store
-        .apply(&projection, "d", &with(1, 1, vec![add("all", "d")]))
+        .apply(&projection, "d", &with(1, 1))
         .await
         .expect("apply");
     assert_eq!(outcome, ApplyOutcome::Applied);
@@ -413,7 +402,7 @@ pub async fn check_index_marker<S: ReadStore>(store: &S, prefix: &str) {
     );
 
     let outcome = store
-        .apply(&projection, "d", &with(2, 2, vec![add("all", "d")]))
+        .apply(&projection, "d", &with(2, 2))
         .await
         .expect("apply");
     assert_eq!(outcome, ApplyOutcome::Applied);

@@ -314,10 +314,7 @@ fn batches() -> impl Strategy<Value = Vec<Batch>> {
                 Batch {
                     first_version: first,
                     last_version: last,
-                    changes: Changes {
-                        fields,
-                        indexes: Vec::new(),
-                    },
+                    changes: Changes { fields },
                 }
             })
             .collect()
