@@ -2,7 +2,7 @@
 //! read-svc as separate processes on a real Cassandra node and a real Redis.
 
 use crate::suite::{self, add, exact, read_all, stream, to_domain, unique};
-use crate::{bus, core, history, replay};
+use crate::{bus, core, derived, history, replay};
 use esq::pb::bookshop::v1 as book;
 use esq::pb::cart::v1 as cart;
 use esq::pb::v1 as pb;
@@ -54,6 +54,7 @@ async fn suite_on_cassandra_and_redis() {
     history::list_books_at_shows_the_old_catalogue(c).await;
     history::sales_report_over_checked_out_carts(c).await;
     history::cart_at_every_version_is_what_the_read_model_served_then(c).await;
+    derived::derived_queries_follow_the_traffic(c).await;
 }
 
 /// Replay previews and saved what-if timelines, against one deployment (fresh streams).
