@@ -6,6 +6,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "proto/esq/v1/eventstore.proto",
     "proto/esq/v1/state.proto",
+    "proto/esq/v1/projections.proto",
     "proto/esq/cart/v1/cart.proto",
     "proto/esq/bookshop/v1/bookshop.proto",
 ];

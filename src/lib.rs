@@ -9,7 +9,7 @@ pub mod convert;
 /// Generated code of the `esq.*` proto packages.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
-    /// `esq.v1`: the event store and the generic state queries.
+    /// `esq.v1`: the event store, the generic state queries and the projections' operator API.
     pub mod v1 {
         tonic::include_proto!("esq.v1");
     }

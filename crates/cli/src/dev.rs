@@ -5,10 +5,20 @@ use esq_eventstore::embedded::EmbeddedStore;
 use esq_readstore::memory::MemoryStore;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+/// The services `esq dev` serves on its read-svc address: read-svc's and `esq.v1.Projections`.
+pub fn read_services() -> &'static [&'static str] {
+    static ALL: OnceLock<Vec<&'static str>> = OnceLock::new();
+    ALL.get_or_init(|| {
+        let mut all = esq_read_svc::SERVICES.to_vec();
+        all.push(esq_projector::admin::SERVICE);
+        all
+    })
+}
 
 /// Where the dev stack keeps its data and listens.
 #[derive(Debug, Clone)]
@@ -62,12 +72,12 @@ impl DevStack {
             )
         })?);
         let read = Arc::new(MemoryStore::default());
-        let projector = esq_projector::Projector::new(
+        let projector = Arc::new(esq_projector::Projector::new(
             Arc::clone(&store),
             Arc::clone(&store),
             Arc::clone(&read),
             config.projector.clone(),
-        );
+        ));
         // Catch up before serving, so the first query after a restart sees every event.
         let pages = projector
             .catch_up()
@@ -86,6 +96,7 @@ impl DevStack {
 
         let mut tasks = JoinSet::new();
         let s = shutdown.clone();
+        let admin = esq_projector::admin::server(Arc::clone(&projector));
         tasks.spawn(async move {
             projector.run(wake, None, s).await;
             Ok(())
@@ -112,10 +123,13 @@ impl DevStack {
             shutdown_grace: config.shutdown_grace,
             ..config.read
         };
-        tasks.spawn(esq_read_svc::run(
+        // The projections' operator API rides on the read-svc address.
+        tasks.spawn(esq_read_svc::run_with(
             read_listener,
             read_deps,
             read_config,
+            move |routes| routes.add_service(admin),
+            read_services(),
             shutdown.clone(),
         ));
         Ok(Self {

@@ -1,5 +1,7 @@
 //! The `esq` command-line tool: `esq dev` runs write-svc, the projector and read-svc in one
 //! process on the embedded defaults (redb event store in a local folder, in-memory read model
-//! rebuilt from the log at start), so a new user needs no external service.
+//! rebuilt from the log at start), so a new user needs no external service; `esq projections`
+//! and `esq streams` are the operator's commands (see [`ops`]).
 
 pub mod dev;
+pub mod ops;

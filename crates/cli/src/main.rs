@@ -2,9 +2,11 @@
 
 use clap::{Parser, Subcommand};
 use esq_cli::dev::{DevConfig, DevStack};
+use esq_cli::ops;
 use esq_runtime::LogFormat;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 /// esq: an event store with CQRS read models, served over gRPC.
 #[derive(Parser)]
@@ -16,6 +18,9 @@ struct Cli {
     /// Log format: plain or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "plain", global = true)]
     log_format: LogFormat,
+    /// Machine-readable output (JSON) for the operator commands.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,34 +41,62 @@ enum Command {
         #[command(flatten)]
         server: esq_runtime::config::ServerArgs,
     },
+    /// Operates the projections: status, rebuild, verify, parked streams (esq.v1.Projections).
+    Projections(ops::ProjectionsArgs),
+    /// Reads streams of the event store (esq.v1.EventStore on write-svc).
+    Streams(ops::StreamsArgs),
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     esq_runtime::init_telemetry(&cli.log, cli.log_format);
-    match cli.command {
+    let json = cli.json;
+    let outcome = match cli.command {
+        Command::Projections(args) => ops::projections(args, json).await,
+        Command::Streams(args) => ops::streams(args, json).await,
         Command::Dev {
             data_dir,
             write_addr,
             read_addr,
             server,
-        } => {
-            let shutdown = esq_runtime::shutdown_on_signals();
-            let mut config = DevConfig::new(data_dir);
-            config.write_addr = write_addr;
-            config.read_addr = read_addr;
-            config.shutdown_grace = server.shutdown_grace;
-            let stack = DevStack::start(config, shutdown).await?;
-            println!("esq dev is running (Ctrl-C to stop)");
-            println!("  write-svc  {}  (esq.v1.EventStore, esq.cart.v1.CartCommands, esq.bookshop.v1.BookCommands)", stack.write_addr);
-            println!("  read-svc   {}  (esq.cart.v1.CartQueries, esq.bookshop.v1.BookQueries, esq.v1.StateQueries)", stack.read_addr);
-            println!("try:");
-            println!(
-                "  grpcurl -plaintext -d '{{\"cart_id\":\"c1\",\"sku\":\"apple\",\"quantity\":2,\"unit_price_cents\":150}}' {} esq.cart.v1.CartCommands/AddItem",
-                stack.write_addr
-            );
-            stack.wait().await
-        }
-    }
+        } => dev(data_dir, write_addr, read_addr, server)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+    };
+    outcome.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::from(ops::EXIT_ERROR)
+    })
+}
+
+async fn dev(
+    data_dir: PathBuf,
+    write_addr: SocketAddr,
+    read_addr: SocketAddr,
+    server: esq_runtime::config::ServerArgs,
+) -> anyhow::Result<()> {
+    let shutdown = esq_runtime::shutdown_on_signals();
+    let mut config = DevConfig::new(data_dir);
+    config.write_addr = write_addr;
+    config.read_addr = read_addr;
+    config.shutdown_grace = server.shutdown_grace;
+    let stack = DevStack::start(config, shutdown).await?;
+    println!("esq dev is running (Ctrl-C to stop)");
+    println!(
+        "  write-svc  {}  ({})",
+        stack.write_addr,
+        esq_write_svc::SERVICES.join(", ")
+    );
+    println!(
+        "  read-svc   {}  ({})",
+        stack.read_addr,
+        esq_cli::dev::read_services().join(", ")
+    );
+    println!("try:");
+    println!(
+        "  grpcurl -plaintext -d '{{\"cart_id\":\"c1\",\"sku\":\"apple\",\"quantity\":2,\"unit_price_cents\":150}}' {} esq.cart.v1.CartCommands/AddItem",
+        stack.write_addr
+    );
+    stack.wait().await
 }

@@ -4,8 +4,10 @@
 //! stream's events after the read model's version and applies them behind the version fence.
 //! So duplicate, late or reordered notifications are harmless, a crash between any two steps
 //! only repeats fenced no-ops, and the read store can be rebuilt from the event store at any
-//! time ([`Projector::rebuild`]). The projector never writes the event store.
+//! time ([`Projector::rebuild`]). The projector never writes the event store. [`admin`] serves
+//! the operator's API (`esq.v1.Projections`) over the methods of [`ops`]' types.
 
+pub mod admin;
 mod derived;
 mod index;
 mod leases;

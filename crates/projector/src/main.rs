@@ -1,4 +1,5 @@
-//! The projector binary: tails the change log of a ScyllaDB/Cassandra event store into Redis.
+//! The projector binary: tails the change log of a ScyllaDB/Cassandra event store into Redis,
+//! and serves `esq.v1.Projections` (the operator's API) plus health and reflection on `--listen`.
 
 use clap::Parser;
 use esq_eventstore::parse_nudge;
@@ -14,7 +15,7 @@ use tokio::sync::Notify;
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
-    /// gRPC health-check listen address (for probes).
+    /// gRPC listen address: esq.v1.Projections, health checks (for probes) and reflection.
     #[arg(long, env = "ESQ_LISTEN", default_value = "127.0.0.1:50053")]
     listen: SocketAddr,
     /// This projector's name among its replicas (default: a random one).
@@ -60,7 +61,12 @@ async fn main() -> anyhow::Result<()> {
         config.owner = id;
     }
     let store = Arc::new(store);
-    let projector = Projector::new(Arc::clone(&store), store, Arc::new(read), config);
+    let projector = Arc::new(Projector::new(
+        Arc::clone(&store),
+        store,
+        Arc::new(read),
+        config,
+    ));
 
     // The fast path: nudges name a stream; a lost or late one only costs latency.
     let wake = Arc::new(Notify::new());
@@ -80,11 +86,12 @@ async fn main() -> anyhow::Result<()> {
         })
     };
     let listener = esq_runtime::bind(args.listen).await?;
-    let mut options = esq_runtime::GrpcOptions::new(&[]);
+    let mut options = esq_runtime::GrpcOptions::new(&[esq_projector::admin::SERVICE]);
     options.grace = args.server.shutdown_grace;
+    let admin = esq_projector::admin::server(Arc::clone(&projector));
     let health = tokio::spawn(esq_runtime::serve_grpc(
         listener,
-        tonic::service::Routes::default(),
+        tonic::service::Routes::new(admin),
         options,
         shutdown.clone(),
     ));

@@ -96,8 +96,22 @@ pub async fn run<R: ReadStore, H: EventStore>(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with(listener, deps, config, |r| r, SERVICES, shutdown).await
+}
+
+/// [`run`], with more services on the same server: `extra` adds their routes to read-svc's,
+/// and `services` names every service served (read-svc's [`SERVICES`] and the extra ones) for
+/// health checks and reflection. `esq dev` mounts `esq.v1.Projections` this way.
+pub async fn run_with<R: ReadStore, H: EventStore>(
+    listener: TcpListener,
+    deps: Deps<R, H>,
+    config: Config,
+    extra: impl FnOnce(tonic::service::Routes) -> tonic::service::Routes,
+    services: &'static [&'static str],
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     tracing::info!(addr = ?listener.local_addr().ok(), "read-svc listening");
-    let mut options = esq_runtime::GrpcOptions::new(SERVICES);
+    let mut options = esq_runtime::GrpcOptions::new(services);
     options.grace = config.shutdown_grace;
     let probe = options
         .readiness
@@ -108,7 +122,8 @@ pub async fn run<R: ReadStore, H: EventStore>(
                 async move { store.ping().await }
             }
         });
-    let served = esq_runtime::serve_grpc(listener, routes(deps, config), options, shutdown).await;
+    let routes = extra(routes(deps, config));
+    let served = esq_runtime::serve_grpc(listener, routes, options, shutdown).await;
     probe.abort();
     served
 }

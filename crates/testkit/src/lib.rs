@@ -125,6 +125,11 @@ impl DevHarness {
         self.stack.as_ref().map(|s| s.write_addr)
     }
 
+    /// Where read-svc (and `esq.v1.Projections`) listens.
+    pub fn read_addr(&self) -> Option<SocketAddr> {
+        self.stack.as_ref().map(|s| s.read_addr)
+    }
+
     async fn start_configured(
         dir: &Path,
         configure: impl FnOnce(&mut DevConfig),
