@@ -595,3 +595,24 @@ async fn event_bus_position_past_retention_is_out_of_range() {
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     assert!(err.message().contains("from_start"), "{err:?}");
 }
+
+/// Each binary serves its metrics on its own port: after known traffic the counters of
+/// write-svc, read-svc and the two projectors moved by exactly what the traffic implies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_traffic() {
+    let options = ClusterOptions {
+        projectors: 2,
+        ..ClusterOptions::default()
+    };
+    let Some(h) = harness("metrics_follow_traffic", options).await else {
+        return;
+    };
+    eprintln!("logs in {}", h.logs().display());
+    let at = crate::metrics::Endpoints {
+        write: h.writers[0].metrics_addr,
+        read: h.reader.as_ref().expect("read-svc").metrics_addr,
+        projectors: h.projectors.iter().map(|p| p.metrics_addr).collect(),
+        shards: ClusterOptions::default().shards,
+    };
+    crate::metrics::counters_follow_traffic(&h.clients, &at).await;
+}

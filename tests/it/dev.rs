@@ -133,6 +133,8 @@ async fn run_esq_dev(log_format: &str) -> String {
             "127.0.0.1:0",
             "--read-addr",
             "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
             "--data-dir",
         ])
         .arg(dir.path())

@@ -10,6 +10,7 @@ mod core;
 mod derived;
 mod dev;
 mod history;
+mod metrics;
 mod operator;
 mod replay;
 mod startup;

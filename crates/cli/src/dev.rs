@@ -3,6 +3,7 @@
 use anyhow::Context as _;
 use esq_eventstore::embedded::EmbeddedStore;
 use esq_readstore::memory::MemoryStore;
+use esq_runtime::metrics::Metered;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -35,6 +36,8 @@ pub struct DevConfig {
     pub read: esq_read_svc::Config,
     /// Longest drain of both servers on shutdown before open connections are closed.
     pub shutdown_grace: std::time::Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None` serves none.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl DevConfig {
@@ -47,6 +50,7 @@ impl DevConfig {
             projector: esq_projector::Config::default(),
             read: esq_read_svc::Config::default(),
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
+            metrics_addr: None,
         }
     }
 }
@@ -57,6 +61,8 @@ pub struct DevStack {
     pub write_addr: SocketAddr,
     /// Where read-svc listens.
     pub read_addr: SocketAddr,
+    /// Where metrics are served, if they are.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: JoinSet<anyhow::Result<()>>,
 }
@@ -65,12 +71,14 @@ impl DevStack {
     /// Opens the store, rebuilds the read model from the change log, then serves both gRPC
     /// services and tails the log until `shutdown` is cancelled.
     pub async fn start(config: DevConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        let store = Arc::new(EmbeddedStore::open(&config.data_dir).with_context(|| {
-            format!(
-                "cannot open the event store in {}",
-                config.data_dir.display()
-            )
-        })?);
+        let store = Arc::new(Metered(
+            EmbeddedStore::open(&config.data_dir).with_context(|| {
+                format!(
+                    "cannot open the event store in {}",
+                    config.data_dir.display()
+                )
+            })?,
+        ));
         let read = Arc::new(MemoryStore::default());
         let projector = Arc::new(esq_projector::Projector::new(
             Arc::clone(&store),
@@ -87,6 +95,11 @@ impl DevStack {
 
         let write_listener = esq_runtime::bind(config.write_addr).await?;
         let read_listener = esq_runtime::bind(config.read_addr).await?;
+        let metrics_addr = esq_runtime::metrics::MetricsArgs {
+            metrics_addr: config.metrics_addr,
+        }
+        .spawn(&shutdown)
+        .await?;
         let write_addr = write_listener.local_addr()?;
         let read_addr = read_listener.local_addr()?;
 
@@ -135,6 +148,7 @@ impl DevStack {
         Ok(Self {
             write_addr,
             read_addr,
+            metrics_addr,
             shutdown,
             tasks,
         })

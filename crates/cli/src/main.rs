@@ -40,11 +40,27 @@ enum Command {
         read_addr: SocketAddr,
         #[command(flatten)]
         server: esq_runtime::config::ServerArgs,
+        /// Where to serve Prometheus metrics (GET /metrics); `off` serves none.
+        #[arg(long, env = "ESQ_METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
+        metrics_addr: MetricsAddr,
     },
     /// Operates the projections: status, rebuild, verify, parked streams (esq.v1.Projections).
     Projections(ops::ProjectionsArgs),
     /// Reads streams of the event store (esq.v1.EventStore on write-svc).
     Streams(ops::StreamsArgs),
+}
+
+/// `--metrics-addr` of `esq dev`: an address, or none (`off`).
+#[derive(Debug, Clone, Copy)]
+struct MetricsAddr(Option<SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("{s:?} is not an address (host:port) nor `off`: {e}"))
 }
 
 #[tokio::main]
@@ -60,7 +76,8 @@ async fn main() -> ExitCode {
             write_addr,
             read_addr,
             server,
-        } => dev(data_dir, write_addr, read_addr, server)
+            metrics_addr,
+        } => dev(data_dir, write_addr, read_addr, server, metrics_addr)
             .await
             .map(|()| ExitCode::SUCCESS),
     };
@@ -75,12 +92,14 @@ async fn dev(
     write_addr: SocketAddr,
     read_addr: SocketAddr,
     server: esq_runtime::config::ServerArgs,
+    metrics_addr: MetricsAddr,
 ) -> anyhow::Result<()> {
     let shutdown = esq_runtime::shutdown_on_signals();
     let mut config = DevConfig::new(data_dir);
     config.write_addr = write_addr;
     config.read_addr = read_addr;
     config.shutdown_grace = server.shutdown_grace;
+    config.metrics_addr = metrics_addr.0;
     let stack = DevStack::start(config, shutdown).await?;
     println!("esq dev is running (Ctrl-C to stop)");
     println!(
@@ -93,6 +112,9 @@ async fn dev(
         stack.read_addr,
         esq_cli::dev::read_services().join(", ")
     );
+    if let Some(addr) = stack.metrics_addr {
+        println!("  metrics    {addr}  (Prometheus, GET /metrics)");
+    }
     println!("try:");
     println!(
         "  grpcurl -plaintext -d '{{\"cart_id\":\"c1\",\"sku\":\"apple\",\"quantity\":2,\"unit_price_cents\":150}}' {} esq.cart.v1.CartCommands/AddItem",

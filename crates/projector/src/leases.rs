@@ -66,6 +66,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         if kept != *owned {
             tracing::info!(live, shards = ?kept, "shard leases changed");
         }
+        esq_runtime::metrics::projector().leases_owned(&kept);
         *owned = kept;
         Ok(())
     }

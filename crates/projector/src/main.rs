@@ -6,6 +6,7 @@ use esq_eventstore::parse_nudge;
 use esq_projector::{Config, Projector};
 use esq_readstore::redis::subscribe_nudges;
 use esq_runtime::config::{CqlArgs, RedisArgs, ServerArgs, TelemetryArgs};
+use esq_runtime::metrics::{Metered, MetricsArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,8 @@ struct Args {
     redis: RedisArgs,
     #[command(flatten)]
     telemetry: TelemetryArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 #[tokio::main]
@@ -45,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
+    args.metrics.spawn(&shutdown).await?;
     let Some(store) = args.cql.connect(&shutdown).await? else {
         return Ok(());
     };
@@ -60,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(id) = args.projector_id {
         config.owner = id;
     }
-    let store = Arc::new(store);
+    let store = Arc::new(Metered(store));
     let projector = Arc::new(Projector::new(
         Arc::clone(&store),
         store,

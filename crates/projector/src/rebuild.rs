@@ -33,6 +33,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     pub async fn rebuild(&self) -> Result<u64, ProjectError> {
         let mut cursor = None;
         let mut streams = 0u64;
+        let metrics = esq_runtime::metrics::projector();
+        for p in &self.projections {
+            metrics.rebuild_started(p.name());
+        }
         loop {
             let page = self
                 .store
@@ -41,6 +45,9 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             for stream in &page.streams {
                 self.sync(stream, None).await?;
                 streams += 1;
+            }
+            for p in &self.projections {
+                metrics.rebuild_progress(p.name(), streams);
             }
             match page.next {
                 Some(next) => cursor = Some(next),

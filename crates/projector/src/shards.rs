@@ -47,7 +47,9 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         stop_at: Option<Instant>,
     ) -> Result<bool, ProjectError> {
         let name = self.shard_name(shard);
-        let checkpoint = self.read.checkpoint(&name).await?;
+        let checkpoint = esq_runtime::metrics::store()
+            .time("read", "checkpoint", self.read.checkpoint(&name))
+            .await?;
         // Taken out while in use (one poller per shard); lost on an error, which only means
         // re-reading from the checkpoint.
         let taken = self.windows.lock().expect("windows").remove(&shard);
@@ -109,7 +111,13 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         if let Some(entry) = done {
             // A full window that made room: read on at once.
             more |= room == 0;
-            self.read.save_checkpoint(&name, &entry.position).await?;
+            esq_runtime::metrics::store()
+                .time(
+                    "read",
+                    "save_checkpoint",
+                    self.read.save_checkpoint(&name, &entry.position),
+                )
+                .await?;
             window.base = Some(entry.position);
             window.base_noted_us = Some(entry.noted_at_us);
         }
@@ -149,7 +157,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     /// checkpoint covers was noted, how many changes wait past the checkpoint (the window, plus
     /// at most one page after it when the poll stopped on a full page) and since when the
     /// oldest of them waits. Ages are computed when read, so a status recorded by a replica
-    /// that died keeps ageing.
+    /// that died keeps ageing. The same figures go to this process's metrics
+    /// (`esq_projector_lag_seconds`, `esq_projector_checkpoint_age_seconds`).
     async fn record_status(
         &self,
         shard: u32,
@@ -167,13 +176,19 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             let first = page.changes.first().map(|c| c.noted_at_us);
             oldest = oldest.or(first);
         }
+        let now = now_us();
+        esq_runtime::metrics::projector().shard_polled(
+            shard,
+            std::time::Duration::from_micros(oldest.map_or(0, |t| (now - t).max(0)) as u64),
+            window.base_noted_us,
+        );
         let record = serde_json::json!({
             "owner": self.config.owner,
             "checkpoint": window.base,
             "checkpoint_noted_us": window.base_noted_us,
             "behind": behind,
             "oldest_waiting_us": oldest,
-            "at": now_us(),
+            "at": now,
         });
         self.read
             .save_checkpoint(&self.status_name(shard), &record.to_string())

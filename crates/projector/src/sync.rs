@@ -85,7 +85,25 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         self.mark_index_work(projection, &doc_id, &mut b).await?;
         // And the derived work (see `derived`), in the same apply.
         self.mark_derived(projection, &doc_id, &mut b).await?;
-        let outcome = self.read.apply(projection.name(), &doc_id, &b).await?;
+        let outcome = esq_runtime::metrics::store()
+            .time(
+                "read",
+                "apply",
+                self.read.apply(projection.name(), &doc_id, &b),
+            )
+            .await?;
+        let metrics = esq_runtime::metrics::projector();
+        match outcome {
+            ApplyOutcome::Applied => {
+                let n = events[start..]
+                    .iter()
+                    .take_while(|e| e.version <= b.last_version)
+                    .count();
+                metrics.events_applied(projection.name(), n as u64);
+            }
+            ApplyOutcome::Duplicate => {}
+            ApplyOutcome::Stale { .. } => metrics.gap_pulled(),
+        }
         // Also after a duplicate or stale apply, like the index update below.
         self.finish_derived(projection, &doc_id).await?;
         if projection.has_indexes() {

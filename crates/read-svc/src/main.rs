@@ -3,6 +3,7 @@
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use esq_runtime::config::{CqlArgs, RedisArgs, ServerArgs, TelemetryArgs};
+use esq_runtime::metrics::{Metered, MetricsArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,8 @@ struct Args {
     cql: Option<CqlArgs>,
     #[command(flatten)]
     telemetry: TelemetryArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 #[tokio::main]
@@ -40,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
+    args.metrics.spawn(&shutdown).await?;
     let Some(store) = args.redis.connect(&shutdown).await? else {
         return Ok(());
     };
@@ -49,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
              (ESQ_CQL_NODES): set it to serve the temporal queries, or drop the others"
         ),
         Some(cql) => match cql.connect(&shutdown).await? {
-            Some(store) => Some(Arc::new(store)),
+            Some(store) => Some(Arc::new(Metered(store))),
             None => return Ok(()),
         },
         None => {

@@ -163,8 +163,12 @@ impl<R: ReadStore, H: EventStore> book_pb::book_queries_server::BookQueries
         // Index entries are maintained after the fenced apply, so an entry may be stale (a
         // deleted book, an old author): each is confirmed against its document.
         'pages: loop {
-            let ids = store
-                .index_page(projection, &index, cursor.as_deref(), page_size)
+            let ids = esq_runtime::metrics::store()
+                .time(
+                    "read",
+                    "index_page",
+                    store.index_page(projection, &index, cursor.as_deref(), page_size),
+                )
                 .await
                 .map_err(status_from_read)?;
             let exhausted = ids.len() < page_size;

@@ -59,20 +59,24 @@ impl<R: ReadStore> Reader<R> {
         // Answer a little before the client's deadline, so it gets DEADLINE_EXCEEDED with our
         // explanation rather than cancelling the call itself.
         let budget = budget.saturating_sub((budget / 5).min(Duration::from_millis(50)));
-        let deadline = Instant::now() + budget;
+        let started = Instant::now();
+        let deadline = started + budget;
         let mut pause = Duration::from_millis(1);
         loop {
-            let doc = self
-                .store
-                .get(projection, doc_id)
+            let doc = esq_runtime::metrics::store()
+                .time("read", "get", self.store.get(projection, doc_id))
                 .await
                 .map_err(status_from_read)?;
             let version = doc.as_ref().map_or(0, doc_version);
             if version >= min_version {
+                if min_version > 0 {
+                    esq_runtime::metrics::read().min_version_wait(true, started.elapsed());
+                }
                 return Ok(doc);
             }
             let now = Instant::now();
             if now >= deadline {
+                esq_runtime::metrics::read().min_version_wait(false, started.elapsed());
                 return Err(Status::deadline_exceeded(format!(
                     "the read model of {doc_id} is at version {version}; min_version {min_version} \
                      was not reached within {budget:?}"

@@ -1,5 +1,6 @@
 //! esq runtime: what every esq process shares and none of them should write twice — telemetry
-//! setup, the shutdown signal, and the gRPC server wiring (health, reflection, graceful drain).
+//! setup, the shutdown signal, the gRPC server wiring (health, reflection, graceful drain) and
+//! Prometheus metrics ([`metrics`]).
 //!
 //! Nothing here reads the environment: binaries parse their configuration once (clap with
 //! `ESQ_…` env vars) and pass values in.
@@ -14,6 +15,7 @@ use tracing_subscriber::EnvFilter;
 
 pub mod config;
 pub mod incoming;
+pub mod metrics;
 pub mod status;
 pub mod store_status;
 
@@ -155,7 +157,8 @@ impl GrpcOptions {
 /// Every connection gets TCP_NODELAY and TCP keepalive ([`incoming`]), HTTP/2 keepalive
 /// ([`HTTP2_KEEPALIVE_INTERVAL`], [`HTTP2_KEEPALIVE_TIMEOUT`]), an idle bound
 /// ([`IDLE_READ_TIMEOUT`]), an age bound ([`MAX_CONNECTION_AGE`]) and at most
-/// [`MAX_CONCURRENT_STREAMS`] calls at once; every status passes [`status::StatusHygieneLayer`].
+/// [`MAX_CONCURRENT_STREAMS`] calls at once; every status passes [`status::StatusHygieneLayer`],
+/// and every call is counted and timed by [`metrics::GrpcMetricsLayer`].
 pub async fn serve_grpc(
     listener: TcpListener,
     routes: Routes,
@@ -217,6 +220,7 @@ pub async fn serve_grpc(
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .max_connection_age(MAX_CONNECTION_AGE)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .layer(metrics::GrpcMetricsLayer)
         .layer(status::StatusHygieneLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, {

@@ -10,9 +10,11 @@ use tonic::Status;
 /// logged here and reach the client as a generic message.
 pub fn status_from_store(e: StoreError) -> Status {
     match e {
-        StoreError::WrongExpectedVersion { .. } | StoreError::EventIdReused { .. } => {
+        StoreError::WrongExpectedVersion { .. } => {
+            crate::metrics::write().conflict();
             Status::failed_precondition(e.to_string())
         }
+        StoreError::EventIdReused { .. } => Status::failed_precondition(e.to_string()),
         StoreError::Unavailable(cause) => {
             tracing::warn!(%cause, "event store unavailable");
             Status::unavailable("event store unavailable; retry later")

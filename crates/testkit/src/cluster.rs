@@ -81,6 +81,8 @@ pub struct Proc {
     pub name: String,
     /// Its gRPC address.
     pub addr: SocketAddr,
+    /// Where it serves Prometheus metrics.
+    pub metrics_addr: SocketAddr,
     child: Child,
 }
 
@@ -122,7 +124,7 @@ pub struct ClusterHarness {
 /// Linux's ephemeral range (32768 and up): a port the kernel handed out (port 0) is free only
 /// until the process binds it, and meanwhile any outgoing connection (to Cassandra, Redis, a
 /// service) may take it as its local port; below that range only another listener can.
-fn free_addr() -> anyhow::Result<SocketAddr> {
+pub fn free_addr() -> anyhow::Result<SocketAddr> {
     const FIRST: u128 = 22_000;
     const COUNT: u128 = 10_000;
     for _ in 0..1000 {
@@ -227,12 +229,14 @@ impl ClusterHarness {
             bin.display()
         );
         let addr = free_addr()?;
+        let metrics_addr = free_addr()?;
         let n = std::fs::read_dir(&self.logs)?.count();
         let log = std::fs::File::create(self.logs.join(format!("{name}-{n}.log")))?;
         let mut cmd = Command::new(&bin);
         // Every process gets the CQL settings: write-svc and the projector for their work,
         // read-svc for the temporal queries (it reads the event store for those alone).
         cmd.env("ESQ_LISTEN", addr.to_string())
+            .env("ESQ_METRICS_ADDR", metrics_addr.to_string())
             .env("ESQ_CQL_NODES", &self.backends.cassandra)
             .env("ESQ_CQL_KEYSPACE", &self.keyspace)
             .env("ESQ_CQL_TIMEOUT_MS", "2000")
@@ -267,6 +271,7 @@ impl ClusterHarness {
         Ok(Proc {
             name: name.to_owned(),
             addr,
+            metrics_addr,
             child,
         })
     }

@@ -212,6 +212,7 @@ impl<S: EventStore> Executor<S> {
             let wait = jitter(backoff);
             if !retry || Instant::now() + wait >= deadline {
                 return Err(if retry {
+                    esq_runtime::metrics::write().aborted();
                     Status::aborted(format!(
                         "stream {stream} kept changing under other writers: {attempts} attempts \
                          in {:?} lost the race (last at version {version}, now {actual}); \

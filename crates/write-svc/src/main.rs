@@ -3,6 +3,7 @@
 use clap::Parser;
 use esq_readstore::redis::RedisConfig;
 use esq_runtime::config::{CqlArgs, ServerArgs, TelemetryArgs};
+use esq_runtime::metrics::{Metered, MetricsArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,8 @@ struct Args {
     cql: CqlArgs,
     #[command(flatten)]
     telemetry: TelemetryArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 #[tokio::main]
@@ -34,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
+    args.metrics.spawn(&shutdown).await?;
     let Some(store) = args.cql.connect(&shutdown).await? else {
         return Ok(());
     };
@@ -47,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
         esq_write_svc::redis_nudge(redis, args.nudge_channel, shutdown.clone())
     });
     let deps = esq_write_svc::Deps {
-        store: Arc::new(store),
+        store: Arc::new(Metered(store)),
         nudge,
     };
     // Listen only once the store is there: until then clients are refused at once.

@@ -110,6 +110,12 @@ Checks of values the schema cannot express; renders nothing.
 {{- if not (has .Values.cql.changeFeed (list "table" "scylla-cdc")) }}
 {{- fail (printf "cql.changeFeed: %q is not one of table, scylla-cdc" .Values.cql.changeFeed) }}
 {{- end }}
+{{- if and .Values.metrics.enabled (has (int .Values.metrics.port) (list (int .Values.writeSvc.port) (int .Values.readSvc.port) (int .Values.projector.port))) }}
+{{- fail (printf "metrics.port: %d is also a gRPC port; give metrics a port of their own" (int .Values.metrics.port)) }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
+{{- end }}
 {{- if not (has .Values.logFormat (list "json" "plain")) }}
 {{- fail (printf "logFormat: %q is not one of json, plain" .Values.logFormat) }}
 {{- end }}
@@ -151,7 +157,14 @@ spec:
       annotations:
         # Roll the pods when the shared configuration changes.
         checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
-        {{- with $v.podAnnotations }}
+        {{- $annotations := dict }}
+        {{- if and $root.Values.metrics.enabled $root.Values.metrics.podAnnotations }}
+        {{- $_ := set $annotations "prometheus.io/scrape" "true" }}
+        {{- $_ := set $annotations "prometheus.io/port" ($root.Values.metrics.port | int | toString) }}
+        {{- $_ := set $annotations "prometheus.io/path" "/metrics" }}
+        {{- end }}
+        {{- $annotations = mergeOverwrite $annotations (default (dict) $v.podAnnotations) }}
+        {{- with $annotations }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
     spec:
@@ -174,6 +187,11 @@ spec:
             - name: grpc
               containerPort: {{ int $v.port }}
               protocol: TCP
+            {{- if $root.Values.metrics.enabled }}
+            - name: metrics
+              containerPort: {{ int $root.Values.metrics.port }}
+              protocol: TCP
+            {{- end }}
           envFrom:
             - configMapRef:
                 name: {{ include "esq.configName" $root }}
@@ -186,6 +204,10 @@ spec:
           env:
             - name: ESQ_LISTEN
               value: {{ include "esq.listen" (dict "root" $root "port" $v.port) | quote }}
+            {{- if $root.Values.metrics.enabled }}
+            - name: ESQ_METRICS_ADDR
+              value: {{ include "esq.listen" (dict "root" $root "port" $root.Values.metrics.port) | quote }}
+            {{- end }}
             {{- with .env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
