@@ -104,13 +104,14 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             ApplyOutcome::Duplicate => {}
             ApplyOutcome::Stale { .. } => metrics.gap_pulled(),
         }
-        // Also after a duplicate or stale apply, like the index update below.
-        self.finish_derived(projection, &doc_id).await?;
         if projection.has_indexes() {
             // Also after a duplicate or stale apply: the projector that applied it may have
             // died before its index update.
             self.reindex(projection, &doc_id).await?;
         }
+        // Likewise for the derived work; after the index update, so that it does not delay
+        // the indexes (readers that waited for the document's version expect them soon).
+        self.finish_derived(projection, &doc_id).await?;
         Ok(match outcome {
             ApplyOutcome::Applied => b.last_version,
             ApplyOutcome::Duplicate => b.last_version.max(version),
