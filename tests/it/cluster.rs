@@ -182,7 +182,7 @@ async fn assert_read_model_equals_fold(c: &Clients, carts: &[String]) {
             .map(to_domain)
             .collect();
         let version = events.last().map_or(0, |e| e.version);
-        let expected = CartView::from_doc(&fold(&CartProjection, &events));
+        let expected = CartView::from_doc(&fold(&CartProjection, &events).expect("fold"));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let got = loop {
             match c
@@ -225,7 +225,8 @@ async fn assert_read_model_equals_fold(c: &Clients, carts: &[String]) {
             .await
             .expect("state")
             .into_inner();
-        let want = esq::convert::to_struct(state_json(&fold(&StateProjection, &events)));
+        let want =
+            esq::convert::to_struct(state_json(&fold(&StateProjection, &events).expect("fold")));
         assert_eq!(state.state, Some(want), "{id} state");
     }
 }

@@ -67,8 +67,8 @@ async fn assert_read_model_is_the_aggregate(c: &Clients, id: &str) {
     let events = recorded(c, id).await;
     let version = events.last().map_or(0, |e| e.version);
     let got = get_cart(c, id, version).await;
-    let state: Cart = load(&events);
-    let view = CartView::from_doc(&fold(&esq_domain::cart::CartProjection, &events));
+    let state: Cart = load(&events).expect("load");
+    let view = CartView::from_doc(&fold(&esq_domain::cart::CartProjection, &events).expect("fold"));
     assert_eq!(got.version, version);
     assert_eq!(got.total_cents, state.total_cents(), "{got:?} vs {state:?}");
     assert_eq!(got.item_count, state.item_count(), "{got:?} vs {state:?}");

@@ -12,6 +12,7 @@ mod dev;
 mod history;
 mod metrics;
 mod operator;
+mod parked;
 mod replay;
 mod startup;
 mod suite;

@@ -231,13 +231,17 @@ pub async fn min_version_wait_is_bounded(c: &Clients) {
         cart_id: id,
         min_version: 99,
     });
-    req.set_timeout(std::time::Duration::from_millis(300));
-    let err = c
-        .cart_queries
-        .clone()
-        .get_cart(req)
-        .await
-        .expect_err("must time out");
+    // The deadline goes to the server only (no client-side timer, which could fire first on a
+    // busy machine and answer CANCELLED): the server itself must end the wait.
+    req.metadata_mut()
+        .insert("grpc-timeout", "300m".parse().expect("header"));
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        c.cart_queries.clone().get_cart(req),
+    )
+    .await
+    .expect("the server ends the wait at the call's deadline")
+    .expect_err("must time out");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
 }
 

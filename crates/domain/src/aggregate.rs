@@ -17,7 +17,7 @@
 //! (`#[serde(tag = "type", content = "data")]`); [`encode`] and [`decode`] turn them into stored
 //! events and back, so the type name and payload shape are written down exactly once.
 
-use crate::projection::{self, apply_to_doc, doc_version, Doc, Projection};
+use crate::projection::{self, apply_to_doc, doc_version, Doc, Projection, Unprojectable};
 use crate::{upcast, DomainError, NewEvent, RecordedEvent, StreamId};
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::{json, Value};
@@ -59,12 +59,18 @@ pub struct Folded {
 
 impl Folded {
     /// Folds the next consecutive events of the stream (versions `version + 1 ..`) into the
-    /// document through `projection`, exactly as a read store applies them.
-    pub fn extend<P: Projection + ?Sized>(&mut self, projection: &P, events: &[RecordedEvent]) {
-        if let Some(batch) = projection::batch(projection, events) {
+    /// document through `projection`, exactly as a read store applies them; fails (changing
+    /// nothing) on an event the projection cannot apply.
+    pub fn extend<P: Projection + ?Sized>(
+        &mut self,
+        projection: &P,
+        events: &[RecordedEvent],
+    ) -> Result<(), Unprojectable> {
+        if let Some(batch) = projection::batch(projection, events)? {
             apply_to_doc(&mut self.doc, &batch);
             self.version = doc_version(&self.doc);
         }
+        Ok(())
     }
 
     /// The aggregate this document holds.
@@ -74,10 +80,10 @@ impl Folded {
 }
 
 /// Rebuilds an aggregate from its stream, oldest event first, through its projection.
-pub fn load<A: Aggregate>(events: &[RecordedEvent]) -> A {
+pub fn load<A: Aggregate>(events: &[RecordedEvent]) -> Result<A, Unprojectable> {
     let mut folded = Folded::default();
-    folded.extend(&A::Projection::default(), events);
-    folded.state()
+    folded.extend(&A::Projection::default(), events)?;
+    Ok(folded.state())
 }
 
 /// Decides `command` on `state` and encodes the events at their current schema versions.
@@ -101,10 +107,23 @@ pub fn encode<E: Serialize>(event: &E) -> NewEvent {
 }
 
 /// Decodes a recorded JSON event into a domain event, first lifting its payload to the current
-/// schema. `None` for other content types, unknown event types and undecodable payloads, which
-/// folds skip (on both sides alike) so that one foreign event cannot block a stream.
+/// schema. `None` for other content types, unknown event types and undecodable payloads.
 pub fn decode<E: DeserializeOwned>(event: &RecordedEvent) -> Option<E> {
-    decode_parts(&event.event_type, event.schema_version, event.json()?).ok()
+    decode_event(event).ok()
+}
+
+/// [`decode`], saying why an event does not decode (the reason a projection gives for an
+/// event it cannot apply).
+pub fn decode_event<E: DeserializeOwned>(event: &RecordedEvent) -> Result<E, String> {
+    let data = event
+        .json()
+        .ok_or_else(|| format!("content type {:?} is not JSON", event.content_type))?;
+    decode_parts(&event.event_type, event.schema_version, data).map_err(|(field, reason)| {
+        format!(
+            "{} (schema version {}): {field}: {reason}",
+            event.event_type, event.schema_version
+        )
+    })
 }
 
 /// Decodes an event type, schema version and JSON payload, naming what is wrong.
@@ -169,7 +188,7 @@ pub fn check_append<A: Aggregate>(
             metadata: new.metadata.clone(),
             recorded_at_us: 0,
         };
-        folded.extend(&projection, std::slice::from_ref(&recorded));
+        folded.extend(&projection, std::slice::from_ref(&recorded))?;
     }
     Ok(())
 }
@@ -291,7 +310,7 @@ mod tests {
                 unit_price_cents: 5,
             })
             .ok(CartCommand::Checkout);
-        assert_eq!(load::<Cart>(&given.history), given.state);
+        assert_eq!(load::<Cart>(&given.history).expect("load"), given.state);
     }
 
     #[test]

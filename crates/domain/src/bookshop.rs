@@ -1,7 +1,7 @@
 //! The bookshop catalogue: one stream per book, keyed by its normalized ISBN, which is what makes
 //! ISBNs unique (a second create finds the stream already written).
 
-use crate::aggregate::{decode, Aggregate};
+use crate::aggregate::{decode_event, Aggregate};
 use crate::projection::{doc_version, is_deleted, Changes, Doc, FieldOp, Projection};
 use crate::{DomainError, RecordedEvent};
 use serde::{Deserialize, Serialize};
@@ -340,10 +340,8 @@ impl Projection for BookProjection {
         stream_kind == KIND
     }
 
-    fn project(&self, event: &RecordedEvent, out: &mut Changes) {
-        let Some(book_event) = decode::<BookEvent>(event) else {
-            return;
-        };
+    fn project(&self, event: &RecordedEvent, out: &mut Changes) -> Result<(), String> {
+        let book_event = decode_event::<BookEvent>(event)?;
         let member = self.doc_id(&event.stream);
         let at = event.recorded_at_us.to_string();
         let set = |field: &str, value: String| FieldOp::Set(field.to_owned(), value);
@@ -386,6 +384,7 @@ impl Projection for BookProjection {
                     .extend([FieldOp::Tombstone, set("isbn", member.clone())]);
             }
         }
+        Ok(())
     }
 
     fn has_indexes(&self) -> bool {
@@ -690,7 +689,8 @@ mod tests {
     #[test]
     fn projection_folds_into_the_view() {
         let b = created().ok(update(Some("Left Hand"), None, Some(1000)));
-        let view = BookView::from_doc(&fold(&BookProjection, &b.history)).expect("live book");
+        let view = BookView::from_doc(&fold(&BookProjection, &b.history).expect("fold"))
+            .expect("live book");
         assert_eq!(
             view,
             BookView {
@@ -710,7 +710,9 @@ mod tests {
         let b = created()
             .ok(update(None, Some("U. K. Le Guin"), None))
             .ok(delete());
-        let after = |n: usize| BookProjection.indexes(&fold(&BookProjection, &b.history[..n]));
+        let after = |n: usize| {
+            BookProjection.indexes(&fold(&BookProjection, &b.history[..n]).expect("fold"))
+        };
         assert_eq!(after(1), ["all", "author:Ursula K. Le Guin"]);
         assert_eq!(after(2), ["all", "author:U. K. Le Guin"]);
         assert!(after(3).is_empty(), "a deleted book is in no index");
@@ -718,7 +720,7 @@ mod tests {
 
     #[test]
     fn deleted_book_leaves_a_tombstone() {
-        let doc = fold(&BookProjection, &created().ok(delete()).history);
+        let doc = fold(&BookProjection, &created().ok(delete()).history).expect("fold");
         assert!(is_deleted(&doc));
         assert_eq!(doc_version(&doc), 2);
         assert_eq!(
@@ -734,7 +736,7 @@ mod tests {
 
     #[test]
     fn incomplete_document_has_no_view() {
-        let mut doc = fold(&BookProjection, &created().history);
+        let mut doc = fold(&BookProjection, &created().history).expect("fold");
         doc.remove("price_cents");
         assert_eq!(BookView::from_doc(&doc), None);
         assert_eq!(BookView::from_doc(&HashMap::new()), None);

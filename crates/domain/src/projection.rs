@@ -67,9 +67,11 @@ pub trait Projection: Send + Sync + 'static {
     fn doc_id(&self, stream: &StreamId) -> String {
         stream.id.clone()
     }
-    /// Appends the changes `event` makes to `out`. Unknown or undecodable events add nothing,
-    /// so that one bad event cannot stall the projection; the version still advances.
-    fn project(&self, event: &RecordedEvent, out: &mut Changes);
+    /// Appends the changes `event` makes to `out`, or says why the event cannot be applied: it
+    /// does not decode, its type is unknown to the stream type the projection owns, or its
+    /// upcaster fails. Every fold stops there ([`Unprojectable`]): the projector parks the
+    /// stream for this projection, aggregate and temporal folds answer a clear error.
+    fn project(&self, event: &RecordedEvent, out: &mut Changes) -> Result<(), String>;
 
     /// Whether this projection maintains cross-document indexes.
     fn has_indexes(&self) -> bool {
@@ -87,19 +89,72 @@ pub trait Projection: Send + Sync + 'static {
     }
 }
 
-/// Builds one batch from consecutive events of one stream.
-pub fn batch<P: Projection + ?Sized>(projection: &P, events: &[RecordedEvent]) -> Option<Batch> {
-    let first = events.first()?.version;
-    let last = events.last()?.version;
-    let mut changes = Changes::default();
-    for e in events {
-        projection.project(e, &mut changes);
+/// An event a projection cannot apply (see [`Projection::project`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("projection {projection} cannot apply event {version} of stream {stream}: {reason}")]
+pub struct Unprojectable {
+    /// The projection.
+    pub projection: String,
+    /// The stream.
+    pub stream: StreamId,
+    /// The event's version.
+    pub version: u64,
+    /// Why.
+    pub reason: String,
+}
+
+impl From<Unprojectable> for crate::DomainError {
+    /// A stream holding an event its fold cannot read is a failed precondition of whatever
+    /// needs that fold (naming stream and version), not bad input.
+    fn from(e: Unprojectable) -> Self {
+        crate::DomainError::Rule(e.to_string())
     }
-    Some(Batch {
-        first_version: first,
-        last_version: last,
+}
+
+/// Projects one event, naming it if the projection cannot apply it.
+fn project_one<P: Projection + ?Sized>(
+    projection: &P,
+    event: &RecordedEvent,
+    out: &mut Changes,
+) -> Result<(), Unprojectable> {
+    projection
+        .project(event, out)
+        .map_err(|reason| Unprojectable {
+            projection: projection.name().to_owned(),
+            stream: event.stream.clone(),
+            version: event.version,
+            reason,
+        })
+}
+
+/// Builds one batch from consecutive events of one stream; fails on the first event the
+/// projection cannot apply.
+pub fn batch<P: Projection + ?Sized>(
+    projection: &P,
+    events: &[RecordedEvent],
+) -> Result<Option<Batch>, Unprojectable> {
+    batch_except(projection, events, |_| false)
+}
+
+/// [`batch`], treating the events whose version `skipped` names as no-ops (an operator skipped
+/// them for this projection): they add no change, but the version moves past them.
+pub fn batch_except<P: Projection + ?Sized>(
+    projection: &P,
+    events: &[RecordedEvent],
+    skipped: impl Fn(u64) -> bool,
+) -> Result<Option<Batch>, Unprojectable> {
+    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+        return Ok(None);
+    };
+    let mut changes = Changes::default();
+    for e in events.iter().filter(|e| !skipped(e.version)) {
+        project_one(projection, e, &mut changes)?;
+    }
+    Ok(Some(Batch {
+        first_version: first.version,
+        last_version: last.version,
         changes,
-    })
+    }))
 }
 
 /// The outcome of a fenced apply.
@@ -183,11 +238,11 @@ pub fn is_deleted(doc: &HashMap<String, String>) -> bool {
 pub fn fold<P: Projection + ?Sized>(
     projection: &P,
     events: &[RecordedEvent],
-) -> HashMap<String, String> {
+) -> Result<HashMap<String, String>, Unprojectable> {
     let mut doc = HashMap::new();
     for e in events {
         let mut changes = Changes::default();
-        projection.project(e, &mut changes);
+        project_one(projection, e, &mut changes)?;
         // Versions in a replay preview may be renumbered; apply each event at the next version.
         let next = doc_version(&doc) + 1;
         apply_to_doc(
@@ -199,7 +254,7 @@ pub fn fold<P: Projection + ?Sized>(
             },
         );
     }
-    doc
+    Ok(doc)
 }
 
 #[cfg(test)]
@@ -307,7 +362,7 @@ mod tests {
 
     #[test]
     fn empty_batch_is_none() {
-        assert_eq!(batch(&Ops, &[]), None);
+        assert_eq!(batch(&Ops, &[]), Ok(None));
     }
 
     /// A projection that emits whichever [`FieldOp`] each event names, plus a per-event counter
@@ -323,8 +378,10 @@ mod tests {
             true
         }
 
-        fn project(&self, event: &RecordedEvent, out: &mut Changes) {
-            let Some(v) = event.json() else { return };
+        fn project(&self, event: &RecordedEvent, out: &mut Changes) -> Result<(), String> {
+            let Some(v) = event.json() else {
+                return Err("not JSON".to_owned());
+            };
             let field = format!("k{}", v["k"]);
             let n = v["n"].as_i64().unwrap_or(0);
             out.fields.push(match v["op"].as_u64() {
@@ -334,6 +391,7 @@ mod tests {
                 _ => FieldOp::Incr(field, n),
             });
             out.fields.push(FieldOp::Incr("count".into(), 1));
+            Ok(())
         }
     }
 
@@ -360,15 +418,20 @@ mod tests {
         // The change log guarantees a notification for the last append, in some order.
         for &(start, len) in deliveries.iter().chain([&(store.len() - 1, 1)]) {
             let end = (start + len).min(store.len());
-            let delivered = batch(&Ops, &store[start..end]).expect("non-empty range");
+            let delivered = batch(&Ops, &store[start..end])
+                .unwrap()
+                .expect("non-empty range");
             if let ApplyOutcome::Stale { current } = apply_to_doc(&mut doc, &delivered) {
                 for chunk in store[current as usize..end].chunks(page) {
-                    let reread = batch(&Ops, chunk).expect("non-empty page");
+                    let reread = batch(&Ops, chunk).unwrap().expect("non-empty page");
                     assert_eq!(apply_to_doc(&mut doc, &reread), ApplyOutcome::Applied);
                 }
             }
             // Whatever arrives, the document is always exactly a prefix of the stream.
-            assert_eq!(doc, fold(&Ops, &store[..doc_version(&doc) as usize]));
+            assert_eq!(
+                doc,
+                fold(&Ops, &store[..doc_version(&doc) as usize]).unwrap()
+            );
         }
         doc
     }
@@ -389,7 +452,7 @@ mod tests {
             let store = store(&ops);
             let doc = project_deliveries(&store, &deliveries, page);
             prop_assert_eq!(doc_version(&doc), store.len() as u64);
-            prop_assert_eq!(doc, fold(&Ops, &store));
+            prop_assert_eq!(doc, fold(&Ops, &store).unwrap());
         }
 
         #[test]
@@ -397,10 +460,10 @@ mod tests {
             let store = store(&ops);
             let mut doc = HashMap::new();
             for chunk in store.chunks(page) {
-                let b = batch(&Ops, chunk).expect("non-empty page");
+                let b = batch(&Ops, chunk).unwrap().expect("non-empty page");
                 prop_assert_eq!(apply_to_doc(&mut doc, &b), ApplyOutcome::Applied);
             }
-            prop_assert_eq!(doc, fold(&Ops, &store));
+            prop_assert_eq!(doc, fold(&Ops, &store).unwrap());
         }
     }
 }

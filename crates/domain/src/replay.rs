@@ -20,7 +20,7 @@ use crate::aggregate::{check_event, Aggregate, Folded};
 use crate::bookshop::{self, Book};
 use crate::cart::{self, Cart};
 use crate::event::{MAX_APPEND_BYTES, MAX_EVENTS_PER_APPEND};
-use crate::projection::{Doc, Projection, VERSION_FIELD};
+use crate::projection::{Changes, Doc, Projection, VERSION_FIELD};
 use crate::state::StateProjection;
 use crate::{DomainError, NewEvent, RecordedEvent, StreamId};
 use serde::{Deserialize, Serialize};
@@ -214,7 +214,7 @@ pub fn preview(
         bookshop::KIND => preview_owned::<Book>(stream, history, edits, now_us)?,
         _ => {
             let timeline = plan(stream, history, edits, now_us)?;
-            fold_timeline(&StateProjection, history, timeline, |_, _| Ok(()))
+            fold_timeline(&StateProjection, history, timeline, |_, _| Ok(()))?
         }
     };
     if !preview.violations.is_empty() {
@@ -236,12 +236,7 @@ fn preview_owned<A: Aggregate>(
     let check = |doc: &Doc, event: &RecordedEvent| {
         check_event::<A>(&stream.id, &A::from_doc(doc), &as_new(event)).map_err(|r| r.to_string())
     };
-    Ok(fold_timeline(
-        &A::Projection::default(),
-        history,
-        timeline,
-        check,
-    ))
+    fold_timeline(&A::Projection::default(), history, timeline, check)
 }
 
 /// Checks the edits against the stream and lays out the new timeline (versions renumbered
@@ -436,13 +431,23 @@ fn fold_timeline<P: Projection>(
     history: &[RecordedEvent],
     timeline: Vec<Step>,
     check: impl Fn(&Doc, &RecordedEvent) -> Result<(), String>,
-) -> Preview {
+) -> Result<Preview, DomainError> {
     let mut today = Folded::default();
-    today.extend(projection, history);
+    // A stream whose history its own projection cannot read has no preview.
+    today.extend(projection, history)?;
     let mut after = Folded::default();
     let mut violations = Vec::new();
     for step in &timeline {
-        if let Err(reason) = check(&after.doc, &step.event) {
+        let refused = check(&after.doc, &step.event).err();
+        let unreadable = match after.extend(projection, std::slice::from_ref(&step.event)) {
+            Ok(()) => None,
+            Err(e) => {
+                // The event is left out of the fold (a no-op at its version), and refused.
+                after.extend(&NoChange, std::slice::from_ref(&step.event))?;
+                Some(e.reason)
+            }
+        };
+        if let Some(reason) = refused.or(unreadable) {
             violations.push(Violation {
                 position: step.position,
                 origin: step.origin,
@@ -451,20 +456,36 @@ fn fold_timeline<P: Projection>(
                 context: String::new(),
             });
         }
-        after.extend(projection, std::slice::from_ref(&step.event));
     }
     let inserted = timeline
         .iter()
         .filter(|s| matches!(s.origin, Origin::Inserted { .. }))
         .map(|s| as_new(&s.event))
         .collect();
-    Preview {
+    Ok(Preview {
         diff: diff(&today.doc, &after.doc),
         timeline,
         violations,
         today,
         after,
         inserted,
+    })
+}
+
+/// The projection of an event left out of a fold: no change, the version moves past it.
+struct NoChange;
+
+impl Projection for NoChange {
+    fn name(&self) -> &'static str {
+        "no-change"
+    }
+
+    fn handles(&self, _stream_kind: &str) -> bool {
+        true
+    }
+
+    fn project(&self, _event: &RecordedEvent, _out: &mut Changes) -> Result<(), String> {
+        Ok(())
     }
 }
 
@@ -731,7 +752,7 @@ mod tests {
         assert_eq!(p.today.state::<Cart>().lines["old"].quantity, 2);
         assert_eq!(
             p.today.state::<Cart>(),
-            crate::aggregate::load::<Cart>(&history)
+            crate::aggregate::load::<Cart>(&history).expect("load")
         );
     }
 

@@ -75,7 +75,8 @@ impl<A: Aggregate> Given<A> {
         let start = self.history.len();
         record(&self.stream, &mut self.history, events);
         self.folded
-            .extend(&A::Projection::default(), &self.history[start..]);
+            .extend(&A::Projection::default(), &self.history[start..])
+            .expect("the aggregate's own events fold");
         self.state = self.folded.state();
     }
 }

@@ -62,7 +62,7 @@ pub async fn fold_at<S: EventStore + ?Sized, P: Projection>(
             .read(stream, as_of.read_from(folded.version + 1))
             .await?;
         let before = folded.version;
-        folded.extend(projection, &page);
+        folded.extend(projection, &page)?;
         if page.len() < FOLD_PAGE as usize {
             return Ok(folded);
         }

@@ -58,6 +58,11 @@ pub enum StoreError {
     /// Anything else; the text is for logs, not for clients.
     #[error("event store internal error: {0}")]
     Internal(String),
+    /// A fold of a stream met an event its projection cannot apply (it does not decode, its
+    /// type is unknown, its upcaster fails): nothing can be decided on that fold until the
+    /// event is dealt with. Names the stream and the version.
+    #[error(transparent)]
+    Unprojectable(#[from] esq_domain::projection::Unprojectable),
 }
 
 /// Direction of a stream read.

@@ -228,7 +228,9 @@ mod tests {
             .read(&stream, ReadRequest::forwards(1, 10))
             .await
             .expect("read");
-        let mut b = batch(&BookProjection, &events).expect("batch");
+        let mut b = batch(&BookProjection, &events)
+            .expect("readable")
+            .expect("batch");
         let field = pending_field(AuthorsProjection.name());
         let marker = pending_marker(1, &[]);
         b.changes.fields.push(FieldOp::Set(field.clone(), marker));
@@ -263,7 +265,9 @@ mod tests {
             .read(&stream, ReadRequest::forwards(1, 10))
             .await
             .expect("read");
-        let b = batch(&BookProjection, &events).expect("batch");
+        let b = batch(&BookProjection, &events)
+            .expect("readable")
+            .expect("batch");
         read.apply("book", &stream.id, &b).await.expect("apply");
         read.save_checkpoint(&format!("projector:marker:{READ_MODEL_LAYOUT}"), "old")
             .await

@@ -167,7 +167,9 @@ mod tests {
             .read(&book, ReadRequest::forwards(1, 10))
             .await
             .expect("read");
-        let mut b = batch(&BookProjection, &events).expect("batch");
+        let mut b = batch(&BookProjection, &events)
+            .expect("projects")
+            .expect("batch");
         b.changes
             .fields
             .push(FieldOp::Set(INDEX_PENDING_FIELD.to_owned(), "1".to_owned()));
@@ -237,7 +239,9 @@ mod tests {
             .read(&book, ReadRequest::forwards(2, 10))
             .await
             .expect("read");
-        let mut b = batch(&BookProjection, &stored).expect("batch");
+        let mut b = batch(&BookProjection, &stored)
+            .expect("projects")
+            .expect("batch");
         p.mark_index_work(&BookProjection, &book.id, &mut b)
             .await
             .expect("mark");
@@ -299,7 +303,9 @@ mod tests {
         // Version 2 (A → B) is applied and its index update lost; then version 3 (B → C) is
         // applied over the pending marker, and only then are the indexes brought in line.
         for event in &stored {
-            let mut b = batch(&BookProjection, std::slice::from_ref(event)).expect("batch");
+            let mut b = batch(&BookProjection, std::slice::from_ref(event))
+                .expect("projects")
+                .expect("batch");
             p.mark_index_work(&BookProjection, &book.id, &mut b)
                 .await
                 .expect("mark");

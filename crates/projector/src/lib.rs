@@ -12,6 +12,7 @@ mod derived;
 mod index;
 mod leases;
 pub mod ops;
+mod parked;
 mod pending;
 mod rebuild;
 mod shards;

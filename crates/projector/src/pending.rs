@@ -3,12 +3,8 @@
 //! deletes its block here when it adds the real method; this file must be gone before issue 8 is
 //! called done.
 
-use crate::ops::{
-    ParkedStream, ProjectionStatus, RebuildProgress, RetryOutcome, VerifyOptions, VerifyProgress,
-    VerifyReport,
-};
+use crate::ops::{ProjectionStatus, RebuildProgress, VerifyOptions, VerifyProgress, VerifyReport};
 use crate::{ProjectError, Projector};
-use esq_domain::StreamId;
 use esq_eventstore::{ChangeFeed, EventStore};
 use esq_readstore::{Coordination, ReadError, ReadStore};
 
@@ -47,46 +43,5 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     ) -> Result<VerifyReport, ProjectError> {
         let _ = progress;
         Err(not_built(&options.projection))
-    }
-}
-
-// parked streams
-impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, R> {
-    /// Parked streams, of one projection or of all, at most `limit`.
-    pub async fn parked(
-        &self,
-        projection: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<ParkedStream>, ProjectError> {
-        let _ = (projection, limit);
-        Err(not_built("parked"))
-    }
-
-    /// How many streams are parked for `projection`.
-    pub async fn parked_count(&self, projection: &str) -> Result<u64, ProjectError> {
-        Err(not_built(projection))
-    }
-
-    /// Tries a parked stream again (after a fix): resumes it if it applies now.
-    pub async fn retry_parked(
-        &self,
-        projection: &str,
-        stream: &StreamId,
-    ) -> Result<RetryOutcome, ProjectError> {
-        let _ = stream;
-        Err(not_built(projection))
-    }
-
-    /// Skips the parked event at `version` of `stream` for `projection`, recording why; false
-    /// if the stream is not parked at that version.
-    pub async fn skip_parked(
-        &self,
-        projection: &str,
-        stream: &StreamId,
-        version: u64,
-        reason: &str,
-    ) -> Result<bool, ProjectError> {
-        let _ = (stream, version, reason);
-        Err(not_built(projection))
     }
 }

@@ -1,12 +1,15 @@
 //! Bringing one stream into the read model: pull its events after the lowest version its
 //! projections hold, fold them through the domain's projections and apply each batch behind the
-//! read store's version fence, so duplicate, late or concurrent syncs are harmless.
+//! read store's version fence, so duplicate, late or concurrent syncs are harmless. An event a
+//! projection cannot apply parks the stream for that projection (see `parked`); the stream's
+//! other projections, and every other stream, go on.
 
 use crate::{ProjectError, Projector};
-use esq_domain::projection::{batch, ApplyOutcome, Projection};
+use esq_domain::projection::{batch_except, ApplyOutcome, Projection};
 use esq_domain::{RecordedEvent, StreamId};
 use esq_eventstore::{ChangeFeed, EventStore, ReadRequest};
-use esq_readstore::{Coordination, ReadStore};
+use esq_readstore::{Coordination, ReadError, ReadStore};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// How far a stream could be brought.
@@ -18,6 +21,15 @@ pub(crate) enum Synced {
     Missing,
 }
 
+/// Where one projection of a stream stands after an apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// At this version.
+    At(u64),
+    /// Parked: it cannot go on until an operator retries or skips.
+    Parked,
+}
+
 impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, R> {
     /// Brings every projection of `stream` up to `target` (or to the stream's end when
     /// `None`), pulling events after the lowest projected version, in pages.
@@ -26,18 +38,44 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         stream: &StreamId,
         target: Option<u64>,
     ) -> Result<Synced, ProjectError> {
-        let projections: Vec<&Arc<dyn Projection>> = self
+        self.sync_only(stream, target, None).await
+    }
+
+    /// [`Projector::sync`] for the projections of `stream`, or only for the one named `only`.
+    /// A projection that parks is left behind; the others go on.
+    pub(crate) async fn sync_only(
+        &self,
+        stream: &StreamId,
+        target: Option<u64>,
+        only: Option<&str>,
+    ) -> Result<Synced, ProjectError> {
+        let mut projections: Vec<&Arc<dyn Projection>> = self
             .projections
             .iter()
-            .filter(|p| p.handles(&stream.kind))
+            .filter(|p| p.handles(&stream.kind) && only.is_none_or(|n| n == p.name()))
             .collect();
         let mut versions = Vec::with_capacity(projections.len());
         for p in &projections {
             let doc_id = p.doc_id(stream);
             // Also finishes index updates an earlier apply left pending (a crash, a Redis error).
-            versions.push(self.projected_version(p.as_ref(), &doc_id).await?);
-            // And derived updates left pending (see `derived`).
-            self.finish_derived(p.as_ref(), &doc_id).await?;
+            versions.push(match self.projected_version(p.as_ref(), &doc_id).await {
+                Ok(v) => v,
+                // The store refuses this document (e.g. a key of the wrong type): the apply
+                // from the start will be refused too, and parks the stream.
+                Err(ProjectError::Read(ReadError::Internal(e))) => {
+                    tracing::debug!(%stream, projection = p.name(), error = %e, "unreadable document");
+                    0
+                }
+                Err(e) => return Err(e),
+            });
+            // And derived updates left pending (see `derived`); an unreadable document is
+            // parked by the apply below, as above.
+            match self.finish_derived(p.as_ref(), &doc_id).await {
+                Err(ProjectError::Read(ReadError::Internal(e))) => {
+                    tracing::debug!(%stream, projection = p.name(), error = %e, "unreadable source document");
+                }
+                other => other?,
+            }
         }
         loop {
             let low = versions.iter().copied().min().unwrap_or(u64::MAX);
@@ -58,8 +96,21 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                     Synced::Done
                 });
             }
-            for (p, version) in projections.iter().zip(versions.iter_mut()) {
-                *version = self.apply(p.as_ref(), stream, &events, *version).await?;
+            let mut i = 0;
+            while i < projections.len() {
+                match self
+                    .apply(projections[i].as_ref(), stream, &events, versions[i])
+                    .await?
+                {
+                    Step::At(v) => {
+                        versions[i] = v;
+                        i += 1;
+                    }
+                    Step::Parked => {
+                        projections.remove(i);
+                        versions.remove(i);
+                    }
+                }
             }
             if events.len() < self.config.read_page as usize && target.is_none() {
                 return Ok(Synced::Done);
@@ -74,28 +125,79 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         stream: &StreamId,
         events: &[RecordedEvent],
         version: u64,
-    ) -> Result<u64, ProjectError> {
+    ) -> Result<Step, ProjectError> {
         let start = events.partition_point(|e| e.version <= version);
-        let Some(mut b) = batch(projection, &events[start..]) else {
-            return Ok(version);
+        let events = &events[start..];
+        // Skips are looked up only when an event fails: an operator can only skip an event
+        // that parked its stream.
+        let mut skipped: Option<BTreeSet<u64>> = None;
+        let (mut b, poison) = loop {
+            match batch_except(projection, events, |v| skip_contains(&skipped, v)) {
+                Ok(None) => return Ok(Step::At(version)),
+                Ok(Some(b)) => break (b, None),
+                Err(e) => {
+                    if skipped.is_none() {
+                        let versions = self.skipped_versions(projection.name(), stream).await?;
+                        skipped = Some(versions.into_iter().collect());
+                        if skip_contains(&skipped, e.version) {
+                            continue; // an operator skipped it: fold again without it
+                        }
+                    }
+                    // Apply what comes before the unreadable event, then park at it.
+                    let before = events.partition_point(|ev| ev.version < e.version);
+                    let prefix = &events[..before];
+                    match batch_except(projection, prefix, |v| skip_contains(&skipped, v)) {
+                        Ok(Some(b)) => break (b, Some(e)),
+                        _ => {
+                            self.park(projection.name(), stream, e.version, &e.reason)
+                                .await?;
+                            return Ok(Step::Parked);
+                        }
+                    }
+                }
+            }
         };
         let doc_id = projection.doc_id(stream);
         // Marks the index work as pending in the same atomic apply, so that an index update cut
         // short (a crash, a Redis error) is noticed by whoever syncs this document next.
-        self.mark_index_work(projection, &doc_id, &mut b).await?;
         // And the derived work (see `derived`), in the same apply.
-        self.mark_derived(projection, &doc_id, &mut b).await?;
-        let outcome = esq_runtime::metrics::store()
-            .time(
-                "read",
-                "apply",
-                self.read.apply(projection.name(), &doc_id, &b),
-            )
-            .await?;
+        let marked = match self.mark_index_work(projection, &doc_id, &mut b).await {
+            Ok(()) => self.mark_derived(projection, &doc_id, &mut b).await,
+            Err(e) => Err(e),
+        };
+        let outcome = match marked {
+            Ok(()) => {
+                esq_runtime::metrics::store()
+                    .time(
+                        "read",
+                        "apply",
+                        self.read.apply(projection.name(), &doc_id, &b),
+                    )
+                    .await
+            }
+            Err(ProjectError::Read(e)) => Err(e),
+            Err(e) => return Err(e),
+        };
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            // The read store refuses this document (a script error such as WRONGTYPE): only
+            // this stream, for this projection, is held back.
+            Err(ReadError::Internal(reason)) => {
+                self.park(
+                    projection.name(),
+                    stream,
+                    b.first_version,
+                    &format!("the read store refuses the apply: {reason}"),
+                )
+                .await?;
+                return Ok(Step::Parked);
+            }
+            Err(e) => return Err(e.into()),
+        };
         let metrics = esq_runtime::metrics::projector();
         match outcome {
             ApplyOutcome::Applied => {
-                let n = events[start..]
+                let n = events
                     .iter()
                     .take_while(|e| e.version <= b.last_version)
                     .count();
@@ -112,11 +214,24 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         // Likewise for the derived work; after the index update, so that it does not delay
         // the indexes (readers that waited for the document's version expect them soon).
         self.finish_derived(projection, &doc_id).await?;
-        Ok(match outcome {
+        let at = match outcome {
             ApplyOutcome::Applied => b.last_version,
             ApplyOutcome::Duplicate => b.last_version.max(version),
             // Another projector moved the document: continue from where it really is.
             ApplyOutcome::Stale { current } => current,
-        })
+        };
+        match poison {
+            // The events before the unreadable one are in: park at it.
+            Some(e) if at + 1 == e.version => {
+                self.park(projection.name(), stream, e.version, &e.reason)
+                    .await?;
+                Ok(Step::Parked)
+            }
+            _ => Ok(Step::At(at)),
+        }
     }
+}
+
+fn skip_contains(skipped: &Option<BTreeSet<u64>>, version: u64) -> bool {
+    skipped.as_ref().is_some_and(|s| s.contains(&version))
 }

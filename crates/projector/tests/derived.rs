@@ -121,11 +121,23 @@ struct Model {
     skus: BTreeMap<String, SkuSalesView>,
 }
 
+/// A stream's document: the fold of its events up to the first one the projection cannot
+/// read (the projector parks the stream there, with the events before it applied).
+fn folded<P: esq_domain::projection::Projection>(
+    p: &P,
+    events: &[RecordedEvent],
+) -> esq_domain::projection::Doc {
+    (0..=events.len())
+        .rev()
+        .find_map(|k| fold(p, &events[..k]).ok())
+        .unwrap_or_default()
+}
+
 /// The plain model: each stream folded on its own, then summed per target.
 fn model(carts: &[Vec<RecordedEvent>], books: &[Vec<RecordedEvent>]) -> Model {
     let mut m = Model::default();
     for events in books {
-        if let Some(book) = BookView::from_doc(&fold(&BookProjection, events)) {
+        if let Some(book) = BookView::from_doc(&folded(&BookProjection, events)) {
             let a = m
                 .authors
                 .entry(book.author.clone())
@@ -141,7 +153,7 @@ fn model(carts: &[Vec<RecordedEvent>], books: &[Vec<RecordedEvent>]) -> Model {
         }
     }
     for events in carts {
-        let cart = Cart::from_doc(&fold(&CartProjection, events));
+        let cart = Cart::from_doc(&folded(&CartProjection, events));
         if cart.status != CartStatus::CheckedOut {
             continue;
         }

@@ -22,6 +22,7 @@ pub async fn run_all<S: ReadStore>(store: &S, prefix: &str) {
     check_index_paging(store, prefix).await;
     check_index_marker(store, prefix).await;
     check_checkpoints(store, prefix).await;
+    check_records(store, prefix).await;
     check_concurrent_same_batch(store, prefix).await;
     check_contributions(store, prefix).await;
     check_clear_field_if(store, prefix).await;
@@ -540,4 +541,66 @@ pub async fn check_clear_field_if<S: ReadStore>(store: &S, prefix: &str) {
         .await
         .expect("clear");
     assert_eq!(store.get(&ns, "none").await.expect("get"), None);
+}
+
+/// Record sets: put replaces, get and delete by key, pages in key order after a bound, counts;
+/// sets do not collide.
+pub async fn check_records<S: ReadStore>(store: &S, prefix: &str) {
+    let set = format!("{prefix}:records");
+    let other = format!("{prefix}:records-other");
+    assert_eq!(store.record_count(&set).await.expect("count"), 0);
+    assert_eq!(store.get_record(&set, "a").await.expect("get"), None);
+    for key in ["cart:b", "cart:a", "book:9780441478125", "cart:c"] {
+        store
+            .put_record(&set, key, &format!("r-{key}"))
+            .await
+            .expect("put");
+    }
+    store
+        .put_record(&set, "cart:a", "again")
+        .await
+        .expect("put");
+    store.put_record(&other, "cart:z", "z").await.expect("put");
+    assert_eq!(store.record_count(&set).await.expect("count"), 4);
+    assert_eq!(
+        store
+            .get_record(&set, "cart:a")
+            .await
+            .expect("get")
+            .as_deref(),
+        Some("again")
+    );
+    let keys = |page: Vec<(String, String)>| page.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    assert_eq!(
+        keys(store.records_page(&set, None, 2).await.expect("page")),
+        ["book:9780441478125", "cart:a"]
+    );
+    assert_eq!(
+        store
+            .records_page(&set, Some("cart:a"), 10)
+            .await
+            .expect("page"),
+        [
+            ("cart:b".to_owned(), "r-cart:b".to_owned()),
+            ("cart:c".to_owned(), "r-cart:c".to_owned())
+        ]
+    );
+    assert!(store
+        .records_page(&set, None, 0)
+        .await
+        .expect("page")
+        .is_empty());
+    assert!(store.delete_record(&set, "cart:b").await.expect("delete"));
+    assert!(!store.delete_record(&set, "cart:b").await.expect("delete"));
+    assert_eq!(store.record_count(&set).await.expect("count"), 3);
+    assert_eq!(
+        keys(
+            store
+                .records_page(&set, Some("cart:a"), 10)
+                .await
+                .expect("page")
+        ),
+        ["cart:c"]
+    );
+    assert_eq!(store.record_count(&other).await.expect("count"), 1);
 }

@@ -119,6 +119,42 @@ pub trait ReadStore: Send + Sync + 'static {
 
     /// One cheap round trip, for health checks: `Ok` when the store answers.
     fn ping(&self) -> impl Future<Output = Result<(), ReadError>> + Send;
+
+    /// Records `record` under `key` in the record set `set`, replacing any record there. Record
+    /// sets hold the projector's control-plane records (parked streams, skipped events), so
+    /// every replica and every admin call sees them.
+    fn put_record(
+        &self,
+        set: &str,
+        key: &str,
+        record: &str,
+    ) -> impl Future<Output = Result<(), ReadError>> + Send;
+
+    /// The record under `key` in `set`.
+    fn get_record(
+        &self,
+        set: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<String>, ReadError>> + Send;
+
+    /// Removes the record under `key` from `set`; whether there was one.
+    fn delete_record(
+        &self,
+        set: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<bool, ReadError>> + Send;
+
+    /// The records of `set` with keys strictly after `after`, in lexicographic key order, at
+    /// most `limit`, as (key, record).
+    fn records_page(
+        &self,
+        set: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(String, String)>, ReadError>> + Send;
+
+    /// How many records `set` holds.
+    fn record_count(&self, set: &str) -> impl Future<Output = Result<u64, ReadError>> + Send;
 }
 
 /// Coordination between projector replicas that share the change-log shards: leases with

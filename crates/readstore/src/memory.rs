@@ -7,7 +7,7 @@
 use crate::{Doc, ReadError, ReadStore};
 use esq_domain::derived::{apply_contribution, Column, Contribution};
 use esq_domain::projection::{apply_to_doc, doc_version, ApplyOutcome, Batch, INDEX_PENDING_FIELD};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -32,6 +32,8 @@ struct Inner {
     /// derived namespace → target → entries (source id → entry); the totals are in `docs`.
     entries: RwLock<HashMap<String, Docs>>,
     checkpoints: RwLock<HashMap<String, String>>,
+    /// record set → key → record.
+    records: RwLock<HashMap<String, BTreeMap<String, String>>>,
     /// lease name → (owner, expiry).
     leases: Mutex<HashMap<String, (String, Instant)>>,
     /// group → member → expiry.
@@ -254,6 +256,68 @@ impl ReadStore for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn put_record(&self, set: &str, key: &str, record: &str) -> Result<(), ReadError> {
+        let mut records = self
+            .inner
+            .records
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        records
+            .entry(set.to_owned())
+            .or_default()
+            .insert(key.to_owned(), record.to_owned());
+        Ok(())
+    }
+
+    async fn get_record(&self, set: &str, key: &str) -> Result<Option<String>, ReadError> {
+        let records = self
+            .inner
+            .records
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(records.get(set).and_then(|s| s.get(key)).cloned())
+    }
+
+    async fn delete_record(&self, set: &str, key: &str) -> Result<bool, ReadError> {
+        let mut records = self
+            .inner
+            .records
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(records.get_mut(set).and_then(|s| s.remove(key)).is_some())
+    }
+
+    async fn records_page(
+        &self,
+        set: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, ReadError> {
+        let records = self
+            .inner
+            .records
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(set) = records.get(set) else {
+            return Ok(Vec::new());
+        };
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(set
+            .range::<str, _>((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    async fn record_count(&self, set: &str) -> Result<u64, ReadError> {
+        let records = self
+            .inner
+            .records
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(records.get(set).map_or(0, |s| s.len() as u64))
     }
 }
 

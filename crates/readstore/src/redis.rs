@@ -275,6 +275,16 @@ impl RedisStore {
         format!("{prefix}:cp:{name}")
     }
 
+    /// A record set: a hash of the records and a sorted set of their keys (for paging in key
+    /// order), in one Cluster slot by the `{set}` hash tag.
+    fn record_keys(&self, set: &str) -> (String, String) {
+        let prefix = &self.shared.prefix;
+        (
+            format!("{prefix}:rec:{{{set}}}"),
+            format!("{prefix}:reckeys:{{{set}}}"),
+        )
+    }
+
     fn members_key(&self, group: &str) -> String {
         let prefix = &self.shared.prefix;
         format!("{prefix}:members:{group}")
@@ -529,6 +539,85 @@ impl ReadStore for RedisStore {
     async fn save_checkpoint(&self, name: &str, position: &str) -> Result<(), ReadError> {
         let mut cmd = ::redis::cmd("SET");
         cmd.arg(self.checkpoint_key(name)).arg(position);
+        self.query(&cmd).await
+    }
+
+    async fn put_record(&self, set: &str, key: &str, record: &str) -> Result<(), ReadError> {
+        let (records, keys) = self.record_keys(set);
+        let mut cmd = ::redis::cmd("EVAL");
+        cmd.arg(
+            "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) \
+             redis.call('ZADD', KEYS[2], 0, ARGV[1]) return 1",
+        )
+        .arg(2)
+        .arg(records)
+        .arg(keys)
+        .arg(key)
+        .arg(record);
+        let _: i64 = self.query(&cmd).await?;
+        Ok(())
+    }
+
+    async fn get_record(&self, set: &str, key: &str) -> Result<Option<String>, ReadError> {
+        let mut cmd = ::redis::cmd("HGET");
+        cmd.arg(self.record_keys(set).0).arg(key);
+        self.query(&cmd).await
+    }
+
+    async fn delete_record(&self, set: &str, key: &str) -> Result<bool, ReadError> {
+        let (records, keys) = self.record_keys(set);
+        let mut cmd = ::redis::cmd("EVAL");
+        cmd.arg(
+            "local n = redis.call('HDEL', KEYS[1], ARGV[1]) \
+             redis.call('ZREM', KEYS[2], ARGV[1]) return n",
+        )
+        .arg(2)
+        .arg(records)
+        .arg(keys)
+        .arg(key);
+        let removed: i64 = self.query(&cmd).await?;
+        Ok(removed > 0)
+    }
+
+    async fn records_page(
+        &self,
+        set: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, ReadError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (records, keys) = self.record_keys(set);
+        let mut cmd = ::redis::cmd("ZRANGE");
+        cmd.arg(keys);
+        match after {
+            Some(after) => cmd.arg(format!("({after}")),
+            None => cmd.arg("-"),
+        };
+        cmd.arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(i64::try_from(limit).unwrap_or(i64::MAX));
+        let names: Vec<String> = self.query(&cmd).await?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = ::redis::cmd("HMGET");
+        cmd.arg(records).arg(&names);
+        let values: Vec<Option<String>> = self.query(&cmd).await?;
+        // A record deleted between the two reads is left out.
+        Ok(names
+            .into_iter()
+            .zip(values)
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect())
+    }
+
+    async fn record_count(&self, set: &str) -> Result<u64, ReadError> {
+        let mut cmd = ::redis::cmd("HLEN");
+        cmd.arg(self.record_keys(set).0);
         self.query(&cmd).await
     }
 }

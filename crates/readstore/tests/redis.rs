@@ -381,10 +381,10 @@ async fn carts_agree<S: ReadStore>(
     cuts: Vec<prop::sample::Index>,
 ) -> Result<(), TestCaseError> {
     use esq_domain::aggregate::load;
-    use esq_domain::cart::{Cart, CartProjection, CartView};
+    use esq_domain::cart::{Cart, CartEvent, CartProjection, CartView};
     use esq_domain::projection::batch;
     let stream = esq_domain::StreamId::new("cart", case).unwrap();
-    let recorded: Vec<esq_domain::RecordedEvent> = events
+    let mut recorded: Vec<esq_domain::RecordedEvent> = events
         .into_iter()
         .enumerate()
         .map(|(i, e)| esq_domain::RecordedEvent {
@@ -399,12 +399,20 @@ async fn carts_agree<S: ReadStore>(
             recorded_at_us: 1_700_000_000_000_000 + i as i64,
         })
         .collect();
+    // An event the cart projection cannot read stops every fold (the domain's tests cover
+    // that): compare over the readable ones, numbered again.
+    recorded.retain(|e| esq_domain::aggregate::decode::<CartEvent>(e).is_some());
+    for (i, e) in recorded.iter_mut().enumerate() {
+        e.version = i as u64 + 1;
+    }
     let mut bounds: Vec<usize> = cuts.iter().map(|c| c.index(recorded.len() + 1)).collect();
     bounds.extend([0, recorded.len()]);
     bounds.sort_unstable();
     bounds.dedup();
     for w in bounds.windows(2) {
-        let b = batch(&CartProjection, &recorded[w[0]..w[1]]).unwrap();
+        let b = batch(&CartProjection, &recorded[w[0]..w[1]])
+            .unwrap()
+            .unwrap();
         let outcome = store
             .apply(projection_name, case, &b)
             .await
@@ -416,7 +424,7 @@ async fn carts_agree<S: ReadStore>(
         .await
         .map_err(|e| TestCaseError::fail(e.to_string()))?
         .unwrap_or_default();
-    let aggregate: Cart = load(&recorded);
+    let aggregate: Cart = load(&recorded).unwrap();
     prop_assert_eq!(&Cart::from_doc(&doc), &aggregate);
     let view = CartView::from_doc(&doc);
     prop_assert_eq!(view.total_cents, aggregate.total_cents());

@@ -222,6 +222,7 @@ impl WriteMetrics {
             Err(StoreError::OutcomeUnknown(_)) => "outcome_unknown",
             Err(StoreError::Unavailable(_)) => "unavailable",
             Err(StoreError::Internal(_)) => "internal",
+            Err(StoreError::Unprojectable(_)) => "unprojectable",
         };
         self.appends.get_or_create(&OutcomeLabels { outcome }).inc();
     }

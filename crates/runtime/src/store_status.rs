@@ -5,7 +5,7 @@ use esq_eventstore::StoreError;
 use tonic::Status;
 
 /// Maps a store error onto a status: conflicts are FAILED_PRECONDITION with expected and actual
-/// versions, outages UNAVAILABLE; an append of unknown outcome is UNAVAILABLE too (retrying it
+/// versions, as is a stream holding an event its fold cannot read (naming stream and version), outages UNAVAILABLE; an append of unknown outcome is UNAVAILABLE too (retrying it
 /// with the same event ids is safe), but says that it may have committed; internal causes are
 /// logged here and reach the client as a generic message.
 pub fn status_from_store(e: StoreError) -> Status {
@@ -14,7 +14,9 @@ pub fn status_from_store(e: StoreError) -> Status {
             crate::metrics::write().conflict();
             Status::failed_precondition(e.to_string())
         }
-        StoreError::EventIdReused { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::EventIdReused { .. } | StoreError::Unprojectable(_) => {
+            Status::failed_precondition(e.to_string())
+        }
         StoreError::Unavailable(cause) => {
             tracing::warn!(%cause, "event store unavailable");
             Status::unavailable("event store unavailable; retry later")

@@ -368,7 +368,11 @@ impl<S: EventStore> Executor<S> {
                     loaded.repeats.push((i, e.clone()));
                 }
             }
-            loaded.folded.extend(&projection, &page);
+            // An event the aggregate's own projection cannot read: no decision on that state.
+            loaded
+                .folded
+                .extend(&projection, &page)
+                .map_err(|e| status_from_store(e.into()))?;
             if !full {
                 return Ok(loaded);
             }
