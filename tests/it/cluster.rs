@@ -617,3 +617,163 @@ async fn metrics_follow_traffic() {
     };
     crate::metrics::counters_follow_traffic(&h.clients, &at).await;
 }
+
+/// A blue/green rebuild of `cart2` while carts are written and queried the whole time, with two
+/// projector replicas: no query of a cart that existed answers NOT_FOUND, no cart's version
+/// goes back, generation 2 is swapped in and generation 1 deleted, exactly one replica built it
+/// and both kept their shards; afterwards the read model equals a fold of the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_under_writes_and_queries() {
+    let options = ClusterOptions {
+        projectors: 2,
+        ..ClusterOptions::default()
+    };
+    let Some(h) = harness("rebuild_under_writes_and_queries", options).await else {
+        return;
+    };
+    eprintln!("logs in {}", h.logs().display());
+    let before = Load::new(20);
+    before.run(&h.clients, 10, 5).await;
+    assert_read_model_equals_fold(&h.clients, &before.carts).await;
+    let record = h.generations("cart2").await.expect("record").expect("some");
+    assert_eq!(record.active, Some(1), "{record:?}");
+
+    let during = Load::new(20);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let queries = tokio::spawn({
+        let (c, stop) = (h.clients.clone(), Arc::clone(&stop));
+        let existing = before.carts.clone();
+        let new = during.carts.clone();
+        async move {
+            let mut seen: std::collections::HashMap<String, u64> = Default::default();
+            let mut answered = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for id in existing.iter().chain(&new) {
+                    let r = c
+                        .cart_queries
+                        .clone()
+                        .get_cart(cart::GetCartRequest {
+                            cart_id: id.clone(),
+                            min_version: 0,
+                        })
+                        .await;
+                    match r {
+                        Ok(cart) => {
+                            let v = cart.into_inner().version;
+                            let last = seen.entry(id.clone()).or_insert(0);
+                            assert!(v >= *last, "{id} went back from {last} to {v}");
+                            *last = v;
+                            answered += 1;
+                        }
+                        Err(s) if s.code() == Code::NotFound => assert!(
+                            !seen.contains_key(id),
+                            "{id} existed and answered NOT_FOUND: {s:?}"
+                        ),
+                        Err(s) => panic!("query of {id}: {s:?}"),
+                    }
+                }
+            }
+            answered
+        }
+    });
+    h.request_rebuild("cart2").await.expect("request");
+    during.run(&h.clients, 20, 2).await;
+    wait_until(|| async {
+        let r = h.generations("cart2").await.expect("record").expect("some");
+        let done = h
+            .rebuild_progress("cart2")
+            .await
+            .expect("progress")
+            .is_some_and(|p| p.contains(r#""state":"done""#));
+        r.active == Some(2) && r.building.is_none() && r.retired.is_empty() && done
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let answered = queries.await.expect("queries");
+    eprintln!("{answered} queries answered during the rebuild");
+    assert!(answered > 0);
+    let progress = h
+        .rebuild_progress("cart2")
+        .await
+        .expect("progress")
+        .expect("some");
+    let progress: serde_json::Value = serde_json::from_str(&progress).expect("json");
+    eprintln!("rebuild progress: {progress}");
+    assert_eq!(progress["generation"], 2);
+    assert_eq!(progress["state"], "done");
+    let owner = progress["owner"].as_str().expect("owner");
+    assert!(owner.starts_with(&h.prefix), "{owner}");
+    let owners: std::collections::BTreeSet<_> = h
+        .lease_owners()
+        .await
+        .expect("leases")
+        .into_iter()
+        .collect();
+    assert_eq!(owners.len(), 2, "both replicas keep projecting: {owners:?}");
+    assert_read_model_equals_fold(&h.clients, &before.carts).await;
+    assert_read_model_equals_fold(&h.clients, &during.carts).await;
+    let store = h.read_store().await.expect("store");
+    let (old, _) = esq_readstore::ReadStore::doc_ids_page(&store, "cart2:g1", None, 100)
+        .await
+        .expect("page");
+    assert!(old.is_empty(), "generation 1 deleted: {old:?}");
+}
+
+/// A document changed behind the projector's back (an HSET in Redis): verify finds it, repair
+/// re-projects it, and verify is clean again (through the `esq` CLI and the projector's
+/// esq.v1.Projections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_a_tampered_doc_and_repair_fixes_it() {
+    let Some(h) = harness(
+        "verify_finds_a_tampered_doc_and_repair_fixes_it",
+        ClusterOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    eprintln!("logs in {}", h.logs().display());
+    let esq = crate::operator::Esq::new(h.writers[0].addr, h.projectors[0].addr);
+    let load = Load::new(5);
+    load.run(&h.clients, 4, 2).await;
+    assert_read_model_equals_fold(&h.clients, &load.carts).await;
+    let clean = esq.json(0, &["projections", "verify", "cart2"]).await;
+    assert_eq!(clean["clean"], true, "{clean}");
+    let record = h.generations("cart2").await.expect("record").expect("some");
+    let generation = record.active.expect("active");
+    let id = &load.carts[0];
+    let client = redis::Client::open(h.backends.redis.as_str()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let key = format!("{}:cart2:g{generation}:{{{id}}}", h.prefix);
+    let () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("tampered")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    let report = esq
+        .json(1, &["projections", "verify", "cart2", "--examples", "5"])
+        .await;
+    assert_eq!(report["different"], 1, "{report}");
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["extra"], 0, "{report}");
+    let example = &report["examples"][0];
+    assert_eq!(example["doc_id"], id.as_str(), "{report}");
+    assert!(
+        example["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("tampered")),
+        "{report}"
+    );
+    let repaired = esq
+        .json(1, &["projections", "verify", "cart2", "--repair"])
+        .await;
+    assert_eq!(repaired["repaired"], 1, "{repaired}");
+    let again = esq.json(0, &["projections", "verify", "cart2"]).await;
+    assert_eq!(again["clean"], true, "{again}");
+    assert_read_model_equals_fold(&h.clients, &load.carts).await;
+}

@@ -85,6 +85,8 @@ async fn poison_streams_park_while_others_flow() {
         Arc::new(redis),
         Config::default(),
     );
+    // The generations it writes to (its run loop would read them at its first renewal).
+    admin.refresh_generations(false).await.expect("generations");
     let raw = redis::Client::open(h.backends.redis.as_str()).expect("redis url");
     let mut conn = raw
         .get_multiplexed_async_connection()
@@ -99,7 +101,8 @@ async fn poison_streams_park_while_others_flow() {
         .await
         .expect("add");
     cart_at(c, &wrong, 1).await;
-    let doc_key = format!("{}:cart2:{{{wrong}}}", h.prefix);
+    // Generation 1 is the active generation of a fresh deployment.
+    let doc_key = format!("{}:cart2:g1:{{{wrong}}}", h.prefix);
     let _: () = redis::cmd("SET")
         .arg(&doc_key)
         .arg("not a hash")

@@ -9,9 +9,18 @@
 //! marker cleared right after the apply, or — after a crash or a store error — by whoever syncs
 //! the document next. Derivation reads only the source document, so repeating it is harmless.
 //!
+//! Generations: a derived projection's targets live in the generation of its source
+//! ([`esq_readstore::generations::derived_namespace`]: `book:g3` → `authors:g3`). Every apply
+//! to a source namespace derives into the matching derived namespace, so the dual write of a
+//! rebuild fills the derived targets of the building generation too, one swap of the source's
+//! record switches both, and deleting a retired generation deletes its derived namespaces.
+//!
 //! A derived projection added to a read model that already holds its source documents is
-//! filled from them once ([`Projector::ensure_derived`]), marked by a checkpoint per derived
-//! projection and [`DERIVED_LAYOUT`].
+//! filled once from the source documents of the active generation into the same generation
+//! ([`Projector::ensure_derived`], one replica under a lease), marked by a checkpoint per
+//! derived projection, [`DERIVED_LAYOUT`] and generation. Filling in place is safe while
+//! live changes flow: every contribution is fenced per source document and version, so a fill
+//! that read an older source version can neither undo nor double a newer one.
 
 use crate::{ProjectError, Projector};
 use esq_domain::derived::{
@@ -21,6 +30,7 @@ use esq_domain::projection::{
     apply_to_doc, doc_version, ApplyOutcome, Batch, Doc, FieldOp, Projection,
 };
 use esq_eventstore::{ChangeFeed, EventStore};
+use esq_readstore::generations::{derived_namespace, namespace, read_record};
 use esq_readstore::{Coordination, ReadStore};
 use std::sync::Arc;
 
@@ -42,17 +52,14 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     pub(crate) async fn mark_derived(
         &self,
         projection: &dyn Projection,
+        namespace: &str,
         doc_id: &str,
         b: &mut Batch,
     ) -> Result<(), ProjectError> {
         if self.derived_of(projection.name()).next().is_none() {
             return Ok(());
         }
-        let before = self
-            .read
-            .get(projection.name(), doc_id)
-            .await?
-            .unwrap_or_default();
+        let before = self.read.get(namespace, doc_id).await?.unwrap_or_default();
         let mut after = before.clone();
         if apply_to_doc(&mut after, b) != ApplyOutcome::Applied {
             return Ok(()); // the store will refuse it too
@@ -82,12 +89,13 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     pub(crate) async fn finish_derived(
         &self,
         projection: &dyn Projection,
+        namespace: &str,
         doc_id: &str,
     ) -> Result<(), ProjectError> {
         if self.derived_of(projection.name()).next().is_none() {
             return Ok(());
         }
-        let Some(doc) = self.read.get(projection.name(), doc_id).await? else {
+        let Some(doc) = self.read.get(namespace, doc_id).await? else {
             return Ok(());
         };
         for d in self.derived_of(projection.name()) {
@@ -95,20 +103,28 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             let Some(marker) = doc.get(&field) else {
                 continue;
             };
-            self.contribute(d.as_ref(), doc_id, &doc, &marker_targets(marker))
-                .await?;
+            let target_ns = derived_namespace(d.source(), namespace, d.name());
+            self.contribute(
+                d.as_ref(),
+                &target_ns,
+                doc_id,
+                &doc,
+                &marker_targets(marker),
+            )
+            .await?;
             self.read
-                .clear_field_if(projection.name(), doc_id, &field, marker)
+                .clear_field_if(namespace, doc_id, &field, marker)
                 .await?;
         }
         Ok(())
     }
 
-    /// Writes what `doc` (source document `doc_id`) contributes to `d` now, with tombstones
-    /// for the `previous` targets it no longer names.
+    /// Writes what `doc` (source document `doc_id`) contributes to `d` now into namespace
+    /// `target_ns`, with tombstones for the `previous` targets it no longer names.
     async fn contribute(
         &self,
         d: &dyn Derived,
+        target_ns: &str,
         doc_id: &str,
         doc: &Doc,
         previous: &[String],
@@ -120,66 +136,129 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let all = [ALL_INDEX.to_owned()];
         for (target, c) in derive(d, doc_id, version, doc, previous) {
             self.read
-                .contribute(d.name(), &target, d.columns(), &c)
+                .contribute(target_ns, &target, d.columns(), &c)
                 .await?;
             if c.values.is_some() {
                 // Add-only: a target whose count drops to 0 stays listed and reads as absent.
                 self.read
-                    .update_indexes(d.name(), &target, &all, &[], "")
+                    .update_indexes(target_ns, &target, &all, &[], "")
                     .await?;
             }
         }
         Ok(())
     }
 
-    /// Fills every derived projection that has no fill marker (it is new, or its layout
-    /// changed) from the source documents of every stream, then sets the marker. Streams the
-    /// store's stream list, one page at a time.
-    pub async fn ensure_derived(&self) -> Result<(), ProjectError> {
+    /// The checkpoint marking derived projection `d` filled in `generation` of its source.
+    pub(crate) fn derived_fill_marker(&self, d: &str, generation: u32) -> String {
+        format!(
+            "{}:derived:{d}:{DERIVED_LAYOUT}:g{generation}",
+            self.config.checkpoint_prefix
+        )
+    }
+
+    /// Marks every derived projection of `source` filled in `generation` (a rebuild of the
+    /// source built them along).
+    pub(crate) async fn mark_derived_filled(
+        &self,
+        source: &str,
+        generation: u32,
+    ) -> Result<(), ProjectError> {
+        for d in self.derived_of(source) {
+            self.read
+                .save_checkpoint(
+                    &self.derived_fill_marker(d.name(), generation),
+                    &self.config.owner,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The derived projections not filled yet in the active generation of their source, with
+    /// that generation.
+    pub(crate) async fn derived_due(&self) -> Result<Vec<(Arc<dyn Derived>, u32)>, ProjectError> {
+        let mut due = Vec::new();
         for d in &self.derived {
-            let marker = format!(
-                "{}:derived:{}:{DERIVED_LAYOUT}",
-                self.config.checkpoint_prefix,
-                d.name()
-            );
-            if self.read.checkpoint(&marker).await?.is_some() {
-                continue;
-            }
-            let Some(source) = self.projections.iter().find(|p| p.name() == d.source()) else {
+            let Some((record, _)) = read_record(self.read.as_ref(), d.source()).await? else {
+                continue; // the source has no generation yet: its first build fills both
+            };
+            let Some(active) = record.active else {
                 continue;
             };
-            tracing::info!(
-                derived = d.name(),
-                "filling a derived projection from its sources"
-            );
-            let mut cursor = None;
-            let mut sources = 0u64;
-            loop {
-                let page = self
-                    .store
-                    .list_streams(cursor, self.config.list_page)
-                    .await?;
-                for stream in page.streams.iter().filter(|s| source.handles(&s.kind)) {
-                    let doc_id = source.doc_id(stream);
-                    if let Some(doc) = self.read.get(source.name(), &doc_id).await? {
-                        let previous = doc
-                            .get(&pending_field(d.name()))
-                            .map(|m| marker_targets(m))
-                            .unwrap_or_default();
-                        self.contribute(d.as_ref(), &doc_id, &doc, &previous)
-                            .await?;
-                        sources += 1;
-                    }
-                }
-                match page.next {
-                    Some(next) => cursor = Some(next),
-                    None => break,
+            if self
+                .read
+                .checkpoint(&self.derived_fill_marker(d.name(), active))
+                .await?
+                .is_none()
+            {
+                due.push((Arc::clone(d), active));
+            }
+        }
+        Ok(due)
+    }
+
+    /// Fills derived projection `d` in `generation` of its source from the source documents
+    /// of that generation, then sets its fill marker. Streams the store's stream list, one
+    /// page at a time. Call it under the derived projection's lease (one replica fills).
+    pub(crate) async fn fill_derived(
+        &self,
+        d: &dyn Derived,
+        generation: u32,
+    ) -> Result<(), ProjectError> {
+        let Some(source) = self.projections.iter().find(|p| p.name() == d.source()) else {
+            return Ok(());
+        };
+        let source_ns = namespace(d.source(), generation);
+        let target_ns = derived_namespace(d.source(), &source_ns, d.name());
+        tracing::info!(
+            derived = d.name(),
+            generation,
+            "filling a derived projection from its sources"
+        );
+        let mut cursor = None;
+        let mut sources = 0u64;
+        loop {
+            let page = self
+                .store
+                .list_streams(cursor, self.config.list_page)
+                .await?;
+            for stream in page.streams.iter().filter(|s| source.handles(&s.kind)) {
+                let doc_id = source.doc_id(stream);
+                if let Some(doc) = self.read.get(&source_ns, &doc_id).await? {
+                    let previous = doc
+                        .get(&pending_field(d.name()))
+                        .map(|m| marker_targets(m))
+                        .unwrap_or_default();
+                    self.contribute(d, &target_ns, &doc_id, &doc, &previous)
+                        .await?;
+                    sources += 1;
                 }
             }
-            tracing::info!(derived = d.name(), sources, "derived projection filled");
-            self.read
-                .save_checkpoint(&marker, &self.config.owner)
-                .await?;
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        tracing::info!(
+            derived = d.name(),
+            generation,
+            sources,
+            "derived projection filled"
+        );
+        self.read
+            .save_checkpoint(
+                &self.derived_fill_marker(d.name(), generation),
+                &self.config.owner,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Fills every derived projection that is due ([`Projector::derived_due`]), ignoring
+    /// leases (tests, and `esq dev` before it serves).
+    pub async fn ensure_derived(&self) -> Result<(), ProjectError> {
+        for (d, generation) in self.derived_due().await? {
+            self.fill_derived(d.as_ref(), generation).await?;
         }
         Ok(())
     }
@@ -188,7 +267,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
 #[cfg(test)]
 mod tests {
     use crate::testing::setup;
-    use crate::{Config, Projector, READ_MODEL_LAYOUT};
+    use crate::{Config, Projector};
     use esq_domain::authors::{AuthorView, AuthorsProjection};
     use esq_domain::bookshop::BookProjection;
     use esq_domain::derived::{pending_field, pending_marker, Derived};
@@ -208,10 +287,7 @@ mod tests {
     }
 
     async fn author<R: ReadStore>(read: &R, name: &str) -> Option<AuthorView> {
-        let doc = read
-            .get(AuthorsProjection.name(), name)
-            .await
-            .expect("get")?;
+        let doc = read.get("authors:g1", name).await.expect("get")?;
         AuthorView::from_doc(name, &doc)
     }
 
@@ -234,10 +310,11 @@ mod tests {
         let field = pending_field(AuthorsProjection.name());
         let marker = pending_marker(1, &[]);
         b.changes.fields.push(FieldOp::Set(field.clone(), marker));
-        read.apply("book", &stream.id, &b).await.expect("apply");
+        let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        p.refresh_generations(false).await.expect("generations");
+        read.apply("book:g1", &stream.id, &b).await.expect("apply");
         assert_eq!(author(read.as_ref(), "A").await, None);
 
-        let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
         p.sync(&stream, Some(1)).await.expect("sync");
         let a = author(read.as_ref(), "A").await.expect("author A");
         assert_eq!(
@@ -245,7 +322,7 @@ mod tests {
             (1, 700, 700)
         );
         let doc = read
-            .get("book", &stream.id)
+            .get("book:g1", &stream.id)
             .await
             .expect("get")
             .expect("doc");
@@ -260,7 +337,10 @@ mod tests {
             .append(&stream, ExpectedVersion::NoStream, &[created])
             .await
             .expect("append");
-        // A read model built before the derived projection existed: the book document only.
+        // A read model built before the derived projection existed: the book document only, in
+        // the source's active generation.
+        let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        p.refresh_generations(false).await.expect("generations");
         let events = store
             .read(&stream, ReadRequest::forwards(1, 10))
             .await
@@ -268,18 +348,23 @@ mod tests {
         let b = batch(&BookProjection, &events)
             .expect("readable")
             .expect("batch");
-        read.apply("book", &stream.id, &b).await.expect("apply");
-        read.save_checkpoint(&format!("projector:marker:{READ_MODEL_LAYOUT}"), "old")
-            .await
-            .expect("marker");
+        read.apply("book:g1", &stream.id, &b).await.expect("apply");
         assert_eq!(author(read.as_ref(), "A").await, None);
+        assert_eq!(
+            p.derived_due().await.expect("due").len(),
+            2,
+            "authors and sku_sales"
+        );
 
-        let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
-        p.ensure_marker().await.expect("ensure");
+        p.ensure_derived().await.expect("ensure");
         let a = author(read.as_ref(), "A").await.expect("filled");
         assert_eq!(a.books, 1);
+        assert!(
+            p.derived_due().await.expect("due").is_empty(),
+            "filled once"
+        );
         assert_eq!(
-            read.index_page(AuthorsProjection.name(), "all", None, 10)
+            read.index_page("authors:g1", "all", None, 10)
                 .await
                 .expect("page"),
             vec!["A".to_owned()]

@@ -20,15 +20,16 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     pub(crate) async fn projected_version(
         &self,
         projection: &dyn Projection,
+        namespace: &str,
         doc_id: &str,
     ) -> Result<u64, ProjectError> {
         if !projection.has_indexes() {
-            return Ok(self.read.version(projection.name(), doc_id).await?);
+            return Ok(self.read.version(namespace, doc_id).await?);
         }
-        let doc = self.read.get(projection.name(), doc_id).await?;
+        let doc = self.read.get(namespace, doc_id).await?;
         let version = doc.as_ref().map_or(0, doc_version);
         if doc.is_some_and(|d| d.contains_key(INDEX_PENDING_FIELD)) {
-            self.reindex(projection, doc_id).await?;
+            self.reindex(projection, namespace, doc_id).await?;
         }
         Ok(version)
     }
@@ -41,17 +42,14 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     pub(crate) async fn mark_index_work(
         &self,
         projection: &dyn Projection,
+        namespace: &str,
         doc_id: &str,
         b: &mut Batch,
     ) -> Result<(), ProjectError> {
         if !projection.has_indexes() {
             return Ok(());
         }
-        let before = self
-            .read
-            .get(projection.name(), doc_id)
-            .await?
-            .unwrap_or_default();
+        let before = self.read.get(namespace, doc_id).await?.unwrap_or_default();
         let mut after = before.clone();
         if apply_to_doc(&mut after, b) != ApplyOutcome::Applied {
             return Ok(());
@@ -80,9 +78,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     pub(crate) async fn reindex(
         &self,
         projection: &dyn Projection,
+        namespace: &str,
         doc_id: &str,
     ) -> Result<(), ProjectError> {
-        let name = projection.name();
+        let name = namespace;
         let Some(mut doc) = self.read.get(name, doc_id).await? else {
             return Ok(());
         };
@@ -174,30 +173,36 @@ mod tests {
             .fields
             .push(FieldOp::Set(INDEX_PENDING_FIELD.to_owned(), "1".to_owned()));
         assert_eq!(
-            read.apply("book", &book.id, &b).await.expect("apply"),
+            read.apply("book:g1", &book.id, &b).await.expect("apply"),
             ApplyOutcome::Applied
         );
         assert!(read
-            .index_page("book", ALL_INDEX, None, 10)
+            .index_page("book:g1", ALL_INDEX, None, 10)
             .await
             .expect("page")
             .is_empty());
 
         let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+
+        p.refresh_generations(false).await.expect("generations");
         assert_eq!(p.sync(&book, Some(1)).await.expect("sync"), Synced::Done);
         assert_eq!(
-            read.index_page("book", ALL_INDEX, None, 10)
+            read.index_page("book:g1", ALL_INDEX, None, 10)
                 .await
                 .expect("page"),
             vec![book.id.clone()]
         );
         assert_eq!(
-            read.index_page("book", "author:A", None, 10)
+            read.index_page("book:g1", "author:A", None, 10)
                 .await
                 .expect("page"),
             vec![book.id.clone()]
         );
-        let doc = read.get("book", &book.id).await.expect("get").expect("doc");
+        let doc = read
+            .get("book:g1", &book.id)
+            .await
+            .expect("get")
+            .expect("doc");
         assert!(!doc.contains_key(INDEX_PENDING_FIELD));
     }
 
@@ -223,9 +228,10 @@ mod tests {
             .await
             .expect("append");
         let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        p.refresh_generations(false).await.expect("generations");
         p.sync(&book, Some(1)).await.expect("sync");
         assert_eq!(
-            read.index_page("book", "author:A", None, 10)
+            read.index_page("book:g1", "author:A", None, 10)
                 .await
                 .expect("page"),
             vec![book.id.clone()]
@@ -242,7 +248,7 @@ mod tests {
         let mut b = batch(&BookProjection, &stored)
             .expect("projects")
             .expect("batch");
-        p.mark_index_work(&BookProjection, &book.id, &mut b)
+        p.mark_index_work(&BookProjection, "book:g1", &book.id, &mut b)
             .await
             .expect("mark");
         assert!(
@@ -252,16 +258,16 @@ mod tests {
             )),
             "the marker names the indexes before the apply: {b:?}"
         );
-        read.apply("book", &book.id, &b).await.expect("apply");
+        read.apply("book:g1", &book.id, &b).await.expect("apply");
         // The next sync of the book finishes the work, removals included.
         p.sync(&book, Some(2)).await.expect("sync");
         assert!(read
-            .index_page("book", "author:A", None, 10)
+            .index_page("book:g1", "author:A", None, 10)
             .await
             .expect("page")
             .is_empty());
         assert_eq!(
-            read.index_page("book", "author:B", None, 10)
+            read.index_page("book:g1", "author:B", None, 10)
                 .await
                 .expect("page"),
             vec![book.id.clone()]
@@ -295,6 +301,7 @@ mod tests {
             .await
             .expect("append");
         let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        p.refresh_generations(false).await.expect("generations");
         p.sync(&book, Some(1)).await.expect("sync");
         let stored = store
             .read(&book, ReadRequest::forwards(2, 10))
@@ -306,15 +313,17 @@ mod tests {
             let mut b = batch(&BookProjection, std::slice::from_ref(event))
                 .expect("projects")
                 .expect("batch");
-            p.mark_index_work(&BookProjection, &book.id, &mut b)
+            p.mark_index_work(&BookProjection, "book:g1", &book.id, &mut b)
                 .await
                 .expect("mark");
-            read.apply("book", &book.id, &b).await.expect("apply");
+            read.apply("book:g1", &book.id, &b).await.expect("apply");
         }
-        p.reindex(&BookProjection, &book.id).await.expect("reindex");
+        p.reindex(&BookProjection, "book:g1", &book.id)
+            .await
+            .expect("reindex");
         for gone in ["author:A", "author:B"] {
             assert!(
-                read.index_page("book", gone, None, 10)
+                read.index_page("book:g1", gone, None, 10)
                     .await
                     .expect("page")
                     .is_empty(),
@@ -323,13 +332,17 @@ mod tests {
         }
         for index in ["author:C", "all"] {
             assert_eq!(
-                read.index_page("book", index, None, 10)
+                read.index_page("book:g1", index, None, 10)
                     .await
                     .expect("page"),
                 vec![book.id.clone()]
             );
         }
-        let doc = read.get("book", &book.id).await.expect("get").expect("doc");
+        let doc = read
+            .get("book:g1", &book.id)
+            .await
+            .expect("get")
+            .expect("doc");
         assert!(!doc.contains_key(INDEX_PENDING_FIELD));
     }
 
@@ -347,6 +360,7 @@ mod tests {
             .await
             .expect("append");
         let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        p.refresh_generations(false).await.expect("generations");
         p.sync(&book, Some(1)).await.expect("sync");
         store
             .append(&book, ExpectedVersion::Exact(1), &[book_event("B", "A")])
@@ -354,12 +368,12 @@ mod tests {
             .expect("append");
         p.sync(&book, Some(2)).await.expect("sync");
         assert!(read
-            .index_page("book", "author:A", None, 10)
+            .index_page("book:g1", "author:A", None, 10)
             .await
             .expect("page")
             .is_empty());
         assert_eq!(
-            read.index_page("book", "author:B", None, 10)
+            read.index_page("book:g1", "author:B", None, 10)
                 .await
                 .expect("page"),
             vec![book.id.clone()]
@@ -379,7 +393,7 @@ mod tests {
         p.sync(&book, Some(3)).await.expect("sync");
         for gone in ["author:B", "all"] {
             assert!(read
-                .index_page("book", gone, None, 10)
+                .index_page("book:g1", gone, None, 10)
                 .await
                 .expect("page")
                 .is_empty());

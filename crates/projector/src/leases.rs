@@ -16,7 +16,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         leases_due: &mut Instant,
     ) -> Result<(), ProjectError> {
         if Instant::now() >= *leases_due {
-            self.ensure_marker().await?;
+            self.refresh_generations(false).await?;
             self.refresh_leases(owned).await?;
             *leases_due =
                 Instant::now() + self.config.lease_ttl / self.config.lease_renewals_per_ttl.max(1);

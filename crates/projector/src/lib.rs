@@ -4,21 +4,23 @@
 //! stream's events after the read model's version and applies them behind the version fence.
 //! So duplicate, late or reordered notifications are harmless, a crash between any two steps
 //! only repeats fenced no-ops, and the read store can be rebuilt from the event store at any
-//! time ([`Projector::rebuild`]). The projector never writes the event store. [`admin`] serves
-//! the operator's API (`esq.v1.Projections`) over the methods of [`ops`]' types.
+//! time into a new generation while the old one serves (the `rebuild` module). The projector
+//! never writes the event store. [`admin`] serves the operator's API (`esq.v1.Projections`)
+//! over the methods of [`ops`]' types.
 
 pub mod admin;
 mod derived;
+mod generations;
 mod index;
 mod leases;
 pub mod ops;
 mod parked;
-mod pending;
 mod rebuild;
 mod shards;
 mod sync;
 #[cfg(test)]
 mod testing;
+mod verify;
 
 use esq_domain::derived::Derived;
 use esq_domain::projection::Projection;
@@ -32,9 +34,9 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// The version of the read model's layout, part of its marker: bumped whenever a projection's
+/// The version of the read model's layout, recorded in each generation record: bumped whenever a projection's
 /// document changes meaning (2: cart lines as counts that never go below one, in `cart2`), so
-/// that an upgraded projector rebuilds the read model from the events instead of continuing
+/// that an upgraded projector rebuilds the read model (into a new generation) from the events instead of continuing
 /// documents folded under the old meaning.
 pub const READ_MODEL_LAYOUT: u32 = 2;
 
@@ -134,6 +136,8 @@ pub struct Projector<E, F, R> {
     config: Config,
     /// Per shard, the changes processed past the checkpoint (see `shards::Window`).
     windows: std::sync::Mutex<std::collections::HashMap<u32, shards::Window>>,
+    /// The namespaces each projection writes to (its generations).
+    targets: generations::Targets,
 }
 
 /// A fast-path notification: this stream reached this version.
@@ -150,6 +154,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             derived: esq_domain::registry::derived(),
             config,
             windows: Default::default(),
+            targets: generations::Targets::default(),
         }
     }
 
@@ -161,10 +166,24 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     pub async fn run(
         &self,
         wake: Arc<Notify>,
-        mut nudges: Option<mpsc::Receiver<NudgeMessage>>,
+        nudges: Option<mpsc::Receiver<NudgeMessage>>,
         shutdown: CancellationToken,
     ) {
         tracing::info!(shards = self.feed.shard_count(), owner = %self.config.owner, "projector running");
+        // Rebuilds run beside the shard loop, never inside it: lease renewal never waits on one.
+        tokio::join!(
+            self.tail(wake, nudges, shutdown.clone()),
+            self.rebuild_loop(shutdown)
+        );
+    }
+
+    /// The shard loop of [`Projector::run`].
+    async fn tail(
+        &self,
+        wake: Arc<Notify>,
+        mut nudges: Option<mpsc::Receiver<NudgeMessage>>,
+        shutdown: CancellationToken,
+    ) {
         let mut owned = BTreeSet::new();
         let mut leases_due = Instant::now();
         let mut poll_due = Instant::now();
@@ -250,7 +269,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     /// Brings the read model up to date with everything the store holds now, ignoring leases:
     /// used before serving queries at start. Returns the number of change pages processed.
     pub async fn catch_up(&self) -> Result<u64, ProjectError> {
-        self.ensure_marker().await?;
+        self.refresh_generations(true).await?;
+        self.ensure_derived().await?;
         let mut pages = 0;
         for shard in 0..self.feed.shard_count() {
             while self.poll_shard(shard).await? {

@@ -346,6 +346,7 @@ mod tests {
             ..Config::default()
         };
         let p = Projector::new(store.clone(), feed.clone(), read.clone(), config);
+        p.refresh_generations(false).await.expect("generations");
         let real: Vec<String> = (0..100).map(|i| format!("r{i}")).collect();
         let noted = ghost_then_real(&store, &feed, &real).await;
         // The real changes behind the ghost are projected at once, page after page...
@@ -355,11 +356,11 @@ mod tests {
             assert!(polls < 50, "the shard never ran dry");
         }
         for id in &real {
-            assert_eq!(read.version("cart2", id).await.expect("v"), 1, "{id}");
+            assert_eq!(read.version("cart2:g1", id).await.expect("v"), 1, "{id}");
         }
         // ...while the checkpoint stays before the ghost...
         assert_eq!(checkpoint(&read).await, None);
-        assert_eq!(read.version("cart2", "ghost").await.expect("v"), 0);
+        assert_eq!(read.version("cart2:g1", "ghost").await.expect("v"), 0);
         // ...until its append deadline has passed: then it is an orphan, and the checkpoint
         // moves past it and past everything already done behind it.
         let give_up = Instant::now() + Duration::from_secs(60);
@@ -381,18 +382,19 @@ mod tests {
                 }
             }
         }
-        assert_eq!(read.version("cart2", "ghost").await.expect("v"), 0);
+        assert_eq!(read.version("cart2:g1", "ghost").await.expect("v"), 0);
     }
 
     #[tokio::test]
     async fn an_append_that_lands_late_releases_the_checkpoint() {
         let (_dir, store, feed, read) = setup(1).await;
         let p = Projector::new(store.clone(), feed.clone(), read.clone(), Config::default());
+        p.refresh_generations(false).await.expect("generations");
         let real: Vec<String> = (0..3).map(|i| format!("r{i}")).collect();
         ghost_then_real(&store, &feed, &real).await;
         assert!(!p.poll_shard(0).await.expect("poll"));
         assert_eq!(checkpoint(&read).await, None);
-        assert_eq!(read.version("cart2", "r2").await.expect("v"), 1);
+        assert_eq!(read.version("cart2:g1", "r2").await.expect("v"), 1);
         // The in-flight append commits: the next poll projects it and moves the checkpoint to
         // the end without reading the done changes again.
         store
@@ -401,7 +403,7 @@ mod tests {
             .expect("append");
         assert!(!p.poll_shard(0).await.expect("poll"));
         assert_eq!(checkpoint(&read).await.as_deref(), Some("3"));
-        assert_eq!(read.version("cart2", "ghost").await.expect("v"), 1);
+        assert_eq!(read.version("cart2:g1", "ghost").await.expect("v"), 1);
     }
 
     #[tokio::test]
@@ -413,6 +415,7 @@ mod tests {
             ..Config::default()
         };
         let p = Projector::new(store.clone(), feed.clone(), read.clone(), config);
+        p.refresh_generations(false).await.expect("generations");
         let real: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
         ghost_then_real(&store, &feed, &real).await;
         let mut polls = 0;
@@ -424,7 +427,7 @@ mod tests {
         for (i, id) in real.iter().enumerate() {
             let expected = u64::from(i < 7);
             assert_eq!(
-                read.version("cart2", id).await.expect("v"),
+                read.version("cart2:g1", id).await.expect("v"),
                 expected,
                 "{id}"
             );
@@ -436,7 +439,7 @@ mod tests {
             .expect("append");
         while p.poll_shard(0).await.expect("poll") {}
         assert_eq!(checkpoint(&read).await.as_deref(), Some("20"));
-        assert_eq!(read.version("cart2", "r19").await.expect("v"), 1);
+        assert_eq!(read.version("cart2:g1", "r19").await.expect("v"), 1);
     }
 
     #[tokio::test]
@@ -449,6 +452,7 @@ mod tests {
             ..Config::default()
         };
         let p = Projector::new(store.clone(), feed.clone(), read.clone(), config);
+        p.refresh_generations(false).await.expect("generations");
         let unknown = |shard| crate::ops::ShardStatus {
             shard,
             owner: None,
@@ -503,6 +507,7 @@ mod tests {
                 ..Config::default()
             },
         );
+        q.refresh_generations(false).await.expect("generations");
         q.poll_shard(0).await.expect("poll");
         let s0 = q.shard_status().await.expect("status").remove(0);
         assert_eq!(s0.owner.as_deref(), Some("p2"));

@@ -10,7 +10,6 @@ use esq_domain::{RecordedEvent, StreamId};
 use esq_eventstore::{ChangeFeed, EventStore, ReadRequest};
 use esq_readstore::{Coordination, ReadError, ReadStore};
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 /// How far a stream could be brought.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,24 +40,42 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         self.sync_only(stream, target, None).await
     }
 
-    /// [`Projector::sync`] for the projections of `stream`, or only for the one named `only`.
-    /// A projection that parks is left behind; the others go on.
+    /// [`Projector::sync`] for the projections of `stream`, or only for the one named `only`,
+    /// in each of their generations ([`crate::generations::Targets`]: building first, then
+    /// active). A projection that parks is left behind; the others go on.
     pub(crate) async fn sync_only(
         &self,
         stream: &StreamId,
         target: Option<u64>,
         only: Option<&str>,
     ) -> Result<Synced, ProjectError> {
-        let mut projections: Vec<&Arc<dyn Projection>> = self
+        let mut pairs = Vec::new();
+        for p in self
             .projections
             .iter()
             .filter(|p| p.handles(&stream.kind) && only.is_none_or(|n| n == p.name()))
-            .collect();
-        let mut versions = Vec::with_capacity(projections.len());
-        for p in &projections {
+        {
+            let namespaces = self.targets.of(p.name()).ok_or_else(|| {
+                ReadError::Internal(format!("generations of {} not read yet", p.name()))
+            })?;
+            pairs.extend(namespaces.into_iter().map(|ns| (p.as_ref(), ns)));
+        }
+        self.sync_into(stream, target, pairs).await
+    }
+
+    /// Brings `stream` up to `target` (or to its end when `None`) in each (projection,
+    /// namespace) of `pairs`, in that order, pulling events after the lowest version in pages.
+    pub(crate) async fn sync_into(
+        &self,
+        stream: &StreamId,
+        target: Option<u64>,
+        mut pairs: Vec<(&dyn Projection, String)>,
+    ) -> Result<Synced, ProjectError> {
+        let mut versions = Vec::with_capacity(pairs.len());
+        for (p, ns) in &pairs {
             let doc_id = p.doc_id(stream);
             // Also finishes index updates an earlier apply left pending (a crash, a Redis error).
-            versions.push(match self.projected_version(p.as_ref(), &doc_id).await {
+            versions.push(match self.projected_version(*p, ns, &doc_id).await {
                 Ok(v) => v,
                 // The store refuses this document (e.g. a key of the wrong type): the apply
                 // from the start will be refused too, and parks the stream.
@@ -70,7 +87,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             });
             // And derived updates left pending (see `derived`); an unreadable document is
             // parked by the apply below, as above.
-            match self.finish_derived(p.as_ref(), &doc_id).await {
+            match self.finish_derived(*p, ns, &doc_id).await {
                 Err(ProjectError::Read(ReadError::Internal(e))) => {
                     tracing::debug!(%stream, projection = p.name(), error = %e, "unreadable source document");
                 }
@@ -79,7 +96,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         }
         loop {
             let low = versions.iter().copied().min().unwrap_or(u64::MAX);
-            if target.is_some_and(|t| low >= t) || projections.is_empty() {
+            if target.is_some_and(|t| low >= t) || pairs.is_empty() {
                 return Ok(Synced::Done);
             }
             let events = self
@@ -97,17 +114,15 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 });
             }
             let mut i = 0;
-            while i < projections.len() {
-                match self
-                    .apply(projections[i].as_ref(), stream, &events, versions[i])
-                    .await?
-                {
+            while i < pairs.len() {
+                let (p, ns) = (pairs[i].0, pairs[i].1.clone());
+                match self.apply(p, &ns, stream, &events, versions[i]).await? {
                     Step::At(v) => {
                         versions[i] = v;
                         i += 1;
                     }
                     Step::Parked => {
-                        projections.remove(i);
+                        pairs.remove(i);
                         versions.remove(i);
                     }
                 }
@@ -122,6 +137,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     async fn apply(
         &self,
         projection: &dyn Projection,
+        namespace: &str,
         stream: &StreamId,
         events: &[RecordedEvent],
         version: u64,
@@ -161,18 +177,20 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         // Marks the index work as pending in the same atomic apply, so that an index update cut
         // short (a crash, a Redis error) is noticed by whoever syncs this document next.
         // And the derived work (see `derived`), in the same apply.
-        let marked = match self.mark_index_work(projection, &doc_id, &mut b).await {
-            Ok(()) => self.mark_derived(projection, &doc_id, &mut b).await,
+        let marked = match self
+            .mark_index_work(projection, namespace, &doc_id, &mut b)
+            .await
+        {
+            Ok(()) => {
+                self.mark_derived(projection, namespace, &doc_id, &mut b)
+                    .await
+            }
             Err(e) => Err(e),
         };
         let outcome = match marked {
             Ok(()) => {
                 esq_runtime::metrics::store()
-                    .time(
-                        "read",
-                        "apply",
-                        self.read.apply(projection.name(), &doc_id, &b),
-                    )
+                    .time("read", "apply", self.read.apply(namespace, &doc_id, &b))
                     .await
             }
             Err(ProjectError::Read(e)) => Err(e),
@@ -209,11 +227,11 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         if projection.has_indexes() {
             // Also after a duplicate or stale apply: the projector that applied it may have
             // died before its index update.
-            self.reindex(projection, &doc_id).await?;
+            self.reindex(projection, namespace, &doc_id).await?;
         }
         // Likewise for the derived work; after the index update, so that it does not delay
         // the indexes (readers that waited for the document's version expect them soon).
-        self.finish_derived(projection, &doc_id).await?;
+        self.finish_derived(projection, namespace, &doc_id).await?;
         let at = match outcome {
             ApplyOutcome::Applied => b.last_version,
             ApplyOutcome::Duplicate => b.last_version.max(version),

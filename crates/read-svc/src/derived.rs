@@ -20,27 +20,36 @@ const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
 
 impl<R: ReadStore> Reader<R> {
-    /// One target of derived projection `name` (a logical name), read as `view`.
+    /// One target of derived projection `d`, read as `view` from the generation of its
+    /// source that is active.
     async fn derived_one<T>(
         &self,
-        name: &str,
+        d: &dyn Derived,
         id: &str,
         view: impl Fn(&str, &Doc) -> Option<T>,
     ) -> Result<Option<T>, Status> {
-        let doc = self.store.get(name, id).await.map_err(status_from_read)?;
+        let name = self.derived_namespace(d).await?;
+        let doc = self
+            .store()
+            .get(&name, id)
+            .await
+            .map_err(status_from_read)?;
         Ok(doc.and_then(|d| view(id, &d)))
     }
 
-    /// A page of the targets of derived projection `name` after `token`, in id order: at most
-    /// `size` present ones, and the token of the next page (empty on the last).
+    /// A page of the targets of derived projection `d` after `token`, in id order: at most
+    /// `size` present ones, and the token of the next page (empty on the last). The namespace
+    /// is resolved once, so a page never mixes two generations.
     async fn derived_page<T>(
         &self,
-        name: &str,
+        d: &dyn Derived,
         size: usize,
         token: &str,
         view: impl Fn(&str, &Doc) -> Option<T>,
     ) -> Result<(Vec<T>, String), Status> {
-        let store = &self.store;
+        let namespace = self.derived_namespace(d).await?;
+        let name = namespace.as_str();
+        let store = self.store();
         let mut cursor = (!token.is_empty()).then(|| token.to_owned());
         let mut out = Vec::with_capacity(size);
         loop {
@@ -116,7 +125,7 @@ pub(crate) async fn get_author<R: ReadStore>(
 ) -> Result<book_pb::Author, Status> {
     let author = author_name("author", &r.author, true)?;
     reader
-        .derived_one(AuthorsProjection.name(), author, AuthorView::from_doc)
+        .derived_one(&AuthorsProjection, author, AuthorView::from_doc)
         .await?
         .map(author_pb)
         .ok_or_else(|| Status::not_found(format!("author {author:?} has no books")))
@@ -130,7 +139,7 @@ pub(crate) async fn list_authors<R: ReadStore>(
     let (size, _) = book_page(r.page_size, DEFAULT_PAGE, MAX_PAGE, "")?;
     let token = author_name("page_token", &r.page_token, false)?;
     let (authors, next_page_token) = reader
-        .derived_page(AuthorsProjection.name(), size, token, AuthorView::from_doc)
+        .derived_page(&AuthorsProjection, size, token, AuthorView::from_doc)
         .await?;
     Ok(book_pb::ListAuthorsResponse {
         authors: authors.into_iter().map(author_pb).collect(),
@@ -145,7 +154,7 @@ pub(crate) async fn get_sku_sales<R: ReadStore>(
 ) -> Result<cart_pb::SkuSales, Status> {
     validate_id("sku", &r.sku).map_err(status_from_domain)?;
     reader
-        .derived_one(SkuSalesProjection.name(), &r.sku, SkuSalesView::from_doc)
+        .derived_one(&SkuSalesProjection, &r.sku, SkuSalesView::from_doc)
         .await?
         .map(sku_pb)
         .ok_or_else(|| Status::not_found(format!("no checked-out cart holds sku {}", r.sku)))
@@ -162,7 +171,7 @@ pub(crate) async fn list_sku_sales<R: ReadStore>(
     }
     let (skus, next_page_token) = reader
         .derived_page(
-            SkuSalesProjection.name(),
+            &SkuSalesProjection,
             size,
             &r.page_token,
             SkuSalesView::from_doc,

@@ -2,7 +2,7 @@
 //! services are [`History`]'s, which reads the event store instead.
 
 use crate::history::History;
-use crate::wait::{status_from_read, Reader};
+use crate::wait::Reader;
 use esq::convert::{self, status_from_domain};
 use esq::pb::bookshop::v1 as book_pb;
 use esq::pb::cart::v1 as cart_pb;
@@ -155,7 +155,7 @@ impl<R: ReadStore, H: EventStore> book_pb::book_queries_server::BookQueries
         } else {
             bookshop::author_index(author)
         };
-        let store = &self.0.store;
+        let store = &self.0;
         let projection = BookProjection.name();
         let mut cursor = (!r.page_token.is_empty()).then_some(r.page_token);
         let mut books = Vec::with_capacity(page_size);
@@ -163,19 +163,13 @@ impl<R: ReadStore, H: EventStore> book_pb::book_queries_server::BookQueries
         // Index entries are maintained after the fenced apply, so an entry may be stale (a
         // deleted book, an old author): each is confirmed against its document.
         'pages: loop {
-            let ids = esq_runtime::metrics::store()
-                .time(
-                    "read",
-                    "index_page",
-                    store.index_page(projection, &index, cursor.as_deref(), page_size),
-                )
-                .await
-                .map_err(status_from_read)?;
+            let ids = store
+                .index_page(projection, &index, cursor.as_deref(), page_size)
+                .await?;
             let exhausted = ids.len() < page_size;
             let docs =
                 futures::future::try_join_all(ids.iter().map(|id| store.get(projection, id)))
-                    .await
-                    .map_err(status_from_read)?;
+                    .await?;
             for (id, doc) in ids.iter().zip(docs) {
                 cursor = Some(id.clone());
                 let Some(view) = doc.as_ref().and_then(BookView::from_doc) else {
@@ -188,8 +182,7 @@ impl<R: ReadStore, H: EventStore> book_pb::book_queries_server::BookQueries
                 if books.len() == page_size {
                     let more = !store
                         .index_page(projection, &index, Some(id), 1)
-                        .await
-                        .map_err(status_from_read)?
+                        .await?
                         .is_empty();
                     if more {
                         next_page_token = id.clone();

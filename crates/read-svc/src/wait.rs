@@ -1,7 +1,10 @@
-//! Reading a document with read-your-writes: wait until it reaches a version, within a deadline.
+//! Every read of the read model: documents and index pages of a projection by its logical name,
+//! from the namespace of its active generation ([`Resolver`], so a swap is followed without a
+//! restart), and read-your-writes: wait until a document reaches a version, within a deadline.
 
 use crate::Config;
 use esq_domain::projection::doc_version;
+use esq_readstore::generations::Resolver;
 use esq_readstore::{Doc, ReadError, ReadStore};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,14 +13,14 @@ use tonic::Status;
 
 /// Shared access to the read store for all query services.
 pub(crate) struct Reader<R> {
-    pub(crate) store: Arc<R>,
+    resolver: Arc<Resolver<R>>,
     config: Config,
 }
 
 impl<R> Clone for Reader<R> {
     fn clone(&self) -> Self {
         Self {
-            store: Arc::clone(&self.store),
+            resolver: Arc::clone(&self.resolver),
             config: self.config,
         }
     }
@@ -39,7 +42,71 @@ pub(crate) fn status_from_read(e: ReadError) -> Status {
 
 impl<R: ReadStore> Reader<R> {
     pub(crate) fn new(store: Arc<R>, config: Config) -> Self {
-        Self { store, config }
+        Self {
+            resolver: Arc::new(Resolver::new(store)),
+            config,
+        }
+    }
+
+    /// The store behind the resolver (for reads in a namespace resolved already).
+    pub(crate) fn store(&self) -> &Arc<R> {
+        self.resolver.store()
+    }
+
+    /// The namespace queries of derived projection `d` read now: the one of its source's
+    /// active generation (a derived projection follows its source's generations).
+    pub(crate) async fn derived_namespace(
+        &self,
+        d: &dyn esq_domain::derived::Derived,
+    ) -> Result<String, Status> {
+        let source = self
+            .resolver
+            .active(d.source())
+            .await
+            .map_err(status_from_read)?;
+        Ok(esq_readstore::generations::derived_namespace(
+            d.source(),
+            &source,
+            d.name(),
+        ))
+    }
+
+    /// Document `doc_id` of `projection` (a logical name) as its active generation holds it.
+    pub(crate) async fn get(&self, projection: &str, doc_id: &str) -> Result<Option<Doc>, Status> {
+        let namespace = self
+            .resolver
+            .active(projection)
+            .await
+            .map_err(status_from_read)?;
+        esq_runtime::metrics::store()
+            .time("read", "get", self.resolver.store().get(&namespace, doc_id))
+            .await
+            .map_err(status_from_read)
+    }
+
+    /// A page of index `index` of `projection` (a logical name) in its active generation.
+    pub(crate) async fn index_page(
+        &self,
+        projection: &str,
+        index: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, Status> {
+        let namespace = self
+            .resolver
+            .active(projection)
+            .await
+            .map_err(status_from_read)?;
+        esq_runtime::metrics::store()
+            .time(
+                "read",
+                "index_page",
+                self.resolver
+                    .store()
+                    .index_page(&namespace, index, after, limit),
+            )
+            .await
+            .map_err(status_from_read)
     }
 
     /// The document once its version is at least `min_version`. Polls with a short backoff;
@@ -63,10 +130,8 @@ impl<R: ReadStore> Reader<R> {
         let deadline = started + budget;
         let mut pause = Duration::from_millis(1);
         loop {
-            let doc = esq_runtime::metrics::store()
-                .time("read", "get", self.store.get(projection, doc_id))
-                .await
-                .map_err(status_from_read)?;
+            // Resolved on every round, so a wait that spans a swap ends on the new generation.
+            let doc = self.get(projection, doc_id).await?;
             let version = doc.as_ref().map_or(0, doc_version);
             if version >= min_version {
                 if min_version > 0 {

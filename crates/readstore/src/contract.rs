@@ -26,6 +26,114 @@ pub async fn run_all<S: ReadStore>(store: &S, prefix: &str) {
     check_concurrent_same_batch(store, prefix).await;
     check_contributions(store, prefix).await;
     check_clear_field_if(store, prefix).await;
+    check_generation_swap(store, prefix).await;
+    check_namespaces(store, prefix).await;
+}
+
+/// The generation record is replaced only when it still is what the caller read.
+pub async fn check_generation_swap<S: ReadStore>(store: &S, prefix: &str) {
+    let p = format!("{prefix}-gens");
+    assert_eq!(store.generations(&p).await.expect("get"), None);
+    assert!(!store
+        .swap_generations(&p, Some("x"), "a")
+        .await
+        .expect("swap"));
+    assert!(store.swap_generations(&p, None, "a").await.expect("swap"));
+    assert!(!store.swap_generations(&p, None, "b").await.expect("swap"));
+    assert!(!store
+        .swap_generations(&p, Some("b"), "c")
+        .await
+        .expect("swap"));
+    assert!(store
+        .swap_generations(&p, Some("a"), "b")
+        .await
+        .expect("swap"));
+    assert_eq!(
+        store.generations(&p).await.expect("get").as_deref(),
+        Some("b")
+    );
+}
+
+/// Deleting a namespace removes its documents and indexes and nothing else — in particular
+/// not the generations of a projection whose pre-generation namespace is deleted — and a walk
+/// of a namespace's ids sees each document once.
+pub async fn check_namespaces<S: ReadStore>(store: &S, prefix: &str) {
+    let legacy = format!("{prefix}-ns");
+    let g1 = crate::generations::namespace(&legacy, 1);
+    let g12 = crate::generations::namespace(&legacy, 12);
+    let n = 37;
+    for ns in [&legacy, &g1, &g12] {
+        for i in 0..n {
+            let b = fields(1, 1, vec![set("f", "v")]);
+            let id = format!("d{i}");
+            store.apply(ns, &id, &b).await.expect("apply");
+            store
+                .update_indexes(ns, &id, &["all".to_owned()], &[], "")
+                .await
+                .expect("index");
+        }
+    }
+    for ns in [&legacy, &g1] {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut cursor = None;
+        let mut pages = 0;
+        loop {
+            let (ids, next) = store
+                .doc_ids_page(ns, cursor.as_deref(), 10)
+                .await
+                .expect("page");
+            for id in ids {
+                assert!(seen.insert(id.clone()), "{id} returned twice in {ns}");
+            }
+            pages += 1;
+            assert!(pages < 1000, "walk of {ns} does not end");
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let expected: std::collections::BTreeSet<String> =
+            (0..n).map(|i| format!("d{i}")).collect();
+        assert_eq!(seen, expected, "ids of {ns}");
+    }
+    assert!(store
+        .index_contains(&legacy, "all", "d3")
+        .await
+        .expect("contains"));
+    assert!(!store
+        .index_contains(&legacy, "all", "zz")
+        .await
+        .expect("contains"));
+    assert!(!store
+        .index_contains(&legacy, "none", "d3")
+        .await
+        .expect("contains"));
+    store.delete_doc(&g12, "d36").await.expect("delete doc");
+    assert_eq!(store.get(&g12, "d36").await.expect("get"), None);
+    store
+        .apply(&g12, "d36", &fields(1, 1, vec![set("f", "v")]))
+        .await
+        .expect("apply");
+    let deleted = store.delete_namespace(&legacy).await.expect("delete");
+    assert_eq!(deleted, n + 1, "documents and the one index of {legacy}");
+    assert_eq!(store.get(&legacy, "d0").await.expect("get"), None);
+    assert!(store
+        .index_page(&legacy, "all", None, 10)
+        .await
+        .expect("page")
+        .is_empty());
+    let (ids, _) = store.doc_ids_page(&legacy, None, 10).await.expect("page");
+    assert!(ids.is_empty(), "{ids:?}");
+    for ns in [&g1, &g12] {
+        assert_eq!(store.version(ns, "d0").await.expect("version"), 1, "{ns}");
+        assert_eq!(
+            store.index_page(ns, "all", None, 1).await.expect("page"),
+            vec!["d0".to_owned()]
+        );
+    }
+    assert_eq!(store.delete_namespace(&g1).await.expect("delete"), n + 1);
+    assert_eq!(store.version(&g12, "d5").await.expect("version"), 1);
+    assert_eq!(store.delete_namespace(&g12).await.expect("delete"), n + 1);
 }
 
 /// A batch of field ops only.

@@ -8,6 +8,7 @@
 //! [`esq_domain::projection::apply_to_doc`], so duplicate and late batches are harmless.
 
 pub mod contract;
+pub mod generations;
 pub mod memory;
 pub mod redis;
 
@@ -119,6 +120,56 @@ pub trait ReadStore: Send + Sync + 'static {
 
     /// One cheap round trip, for health checks: `Ok` when the store answers.
     fn ping(&self) -> impl Future<Output = Result<(), ReadError>> + Send;
+
+    /// The generation record of `projection` as stored (see [`generations`]), `None` if it has
+    /// none.
+    fn generations(
+        &self,
+        projection: &str,
+    ) -> impl Future<Output = Result<Option<String>, ReadError>> + Send;
+
+    /// Replaces the generation record of `projection` by `new` if it is still `expected`
+    /// (`None`: there is none), atomically. Returns whether it was replaced.
+    fn swap_generations(
+        &self,
+        projection: &str,
+        expected: Option<&str>,
+        new: &str,
+    ) -> impl Future<Output = Result<bool, ReadError>> + Send;
+
+    /// Deletes every document and index of `namespace` (one generation of a projection), in
+    /// batches; returns how many keys went. Other namespaces are untouched, including the
+    /// generations of the same projection when `namespace` is the pre-generation one.
+    fn delete_namespace(
+        &self,
+        namespace: &str,
+    ) -> impl Future<Output = Result<u64, ReadError>> + Send;
+
+    /// Removes document `doc_id` of `namespace` entirely, version included (so that it can be
+    /// projected again from version 1: a repair).
+    fn delete_doc(
+        &self,
+        namespace: &str,
+        doc_id: &str,
+    ) -> impl Future<Output = Result<(), ReadError>> + Send;
+
+    /// Whether `doc_id` is a member of `index` of `namespace`.
+    fn index_contains(
+        &self,
+        namespace: &str,
+        index: &str,
+        doc_id: &str,
+    ) -> impl Future<Output = Result<bool, ReadError>> + Send;
+
+    /// A page of the document ids of `namespace`, in no particular order, and the cursor of the
+    /// next page (`None`: that was the last). Each id is returned once over a full walk of a
+    /// namespace that does not change meanwhile; a page may hold more or fewer than `limit`.
+    fn doc_ids_page(
+        &self,
+        namespace: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<(Vec<String>, Option<String>), ReadError>> + Send;
 
     /// Records `record` under `key` in the record set `set`, replacing any record there. Record
     /// sets hold the projector's control-plane records (parked streams, skipped events), so

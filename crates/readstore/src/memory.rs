@@ -32,6 +32,8 @@ struct Inner {
     /// derived namespace → target → entries (source id → entry); the totals are in `docs`.
     entries: RwLock<HashMap<String, Docs>>,
     checkpoints: RwLock<HashMap<String, String>>,
+    /// projection → generation record.
+    generations: Mutex<HashMap<String, String>>,
     /// record set → key → record.
     records: RwLock<HashMap<String, BTreeMap<String, String>>>,
     /// lease name → (owner, expiry).
@@ -232,6 +234,110 @@ impl ReadStore for MemoryStore {
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    async fn generations(&self, projection: &str) -> Result<Option<String>, ReadError> {
+        let records = self
+            .inner
+            .generations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(records.get(projection).cloned())
+    }
+
+    async fn swap_generations(
+        &self,
+        projection: &str,
+        expected: Option<&str>,
+        new: &str,
+    ) -> Result<bool, ReadError> {
+        let mut records = self
+            .inner
+            .generations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if records.get(projection).map(String::as_str) != expected {
+            return Ok(false);
+        }
+        records.insert(projection.to_owned(), new.to_owned());
+        Ok(true)
+    }
+
+    /// Drops the namespace's maps in one go (memory is not shared with other processes, so
+    /// there is nothing to batch for).
+    async fn delete_namespace(&self, namespace: &str) -> Result<u64, ReadError> {
+        let docs = self
+            .inner
+            .docs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(namespace)
+            .map_or(0, |d| d.len());
+        let indexes = self
+            .inner
+            .indexes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(namespace)
+            .map_or(0, |i| i.len());
+        Ok((docs + indexes) as u64)
+    }
+
+    async fn delete_doc(&self, namespace: &str, doc_id: &str) -> Result<(), ReadError> {
+        let mut docs = self
+            .inner
+            .docs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(docs) = docs.get_mut(namespace) {
+            docs.remove(doc_id);
+        }
+        Ok(())
+    }
+
+    async fn index_contains(
+        &self,
+        namespace: &str,
+        index: &str,
+        doc_id: &str,
+    ) -> Result<bool, ReadError> {
+        let indexes = self
+            .inner
+            .indexes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(indexes
+            .get(namespace)
+            .and_then(|p| p.get(index))
+            .is_some_and(|set| set.contains(doc_id)))
+    }
+
+    /// Pages in id order; the cursor is the last id of the page.
+    async fn doc_ids_page(
+        &self,
+        namespace: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<String>), ReadError> {
+        let limit = limit.max(1);
+        let docs = self
+            .inner
+            .docs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(docs) = docs.get(namespace) else {
+            return Ok((Vec::new(), None));
+        };
+        let mut page: Vec<&String> = docs
+            .keys()
+            .filter(|id| cursor.is_none_or(|c| id.as_str() > c))
+            .collect();
+        page.sort_unstable();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let ids: Vec<String> = page.into_iter().cloned().collect();
+        let next = if more { ids.last().cloned() } else { None };
+        Ok((ids, next))
     }
 
     async fn checkpoint(&self, name: &str) -> Result<Option<String>, ReadError> {

@@ -9,6 +9,10 @@
 //! | index | `<prefix>:<projection>:idx:<index>` | sorted set, every score 0 |
 //! | checkpoint | `<prefix>:cp:<name>` | string |
 //! | lease | `<prefix>:lease:<name>` | string (owner) with an expiry |
+//! | generation record | `<prefix>:gen:<projection>` | string (JSON, see [`crate::generations`]) |
+//!
+//! `<projection>` in document and index keys is a namespace: `<name>:g<n>` for generation `n`
+//! of a projection, or the bare name for the layout from before generations.
 //!
 //! The `{…}` hash tag puts every key of one aggregate in one Cluster slot, so the fenced apply is
 //! one Lua script on one key (`apply.lua`, invoked by SHA). Index keys live in other slots: their
@@ -22,6 +26,7 @@ use crate::{Doc, ReadError, ReadStore};
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use ::redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, Value};
 use esq_domain::derived::{Column, Contribution};
 use esq_domain::projection::{ApplyOutcome, Batch, FieldOp, INDEX_PENDING_FIELD};
@@ -59,6 +64,20 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
 end
 return 0
 ";
+
+/// Replaces a value if it still is the expected one. ARGV: "1" if a value is expected (else
+/// none must exist), the expected value, the new value.
+const SWAP_LUA: &str = r"
+local current = redis.call('GET', KEYS[1])
+if (ARGV[1] == '0' and current == false) or (ARGV[1] == '1' and current == ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// Keys handed to one `SCAN` round and deleted per batch.
+const SCAN_BATCH: usize = 500;
 
 /// How to reach Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +119,7 @@ struct Shared {
     release: Script,
     clear_pending: Script,
     contribute: Script,
+    swap: Script,
 }
 
 /// The one multiplexed connection; both variants reconnect by themselves.
@@ -232,6 +252,7 @@ impl RedisStore {
                 release: Script::new(RELEASE_LUA),
                 clear_pending: Script::new(CLEAR_PENDING_LUA),
                 contribute: Script::new(CONTRIBUTE_LUA),
+                swap: Script::new(SWAP_LUA),
             }),
         };
         // Load once up front (to every primary in a Cluster); a server that restarts and forgets
@@ -242,6 +263,7 @@ impl RedisStore {
             &store.shared.release,
             &store.shared.clear_pending,
             &store.shared.contribute,
+            &store.shared.swap,
         ] {
             let mut conn = store.conn.clone();
             bounded(timeout, script.load_async(&mut conn)).await?;
@@ -268,6 +290,99 @@ impl RedisStore {
     fn index_key(&self, projection: &str, index: &str) -> String {
         let prefix = &self.shared.prefix;
         format!("{prefix}:{projection}:idx:{index}")
+    }
+
+    fn generations_key(&self, projection: &str) -> String {
+        let prefix = &self.shared.prefix;
+        format!("{prefix}:gen:{projection}")
+    }
+
+    /// `SCAN MATCH` patterns of the document keys and of the index keys of `namespace`.
+    fn namespace_patterns(&self, namespace: &str) -> [String; 2] {
+        let base = glob_escape(&format!("{}:{namespace}:", self.shared.prefix));
+        [format!("{base}{{*"), format!("{base}idx:*")]
+    }
+
+    /// The nodes a `SCAN` must visit: the server itself, or every primary of a Cluster (as
+    /// `host:port`, sorted, so that a cursor naming a node by position stays meaningful).
+    async fn scan_nodes(&self) -> Result<Vec<Option<(String, u16)>>, ReadError> {
+        let Conn::Cluster(conn) = &self.conn else {
+            return Ok(vec![None]);
+        };
+        let mut conn = conn.clone();
+        let mut cmd = ::redis::cmd("CLUSTER");
+        cmd.arg("NODES");
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+        let value = bounded(self.shared.timeout, conn.route_command(cmd, routing)).await?;
+        let text: String =
+            ::redis::from_redis_value(value).map_err(|e| ReadError::Internal(e.to_string()))?;
+        let mut nodes: Vec<(String, u16)> = text
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split(' ');
+                let address = fields.nth(1)?;
+                let flags = fields.next()?;
+                if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                    return None;
+                }
+                let host_port = address.split(['@', ',']).next()?;
+                let (host, port) = host_port.rsplit_once(':')?;
+                Some((host.to_owned(), port.parse().ok()?))
+            })
+            .collect();
+        nodes.sort();
+        Ok(nodes.into_iter().map(Some).collect())
+    }
+
+    /// One `SCAN` round on `node` (`None`: the standalone server).
+    async fn scan_on(
+        &self,
+        node: &Option<(String, u16)>,
+        cursor: u64,
+        pattern: &str,
+        count: usize,
+    ) -> Result<(u64, Vec<String>), ReadError> {
+        let mut cmd = ::redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(count);
+        match (node, &self.conn) {
+            (Some((host, port)), Conn::Cluster(conn)) => {
+                let mut conn = conn.clone();
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                let value = bounded(self.shared.timeout, conn.route_command(cmd, routing)).await?;
+                ::redis::from_redis_value(value).map_err(|e| ReadError::Internal(e.to_string()))
+            }
+            _ => self.query(&cmd).await,
+        }
+    }
+
+    /// Unlinks `keys` (freed by Redis in the background): one command on a standalone server,
+    /// one per key on a Cluster (they live in different slots), sent concurrently.
+    async fn unlink(&self, keys: &[String]) -> Result<u64, ReadError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        match &self.conn {
+            Conn::Single(_) => {
+                let mut cmd = ::redis::cmd("UNLINK");
+                cmd.arg(keys);
+                self.query(&cmd).await
+            }
+            Conn::Cluster(_) => {
+                let sends = keys.iter().map(|key| {
+                    let mut cmd = ::redis::cmd("UNLINK");
+                    cmd.arg(key);
+                    async move { self.query::<u64>(&cmd).await }
+                });
+                Ok(futures::future::try_join_all(sends).await?.iter().sum())
+            }
+        }
     }
 
     fn checkpoint_key(&self, name: &str) -> String {
@@ -364,6 +479,18 @@ impl RedisStore {
             }
         }
     }
+}
+
+/// `text` with the glob characters of `SCAN MATCH` escaped.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Encodes `batch` as an `EVALSHA` of `apply.lua` on `key` (see the script for the layout).
@@ -528,6 +655,103 @@ impl ReadStore for RedisStore {
             .arg(0)
             .arg(i64::try_from(limit).unwrap_or(i64::MAX));
         self.query(&cmd).await
+    }
+
+    async fn generations(&self, projection: &str) -> Result<Option<String>, ReadError> {
+        let mut cmd = ::redis::cmd("GET");
+        cmd.arg(self.generations_key(projection));
+        self.query(&cmd).await
+    }
+
+    async fn swap_generations(
+        &self,
+        projection: &str,
+        expected: Option<&str>,
+        new: &str,
+    ) -> Result<bool, ReadError> {
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(self.shared.swap.get_hash())
+            .arg(1)
+            .arg(self.generations_key(projection))
+            .arg(if expected.is_some() { "1" } else { "0" })
+            .arg(expected.unwrap_or(""))
+            .arg(new);
+        let swapped: i64 = self.eval(&self.shared.swap, &cmd).await?;
+        Ok(swapped == 1)
+    }
+
+    /// `SCAN MATCH` over every primary, `UNLINK` per batch of keys found.
+    async fn delete_namespace(&self, namespace: &str) -> Result<u64, ReadError> {
+        let mut deleted = 0;
+        for node in self.scan_nodes().await? {
+            for pattern in self.namespace_patterns(namespace) {
+                let mut cursor = 0;
+                loop {
+                    let (next, keys) = self.scan_on(&node, cursor, &pattern, SCAN_BATCH).await?;
+                    deleted += self.unlink(&keys).await?;
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    async fn delete_doc(&self, namespace: &str, doc_id: &str) -> Result<(), ReadError> {
+        let mut cmd = ::redis::cmd("UNLINK");
+        cmd.arg(self.doc_key(namespace, doc_id));
+        self.query::<i64>(&cmd).await.map(|_| ())
+    }
+
+    async fn index_contains(
+        &self,
+        namespace: &str,
+        index: &str,
+        doc_id: &str,
+    ) -> Result<bool, ReadError> {
+        let mut cmd = ::redis::cmd("ZSCORE");
+        cmd.arg(self.index_key(namespace, index)).arg(doc_id);
+        let score: Option<f64> = self.query(&cmd).await?;
+        Ok(score.is_some())
+    }
+
+    /// The cursor is `<node>:<SCAN cursor>`, the node by its position among the primaries.
+    async fn doc_ids_page(
+        &self,
+        namespace: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<String>), ReadError> {
+        let (mut node, mut scan) = match cursor {
+            None => (0usize, 0u64),
+            Some(c) => c
+                .split_once(':')
+                .and_then(|(n, s)| Some((n.parse().ok()?, s.parse().ok()?)))
+                .ok_or_else(|| ReadError::Internal(format!("bad namespace cursor {c:?}")))?,
+        };
+        let nodes = self.scan_nodes().await?;
+        let [pattern, _] = self.namespace_patterns(namespace);
+        let strip = format!("{}:{namespace}:{{", self.shared.prefix);
+        let mut ids = Vec::new();
+        while node < nodes.len() && ids.len() < limit.max(1) {
+            let (next, keys) = self
+                .scan_on(&nodes[node], scan, &pattern, limit.max(1))
+                .await?;
+            ids.extend(
+                keys.iter()
+                    .filter_map(|k| Some(k.strip_prefix(&strip)?.strip_suffix('}')?.to_owned())),
+            );
+            if next == 0 {
+                node += 1;
+                scan = 0;
+            } else {
+                scan = next;
+            }
+        }
+        let next = (node < nodes.len()).then(|| format!("{node}:{scan}"));
+        Ok((ids, next))
     }
 
     async fn checkpoint(&self, name: &str) -> Result<Option<String>, ReadError> {

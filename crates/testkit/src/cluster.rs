@@ -296,6 +296,51 @@ impl ClusterHarness {
         Ok(owners)
     }
 
+    /// The deployment's read store (Redis, with this harness's prefix).
+    pub async fn read_store(&self) -> anyhow::Result<esq_readstore::redis::RedisStore> {
+        Ok(
+            esq_readstore::redis::RedisStore::connect(esq_readstore::redis::RedisConfig {
+                urls: vec![self.backends.redis.clone()],
+                cluster: false,
+                prefix: self.prefix.clone(),
+                timeout: Duration::from_secs(5),
+            })
+            .await?,
+        )
+    }
+
+    /// The generation record of `projection`.
+    pub async fn generations(
+        &self,
+        projection: &str,
+    ) -> anyhow::Result<Option<esq_readstore::generations::GenerationRecord>> {
+        let store = self.read_store().await?;
+        Ok(esq_readstore::generations::read_record(&store, projection)
+            .await?
+            .map(|(r, _)| r))
+    }
+
+    /// Asks for a rebuild of `projection` the way the operator call does: by marking it
+    /// requested in its generation record, for whichever projector takes the rebuild lease.
+    pub async fn request_rebuild(&self, projection: &str) -> anyhow::Result<()> {
+        let store = self.read_store().await?;
+        esq_readstore::generations::update_record(&store, projection, |r| {
+            r.requested = true;
+            true
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The raw rebuild progress record of `projection` (JSON), if any.
+    pub async fn rebuild_progress(&self, projection: &str) -> anyhow::Result<Option<String>> {
+        use esq_readstore::ReadStore;
+        let store = self.read_store().await?;
+        Ok(store
+            .checkpoint(&format!("projector:rebuild-progress:{projection}"))
+            .await?)
+    }
+
     /// Deletes every Redis key of this deployment (what a FLUSHALL does to it, without
     /// touching other tests' keys on the shared server). Returns how many keys went.
     pub async fn flush_read_model(&self) -> anyhow::Result<usize> {
