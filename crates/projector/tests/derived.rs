@@ -173,8 +173,22 @@ fn model(carts: &[Vec<RecordedEvent>], books: &[Vec<RecordedEvent>]) -> Model {
     m
 }
 
-/// Every listed target that reads as present, paging the listing index as queries do.
-async fn stored<R: ReadStore>(read: &R) -> Model {
+/// Every listed target that reads as present, paging the listing index as queries do, in the
+/// namespace queries resolve (the source's active generation).
+async fn stored<R: ReadStore>(read: &Arc<R>) -> Model {
+    let resolver = esq_readstore::generations::Resolver::new(Arc::clone(read));
+    let ns = |d: &dyn Derived, source_ns: String| {
+        esq_readstore::generations::derived_namespace(d.source(), &source_ns, d.name())
+    };
+    let authors = ns(
+        &AuthorsProjection,
+        resolver.active(AuthorsProjection.source()).await.unwrap(),
+    );
+    let skus = ns(
+        &SkuSalesProjection,
+        resolver.active(SkuSalesProjection.source()).await.unwrap(),
+    );
+    let read = read.as_ref();
     async fn listed<R: ReadStore>(read: &R, name: &str) -> Vec<(String, esq_readstore::Doc)> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
@@ -195,12 +209,12 @@ async fn stored<R: ReadStore>(read: &R) -> Model {
         }
     }
     let mut m = Model::default();
-    for (id, doc) in listed(read, AuthorsProjection.name()).await {
+    for (id, doc) in listed(read, &authors).await {
         if let Some(v) = AuthorView::from_doc(&id, &doc) {
             m.authors.insert(id, v);
         }
     }
-    for (id, doc) in listed(read, SkuSalesProjection.name()).await {
+    for (id, doc) in listed(read, &skus).await {
         if let Some(v) = SkuSalesView::from_doc(&id, &doc) {
             m.skus.insert(id, v);
         }
@@ -237,6 +251,8 @@ async fn run_case<R: ReadStore + Coordination>(
         )
     };
     let (a, b) = (projector(c.pages.0, "a"), projector(c.pages.1, "b"));
+    a.refresh_generations(false).await.map_err(fail)?;
+    b.refresh_generations(false).await.map_err(fail)?;
     let streams: Vec<(StreamId, &Vec<NewEvent>)> = c
         .carts
         .iter()
@@ -296,7 +312,7 @@ async fn run_case<R: ReadStore + Coordination>(
         );
     }
     let (carts, books) = recorded.split_at(c.carts.len());
-    prop_assert_eq!(stored(read.as_ref()).await, model(carts, books));
+    prop_assert_eq!(stored(&read).await, model(carts, books));
     Ok(())
 }
 
