@@ -635,6 +635,10 @@ async fn rebuild_under_writes_and_queries() {
     let before = Load::new(20);
     before.run(&h.clients, 10, 5).await;
     assert_read_model_equals_fold(&h.clients, &before.carts).await;
+    // Checked-out carts feed sales per SKU, a derived projection of cart2: it is rebuilt in the
+    // same new generation and switched by the same swap.
+    let (authors, skus) = derived::derived_traffic(&h.clients).await;
+    derived::derived_equal_a_fold_of_the_store(&h.clients, &authors, &skus).await;
     let record = h.generations("cart2").await.expect("record").expect("some");
     assert_eq!(record.active, Some(1), "{record:?}");
 
@@ -717,6 +721,18 @@ async fn rebuild_under_writes_and_queries() {
         .await
         .expect("page");
     assert!(old.is_empty(), "generation 1 deleted: {old:?}");
+    derived::derived_equal_a_fold_of_the_store(&h.clients, &authors, &skus).await;
+    let (old, _) = esq_readstore::ReadStore::doc_ids_page(&store, "sku_sales:g1", None, 100)
+        .await
+        .expect("page");
+    assert!(old.is_empty(), "derived generation 1 deleted: {old:?}");
+    let (new, _) = esq_readstore::ReadStore::doc_ids_page(&store, "sku_sales:g2", None, 100)
+        .await
+        .expect("page");
+    assert!(
+        skus.iter().all(|sku| new.contains(sku)),
+        "generation 2 of sku_sales holds {skus:?}: {new:?}"
+    );
 }
 
 /// A document changed behind the projector's back (an HSET in Redis): verify finds it, repair

@@ -623,6 +623,32 @@ pub async fn check_contributions<S: ReadStore>(store: &S, prefix: &str) {
         let stored = store.get(&ns, "t").await.expect("get");
         assert_eq!(stored.as_ref(), Some(&totals), "totals after {step:?}");
     }
+    // A derived generation's namespace goes whole: totals, entries (the per-source fences:
+    // an old version applies again afterwards) and the listing index.
+    let g = crate::generations::namespace(&ns, 3);
+    store
+        .contribute(&g, "t", CONTRACT_COLUMNS, &steps[0])
+        .await
+        .expect("contribute");
+    store
+        .update_indexes(&g, "t", &["all".to_owned()], &[], "")
+        .await
+        .expect("index");
+    assert_eq!(store.delete_namespace(&g).await.expect("delete"), 3);
+    assert_eq!(store.get(&g, "t").await.expect("get"), None);
+    assert!(store
+        .index_page(&g, "all", None, 10)
+        .await
+        .expect("page")
+        .is_empty());
+    assert!(store
+        .contribute(&g, "t", CONTRACT_COLUMNS, &c("a", 1, Some([1, 1, 1])))
+        .await
+        .expect("contribute"));
+    assert!(
+        store.get(&ns, "t").await.expect("get").is_some(),
+        "{ns} kept"
+    );
 }
 
 /// `clear_field_if` removes a field only while it holds the given value.

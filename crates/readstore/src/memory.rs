@@ -280,7 +280,15 @@ impl ReadStore for MemoryStore {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(namespace)
             .map_or(0, |i| i.len());
-        Ok((docs + indexes) as u64)
+        // A derived target's entries go with it.
+        let entries = self
+            .inner
+            .entries
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(namespace)
+            .map_or(0, |e| e.len());
+        Ok((docs + indexes + entries) as u64)
     }
 
     async fn delete_doc(&self, namespace: &str, doc_id: &str) -> Result<(), ReadError> {
