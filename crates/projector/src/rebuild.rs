@@ -36,9 +36,10 @@ use tokio_util::sync::CancellationToken;
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, R> {
-    /// Every projection with its active generation, rebuild and parked count.
+    /// Every projection with its active generation, rebuild and parked count; then every
+    /// derived projection, with its source's generation and rebuild.
     pub async fn projections_status(&self) -> Result<Vec<ProjectionStatus>, ProjectError> {
-        let mut out = Vec::with_capacity(self.projections.len());
+        let mut out = Vec::with_capacity(self.projections.len() + self.derived.len());
         for p in &self.projections {
             let name = p.name();
             let record = read_record(self.read.as_ref(), name).await?;
@@ -47,6 +48,18 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 active_generation: record.and_then(|(r, _)| r.active),
                 rebuild: self.rebuild_progress(name).await?,
                 parked: self.parked_count(name).await?,
+                derived_from: None,
+            });
+        }
+        for d in &self.derived {
+            let Some(source) = out.iter().find(|s| s.name == d.source()).cloned() else {
+                continue;
+            };
+            out.push(ProjectionStatus {
+                name: d.name().to_owned(),
+                parked: 0,
+                derived_from: Some(source.name.clone()),
+                ..source
             });
         }
         Ok(out)
