@@ -47,7 +47,11 @@ impl DevConfig {
             data_dir: data_dir.into(),
             write_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             read_addr: SocketAddr::from(([127, 0, 0, 1], 50052)),
-            projector: esq_projector::Config::default(),
+            // The in-process memory read store has no other projector.
+            projector: esq_projector::Config {
+                sole_projector: true,
+                ..esq_projector::Config::default()
+            },
             read: esq_read_svc::Config::default(),
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
             metrics_addr: None,

@@ -72,10 +72,6 @@ pub fn status_from_project(e: ProjectError) -> Status {
             tracing::warn!(%cause, "a store is unavailable");
             Status::unavailable("a backing store is unavailable; retry later")
         }
-        // The placeholders of work in progress (pending.rs) say so; that is no internal error.
-        ProjectError::Read(ReadError::Internal(m)) if m.ends_with("is not built yet") => {
-            Status::unimplemented(m)
-        }
         e => {
             tracing::error!(error = %e, "projections admin call failed");
             Status::internal("internal error")

@@ -43,6 +43,10 @@ pub const READ_MODEL_LAYOUT: u32 = 2;
 /// Tunables of a projector.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// This projector is the only one writing its read store (esq dev's in-process memory
+    /// store): a rebuild then starts scanning at once instead of waiting a `lease_ttl` for other
+    /// replicas to learn of the new generation.
+    pub sole_projector: bool,
     /// How often the change log is polled when no nudge arrives.
     pub poll_interval: Duration,
     /// Changes read per poll of one shard.
@@ -85,6 +89,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            sole_projector: false,
             poll_interval: Duration::from_millis(250),
             poll_limit: 512,
             read_page: 500,

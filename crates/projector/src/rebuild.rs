@@ -2,7 +2,8 @@
 //! the active one keeps serving, then swapped in atomically.
 //!
 //! 1. The generation is registered as `building` in the projection's generation record.
-//! 2. The rebuild waits one `lease_ttl`: every live projector re-reads the records at each lease
+//! 2. The rebuild waits one `lease_ttl` (not when configured as the sole projector of its read
+//!    store, as in `esq dev`): every live projector re-reads the records at each lease
 //!    renewal (every `lease_ttl / lease_renewals_per_ttl`, and a projector that has not renewed for a `lease_ttl` has
 //!    lost its shards), so afterwards every change is applied to the new generation too (first,
 //!    before the active one).
@@ -304,7 +305,9 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 generation,
                 "rebuild: waiting for every projector to write to the new generation"
             );
-            tokio::time::sleep(self.config.lease_ttl).await;
+            if !self.config.sole_projector {
+                tokio::time::sleep(self.config.lease_ttl).await;
+            }
             progress.streams_total = Some(self.count_streams().await?);
             self.scan_into(p, &namespace(projection, generation), &mut progress)
                 .await?;
