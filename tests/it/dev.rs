@@ -1,6 +1,6 @@
 //! The suite against the embedded single-process stack (`esq dev`), plus restart durability.
 
-use crate::{bus, core, history, replay, suite};
+use crate::{bus, core, derived, history, replay, suite};
 use esq_testkit::DevHarness;
 
 macro_rules! dev_tests {
@@ -36,6 +36,21 @@ dev_tests!(
     sales_report_over_checked_out_carts,
     cart_at_every_version_is_what_the_read_model_served_then,
 );
+
+dev_tests!(derived: derived_queries_follow_the_traffic);
+
+/// Built from history: after a restart the in-memory read store is rebuilt from the log, and
+/// the derived read models with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn derived_read_models_are_rebuilt_from_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = DevHarness::start_in(dir.path()).await.expect("start");
+    let (authors, skus) = derived::derived_traffic(&h.clients).await;
+    derived::derived_equal_a_fold_of_the_store(&h.clients, &authors, &skus).await;
+    h.restart().await.expect("restart");
+    derived::derived_equal_a_fold_of_the_store(&h.clients, &authors, &skus).await;
+    h.stop().await.expect("stop");
+}
 
 dev_tests!(
     bus: subscribe_catches_up_then_goes_live,

@@ -7,6 +7,7 @@
 mod bus;
 mod cluster;
 mod core;
+mod derived;
 mod dev;
 mod history;
 mod metrics;

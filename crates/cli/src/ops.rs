@@ -729,6 +729,7 @@ fn projection_json(p: &pb::Projection) -> Value {
         "name": p.name,
         "active_generation": p.active_generation,
         "parked": p.parked,
+        "derived_from": (!p.derived_from.is_empty()).then_some(&p.derived_from),
         "rebuild": p.rebuild.as_ref().map(rebuild_json),
     })
 }

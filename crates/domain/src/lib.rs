@@ -9,13 +9,17 @@
 pub mod aggregate;
 #[cfg(any(test, feature = "arbitrary"))]
 pub mod arbitrary;
+pub mod authors;
 pub mod bookshop;
 pub mod cart;
 pub mod contract;
+pub mod derived;
 pub mod event;
 pub mod ids;
 pub mod projection;
+pub mod registry;
 pub mod replay;
+pub mod sku_sales;
 pub mod state;
 pub mod upcast;
 

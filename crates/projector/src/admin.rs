@@ -146,6 +146,7 @@ pub fn projection(s: &ProjectionStatus) -> pb::Projection {
         active_generation: s.active_generation,
         rebuild: s.rebuild.as_ref().map(|r| rebuild_progress(&s.name, r)),
         parked: s.parked,
+        derived_from: s.derived_from.clone().unwrap_or_default(),
     }
 }
 
@@ -239,7 +240,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projections
         request: Request<pb::GetProjectionRequest>,
     ) -> Result<Response<pb::GetProjectionResponse>, Status> {
         let name = request.into_inner().projection;
-        projection_name(&self.projector, &name)?;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("projection: is required"));
+        }
+        // Also a derived projection's name (the listing includes them).
         let all = self
             .projector
             .projections_status()

@@ -72,6 +72,11 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                     let record = self.initial_record(fill_in_place).await?;
                     if swap_record(self.read.as_ref(), name, None, &record).await? {
                         tracing::warn!(projection = name, ?record, "new generation record");
+                        if record.active == Some(1) && !record.requested {
+                            // Generation 1 of an empty store, or filled right here below: its
+                            // derived projections are built along with it.
+                            self.mark_derived_filled(name, 1).await?;
+                        }
                         if fill_in_place && record.active == Some(1) && !record.requested {
                             fill.push(name);
                         }

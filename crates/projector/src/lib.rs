@@ -9,6 +9,7 @@
 //! over the methods of [`ops`]' types.
 
 pub mod admin;
+mod derived;
 mod generations;
 mod index;
 mod leases;
@@ -21,10 +22,8 @@ mod sync;
 mod testing;
 mod verify;
 
-use esq_domain::bookshop::BookProjection;
-use esq_domain::cart::CartProjection;
+use esq_domain::derived::Derived;
 use esq_domain::projection::Projection;
-use esq_domain::state::StateProjection;
 use esq_domain::StreamId;
 use esq_eventstore::{ChangeFeed, EventStore, StoreError};
 use esq_readstore::{Coordination, ReadError, ReadStore};
@@ -110,14 +109,12 @@ impl Default for Config {
     }
 }
 
-/// The projections esq maintains: cart, book and the generic state of every stream.
+/// The per-stream projections esq maintains: every one in [`esq_domain::registry`].
 pub fn default_projections() -> Vec<Arc<dyn Projection>> {
-    vec![
-        Arc::new(CartProjection),
-        Arc::new(BookProjection),
-        Arc::new(StateProjection),
-    ]
+    esq_domain::registry::projections()
 }
+
+pub use derived::DERIVED_LAYOUT;
 
 /// Why projecting failed; always transient from the projector's point of view.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +136,8 @@ pub struct Projector<E, F, R> {
     feed: Arc<F>,
     read: Arc<R>,
     projections: Vec<Arc<dyn Projection>>,
+    /// The derived projections ([`esq_domain::registry::derived`]), fed from `projections`.
+    derived: Vec<Arc<dyn Derived>>,
     config: Config,
     /// Per shard, the changes processed past the checkpoint (see `shards::Window`).
     windows: std::sync::Mutex<std::collections::HashMap<u32, shards::Window>>,
@@ -157,6 +156,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             feed,
             read,
             projections: default_projections(),
+            derived: esq_domain::registry::derived(),
             config,
             windows: Default::default(),
             targets: generations::Targets::default(),
@@ -275,6 +275,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     /// used before serving queries at start. Returns the number of change pages processed.
     pub async fn catch_up(&self) -> Result<u64, ProjectError> {
         self.refresh_generations(true).await?;
+        self.ensure_derived().await?;
         let mut pages = 0;
         for shard in 0..self.feed.shard_count() {
             while self.poll_shard(shard).await? {

@@ -15,6 +15,10 @@ pub struct ProjectionStatus {
     pub rebuild: Option<RebuildProgress>,
     /// How many streams are parked for this projection.
     pub parked: u64,
+    /// For a derived projection (`authors`, `sku_sales`), the projection it is derived from:
+    /// its targets live in that projection's generations, so `active_generation` and
+    /// `rebuild` are the source's (a rebuild of the source rebuilds it), and it parks nothing.
+    pub derived_from: Option<String>,
 }
 
 /// Where a rebuild stands.

@@ -25,7 +25,9 @@ use crate::ops::{ProjectionStatus, RebuildProgress, RebuildState};
 use crate::{ProjectError, Projector, READ_MODEL_LAYOUT};
 use esq_domain::projection::Projection;
 use esq_eventstore::{now_us, ChangeFeed, EventStore};
-use esq_readstore::generations::{namespace, read_record, update_record, Resolver};
+use esq_readstore::generations::{
+    derived_namespace, namespace, read_record, update_record, Resolver,
+};
 use esq_readstore::{Coordination, ReadError, ReadStore};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -35,9 +37,10 @@ use tokio_util::sync::CancellationToken;
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, R> {
-    /// Every projection with its active generation, rebuild and parked count.
+    /// Every projection with its active generation, rebuild and parked count; then every
+    /// derived projection, with its source's generation and rebuild.
     pub async fn projections_status(&self) -> Result<Vec<ProjectionStatus>, ProjectError> {
-        let mut out = Vec::with_capacity(self.projections.len());
+        let mut out = Vec::with_capacity(self.projections.len() + self.derived.len());
         for p in &self.projections {
             let name = p.name();
             let record = read_record(self.read.as_ref(), name).await?;
@@ -46,6 +49,18 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 active_generation: record.and_then(|(r, _)| r.active),
                 rebuild: self.rebuild_progress(name).await?,
                 parked: self.parked_count(name).await?,
+                derived_from: None,
+            });
+        }
+        for d in &self.derived {
+            let Some(source) = out.iter().find(|s| s.name == d.source()).cloned() else {
+                continue;
+            };
+            out.push(ProjectionStatus {
+                name: d.name().to_owned(),
+                parked: 0,
+                derived_from: Some(source.name.clone()),
+                ..source
             });
         }
         Ok(out)
@@ -154,6 +169,34 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 .iter()
                 .map(|p| self.rebuild_if_due(p.name(), &shutdown));
             futures::future::join_all(rounds).await;
+            self.fill_derived_if_due(&shutdown).await;
+        }
+    }
+
+    /// One round of filling the derived projections not built yet in their source's active
+    /// generation (newly registered ones), each by the one replica holding its lease.
+    async fn fill_derived_if_due(&self, shutdown: &CancellationToken) {
+        let due = match self.derived_due().await {
+            Ok(due) => due,
+            Err(e) => {
+                return tracing::warn!(error = %e, "cannot read the derived fill markers");
+            }
+        };
+        for (d, generation) in due {
+            let lease = format!(
+                "{}:derived-fill:{}",
+                self.config.checkpoint_prefix,
+                d.name()
+            );
+            match self
+                .with_lease(&lease, self.fill_derived(d.as_ref(), generation), shutdown)
+                .await
+            {
+                Ok(Some(Ok(()))) | Ok(None) => {}
+                Ok(Some(Err(e))) | Err(e) => {
+                    tracing::warn!(derived = d.name(), error = %e, "derived fill failed; retrying later");
+                }
+            }
         }
     }
 
@@ -288,6 +331,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 .into());
             }
             self.targets.set(projection, &swapped);
+            // The scan and the dual writes built the derived projections in this generation.
+            self.mark_derived_filled(projection, generation).await?;
             tracing::info!(
                 projection,
                 generation,
@@ -326,7 +371,12 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             .unwrap_or_default();
         for old in retired {
             let ns = namespace(projection, old);
-            let keys = self.read.delete_namespace(&ns).await?;
+            let mut keys = self.read.delete_namespace(&ns).await?;
+            // The derived projections of the source live in its generations.
+            for d in self.derived.iter().filter(|d| d.source() == projection) {
+                let dns = derived_namespace(projection, &ns, d.name());
+                keys += self.read.delete_namespace(&dns).await?;
+            }
             tracing::info!(
                 projection,
                 generation = old,

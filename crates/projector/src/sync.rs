@@ -85,6 +85,14 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 }
                 Err(e) => return Err(e),
             });
+            // And derived updates left pending (see `derived`); an unreadable document is
+            // parked by the apply below, as above.
+            match self.finish_derived(*p, ns, &doc_id).await {
+                Err(ProjectError::Read(ReadError::Internal(e))) => {
+                    tracing::debug!(%stream, projection = p.name(), error = %e, "unreadable source document");
+                }
+                other => other?,
+            }
         }
         loop {
             let low = versions.iter().copied().min().unwrap_or(u64::MAX);
@@ -168,10 +176,18 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let doc_id = projection.doc_id(stream);
         // Marks the index work as pending in the same atomic apply, so that an index update cut
         // short (a crash, a Redis error) is noticed by whoever syncs this document next.
-        let outcome = match self
+        // And the derived work (see `derived`), in the same apply.
+        let marked = match self
             .mark_index_work(projection, namespace, &doc_id, &mut b)
             .await
         {
+            Ok(()) => {
+                self.mark_derived(projection, namespace, &doc_id, &mut b)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let outcome = match marked {
             Ok(()) => {
                 esq_runtime::metrics::store()
                     .time("read", "apply", self.read.apply(namespace, &doc_id, &b))
@@ -213,6 +229,9 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             // died before its index update.
             self.reindex(projection, namespace, &doc_id).await?;
         }
+        // Likewise for the derived work; after the index update, so that it does not delay
+        // the indexes (readers that waited for the document's version expect them soon).
+        self.finish_derived(projection, namespace, &doc_id).await?;
         let at = match outcome {
             ApplyOutcome::Applied => b.last_version,
             ApplyOutcome::Duplicate => b.last_version.max(version),

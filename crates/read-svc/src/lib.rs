@@ -10,6 +10,7 @@
 //! ([`Deps::history`], read only) and never read the read model. Without a history store they
 //! answer FAILED_PRECONDITION naming the missing setting.
 
+mod derived;
 mod history;
 
 mod queries;

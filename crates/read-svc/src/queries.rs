@@ -63,6 +63,24 @@ impl<R: ReadStore, H: EventStore> cart_pb::cart_queries_server::CartQueries
             .await
             .map(Response::new)
     }
+
+    async fn get_sku_sales(
+        &self,
+        request: Request<cart_pb::GetSkuSalesRequest>,
+    ) -> Result<Response<cart_pb::SkuSales>, Status> {
+        crate::derived::get_sku_sales(&self.0, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_sku_sales(
+        &self,
+        request: Request<cart_pb::ListSkuSalesRequest>,
+    ) -> Result<Response<cart_pb::ListSkuSalesResponse>, Status> {
+        crate::derived::list_sku_sales(&self.0, request.into_inner())
+            .await
+            .map(Response::new)
+    }
 }
 
 /// `esq.bookshop.v1.BookQueries`.
@@ -106,6 +124,24 @@ impl<R: ReadStore, H: EventStore> book_pb::book_queries_server::BookQueries
             .and_then(BookView::from_doc)
             .map(|v| Response::new(convert::book(v)))
             .ok_or_else(|| Status::not_found(format!("book {isbn} not found")))
+    }
+
+    async fn get_author(
+        &self,
+        request: Request<book_pb::GetAuthorRequest>,
+    ) -> Result<Response<book_pb::Author>, Status> {
+        crate::derived::get_author(&self.0, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_authors(
+        &self,
+        request: Request<book_pb::ListAuthorsRequest>,
+    ) -> Result<Response<book_pb::ListAuthorsResponse>, Status> {
+        crate::derived::list_authors(&self.0, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn list_books(

@@ -48,6 +48,29 @@ impl<R: ReadStore> Reader<R> {
         }
     }
 
+    /// The store behind the resolver (for reads in a namespace resolved already).
+    pub(crate) fn store(&self) -> &Arc<R> {
+        self.resolver.store()
+    }
+
+    /// The namespace queries of derived projection `d` read now: the one of its source's
+    /// active generation (a derived projection follows its source's generations).
+    pub(crate) async fn derived_namespace(
+        &self,
+        d: &dyn esq_domain::derived::Derived,
+    ) -> Result<String, Status> {
+        let source = self
+            .resolver
+            .active(d.source())
+            .await
+            .map_err(status_from_read)?;
+        Ok(esq_readstore::generations::derived_namespace(
+            d.source(),
+            &source,
+            d.name(),
+        ))
+    }
+
     /// Document `doc_id` of `projection` (a logical name) as its active generation holds it.
     pub(crate) async fn get(&self, projection: &str, doc_id: &str) -> Result<Option<Doc>, Status> {
         let namespace = self

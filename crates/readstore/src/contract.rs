@@ -6,6 +6,7 @@
 //! Every name a check uses starts with the caller's `prefix`, so checks can share a store.
 
 use crate::{Doc, ReadStore};
+use esq_domain::derived::{apply_contribution, Agg, Column, Contribution};
 use esq_domain::projection::{
     apply_to_doc, is_deleted, ApplyOutcome, Batch, Changes, FieldOp, DELETED_FIELD,
     INDEX_PENDING_FIELD, VERSION_FIELD,
@@ -23,6 +24,8 @@ pub async fn run_all<S: ReadStore>(store: &S, prefix: &str) {
     check_checkpoints(store, prefix).await;
     check_records(store, prefix).await;
     check_concurrent_same_batch(store, prefix).await;
+    check_contributions(store, prefix).await;
+    check_clear_field_if(store, prefix).await;
     check_generation_swap(store, prefix).await;
     check_namespaces(store, prefix).await;
 }
@@ -569,6 +572,109 @@ pub async fn check_concurrent_same_batch<S: ReadStore>(store: &S, prefix: &str) 
     assert_eq!(applied, 1);
     let doc = store.get(&projection, "d").await.expect("get");
     assert_eq!(doc.and_then(|d| d.get("n").cloned()).as_deref(), Some("1"));
+}
+
+/// Columns of every kind, for the derived checks.
+pub const CONTRACT_COLUMNS: &[Column] = &[
+    Column {
+        name: "count",
+        agg: Agg::Sum,
+    },
+    Column {
+        name: "low",
+        agg: Agg::Min,
+    },
+    Column {
+        name: "high",
+        agg: Agg::Max,
+    },
+];
+
+/// Contributions: the per-source fence, tombstones, totals, and a target left with no live
+/// entry — each step exactly as [`apply_contribution`] on maps.
+pub async fn check_contributions<S: ReadStore>(store: &S, prefix: &str) {
+    let ns = format!("{prefix}-derived");
+    let c = |source: &str, version: u64, values: Option<[i64; 3]>| Contribution {
+        source: source.to_owned(),
+        version,
+        values: values.map(|v| v.to_vec()),
+    };
+    let steps = [
+        c("a", 2, Some([1, 500, 500])),
+        c("b", 1, Some([1, 300, 300])),
+        c("a", 1, Some([1, 1, 1])),
+        c("c", 5, Some([1, -7, -7])),
+        c("c", 6, None),
+        c("a", 3, Some([1, 900, 900])),
+        c("b", 2, None),
+        c("a", 4, None),
+        c("a", 4, Some([1, 2, 2])),
+        c("b", 3, Some([1, 42, 42])),
+    ];
+    let (mut totals, mut entries) = (Doc::new(), Doc::new());
+    assert_eq!(store.get(&ns, "t").await.expect("get"), None);
+    for step in &steps {
+        let expected = apply_contribution(&mut totals, &mut entries, CONTRACT_COLUMNS, step);
+        let applied = store
+            .contribute(&ns, "t", CONTRACT_COLUMNS, step)
+            .await
+            .expect("contribute");
+        assert_eq!(applied, expected, "applied {step:?}");
+        let stored = store.get(&ns, "t").await.expect("get");
+        assert_eq!(stored.as_ref(), Some(&totals), "totals after {step:?}");
+    }
+    // A derived generation's namespace goes whole: totals, entries (the per-source fences:
+    // an old version applies again afterwards) and the listing index.
+    let g = crate::generations::namespace(&ns, 3);
+    store
+        .contribute(&g, "t", CONTRACT_COLUMNS, &steps[0])
+        .await
+        .expect("contribute");
+    store
+        .update_indexes(&g, "t", &["all".to_owned()], &[], "")
+        .await
+        .expect("index");
+    assert_eq!(store.delete_namespace(&g).await.expect("delete"), 3);
+    assert_eq!(store.get(&g, "t").await.expect("get"), None);
+    assert!(store
+        .index_page(&g, "all", None, 10)
+        .await
+        .expect("page")
+        .is_empty());
+    assert!(store
+        .contribute(&g, "t", CONTRACT_COLUMNS, &c("a", 1, Some([1, 1, 1])))
+        .await
+        .expect("contribute"));
+    assert!(
+        store.get(&ns, "t").await.expect("get").is_some(),
+        "{ns} kept"
+    );
+}
+
+/// `clear_field_if` removes a field only while it holds the given value.
+pub async fn check_clear_field_if<S: ReadStore>(store: &S, prefix: &str) {
+    let ns = format!("{prefix}-clear");
+    let b = fields(1, 1, vec![set("_m", "x"), set("keep", "1")]);
+    store.apply(&ns, "d", &b).await.expect("apply");
+    store
+        .clear_field_if(&ns, "d", "_m", "y")
+        .await
+        .expect("clear");
+    let doc = store.get(&ns, "d").await.expect("get").expect("doc");
+    assert_eq!(doc.get("_m").map(String::as_str), Some("x"));
+    store
+        .clear_field_if(&ns, "d", "_m", "x")
+        .await
+        .expect("clear");
+    let doc = store.get(&ns, "d").await.expect("get").expect("doc");
+    assert!(!doc.contains_key("_m"));
+    assert_eq!(doc.get("keep").map(String::as_str), Some("1"));
+    // A missing document stays missing.
+    store
+        .clear_field_if(&ns, "none", "_m", "x")
+        .await
+        .expect("clear");
+    assert_eq!(store.get(&ns, "none").await.expect("get"), None);
 }
 
 /// Record sets: put replaces, get and delete by key, pages in key order after a bound, counts;

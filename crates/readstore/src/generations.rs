@@ -28,6 +28,17 @@ pub fn namespace(projection: &str, generation: u32) -> String {
     }
 }
 
+/// The namespace of derived projection `derived` that follows `source_namespace`, a namespace
+/// of its source projection `source`: a derived projection's targets live in the generation of
+/// its source (`book:g3` → `authors:g3`, `book` → `authors`), so building, swapping and
+/// deleting a generation of the source does the same to its derived projections.
+pub fn derived_namespace(source: &str, source_namespace: &str, derived: &str) -> String {
+    match source_namespace.strip_prefix(source) {
+        Some(generation) => format!("{derived}{generation}"),
+        None => derived.to_owned(),
+    }
+}
+
 /// Which generations of one projection exist and what each is for.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GenerationRecord {

@@ -12,6 +12,7 @@ pub mod generations;
 pub mod memory;
 pub mod redis;
 
+use esq_domain::derived::{Column, Contribution};
 use esq_domain::projection::{ApplyOutcome, Batch};
 use std::collections::HashMap;
 use std::future::Future;
@@ -80,6 +81,29 @@ pub trait ReadStore: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<String>, ReadError>> + Send;
+
+    /// Applies contribution `c` to target `target` of the derived projection kept in
+    /// `namespace`, atomically and behind the per-source fence, exactly as
+    /// [`esq_domain::derived::apply_contribution`] does (totals in the target's document, read
+    /// with [`ReadStore::get`]; entries alongside, in the same Cluster slot). Returns whether
+    /// it applied (false: the source's entry was already at `c.version` or later).
+    fn contribute(
+        &self,
+        namespace: &str,
+        target: &str,
+        columns: &[Column],
+        c: &Contribution,
+    ) -> impl Future<Output = Result<bool, ReadError>> + Send;
+
+    /// Removes field `field` of document `doc_id` if it still equals `value` (a pending
+    /// marker whose work is done; a later apply that set a new marker keeps it).
+    fn clear_field_if(
+        &self,
+        namespace: &str,
+        doc_id: &str,
+        field: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), ReadError>> + Send;
 
     /// A saved projector checkpoint.
     fn checkpoint(

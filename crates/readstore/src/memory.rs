@@ -5,6 +5,7 @@
 //! few map operations.
 
 use crate::{Doc, ReadError, ReadStore};
+use esq_domain::derived::{apply_contribution, Column, Contribution};
 use esq_domain::projection::{apply_to_doc, doc_version, ApplyOutcome, Batch, INDEX_PENDING_FIELD};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
@@ -28,6 +29,8 @@ struct Inner {
     docs: RwLock<HashMap<String, Docs>>,
     /// projection → index name → members.
     indexes: RwLock<HashMap<String, Indexes>>,
+    /// derived namespace → target → entries (source id → entry); the totals are in `docs`.
+    entries: RwLock<HashMap<String, Docs>>,
     checkpoints: RwLock<HashMap<String, String>>,
     /// projection → generation record.
     generations: Mutex<HashMap<String, String>>,
@@ -133,6 +136,62 @@ impl ReadStore for MemoryStore {
         Ok(())
     }
 
+    async fn contribute(
+        &self,
+        namespace: &str,
+        target: &str,
+        columns: &[Column],
+        c: &Contribution,
+    ) -> Result<bool, ReadError> {
+        // Lock order: documents, then entries (the only place that takes both).
+        let mut docs = self
+            .inner
+            .docs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut entries = self
+            .inner
+            .entries
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let target_entries = entries
+            .entry(namespace.to_owned())
+            .or_default()
+            .entry(target.to_owned())
+            .or_default();
+        let totals = docs
+            .entry(namespace.to_owned())
+            .or_default()
+            .entry(target.to_owned())
+            .or_default();
+        let applied = apply_contribution(totals, target_entries, columns, c);
+        // Like a Redis hash, a document that holds nothing does not exist.
+        if totals.is_empty() {
+            docs.get_mut(namespace).map(|p| p.remove(target));
+        }
+        Ok(applied)
+    }
+
+    async fn clear_field_if(
+        &self,
+        namespace: &str,
+        doc_id: &str,
+        field: &str,
+        value: &str,
+    ) -> Result<(), ReadError> {
+        let mut docs = self
+            .inner
+            .docs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(doc) = docs.get_mut(namespace).and_then(|p| p.get_mut(doc_id)) {
+            if doc.get(field).map(String::as_str) == Some(value) {
+                doc.remove(field);
+            }
+        }
+        Ok(())
+    }
+
     async fn get(&self, projection: &str, doc_id: &str) -> Result<Option<Doc>, ReadError> {
         let docs = self
             .inner
@@ -221,7 +280,15 @@ impl ReadStore for MemoryStore {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(namespace)
             .map_or(0, |i| i.len());
-        Ok((docs + indexes) as u64)
+        // A derived target's entries go with it.
+        let entries = self
+            .inner
+            .entries
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(namespace)
+            .map_or(0, |e| e.len());
+        Ok((docs + indexes + entries) as u64)
     }
 
     async fn delete_doc(&self, namespace: &str, doc_id: &str) -> Result<(), ReadError> {

@@ -5,6 +5,7 @@
 //! | what | key | type |
 //! |---|---|---|
 //! | document | `<prefix>:<projection>:{<doc_id>}` | hash, `_v` = version |
+//! | derived target's entries | `<prefix>:<projection>:{<target>}:e` | hash, source id → entry |
 //! | index | `<prefix>:<projection>:idx:<index>` | sorted set, every score 0 |
 //! | checkpoint | `<prefix>:cp:<name>` | string |
 //! | lease | `<prefix>:lease:<name>` | string (owner) with an expiry |
@@ -27,6 +28,7 @@ use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use ::redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, Value};
+use esq_domain::derived::{Column, Contribution};
 use esq_domain::projection::{ApplyOutcome, Batch, FieldOp, INDEX_PENDING_FIELD};
 use futures::StreamExt;
 use std::future::Future;
@@ -35,6 +37,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 const APPLY_LUA: &str = include_str!("apply.lua");
+const CONTRIBUTE_LUA: &str = include_str!("contribute.lua");
 
 /// Takes the lease if free, renews it if already ours. ARGV: owner, ttl in ms.
 const ACQUIRE_LUA: &str = r"
@@ -115,6 +118,7 @@ struct Shared {
     acquire: Script,
     release: Script,
     clear_pending: Script,
+    contribute: Script,
     swap: Script,
 }
 
@@ -247,6 +251,7 @@ impl RedisStore {
                 acquire: Script::new(ACQUIRE_LUA),
                 release: Script::new(RELEASE_LUA),
                 clear_pending: Script::new(CLEAR_PENDING_LUA),
+                contribute: Script::new(CONTRIBUTE_LUA),
                 swap: Script::new(SWAP_LUA),
             }),
         };
@@ -257,6 +262,7 @@ impl RedisStore {
             &store.shared.acquire,
             &store.shared.release,
             &store.shared.clear_pending,
+            &store.shared.contribute,
             &store.shared.swap,
         ] {
             let mut conn = store.conn.clone();
@@ -552,6 +558,60 @@ impl ReadStore for RedisStore {
             .arg(self.doc_key(projection, doc_id))
             .arg(INDEX_PENDING_FIELD)
             .arg(marker);
+        let _: i64 = self.eval(&self.shared.clear_pending, &cmd).await?;
+        Ok(())
+    }
+
+    async fn contribute(
+        &self,
+        namespace: &str,
+        target: &str,
+        columns: &[Column],
+        c: &Contribution,
+    ) -> Result<bool, ReadError> {
+        let totals = self.doc_key(namespace, target);
+        let entries = format!("{totals}:e");
+        let kinds: String = columns.iter().map(|col| col.agg.code()).collect();
+        let live = c.values.as_ref().filter(|v| v.len() == columns.len());
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(self.shared.contribute.get_hash())
+            .arg(2)
+            .arg(totals)
+            .arg(entries)
+            .arg(&c.source)
+            .arg(c.version)
+            .arg(kinds);
+        for col in columns {
+            cmd.arg(col.name);
+        }
+        match live {
+            Some(values) => {
+                cmd.arg("1");
+                for v in values {
+                    cmd.arg(*v);
+                }
+            }
+            None => {
+                cmd.arg("0");
+            }
+        }
+        let applied: i64 = self.eval(&self.shared.contribute, &cmd).await?;
+        Ok(applied == 1)
+    }
+
+    async fn clear_field_if(
+        &self,
+        namespace: &str,
+        doc_id: &str,
+        field: &str,
+        value: &str,
+    ) -> Result<(), ReadError> {
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(self.shared.clear_pending.get_hash())
+            .arg(1)
+            .arg(self.doc_key(namespace, doc_id))
+            .arg(field)
+            .arg(value);
         let _: i64 = self.eval(&self.shared.clear_pending, &cmd).await?;
         Ok(())
     }

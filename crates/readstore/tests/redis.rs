@@ -479,3 +479,90 @@ fn memory_carts_agree_with_the_aggregate() {
     let store = esq_readstore::memory::MemoryStore::new();
     carts_agree_on(&runtime, &store, "memory_carts_agree_with_the_aggregate");
 }
+
+fn contribution() -> impl Strategy<Value = esq_domain::derived::Contribution> {
+    use esq_domain::derived::{Contribution, MAX_VALUE};
+    let source = prop::sample::select(vec!["a", "b", "c", "d"]);
+    let value = prop_oneof![
+        4 => -20i64..20,
+        1 => Just(MAX_VALUE),
+        1 => Just(-MAX_VALUE),
+        1 => Just(0i64),
+    ];
+    let values = prop::option::weighted(0.75, prop::collection::vec(value, 3));
+    (source, 1u64..10, values).prop_map(|(source, version, values)| Contribution {
+        source: source.to_owned(),
+        version,
+        values,
+    })
+}
+
+/// Random contribution sequences (out of order, duplicated, tombstones, extreme values) leave
+/// exactly the totals `apply_contribution` computes on maps, applied or refused alike.
+async fn contributions_match<S: ReadStore>(
+    store: &S,
+    target: &str,
+    steps: &[esq_domain::derived::Contribution],
+) -> Result<(), TestCaseError> {
+    use esq_domain::derived::apply_contribution;
+    let columns = contract::CONTRACT_COLUMNS;
+    let (mut totals, mut entries) = (Doc::new(), Doc::new());
+    for step in steps {
+        let expected = apply_contribution(&mut totals, &mut entries, columns, step);
+        let applied = store
+            .contribute("derivedprop", target, columns, step)
+            .await
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(applied, expected, "applied {:?}", step);
+        let stored = store
+            .get("derivedprop", target)
+            .await
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let expected_doc = (!totals.is_empty()).then(|| totals.clone());
+        prop_assert_eq!(stored, expected_doc, "totals after {:?}", step);
+    }
+    Ok(())
+}
+
+fn contributions_match_on<S: ReadStore>(runtime: &tokio::runtime::Runtime, store: &S, test: &str) {
+    let case = AtomicU64::new(0);
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&prop::collection::vec(contribution(), 1..25), |steps| {
+            let target = format!("t-{}", case.fetch_add(1, Ordering::Relaxed));
+            runtime.block_on(contributions_match(store, &target, &steps))
+        })
+        .unwrap_or_else(|e| panic!("{test}: {e}"));
+}
+
+#[test]
+fn memory_contributions_match_reference() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let store = esq_readstore::memory::MemoryStore::new();
+    contributions_match_on(&runtime, &store, "memory_contributions_match_reference");
+}
+
+fn contributions_match_reference(backend: Backend, test: &str) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let Some((store, _)) = runtime.block_on(backend.store(test)) else {
+        return;
+    };
+    contributions_match_on(&runtime, &store, test);
+}
+
+#[test]
+fn standalone_contributions_match_reference() {
+    contributions_match_reference(
+        Backend::Standalone,
+        "standalone_contributions_match_reference",
+    );
+}
+
+#[test]
+fn cluster_contributions_match_reference() {
+    contributions_match_reference(Backend::Cluster, "cluster_contributions_match_reference");
+}
