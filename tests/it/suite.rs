@@ -669,25 +669,36 @@ pub async fn bookshop_commands_and_queries(c: &Clients) {
         .expect_err("deleted");
     assert_eq!(err.code(), Code::NotFound);
 
-    let by_author = q
-        .list_books(book::ListBooksRequest {
-            author: author.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner();
-    let listed: Vec<_> = by_author.books.iter().map(|b| b.isbn.clone()).collect();
-    assert_eq!(listed, vec![isbns[0].clone()]);
-    let by_other = q
-        .list_books(book::ListBooksRequest {
-            author: other,
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner();
-    assert_eq!(by_other.books.len(), 1);
+    // Index entries follow the document's fenced apply (ListBooks has no min_version): wait,
+    // bounded, for the listings to show what the documents already show.
+    let listed = |author: String| {
+        let mut q = q.clone();
+        async move {
+            q.list_books(book::ListBooksRequest {
+                author,
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .books
+            .into_iter()
+            .map(|b| b.isbn)
+            .collect::<Vec<_>>()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (by_author, by_other) = (listed(author.clone()).await, listed(other.clone()).await);
+        if by_author == vec![isbns[0].clone()] && by_other == vec![isbns[1].clone()] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "listings by author never matched: {by_author:?} / {by_other:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     // Paging over everything visits each live book once, in ISBN order.
     let mut seen = Vec::new();
