@@ -67,6 +67,7 @@ pub fn status_from_project(e: ProjectError) -> Status {
         ProjectError::UnknownProjection(name) => {
             Status::not_found(format!("no projection named {name:?}"))
         }
+        ProjectError::Refused(why) => Status::failed_precondition(why),
         ProjectError::Read(ReadError::Unavailable(cause))
         | ProjectError::Store(StoreError::Unavailable(cause)) => {
             tracing::warn!(%cause, "a store is unavailable");
@@ -79,14 +80,20 @@ pub fn status_from_project(e: ProjectError) -> Status {
     }
 }
 
-/// Checks a required projection name: INVALID_ARGUMENT when empty, NOT_FOUND when the projector
-/// has no projection of that name.
+/// Checks a required projection name: INVALID_ARGUMENT when empty, FAILED_PRECONDITION naming
+/// the source for a derived projection (rebuilt, parked and retried with its source), NOT_FOUND
+/// when the projector has no projection of that name.
 fn projection_name<E, F, R>(projector: &Projector<E, F, R>, name: &str) -> Result<(), Status> {
     if name.is_empty() {
         return Err(Status::invalid_argument("projection: is required"));
     }
     if projector.projections.iter().any(|p| p.name() == name) {
         Ok(())
+    } else if let Some(d) = projector.derived.iter().find(|d| d.name() == name) {
+        Err(status_from_project(ProjectError::Refused(format!(
+            "{name} is derived from {source}: operate on {source}, whose generations carry {name}",
+            source = d.source()
+        ))))
     } else {
         Err(status_from_project(ProjectError::UnknownProjection(
             name.to_owned(),
@@ -345,7 +352,15 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projections
         request: Request<pb::VerifyRequest>,
     ) -> Result<Response<Self::VerifyStream>, Status> {
         let req = request.into_inner();
-        projection_name(&self.projector, &req.projection)?;
+        // A derived projection is verified against its sources too.
+        if !self
+            .projector
+            .derived
+            .iter()
+            .any(|d| d.name() == req.projection)
+        {
+            projection_name(&self.projector, &req.projection)?;
+        }
         let examples = bounded("examples", req.examples, DEFAULT_EXAMPLES, MAX_EXAMPLES)?;
         let options = VerifyOptions {
             projection: req.projection,

@@ -128,6 +128,9 @@ pub enum ProjectError {
     /// No projection has this name.
     #[error("no projection named {0:?}")]
     UnknownProjection(String),
+    /// The operation does not apply to this projection; the text says why and what does.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Folds events from an event store into a read store.

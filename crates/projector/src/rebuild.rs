@@ -814,6 +814,83 @@ mod tests {
         assert_eq!(doc.get(VERSION_FIELD).map(String::as_str), Some("2"));
     }
 
+    /// A derived projection is verified from the contributions of the folded sources: a forged
+    /// entry makes a target different, a target no source names is extra; repair is refused
+    /// (the source is rebuilt instead).
+    #[tokio::test]
+    async fn verify_of_a_derived_projection_compares_the_totals() {
+        use esq_domain::authors::AuthorsProjection;
+        use esq_domain::derived::{Contribution, Derived};
+        use esq_domain::StreamId;
+        let (_dir, store, feed, read) = setup(1).await;
+        for (isbn, author, price) in [
+            ("9780441478125", "A", 100),
+            ("9780261103573", "A", 300),
+            ("9780553293357", "B", 200),
+        ] {
+            let created = NewEvent::json(
+                "BookCreated",
+                1,
+                &serde_json::json!({"isbn": isbn, "title": "T", "author": author, "price_cents": price}),
+            );
+            store
+                .append(
+                    &StreamId::new("book", isbn).expect("stream"),
+                    ExpectedVersion::NoStream,
+                    &[created],
+                )
+                .await
+                .expect("append");
+        }
+        let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        p.catch_up().await.expect("catch up");
+        let options = |repair| VerifyOptions {
+            projection: "authors".to_owned(),
+            examples: 10,
+            repair,
+        };
+        let clean = p.verify(&options(false), &|_| {}).await.expect("verify");
+        assert!(clean.is_clean(), "{clean:?}");
+        assert_eq!((clean.docs_checked, clean.streams_checked), (2, 3));
+
+        let columns = AuthorsProjection.columns();
+        let forged = Contribution {
+            source: "9999999999999".to_owned(),
+            version: 1,
+            values: Some(vec![1, 5, 5]),
+        };
+        assert!(read
+            .contribute("authors:g1", "A", columns, &forged)
+            .await
+            .expect("forge"));
+        read.contribute("authors:g1", "C", columns, &forged)
+            .await
+            .expect("extra");
+        read.update_indexes("authors:g1", "C", &["all".to_owned()], &[], "")
+            .await
+            .expect("list");
+        let report = p.verify(&options(false), &|_| {}).await.expect("verify");
+        assert_eq!(
+            (report.missing, report.different, report.extra),
+            (0, 1, 1),
+            "{report:?}"
+        );
+        let kinds: Vec<_> = report
+            .examples
+            .iter()
+            .map(|d| (d.kind, d.doc_id.as_str()))
+            .collect();
+        assert!(
+            kinds.contains(&(DifferenceKind::Different, "A")),
+            "{kinds:?}"
+        );
+        assert!(kinds.contains(&(DifferenceKind::Extra, "C")), "{kinds:?}");
+        assert!(matches!(
+            p.verify(&options(true), &|_| {}).await,
+            Err(ProjectError::Refused(_))
+        ));
+    }
+
     #[test]
     fn progress_round_trips() {
         let p = RebuildProgress {
