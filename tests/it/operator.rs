@@ -534,6 +534,17 @@ pub async fn projections_list_status_rebuild_verify(c: &Clients, esq: &Esq) {
     for kind in ["missing", "extra", "different"] {
         assert_eq!(report[kind], 0, "{report}");
     }
+    // The derived projections are verified against their sources, in the generation the source
+    // serves; they are rebuilt with their source, not by their own name.
+    for derived in ["authors", "sku_sales"] {
+        let report = esq.json(0, &["projections", "verify", derived]).await;
+        assert_eq!(report["clean"], true, "{report}");
+    }
+    esq.fails(
+        &["projections", "rebuild", "sku_sales"],
+        "FAILED_PRECONDITION: sku_sales is derived from cart2",
+    )
+    .await;
 
     let parked = esq.json(0, &["projections", "parked"]).await;
     assert_eq!(parked["parked"], serde_json::json!([]), "{parked}");
