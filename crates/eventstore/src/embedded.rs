@@ -1,13 +1,28 @@
 //! The embedded event store: one [redb](https://docs.rs/redb) file, for `esq dev` and tests.
 //!
 //! Everything an append writes — its events, the event-id index entries, the stream's summary
-//! and one change-log entry — goes into a single write transaction committed with redb's default
+//! and one change-log entry — goes into a write transaction committed with redb's default
 //! (immediate, fsynced) durability. So a committed append always has its change entry, an
-//! append that failed left nothing behind, and a crash loses no committed event. redb admits one
-//! writer at a time, which serializes appends and makes the expected-version check race-free;
-//! readers see consistent snapshots and never wait for the writer.
+//! append that failed left nothing behind, and a crash loses no committed event. Readers see
+//! consistent snapshots and never wait for the writer.
 //!
-//! redb calls block, so every call runs on tokio's blocking pool, never on an async worker.
+//! **Group commit.** redb admits one writer at a time and every commit costs an fsync, so
+//! appends do not each take a transaction: they queue (bounded, [`QUEUE_CAPACITY`]; a full
+//! queue makes appenders wait) to one writer thread, which takes everything queued (at most
+//! [`GROUP_MAX_APPENDS`] appends, [`GROUP_MAX_EVENTS`] events) and applies it in ONE write
+//! transaction with one fsync. Each append of a group is still judged on its own, in queue
+//! order, against the transaction's state so far — its idempotency, its expected version —
+//! so appends to one stream in one group see each other's effects in order. An append is
+//! fully checked (ids, version, duplicates inside it, encoding) before it writes anything, so
+//! a refused append leaves nothing in the transaction and the others go on; should a write of
+//! one append still fail for a reason of its own, the transaction is dropped and the group
+//! redone without it. Nobody is answered before the commit: a group whose commit fails (or
+//! that meets an I/O error) fails every member — the writers with `OutcomeUnknown`, the rest
+//! with `Unavailable` — and acknowledges none. Change-log sequence numbers are given in queue
+//! order inside the transaction, so the feed is still in commit order.
+//!
+//! redb calls block, so they run on the writer thread or on tokio's blocking pool, never on an
+//! async worker.
 //!
 //! After an I/O error redb refuses every later operation until the database is reopened. So an
 //! I/O error marks the store broken (reported as `Unavailable`, and by [`EventStore::ping`], so
@@ -40,7 +55,8 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use tokio::sync::{mpsc, oneshot, RwLock};
 use uuid::Uuid;
 
 /// Name of the database file inside the store's directory.
@@ -48,6 +64,15 @@ pub const DB_FILE_NAME: &str = "events.redb";
 
 /// On-disk format written by this version; a file with another one is refused at open.
 const FORMAT_VERSION: u64 = 1;
+
+/// Appends waiting for the writer thread; when full, appenders wait for room (backpressure).
+/// Each holds its events, which write-svc bounds per request.
+pub const QUEUE_CAPACITY: usize = 1024;
+/// Most appends one group commit takes: bounds a transaction's size and how long the first
+/// member of a group waits for the last.
+pub const GROUP_MAX_APPENDS: usize = 256;
+/// Most events one group commit takes (at least one append is always taken, however large).
+pub const GROUP_MAX_EVENTS: usize = 4096;
 
 /// Key of the `events` table: (stream key, version).
 type EventKey = (&'static str, u64);
@@ -113,18 +138,29 @@ impl From<StoredChange> for Change {
 /// Opens (or reopens) the database.
 type Opener = Arc<dyn Fn() -> Result<Database, StoreError> + Send + Sync>;
 
+/// The open database; `None` only while a reopen failed. Operations hold a read lock, a
+/// reopen the write lock.
+type DbSlot = RwLock<Option<Database>>;
+
+/// One append waiting for the writer thread, and where to send its outcome.
+struct Request {
+    stream: StreamId,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+    reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+}
+
 /// The embedded event store and change feed. Cloning is cheap and shares the database.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    /// The open database; `None` only while a reopen failed. Operations hold a read lock, a
-    /// reopen the write lock.
-    db: Arc<tokio::sync::RwLock<Option<Database>>>,
+    db: Arc<DbSlot>,
     /// Set by an I/O error: redb must be reopened before it works again.
     broken: Arc<AtomicBool>,
     opener: Opener,
-    /// Appends queue here, asynchronously, for their turn at redb's single writer: without it
-    /// every waiting append would hold a blocking-pool thread parked on redb's writer lock.
-    writer: Arc<tokio::sync::Mutex<()>>,
+    /// The writer thread's queue (see the module docs). Appends wait here asynchronously, not
+    /// on a blocking-pool thread parked on redb's writer lock. The thread ends when the last
+    /// clone of the store is dropped.
+    appends: mpsc::Sender<Request>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -164,11 +200,23 @@ impl EmbeddedStore {
     fn with_opener(opener: Opener) -> Result<Self, StoreError> {
         let db = opener()?;
         init_tables(&db)?;
+        let db = Arc::new(RwLock::new(Some(db)));
+        let broken = Arc::new(AtomicBool::new(false));
+        let (appends, queue) = mpsc::channel(QUEUE_CAPACITY);
+        let writer = Writer {
+            db: Arc::downgrade(&db),
+            broken: Arc::clone(&broken),
+            opener: Arc::clone(&opener),
+        };
+        std::thread::Builder::new()
+            .name("esq-redb-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
-            db: Arc::new(tokio::sync::RwLock::new(Some(db))),
-            broken: Arc::new(AtomicBool::new(false)),
+            db,
+            broken,
             opener,
-            writer: Arc::new(tokio::sync::Mutex::new(())),
+            appends,
         })
     }
 
@@ -207,18 +255,113 @@ impl EmbeddedStore {
         }
         let opener = Arc::clone(&self.opener);
         let broken = Arc::clone(&self.broken);
-        tokio::task::spawn_blocking(move || {
-            // The old handle holds the file lock: close it before opening again.
-            *db = None;
-            let fresh = opener()?;
-            init_tables(&fresh)?;
-            *db = Some(fresh);
-            broken.store(false, Ordering::Release);
-            tracing::info!("embedded event store reopened after an I/O error");
-            Ok(())
-        })
-        .await
-        .map_err(|e| StoreError::Internal(format!("embedded store task failed: {e}")))?
+        tokio::task::spawn_blocking(move || reopen_locked(&mut db, &broken, &opener))
+            .await
+            .map_err(|e| StoreError::Internal(format!("embedded store task failed: {e}")))?
+    }
+}
+
+/// Replaces the broken database in `slot` (held under the write lock) by a fresh handle.
+fn reopen_locked(
+    slot: &mut Option<Database>,
+    broken: &AtomicBool,
+    opener: &Opener,
+) -> Result<(), StoreError> {
+    // The old handle holds the file lock: close it before opening again.
+    *slot = None;
+    let fresh = opener()?;
+    init_tables(&fresh)?;
+    *slot = Some(fresh);
+    broken.store(false, Ordering::Release);
+    tracing::info!("embedded event store reopened after an I/O error");
+    Ok(())
+}
+
+/// Whether an error means the database must be reopened (and a group's transaction is lost).
+fn is_io(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Unavailable(_) | StoreError::OutcomeUnknown(_)
+    )
+}
+
+/// The writer thread: takes groups of queued appends and commits each group at once.
+struct Writer {
+    /// Weak, so that dropping the last store closes the database even before the thread has
+    /// noticed that its queue is closed.
+    db: Weak<DbSlot>,
+    broken: Arc<AtomicBool>,
+    opener: Opener,
+}
+
+impl Writer {
+    /// Runs until every sender (every clone of the store) is gone.
+    fn run(self, mut queue: mpsc::Receiver<Request>) {
+        let mut group = Vec::with_capacity(GROUP_MAX_APPENDS);
+        while let Some(first) = queue.blocking_recv() {
+            let mut events = first.events.len();
+            group.push(first);
+            while group.len() < GROUP_MAX_APPENDS && events < GROUP_MAX_EVENTS {
+                match queue.try_recv() {
+                    Ok(next) => {
+                        events += next.events.len();
+                        group.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let Some(db) = self.db.upgrade() else {
+                return; // the store is gone; dropping the replies tells any waiter
+            };
+            let members = std::mem::take(&mut group);
+            // A panic inside redb must not stop the thread: the members' replies are dropped
+            // with the group, which their callers report as an unknown outcome.
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.commit(&db, members);
+            }));
+            if run.is_err() {
+                tracing::error!("the embedded store's writer panicked while committing a group");
+            }
+        }
+    }
+
+    /// Commits one group and answers its members.
+    fn commit(&self, db: &DbSlot, members: Vec<Request>) {
+        if self.broken.load(Ordering::Acquire) {
+            let mut slot = db.blocking_write();
+            if self.broken.load(Ordering::Acquire) {
+                if let Err(e) = reopen_locked(&mut slot, &self.broken, &self.opener) {
+                    drop(slot);
+                    for m in members {
+                        let _ = m.reply.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+        let outcomes = {
+            let slot = db.blocking_read();
+            match slot.as_ref() {
+                Some(db) => commit_group(db, &members),
+                None => vec![
+                    Err(StoreError::Unavailable(
+                        "the event store could not be reopened".into()
+                    ));
+                    members.len()
+                ],
+            }
+        };
+        if let Some(cause) = outcomes
+            .iter()
+            .find_map(|o| o.as_ref().err().filter(|e| is_io(e)))
+        {
+            if !self.broken.swap(true, Ordering::AcqRel) {
+                tracing::error!(%cause, "embedded event store I/O error: reopening on next use");
+            }
+        }
+        for (m, outcome) in members.into_iter().zip(outcomes) {
+            let _ = m.reply.send(outcome);
+        }
     }
 }
 
@@ -363,104 +506,234 @@ fn plan_append(
     Ok(Plan::Write(meta))
 }
 
-fn append_blocking(
+/// The tables an append writes, open in the group's transaction.
+struct Tables<'t> {
+    streams: redb::Table<'t, &'static str, &'static [u8]>,
+    rows: redb::Table<'t, EventKey, EventRow>,
+    ids: redb::Table<'t, (&'static str, &'static [u8; 16]), u64>,
+    changes: redb::Table<'t, u64, &'static [u8]>,
+}
+
+/// How one member of a group came out of its turn in the transaction.
+enum Turn {
+    /// It wrote its events into the transaction.
+    Wrote(AppendResult),
+    /// It wrote nothing: a repeat of a stored append, or refused.
+    Decided(Result<AppendResult, StoreError>),
+}
+
+/// Why a group's transaction had to be dropped.
+enum Abort {
+    /// An I/O error (or a failed begin): the whole group fails.
+    Group(StoreError),
+    /// Member `.0`'s write failed half-way for a reason of its own: it fails, the group is
+    /// redone without it.
+    Member(usize, StoreError),
+}
+
+/// Applies `members` in one write transaction and commits it; the outcome of each, in order.
+/// Nothing is acknowledged unless the commit holding it succeeded.
+fn commit_group(db: &Database, members: &[Request]) -> Vec<Result<AppendResult, StoreError>> {
+    let mut excluded: Vec<Option<StoreError>> = vec![None; members.len()];
+    // Each retry excludes one more member, so this ends.
+    loop {
+        match try_group(db, members, &excluded) {
+            Ok(outcomes) => return outcomes,
+            Err(Abort::Member(i, e)) => excluded[i] = Some(e),
+            Err(Abort::Group(e)) => return vec![Err(e); members.len()],
+        }
+    }
+}
+
+fn try_group(
     db: &Database,
-    stream: StreamId,
-    expected: ExpectedVersion,
-    events: &[NewEvent],
-) -> Result<AppendResult, StoreError> {
-    let key = stream.key();
+    members: &[Request],
+    excluded: &[Option<StoreError>],
+) -> Result<Vec<Result<AppendResult, StoreError>>, Abort> {
+    fn group(e: impl Into<redb::Error>) -> Abort {
+        Abort::Group(db_err(e))
+    }
+    let txn = db.begin_write().map_err(group)?;
+    let mut turns = Vec::with_capacity(members.len());
+    {
+        let mut tables = Tables {
+            streams: txn.open_table(STREAMS).map_err(group)?,
+            rows: txn.open_table(EVENTS).map_err(group)?,
+            ids: txn.open_table(EVENT_IDS).map_err(group)?,
+            changes: txn.open_table(CHANGES).map_err(group)?,
+        };
+        for (i, m) in members.iter().enumerate() {
+            if let Some(e) = &excluded[i] {
+                turns.push(Turn::Decided(Err(e.clone())));
+                continue;
+            }
+            match append_in(&mut tables, m) {
+                Ok(turn) => turns.push(turn),
+                Err(e) if is_io(&e) => return Err(Abort::Group(e)),
+                Err(e) => return Err(Abort::Member(i, e)),
+            }
+        }
+    }
+    let answer = |t: Turn| match t {
+        Turn::Wrote(r) => Ok(r),
+        Turn::Decided(d) => d,
+    };
+    if !turns.iter().any(|t| matches!(t, Turn::Wrote(_))) {
+        // Nothing to make durable: the transaction is dropped, which aborts it.
+        return Ok(turns.into_iter().map(answer).collect());
+    }
+    match txn.commit() {
+        Ok(()) => Ok(turns.into_iter().map(answer).collect()),
+        // A commit that fails may still have reached the disk (the header written, its sync
+        // failed): the writers are told the outcome is unknown, and a retry with the same ids
+        // is answered by the repeat rule. The others were judged against the lost
+        // transaction's state, so their verdicts are withdrawn too.
+        Err(e) => {
+            let cause = db_err(e);
+            Ok(turns
+                .into_iter()
+                .map(|t| {
+                    Err(match (&t, &cause) {
+                        (Turn::Wrote(_), StoreError::Unavailable(c)) => {
+                            StoreError::OutcomeUnknown(format!("redb commit failed: {c}"))
+                        }
+                        (Turn::Wrote(_), other) => other.clone(),
+                        (Turn::Decided(_), StoreError::Unavailable(c)) => StoreError::Unavailable(
+                            format!("the group commit holding this append failed: {c}"),
+                        ),
+                        (Turn::Decided(_), _) => StoreError::Internal(format!(
+                            "the group commit holding this append failed: {cause}"
+                        )),
+                    })
+                })
+                .collect())
+        }
+    }
+}
+
+/// One member's turn in the group's transaction. A refusal, or a repeat, writes nothing and is
+/// `Ok(Turn::Decided(..))`: every check runs (and every record is encoded) before the first
+/// write. `Err` means the transaction can no longer be committed for this member: an I/O
+/// error, or a write that failed half-way.
+fn append_in(t: &mut Tables<'_>, m: &Request) -> Result<Turn, StoreError> {
+    match plan_write(t, m) {
+        Ok(Ok(records)) => {
+            let result = records.result;
+            write_records(t, &m.stream.key(), records)?;
+            tracing::debug!(
+                stream = %m.stream,
+                first = result.first_version,
+                last = result.last_version,
+                "appended"
+            );
+            Ok(Turn::Wrote(result))
+        }
+        Ok(Err(replay)) => Ok(Turn::Decided(Ok(replay))),
+        Err(e) if is_io(&e) => Err(e),
+        Err(e) => Ok(Turn::Decided(Err(e))),
+    }
+}
+
+/// Everything an accepted append writes, encoded.
+struct Records {
+    result: AppendResult,
+    /// Per event: (version, header, payload, id).
+    events: Vec<(u64, Vec<u8>, Vec<u8>, Uuid)>,
+    seq: u64,
+    change: Vec<u8>,
+    meta: Vec<u8>,
+}
+
+/// Checks `m` against the transaction's state and encodes what it will write: `Ok(Err(r))`
+/// for a repeat of a stored append (original result `r`), `Err` for a refusal.
+fn plan_write(t: &Tables<'_>, m: &Request) -> Result<Result<Records, AppendResult>, StoreError> {
+    let key = m.stream.key();
     let key = key.as_str();
-    let txn = db.begin_write().map_err(db_err)?;
-    let result = {
-        let mut streams = txn.open_table(STREAMS).map_err(db_err)?;
-        let mut rows = txn.open_table(EVENTS).map_err(db_err)?;
-        let mut ids = txn.open_table(EVENT_IDS).map_err(db_err)?;
-        let mut changes = txn.open_table(CHANGES).map_err(db_err)?;
-        let meta = match plan_append(&streams, &rows, &ids, key, expected, events)? {
-            Plan::Replay(result) => return Ok(result),
-            Plan::Write(meta) => meta,
-        };
-
-        let (seq, latest) = match changes.last().map_err(db_err)? {
-            Some((k, v)) => (
-                k.value() + 1,
-                decode::<StoredChange>(v.value())?.noted_at_us,
-            ),
-            None => (1, i64::MIN),
-        };
-        // Commit times never decrease, so that as-of-time reads see a prefix of each stream.
-        let committed_at_us = now_us().max(latest);
-        let current = meta.as_ref().map_or(0, |m| m.version);
-        let first_version = current + 1;
-        let last_version = current + events.len() as u64;
-
-        for (version, e) in (first_version..).zip(events) {
-            let header = encode(&EventHeader {
-                event_id: e.event_id,
-                event_type: e.event_type.clone(),
-                schema_version: e.schema_version,
-                content_type: e.content_type.clone(),
-                metadata: e.metadata.clone(),
-                append_first: first_version,
-                append_last: last_version,
-            })?;
-            rows.insert(
-                (key, version),
-                (committed_at_us, header.as_slice(), e.data.as_slice()),
-            )
-            .map_err(db_err)?;
-            let earlier = ids
-                .insert((key, e.event_id.as_bytes()), version)
-                .map_err(db_err)?;
-            if let Some(earlier) = earlier {
-                // Only possible for an id repeated inside this batch; the transaction is
-                // dropped uncommitted, so nothing is written.
+    let events = &m.events;
+    let meta = match plan_append(&t.streams, &t.rows, &t.ids, key, m.expected, events)? {
+        Plan::Replay(result) => return Ok(Err(result)),
+        Plan::Write(meta) => meta,
+    };
+    let current = meta.as_ref().map_or(0, |m| m.version);
+    let first_version = current + 1;
+    let last_version = current + events.len() as u64;
+    // An id twice in the batch: the second is refused, naming where the first would go.
+    if events.len() > 1 {
+        let mut seen = std::collections::HashMap::with_capacity(events.len());
+        for (index, e) in events.iter().enumerate() {
+            if let Some(first) = seen.insert(e.event_id, index) {
                 return Err(StoreError::EventIdReused {
-                    index: (version - first_version) as usize,
+                    index,
                     event_id: e.event_id,
-                    version: earlier.value(),
+                    version: first_version + first as u64,
                 });
             }
         }
-
-        let created_at_us = meta.as_ref().map_or(committed_at_us, |m| m.created_at_us);
-        let change = encode(&StoredChange {
-            stream: stream.clone(),
-            first_version,
-            last_version,
-            noted_at_us: committed_at_us,
+    }
+    let (seq, latest) = match t.changes.last().map_err(db_err)? {
+        Some((k, v)) => (
+            k.value() + 1,
+            decode::<StoredChange>(v.value())?.noted_at_us,
+        ),
+        None => (1, i64::MIN),
+    };
+    // Commit times never decrease, so that as-of-time reads see a prefix of each stream.
+    let committed_at_us = now_us().max(latest);
+    let mut rows = Vec::with_capacity(events.len());
+    for (version, e) in (first_version..).zip(events) {
+        let header = encode(&EventHeader {
+            event_id: e.event_id,
+            event_type: e.event_type.clone(),
+            schema_version: e.schema_version,
+            content_type: e.content_type.clone(),
+            metadata: e.metadata.clone(),
+            append_first: first_version,
+            append_last: last_version,
         })?;
-        changes.insert(seq, change.as_slice()).map_err(db_err)?;
-        let meta = encode(&StreamMeta {
-            stream,
-            version: last_version,
-            created_at_us,
-            last_appended_at_us: committed_at_us,
-        })?;
-        streams.insert(key, meta.as_slice()).map_err(db_err)?;
-        AppendResult {
+        rows.push((version, header, e.data.clone(), e.event_id));
+    }
+    let created_at_us = meta.as_ref().map_or(committed_at_us, |m| m.created_at_us);
+    let change = encode(&StoredChange {
+        stream: m.stream.clone(),
+        first_version,
+        last_version,
+        noted_at_us: committed_at_us,
+    })?;
+    let meta = encode(&StreamMeta {
+        stream: m.stream.clone(),
+        version: last_version,
+        created_at_us,
+        last_appended_at_us: committed_at_us,
+    })?;
+    Ok(Ok(Records {
+        result: AppendResult {
             first_version,
             last_version,
             committed_at_us,
-        }
-    };
-    // A commit that fails may still have reached the disk (the header written, its sync
-    // failed): the caller is told the outcome is unknown, and a retry with the same ids is
-    // answered by the repeat rule.
-    txn.commit().map_err(|e| match db_err(e) {
-        StoreError::Unavailable(cause) => {
-            StoreError::OutcomeUnknown(format!("redb commit failed: {cause}"))
-        }
-        other => other,
-    })?;
-    tracing::debug!(
-        stream = key,
-        first = result.first_version,
-        last = result.last_version,
-        "appended"
-    );
-    Ok(result)
+        },
+        events: rows,
+        seq,
+        change,
+        meta,
+    }))
+}
+
+/// Writes an accepted append's records into the transaction.
+fn write_records(t: &mut Tables<'_>, key: &str, r: Records) -> Result<(), StoreError> {
+    let at = r.result.committed_at_us;
+    for (version, header, data, id) in &r.events {
+        t.rows
+            .insert((key, *version), (at, header.as_slice(), data.as_slice()))
+            .map_err(db_err)?;
+        t.ids
+            .insert((key, id.as_bytes()), *version)
+            .map_err(db_err)?;
+    }
+    t.changes
+        .insert(r.seq, r.change.as_slice())
+        .map_err(db_err)?;
+    t.streams.insert(key, r.meta.as_slice()).map_err(db_err)?;
+    Ok(())
 }
 
 /// Highest version in `1..=hi` recorded at or before `until_us` (0 if none), by binary search:
@@ -630,11 +903,22 @@ impl EventStore for EmbeddedStore {
         expected: ExpectedVersion,
         events: &[NewEvent],
     ) -> Result<AppendResult, StoreError> {
-        let stream = stream.clone();
-        let events = events.to_vec();
-        let _turn = self.writer.lock().await;
-        self.run(move |db| append_blocking(db, stream, expected, &events))
-            .await
+        let (reply, outcome) = oneshot::channel();
+        let request = Request {
+            stream: stream.clone(),
+            expected,
+            events: events.to_vec(),
+            reply,
+        };
+        self.appends.send(request).await.map_err(|_| {
+            StoreError::Internal("the embedded store's writer thread has stopped".into())
+        })?;
+        // Dropped unanswered only if the writer failed mid-group: it may have committed.
+        outcome.await.unwrap_or_else(|_| {
+            Err(StoreError::OutcomeUnknown(
+                "the embedded store's writer failed while committing this append".into(),
+            ))
+        })
     }
 
     async fn read(
