@@ -26,6 +26,8 @@ pub fn read_services() -> &'static [&'static str] {
 pub struct DevConfig {
     /// Folder of the embedded event store (created if missing).
     pub data_dir: PathBuf,
+    /// Tunables of the embedded event store (group commit).
+    pub store: esq_eventstore::embedded::Options,
     /// write-svc address (port 0 picks a free port).
     pub write_addr: SocketAddr,
     /// read-svc address (port 0 picks a free port).
@@ -45,6 +47,7 @@ impl DevConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
+            store: esq_eventstore::embedded::Options::default(),
             write_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             read_addr: SocketAddr::from(([127, 0, 0, 1], 50052)),
             // The in-process memory read store has no other projector.
@@ -76,7 +79,7 @@ impl DevStack {
     /// services and tails the log until `shutdown` is cancelled.
     pub async fn start(config: DevConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let store = Arc::new(Metered(
-            EmbeddedStore::open(&config.data_dir).with_context(|| {
+            EmbeddedStore::open_with(&config.data_dir, config.store).with_context(|| {
                 format!(
                     "cannot open the event store in {}",
                     config.data_dir.display()

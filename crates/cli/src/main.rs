@@ -38,6 +38,10 @@ enum Command {
         /// read-svc listen address.
         #[arg(long, env = "ESQ_READ_ADDR", default_value = "127.0.0.1:50052")]
         read_addr: SocketAddr,
+        /// Most appends the embedded store commits in one transaction, with one fsync (group
+        /// commit); 1 commits every append on its own.
+        #[arg(long, env = "ESQ_GROUP_COMMIT_MAX", default_value_t = esq_eventstore::embedded::GROUP_MAX_APPENDS as u32, value_parser = clap::value_parser!(u32).range(1..))]
+        group_commit_max: u32,
         #[command(flatten)]
         server: esq_runtime::config::ServerArgs,
         /// Where to serve Prometheus metrics (GET /metrics); `off` serves none.
@@ -75,11 +79,17 @@ async fn main() -> ExitCode {
             data_dir,
             write_addr,
             read_addr,
+            group_commit_max,
             server,
             metrics_addr,
-        } => dev(data_dir, write_addr, read_addr, server, metrics_addr)
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        } => {
+            let store = esq_eventstore::embedded::Options {
+                group_max_appends: group_commit_max as usize,
+            };
+            dev(data_dir, write_addr, read_addr, store, server, metrics_addr)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
     };
     outcome.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
@@ -91,6 +101,7 @@ async fn dev(
     data_dir: PathBuf,
     write_addr: SocketAddr,
     read_addr: SocketAddr,
+    store: esq_eventstore::embedded::Options,
     server: esq_runtime::config::ServerArgs,
     metrics_addr: MetricsAddr,
 ) -> anyhow::Result<()> {
@@ -98,6 +109,7 @@ async fn dev(
     let mut config = DevConfig::new(data_dir);
     config.write_addr = write_addr;
     config.read_addr = read_addr;
+    config.store = store;
     config.shutdown_grace = server.shutdown_grace;
     config.metrics_addr = metrics_addr.0;
     let stack = DevStack::start(config, shutdown).await?;

@@ -9,7 +9,7 @@
 //! **Group commit.** redb admits one writer at a time and every commit costs an fsync, so
 //! appends do not each take a transaction: they queue (bounded, [`QUEUE_CAPACITY`]; a full
 //! queue makes appenders wait) to one writer thread, which takes everything queued (at most
-//! [`GROUP_MAX_APPENDS`] appends, [`GROUP_MAX_EVENTS`] events) and applies it in ONE write
+//! [`Options::group_max_appends`] appends, [`GROUP_MAX_EVENTS`] events) and applies it in ONE write
 //! transaction with one fsync. Each append of a group is still judged on its own, in queue
 //! order, against the transaction's state so far — its idempotency, its expected version —
 //! so appends to one stream in one group see each other's effects in order. An append is
@@ -68,9 +68,25 @@ const FORMAT_VERSION: u64 = 1;
 /// Appends waiting for the writer thread; when full, appenders wait for room (backpressure).
 /// Each holds its events, which write-svc bounds per request.
 pub const QUEUE_CAPACITY: usize = 1024;
-/// Most appends one group commit takes: bounds a transaction's size and how long the first
-/// member of a group waits for the last.
+/// Default of [`Options::group_max_appends`].
 pub const GROUP_MAX_APPENDS: usize = 256;
+
+/// Tunables of the embedded store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Most appends one group commit takes (at least 1): bounds a transaction's size and how
+    /// long the first member of a group waits for the last. 1 commits every append on its
+    /// own (an fsync each), as the store did before group commit.
+    pub group_max_appends: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            group_max_appends: GROUP_MAX_APPENDS,
+        }
+    }
+}
 /// Most events one group commit takes (at least one append is always taken, however large).
 pub const GROUP_MAX_EVENTS: usize = 4096;
 
@@ -161,6 +177,10 @@ pub struct EmbeddedStore {
     /// on a blocking-pool thread parked on redb's writer lock. The thread ends when the last
     /// clone of the store is dropped.
     appends: mpsc::Sender<Request>,
+    /// Group transactions the writer has committed.
+    commits: Arc<std::sync::atomic::AtomicU64>,
+    #[cfg(test)]
+    hold: Arc<Hold>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -174,6 +194,11 @@ impl EmbeddedStore {
     /// ([`DB_FILE_NAME`]) if needed. Blocks on file IO: call it at startup, or from a blocking
     /// task. One process may have a given directory open only once at a time.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, Options::default())
+    }
+
+    /// [`EmbeddedStore::open`] with other [`Options`].
+    pub fn open_with(path: &Path, options: Options) -> Result<Self, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| {
             StoreError::Internal(format!(
                 "cannot create store directory {}: {e}",
@@ -181,29 +206,43 @@ impl EmbeddedStore {
             ))
         })?;
         let file = path.join(DB_FILE_NAME);
-        let store = Self::with_opener(Arc::new(move || {
-            Database::create(&file).map_err(|e| {
-                let cause = format!("cannot open event store {}: {e}", file.display());
-                match e {
-                    redb::DatabaseError::Storage(redb::StorageError::Io(_)) => {
-                        StoreError::Unavailable(cause)
+        let store = Self::with_opener(
+            options,
+            Arc::new(move || {
+                Database::create(&file).map_err(|e| {
+                    let cause = format!("cannot open event store {}: {e}", file.display());
+                    match e {
+                        redb::DatabaseError::Storage(redb::StorageError::Io(_)) => {
+                            StoreError::Unavailable(cause)
+                        }
+                        _ => StoreError::Internal(cause),
                     }
-                    _ => StoreError::Internal(cause),
-                }
-            })
-        }))?;
-        tracing::info!(path = %path.display(), "opened embedded event store");
+                })
+            }),
+        )?;
+        tracing::info!(
+            path = %path.display(),
+            group_max_appends = options.group_max_appends,
+            "opened embedded event store"
+        );
         Ok(store)
     }
 
     /// A store over what `opener` opens (and reopens after an I/O error).
-    fn with_opener(opener: Opener) -> Result<Self, StoreError> {
+    fn with_opener(options: Options, opener: Opener) -> Result<Self, StoreError> {
         let db = opener()?;
         init_tables(&db)?;
         let db = Arc::new(RwLock::new(Some(db)));
         let broken = Arc::new(AtomicBool::new(false));
         let (appends, queue) = mpsc::channel(QUEUE_CAPACITY);
+        let commits = Arc::default();
+        #[cfg(test)]
+        let hold = Arc::<Hold>::default();
         let writer = Writer {
+            #[cfg(test)]
+            hold: Arc::clone(&hold),
+            group_max_appends: options.group_max_appends.max(1),
+            commits: Arc::clone(&commits),
             db: Arc::downgrade(&db),
             broken: Arc::clone(&broken),
             opener: Arc::clone(&opener),
@@ -217,6 +256,9 @@ impl EmbeddedStore {
             broken,
             opener,
             appends,
+            commits,
+            #[cfg(test)]
+            hold,
         })
     }
 
@@ -245,6 +287,18 @@ impl EmbeddedStore {
             }
         }
         result
+    }
+
+    /// Appends waiting in the writer's queue (not counting the group being committed).
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.appends.max_capacity() - self.appends.capacity()
+    }
+
+    /// Group transactions committed so far.
+    #[cfg(test)]
+    fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// Reopens the database if it is still broken, once every operation in flight is done.
@@ -285,8 +339,40 @@ fn is_io(e: &StoreError) -> bool {
     )
 }
 
+/// Test hook: while closed, the writer waits after taking the first append of a group, so a
+/// test can queue exactly the group it means.
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct Hold {
+    closed: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    waiting: AtomicBool,
+}
+
+#[cfg(test)]
+impl Hold {
+    fn set(&self, closed: bool) {
+        *self.closed.lock().unwrap() = closed;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut closed = self.closed.lock().unwrap();
+        self.waiting.store(*closed, Ordering::SeqCst);
+        while *closed {
+            closed = self.opened.wait(closed).unwrap();
+        }
+        self.waiting.store(false, Ordering::SeqCst);
+    }
+}
+
 /// The writer thread: takes groups of queued appends and commits each group at once.
 struct Writer {
+    #[cfg(test)]
+    hold: Arc<Hold>,
+    group_max_appends: usize,
+    /// Group transactions committed, for tests.
+    commits: Arc<std::sync::atomic::AtomicU64>,
     /// Weak, so that dropping the last store closes the database even before the thread has
     /// noticed that its queue is closed.
     db: Weak<DbSlot>,
@@ -297,11 +383,13 @@ struct Writer {
 impl Writer {
     /// Runs until every sender (every clone of the store) is gone.
     fn run(self, mut queue: mpsc::Receiver<Request>) {
-        let mut group = Vec::with_capacity(GROUP_MAX_APPENDS);
+        let mut group = Vec::with_capacity(self.group_max_appends);
         while let Some(first) = queue.blocking_recv() {
+            #[cfg(test)]
+            self.hold.pass();
             let mut events = first.events.len();
             group.push(first);
-            while group.len() < GROUP_MAX_APPENDS && events < GROUP_MAX_EVENTS {
+            while group.len() < self.group_max_appends && events < GROUP_MAX_EVENTS {
                 match queue.try_recv() {
                     Ok(next) => {
                         events += next.events.len();
@@ -315,42 +403,60 @@ impl Writer {
             };
             let members = std::mem::take(&mut group);
             // A panic inside redb must not stop the thread: the members' replies are dropped
-            // with the group, which their callers report as an unknown outcome.
-            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.commit(&db, members);
+            // unanswered, which their callers report as an unknown outcome.
+            let outcomes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.commit(db, &members)
             }));
-            if run.is_err() {
-                tracing::error!("the embedded store's writer panicked while committing a group");
+            match outcomes {
+                Ok(outcomes) => {
+                    for (m, outcome) in members.into_iter().zip(outcomes) {
+                        let _ = m.reply.send(outcome);
+                    }
+                }
+                Err(_) => {
+                    tracing::error!(
+                        "the embedded store's writer panicked while committing a group"
+                    );
+                }
             }
         }
     }
 
-    /// Commits one group and answers its members.
-    fn commit(&self, db: &DbSlot, members: Vec<Request>) {
+    /// Commits one group; the outcome of each member. The database handle is let go before
+    /// anyone is answered, so a caller that drops the store after its append can reopen the
+    /// file at once.
+    fn commit(
+        &self,
+        db: Arc<DbSlot>,
+        members: &[Request],
+    ) -> Vec<Result<AppendResult, StoreError>> {
         if self.broken.load(Ordering::Acquire) {
             let mut slot = db.blocking_write();
             if self.broken.load(Ordering::Acquire) {
                 if let Err(e) = reopen_locked(&mut slot, &self.broken, &self.opener) {
-                    drop(slot);
-                    for m in members {
-                        let _ = m.reply.send(Err(e.clone()));
-                    }
-                    return;
+                    return vec![Err(e); members.len()];
                 }
             }
         }
-        let outcomes = {
+        let (outcomes, committed) = {
             let slot = db.blocking_read();
             match slot.as_ref() {
-                Some(db) => commit_group(db, &members),
-                None => vec![
-                    Err(StoreError::Unavailable(
-                        "the event store could not be reopened".into()
-                    ));
-                    members.len()
-                ],
+                Some(db) => commit_group(db, members),
+                None => (
+                    vec![
+                        Err(StoreError::Unavailable(
+                            "the event store could not be reopened".into()
+                        ));
+                        members.len()
+                    ],
+                    false,
+                ),
             }
         };
+        drop(db);
+        if committed {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(cause) = outcomes
             .iter()
             .find_map(|o| o.as_ref().err().filter(|e| is_io(e)))
@@ -359,9 +465,7 @@ impl Writer {
                 tracing::error!(%cause, "embedded event store I/O error: reopening on next use");
             }
         }
-        for (m, outcome) in members.into_iter().zip(outcomes) {
-            let _ = m.reply.send(outcome);
-        }
+        outcomes
     }
 }
 
@@ -533,14 +637,18 @@ enum Abort {
 
 /// Applies `members` in one write transaction and commits it; the outcome of each, in order.
 /// Nothing is acknowledged unless the commit holding it succeeded.
-fn commit_group(db: &Database, members: &[Request]) -> Vec<Result<AppendResult, StoreError>> {
+/// Also says whether a transaction was committed (not when nothing was written, or on error).
+fn commit_group(
+    db: &Database,
+    members: &[Request],
+) -> (Vec<Result<AppendResult, StoreError>>, bool) {
     let mut excluded: Vec<Option<StoreError>> = vec![None; members.len()];
     // Each retry excludes one more member, so this ends.
     loop {
         match try_group(db, members, &excluded) {
-            Ok(outcomes) => return outcomes,
+            Ok(done) => return done,
             Err(Abort::Member(i, e)) => excluded[i] = Some(e),
-            Err(Abort::Group(e)) => return vec![Err(e); members.len()],
+            Err(Abort::Group(e)) => return (vec![Err(e); members.len()], false),
         }
     }
 }
@@ -549,7 +657,7 @@ fn try_group(
     db: &Database,
     members: &[Request],
     excluded: &[Option<StoreError>],
-) -> Result<Vec<Result<AppendResult, StoreError>>, Abort> {
+) -> Result<(Vec<Result<AppendResult, StoreError>>, bool), Abort> {
     fn group(e: impl Into<redb::Error>) -> Abort {
         Abort::Group(db_err(e))
     }
@@ -580,17 +688,17 @@ fn try_group(
     };
     if !turns.iter().any(|t| matches!(t, Turn::Wrote(_))) {
         // Nothing to make durable: the transaction is dropped, which aborts it.
-        return Ok(turns.into_iter().map(answer).collect());
+        return Ok((turns.into_iter().map(answer).collect(), false));
     }
     match txn.commit() {
-        Ok(()) => Ok(turns.into_iter().map(answer).collect()),
+        Ok(()) => Ok((turns.into_iter().map(answer).collect(), true)),
         // A commit that fails may still have reached the disk (the header written, its sync
         // failed): the writers are told the outcome is unknown, and a retry with the same ids
         // is answered by the repeat rule. The others were judged against the lost
         // transaction's state, so their verdicts are withdrawn too.
         Err(e) => {
             let cause = db_err(e);
-            Ok(turns
+            let withdrawn = turns
                 .into_iter()
                 .map(|t| {
                     Err(match (&t, &cause) {
@@ -606,7 +714,8 @@ fn try_group(
                         )),
                     })
                 })
-                .collect())
+                .collect();
+            Ok((withdrawn, false))
         }
     }
 }
@@ -1235,16 +1344,30 @@ mod tests {
         assert_eq!(store.list_streams(None, 3).await.expect("list").next, None);
     }
 
-    /// A file backend whose writes fail while `fail` is set, like a full or vanished disk.
+    /// What a test does to the disk under a store: writes fail while `fail` is set (like a
+    /// full or vanished disk); syncs are counted.
+    #[derive(Debug, Default)]
+    struct Disk {
+        fail: AtomicBool,
+        syncs: std::sync::atomic::AtomicU64,
+    }
+
+    impl Disk {
+        fn syncs(&self) -> u64 {
+            self.syncs.load(Ordering::SeqCst)
+        }
+    }
+
+    /// A file backend under a test's [`Disk`].
     #[derive(Debug)]
     struct Flaky {
         file: redb::backends::FileBackend,
-        fail: Arc<AtomicBool>,
+        disk: Arc<Disk>,
     }
 
     impl Flaky {
         fn check(&self) -> Result<(), std::io::Error> {
-            if self.fail.load(Ordering::SeqCst) {
+            if self.disk.fail.load(Ordering::SeqCst) {
                 Err(std::io::Error::other("injected write failure"))
             } else {
                 Ok(())
@@ -1265,6 +1388,7 @@ mod tests {
         }
         fn sync_data(&self) -> Result<(), std::io::Error> {
             self.check()?;
+            self.disk.syncs.fetch_add(1, Ordering::SeqCst);
             self.file.sync_data()
         }
         fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
@@ -1273,30 +1397,433 @@ mod tests {
         }
     }
 
+    /// A store in `dir` over a [`Disk`] the test controls.
+    fn store_on_disk(dir: &tempfile::TempDir, options: Options) -> (EmbeddedStore, Arc<Disk>) {
+        let file = dir.path().join(DB_FILE_NAME);
+        let disk = Arc::new(Disk::default());
+        let under = Arc::clone(&disk);
+        let store = EmbeddedStore::with_opener(
+            options,
+            Arc::new(move || {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&file)
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                let backend = Flaky {
+                    file: redb::backends::FileBackend::new(f)
+                        .map_err(|e| StoreError::Internal(e.to_string()))?,
+                    disk: Arc::clone(&under),
+                };
+                redb::Builder::new()
+                    .create_with_backend(backend)
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))
+            }),
+        )
+        .unwrap();
+        (store, disk)
+    }
+
+    /// Waits (bounded, generously) until `done` holds.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < give_up,
+                "gave up waiting: {what}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Holds the writer at its next group, sends `n` appends made by `make`, and lets the
+    /// writer go once they are all in: they make one group (if the bound allows).
+    async fn one_group<T: Send + 'static>(
+        store: &EmbeddedStore,
+        n: usize,
+        make: impl Fn(EmbeddedStore, usize) -> tokio::task::JoinHandle<T>,
+    ) -> Vec<T> {
+        store.hold.set(true);
+        let first = make(store.clone(), 0);
+        until("the writer holds the first append", || {
+            store.hold.waiting.load(Ordering::SeqCst)
+        })
+        .await;
+        let mut tasks = vec![first];
+        tasks.extend((1..n).map(|i| make(store.clone(), i)));
+        until("every append is queued", || store.queued() == n - 1).await;
+        store.hold.set(false);
+        futures_join(tasks).await
+    }
+
+    /// Appends queued together go into ONE transaction, with one commit's syncs for all of
+    /// them, and each gets its own result and change entry.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn queued_appends_share_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, disk) = store_on_disk(&dir, Options::default());
+        let (syncs, commits) = (disk.syncs(), store.commits());
+        let n = 64;
+        let results = one_group(&store, n, |store, i| {
+            tokio::spawn(async move {
+                let s = stream(&format!("g{i}"));
+                let batch = [event(i as u32), event(i as u32 + 1)];
+                store.append(&s, ExpectedVersion::NoStream, &batch).await
+            })
+        })
+        .await;
+        for r in results {
+            let r = r.expect("grouped append");
+            assert_eq!((r.first_version, r.last_version), (1, 2));
+        }
+        assert_eq!(store.commits() - commits, 1, "{n} appends, one transaction");
+        let synced = disk.syncs() - syncs;
+        assert!(
+            (1..=2).contains(&synced),
+            "one commit's syncs for {n} appends, not {synced}"
+        );
+        let page = store.poll(0, None, 1000).await.unwrap();
+        assert_eq!(page.changes.len(), n, "one change entry per append");
+        assert_eq!(page.positions.last().map(String::as_str), Some("64"));
+        for i in 0..n {
+            let read = store
+                .read(&stream(&format!("g{i}")), ReadRequest::forwards(1, 10))
+                .await
+                .unwrap();
+            assert_eq!(read.len(), 2);
+        }
+    }
+
+    fn request(
+        s: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> (Request, oneshot::Receiver<Result<AppendResult, StoreError>>) {
+        let (reply, rx) = oneshot::channel();
+        let r = Request {
+            stream: s.clone(),
+            expected,
+            events: events.to_vec(),
+            reply,
+        };
+        (r, rx)
+    }
+
+    /// One group, many kinds of members: each is judged on its own, in order, seeing the
+    /// effects of the members before it; refused ones write nothing and fail nobody else.
+    #[test]
+    fn each_member_of_a_group_is_judged_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, disk) = store_on_disk(&dir, Options::default());
+        let (s, t, u) = (stream("s"), stream("t"), stream("u"));
+        let (a, b, c, d, e) = (event(1), event(2), event(3), event(4), event(5));
+        let dup = event(6);
+        let mut other_a = a.clone();
+        other_a.data = b"{\"n\":99}".to_vec();
+        let members: Vec<_> = [
+            request(&s, ExpectedVersion::NoStream, std::slice::from_ref(&a)), // 0 writes s@1
+            request(&s, ExpectedVersion::NoStream, std::slice::from_ref(&b)), // 1 conflict
+            request(&s, ExpectedVersion::NoStream, std::slice::from_ref(&a)), // 2 repeat of 0
+            request(&s, ExpectedVersion::Exact(1), std::slice::from_ref(&c)), // 3 writes s@2
+            request(&s, ExpectedVersion::Exact(1), std::slice::from_ref(&d)), // 4 conflict
+            request(&t, ExpectedVersion::NoStream, &[dup.clone(), dup]),      // 5 id twice
+            request(&t, ExpectedVersion::NoStream, std::slice::from_ref(&e)), // 6 writes t@1
+            request(&s, ExpectedVersion::Any, &[other_a]), // 7 id of 0, other data
+            request(&u, ExpectedVersion::Any, &[]),        // 8 empty
+            request(&s, ExpectedVersion::Exact(2), std::slice::from_ref(&c)), // 9 repeat of 3
+        ]
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+        let before = disk.syncs();
+        let out = {
+            let slot = store.db.blocking_read();
+            commit_group(slot.as_ref().unwrap(), &members)
+        };
+        assert!(out.1, "the group was committed");
+        assert!(disk.syncs() > before, "the group was synced");
+        let out = out.0;
+        let ok = |i: usize| out[i].clone().unwrap();
+        assert_eq!((ok(0).first_version, ok(0).last_version), (1, 1));
+        assert_eq!(
+            out[1],
+            Err(StoreError::WrongExpectedVersion {
+                expected: ExpectedVersion::NoStream,
+                actual: 1
+            })
+        );
+        assert_eq!(
+            ok(2),
+            ok(0),
+            "a repeat in the same group gets the original result"
+        );
+        assert_eq!(ok(3).first_version, 2);
+        assert_eq!(
+            out[4],
+            Err(StoreError::WrongExpectedVersion {
+                expected: ExpectedVersion::Exact(1),
+                actual: 2
+            })
+        );
+        assert!(
+            matches!(
+                out[5],
+                Err(StoreError::EventIdReused {
+                    index: 1,
+                    version: 1,
+                    ..
+                })
+            ),
+            "{:?}",
+            out[5]
+        );
+        assert_eq!((ok(6).first_version, ok(6).last_version), (1, 1));
+        assert!(
+            matches!(
+                out[7],
+                Err(StoreError::EventIdReused {
+                    index: 0,
+                    version: 1,
+                    ..
+                })
+            ),
+            "{:?}",
+            out[7]
+        );
+        assert!(
+            matches!(out[8], Err(StoreError::Internal(_))),
+            "{:?}",
+            out[8]
+        );
+        assert_eq!(ok(9), ok(3));
+
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let read = |x: StreamId| {
+                let store = store.clone();
+                async move { store.read(&x, ReadRequest::forwards(1, 10)).await.unwrap() }
+            };
+            let ids = |v: Vec<RecordedEvent>| v.into_iter().map(|r| r.event_id).collect::<Vec<_>>();
+            assert_eq!(ids(read(s.clone()).await), vec![a.event_id, c.event_id]);
+            assert_eq!(ids(read(t.clone()).await), vec![e.event_id]);
+            assert!(read(u).await.is_empty());
+            let page = store.poll(0, None, 100).await.unwrap();
+            let changed: Vec<_> = page
+                .changes
+                .iter()
+                .map(|c| (c.stream.id.clone(), c.first_version))
+                .collect();
+            assert_eq!(
+                changed,
+                vec![("s".into(), 1), ("s".into(), 2), ("t".into(), 1)],
+                "one change per written append, in group order"
+            );
+        });
+    }
+
+    /// Many concurrent appends through the queue, conflicting ones and idempotent retries
+    /// among them: per stream exactly one of the competing appends wins, every retry of the
+    /// winner gets its result, every other one is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_conflicts_and_retries_resolve_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let streams = 32;
+        let mut tasks = Vec::new();
+        let mut batches = Vec::new();
+        for k in 0..streams {
+            let s = stream(&format!("c{k}"));
+            // Three competing first appends; each is sent twice (a retry racing the original).
+            let candidates: Vec<Vec<NewEvent>> =
+                (0..3).map(|j| vec![event(j), event(j + 10)]).collect();
+            for (j, batch) in candidates.iter().enumerate() {
+                for _ in 0..2 {
+                    let (store, s, batch) = (store.clone(), s.clone(), batch.clone());
+                    tasks.push((
+                        k,
+                        j,
+                        tokio::spawn(async move {
+                            store.append(&s, ExpectedVersion::NoStream, &batch).await
+                        }),
+                    ));
+                }
+            }
+            batches.push(candidates);
+        }
+        let mut winners = vec![None; streams];
+        let mut results: Vec<Vec<Vec<Result<AppendResult, StoreError>>>> =
+            vec![vec![Vec::new(); 3]; streams];
+        for (k, j, t) in tasks {
+            results[k][j].push(t.await.unwrap());
+        }
+        for k in 0..streams {
+            for j in 0..3 {
+                let rs = &results[k][j];
+                match &rs[0] {
+                    Ok(r) => {
+                        assert_eq!(rs[1].as_ref(), Ok(r), "a retry gets the original result");
+                        assert_eq!((r.first_version, r.last_version), (1, 2));
+                        assert!(winners[k].replace(j).is_none(), "two winners on stream {k}");
+                    }
+                    Err(e) => {
+                        assert!(
+                            matches!(e, StoreError::WrongExpectedVersion { actual: 2, .. }),
+                            "{e:?}"
+                        );
+                        assert_eq!(&rs[1], &rs[0]);
+                    }
+                }
+            }
+            let won = winners[k].expect("one append wins each stream");
+            let read = store
+                .read(&stream(&format!("c{k}")), ReadRequest::forwards(1, 10))
+                .await
+                .unwrap();
+            let ids: Vec<_> = read.iter().map(|r| r.event_id).collect();
+            let want: Vec<_> = batches[k][won].iter().map(|e| e.event_id).collect();
+            assert_eq!(ids, want);
+        }
+        let page = store.poll(0, None, 1000).await.unwrap();
+        assert_eq!(
+            page.changes.len(),
+            streams,
+            "one change per stream, no more"
+        );
+    }
+
+    /// A group whose commit fails acknowledges none of its members — not the appends it
+    /// wrote, not the repeats and refusals judged against its lost state — and leaves
+    /// nothing behind; the store then recovers and the retries are answered exactly.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failed_group_acknowledges_none_of_its_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, disk) = store_on_disk(&dir, Options::default());
+        let (p, x, y) = (stream("p"), stream("x"), stream("y"));
+        let original = vec![event(0)];
+        let stored = store
+            .append(&p, ExpectedVersion::NoStream, &original)
+            .await
+            .unwrap();
+        let x_batch = vec![event(1), event(2)];
+        let members: Vec<(StreamId, ExpectedVersion, Vec<NewEvent>)> = vec![
+            (x.clone(), ExpectedVersion::NoStream, x_batch.clone()),
+            (p.clone(), ExpectedVersion::NoStream, original.clone()), // a repeat
+            (p.clone(), ExpectedVersion::NoStream, vec![event(4)]),   // a conflict
+            (y.clone(), ExpectedVersion::Any, vec![event(3)]),
+        ];
+        // The disk fails once the group is queued and before the writer takes it.
+        let (fail, commits) = (&disk, store.commits());
+        store.hold.set(true);
+        let spawn = |i: usize| {
+            let store = store.clone();
+            let (s, expected, batch) = members[i].clone();
+            tokio::spawn(async move { store.append(&s, expected, &batch).await })
+        };
+        let first = spawn(0);
+        until("the writer holds the first append", || {
+            store.hold.waiting.load(Ordering::SeqCst)
+        })
+        .await;
+        let mut tasks = vec![first];
+        tasks.extend((1..members.len()).map(spawn));
+        until("the group is queued", || {
+            store.queued() == members.len() - 1
+        })
+        .await;
+        fail.fail.store(true, Ordering::SeqCst);
+        store.hold.set(false);
+        let outcomes = futures_join(tasks).await;
+        for (i, o) in outcomes.iter().enumerate() {
+            assert!(
+                matches!(
+                    o,
+                    Err(StoreError::Unavailable(_) | StoreError::OutcomeUnknown(_))
+                ),
+                "member {i} of a failed group: {o:?}"
+            );
+        }
+        assert_eq!(store.commits(), commits);
+        assert!(store.ping().await.is_err(), "not healthy while writes fail");
+
+        disk.fail.store(false, Ordering::SeqCst);
+        store.ping().await.expect("recovers once the disk works");
+        let read = |s: StreamId| {
+            let store = store.clone();
+            async move { store.read(&s, ReadRequest::forwards(1, 10)).await.unwrap() }
+        };
+        assert!(
+            read(x.clone()).await.is_empty(),
+            "nothing of the failed group"
+        );
+        assert!(
+            read(y.clone()).await.is_empty(),
+            "nothing of the failed group"
+        );
+        assert_eq!(read(p.clone()).await.len(), 1);
+        // The retries, now in a group that commits, get exact answers.
+        let x_ok = store
+            .append(&x, ExpectedVersion::NoStream, &x_batch)
+            .await
+            .unwrap();
+        assert_eq!((x_ok.first_version, x_ok.last_version), (1, 2));
+        let again = store
+            .append(&p, ExpectedVersion::NoStream, &original)
+            .await
+            .unwrap();
+        assert_eq!(again, stored);
+        assert!(matches!(
+            store
+                .append(&p, ExpectedVersion::NoStream, &[event(4)])
+                .await,
+            Err(StoreError::WrongExpectedVersion { actual: 1, .. })
+        ));
+        let changes = store.poll(0, None, 100).await.unwrap().changes;
+        let changed: Vec<_> = changes.iter().map(|c| c.stream.id.as_str()).collect();
+        assert_eq!(changed, vec!["p", "x"]);
+    }
+
+    async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(t.await.expect("task"));
+        }
+        out
+    }
+
+    /// With groups of one, every append is a commit of its own (the store before group
+    /// commit): the knob really bounds the group.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn groups_of_one_commit_each_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, disk) = store_on_disk(
+            &dir,
+            Options {
+                group_max_appends: 1,
+            },
+        );
+        let (syncs, commits) = (disk.syncs(), store.commits());
+        let results = one_group(&store, 8, |store, i| {
+            tokio::spawn(async move {
+                let s = stream(&format!("one{i}"));
+                store
+                    .append(&s, ExpectedVersion::Any, &[event(i as u32)])
+                    .await
+            })
+        })
+        .await;
+        for r in results {
+            r.expect("append");
+        }
+        assert_eq!(store.commits() - commits, 8);
+        assert!(disk.syncs() - syncs >= 8);
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn recovers_from_io_errors_without_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join(DB_FILE_NAME);
-        let fail = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&fail);
-        let store = EmbeddedStore::with_opener(Arc::new(move || {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&file)
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            let backend = Flaky {
-                file: redb::backends::FileBackend::new(f)
-                    .map_err(|e| StoreError::Internal(e.to_string()))?,
-                fail: Arc::clone(&flag),
-            };
-            redb::Builder::new()
-                .create_with_backend(backend)
-                .map_err(|e| StoreError::Unavailable(e.to_string()))
-        }))
-        .unwrap();
+        let (store, disk) = store_on_disk(&dir, Options::default());
         let s = stream("flaky");
         store
             .append(&s, ExpectedVersion::Any, &[event(1)])
@@ -1304,7 +1831,7 @@ mod tests {
             .unwrap();
         assert!(store.ping().await.is_ok());
 
-        fail.store(true, Ordering::SeqCst);
+        disk.fail.store(true, Ordering::SeqCst);
         let err = store
             .append(&s, ExpectedVersion::Any, &[event(2)])
             .await
@@ -1318,7 +1845,7 @@ mod tests {
         );
         assert!(store.ping().await.is_err(), "not healthy while writes fail");
 
-        fail.store(false, Ordering::SeqCst);
+        disk.fail.store(false, Ordering::SeqCst);
         store.ping().await.expect("healthy once the cause is gone");
         store
             .append(&s, ExpectedVersion::Exact(1), &[event(3)])
