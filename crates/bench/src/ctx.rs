@@ -191,7 +191,13 @@ impl Ctx {
     /// A fresh `esq dev` process over a new data folder, serving write and read on loopback.
     /// Killed when the returned [`Dev`] is dropped.
     pub async fn dev(&self) -> anyhow::Result<Dev> {
-        Dev::start(self).await
+        Dev::start(self, &[]).await
+    }
+
+    /// [`Ctx::dev`] with `env` added to the process's environment (e.g.
+    /// `("ESQ_GROUP_COMMIT_MAX", "1")`).
+    pub async fn dev_with(&self, env: &[(String, String)]) -> anyhow::Result<Dev> {
+        Dev::start(self, env).await
     }
 
     /// Cleans what the run left in the backends (the shared stack's keyspace and keys).
@@ -532,7 +538,7 @@ pub struct Dev {
 }
 
 impl Dev {
-    async fn start(ctx: &Ctx) -> anyhow::Result<Self> {
+    async fn start(ctx: &Ctx, env: &[(String, String)]) -> anyhow::Result<Self> {
         let data_dir = ctx
             .work
             .path()
@@ -550,7 +556,7 @@ impl Dev {
             "--metrics-addr".into(),
             "off".into(),
         ];
-        let proc = spawn(ctx, "esq", &args, &[], write_addr)?;
+        let proc = spawn(ctx, "esq", &args, env, write_addr)?;
         wait_serving(write_addr, Duration::from_secs(60)).await?;
         wait_serving(read_addr, Duration::from_secs(60)).await?;
         Ok(Self {
