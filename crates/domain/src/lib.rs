@@ -19,6 +19,7 @@ pub mod ids;
 pub mod projection;
 pub mod registry;
 pub mod replay;
+pub mod snapshot;
 pub mod sku_sales;
 pub mod state;
 pub mod upcast;

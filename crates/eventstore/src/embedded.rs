@@ -43,6 +43,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use uuid::Uuid;
 
+mod snapshots;
+
 /// Name of the database file inside the store's directory.
 pub const DB_FILE_NAME: &str = "events.redb";
 
