@@ -40,6 +40,8 @@ enum Command {
         read_addr: SocketAddr,
         #[command(flatten)]
         server: esq_runtime::config::ServerArgs,
+        #[command(flatten)]
+        snapshots: esq_write_svc::SnapshotArgs,
         /// Where to serve Prometheus metrics (GET /metrics); `off` serves none.
         #[arg(long, env = "ESQ_METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
         metrics_addr: MetricsAddr,
@@ -76,10 +78,18 @@ async fn main() -> ExitCode {
             write_addr,
             read_addr,
             server,
+            snapshots,
             metrics_addr,
-        } => dev(data_dir, write_addr, read_addr, server, metrics_addr)
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        } => dev(
+            data_dir,
+            write_addr,
+            read_addr,
+            server,
+            snapshots,
+            metrics_addr,
+        )
+        .await
+        .map(|()| ExitCode::SUCCESS),
     };
     outcome.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
@@ -92,6 +102,7 @@ async fn dev(
     write_addr: SocketAddr,
     read_addr: SocketAddr,
     server: esq_runtime::config::ServerArgs,
+    snapshots: esq_write_svc::SnapshotArgs,
     metrics_addr: MetricsAddr,
 ) -> anyhow::Result<()> {
     let shutdown = esq_runtime::shutdown_on_signals();
@@ -99,6 +110,7 @@ async fn dev(
     config.write_addr = write_addr;
     config.read_addr = read_addr;
     config.shutdown_grace = server.shutdown_grace;
+    config.snapshot_every = snapshots.snapshot_every;
     config.metrics_addr = metrics_addr.0;
     let stack = DevStack::start(config, shutdown).await?;
     println!("esq dev is running (Ctrl-C to stop)");

@@ -19,8 +19,8 @@ pub mod ids;
 pub mod projection;
 pub mod registry;
 pub mod replay;
-pub mod snapshot;
 pub mod sku_sales;
+pub mod snapshot;
 pub mod state;
 pub mod upcast;
 

@@ -276,7 +276,10 @@ mod tests {
         assert_eq!(fingerprint::<Cart>(), fingerprint::<Cart>());
         assert_ne!(fingerprint::<Cart>(), fingerprint::<Book>());
         assert!(fingerprint::<Cart>().starts_with("cart-"));
-        assert_eq!(&*fingerprint::<Cart>(), compute_fingerprint::<Cart>().as_str());
+        assert_eq!(
+            &*fingerprint::<Cart>(),
+            compute_fingerprint::<Cart>().as_str()
+        );
     }
 
     proptest! {

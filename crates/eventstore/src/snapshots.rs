@@ -91,11 +91,18 @@ pub async fn check<S: Snapshots>(store: &S, prefix: &str) {
         fingerprint: String::new(),
         state: (0..600_000u32).map(|i| (i % 251) as u8).collect(),
     };
-    store.write_snapshot(&longer, &big).await.expect("write big");
+    store
+        .write_snapshot(&longer, &big)
+        .await
+        .expect("write big");
     assert_eq!(store.read_snapshot(&longer).await.expect("read"), Some(big));
     assert_eq!(store.read_snapshot(&book).await.expect("read"), None);
     assert_eq!(
-        store.read_snapshot(&a).await.expect("read").map(|s| s.version),
+        store
+            .read_snapshot(&a)
+            .await
+            .expect("read")
+            .map(|s| s.version),
         Some(3)
     );
 }

@@ -75,7 +75,11 @@ impl Snapshots for CqlStore {
         }))
     }
 
-    async fn write_snapshot(&self, stream: &StreamId, snapshot: &Snapshot) -> Result<(), StoreError> {
+    async fn write_snapshot(
+        &self,
+        stream: &StreamId,
+        snapshot: &Snapshot,
+    ) -> Result<(), StoreError> {
         let inner = &self.inner;
         let version = i64::try_from(snapshot.version).map_err(|_| {
             StoreError::Internal(format!("snapshot version {} too large", snapshot.version))

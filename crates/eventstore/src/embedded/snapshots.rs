@@ -51,7 +51,11 @@ impl Snapshots for EmbeddedStore {
         .await
     }
 
-    async fn write_snapshot(&self, stream: &StreamId, snapshot: &Snapshot) -> Result<(), StoreError> {
+    async fn write_snapshot(
+        &self,
+        stream: &StreamId,
+        snapshot: &Snapshot,
+    ) -> Result<(), StoreError> {
         let key = stream.key();
         let row = encode(&StoredSnapshot {
             version: snapshot.version,
