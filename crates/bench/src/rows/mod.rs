@@ -10,6 +10,7 @@ use std::pin::Pin;
 
 pub mod fixtures;
 pub mod getcart;
+pub mod snapshots;
 
 /// A boxed row future.
 pub type RowFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Vec<Line>>> + Send + 'a>>;
@@ -37,10 +38,16 @@ macro_rules! row {
 
 /// Every row group that exists, in no particular order (the report follows [`PLANNED`]).
 pub fn all() -> Vec<Row> {
-    vec![row!(
-        getcart,
-        "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak vs raw HGETALL"
-    )]
+    vec![
+        row!(
+            getcart,
+            "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak vs raw HGETALL"
+        ),
+        row!(
+            snapshots,
+            "AddItem on a 2,000-event cart vs a 10-event cart (CQL, CQL without snapshots, embedded)"
+        ),
+    ]
 }
 
 /// A group of the table and the lines it will fill.
