@@ -22,23 +22,62 @@ const SKUS: [&str; 3] = ["a", "b", "c"];
 /// What the cart must hold: units per SKU.
 type Model = BTreeMap<&'static str, i64>;
 
-/// Adds [`ADDS`] items to `id` (every third with a command id), returning the model.
+/// Runs `call` until it answers something else than UNAVAILABLE (an overloaded store on a
+/// busy machine; every command here carries a command id, so a retry is safe), for a minute.
+async fn retrying<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match call().await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(e) if e.code() == Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                eprintln!("retrying after {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// AddItem with `command_id`, retried on UNAVAILABLE; the cart's version afterwards.
+async fn add_with_id(c: &Clients, id: &str, sku: &str, command_id: &str) -> u64 {
+    let mut request = add(id, sku, 1, 10);
+    request.command_id = command_id.into();
+    retrying(|| c.carts.clone().add_item(request.clone()))
+        .await
+        .expect("add")
+        .version
+}
+
+/// RemoveItem with `command_id`, retried on UNAVAILABLE.
+async fn remove_with_id(
+    c: &Clients,
+    id: &str,
+    sku: &str,
+    quantity: i64,
+    command_id: &str,
+) -> Result<u64, tonic::Status> {
+    let request = cart::RemoveItemRequest {
+        cart_id: id.into(),
+        sku: sku.into(),
+        quantity,
+        command_id: command_id.into(),
+        ..Default::default()
+    };
+    retrying(|| c.carts.clone().remove_item(request.clone()))
+        .await
+        .map(|r| r.version)
+}
+
+/// Adds [`ADDS`] items to `id` (each command with an id of its own), returning the model.
 async fn fill(c: &Clients, id: &str) -> Model {
     let mut model = Model::new();
     for i in 0..ADDS {
         let sku = SKUS[(i % 3) as usize];
-        let mut request = add(id, sku, 1, 10);
-        if i % 3 == 0 {
-            request.command_id = format!("cmd-{i}");
-        }
-        let version = c
-            .carts
-            .clone()
-            .add_item(request)
-            .await
-            .expect("add")
-            .into_inner()
-            .version;
+        let version = add_with_id(c, id, sku, &format!("cmd-{i}")).await;
         assert_eq!(version, i + 1);
         *model.entry(sku).or_default() += 1;
     }
@@ -50,56 +89,25 @@ async fn fill(c: &Clients, id: &str) -> Model {
 async fn check_after_restart(c: &Clients, id: &str, mut model: Model) {
     // A retry of a command folded into the snapshot long ago: its original version, nothing
     // appended.
-    let mut retry = add(id, "a", 1, 10);
-    retry.command_id = "cmd-3".into();
-    let version = c
-        .carts
-        .clone()
-        .add_item(retry)
-        .await
-        .expect("retry")
-        .into_inner()
-        .version;
-    assert_eq!(version, 4, "the retry answers the original's version");
+    assert_eq!(
+        add_with_id(c, id, "a", "cmd-3").await,
+        4,
+        "the retry answers the original's version"
+    );
 
     // Removing one unit more than the cart holds is refused; exactly what it holds is not.
     let held = model["b"];
-    let too_many = c
-        .carts
-        .clone()
-        .remove_item(cart::RemoveItemRequest {
-            cart_id: id.into(),
-            sku: "b".into(),
-            quantity: held + 1,
-            ..Default::default()
-        })
+    let too_many = remove_with_id(c, id, "b", held + 1, "too-many")
         .await
         .expect_err("more than the cart holds");
     assert_eq!(too_many.code(), Code::FailedPrecondition, "{too_many:?}");
-    let mut version = c
-        .carts
-        .clone()
-        .remove_item(cart::RemoveItemRequest {
-            cart_id: id.into(),
-            sku: "b".into(),
-            quantity: held,
-            ..Default::default()
-        })
+    let mut version = remove_with_id(c, id, "b", held, "all-of-b")
         .await
-        .expect("remove all of b")
-        .into_inner()
-        .version;
+        .expect("remove all of b");
     assert_eq!(version, ADDS + 1);
     model.remove("b");
     for i in 0..5 {
-        version = c
-            .carts
-            .clone()
-            .add_item(add(id, "c", 1, 10))
-            .await
-            .expect("add after restart")
-            .into_inner()
-            .version;
+        version = add_with_id(c, id, "c", &format!("after-{i}")).await;
         assert_eq!(version, ADDS + 2 + i);
         *model.entry("c").or_default() += 1;
     }

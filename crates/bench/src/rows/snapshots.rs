@@ -39,9 +39,18 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
         .start_cluster(vec![("ESQ_SNAPSHOT_EVERY".into(), "0".into())])
         .await?;
     let watch = off.watch_only(&["write-svc", "cassandra"]);
-    let line = compare(ctx, "CQL, snapshots off", off.write_channel.clone(), &watch, long).await;
+    let line = compare(
+        ctx,
+        "CQL, snapshots off",
+        off.write_channel.clone(),
+        &watch,
+        long,
+    )
+    .await;
     off.cleanup(ctx).await?;
-    lines.push(line?.note("the same with ESQ_SNAPSHOT_EVERY=0: every command folds the whole stream"));
+    lines.push(
+        line?.note("the same with ESQ_SNAPSHOT_EVERY=0: every command folds the whole stream"),
+    );
 
     let dev = ctx.dev().await?;
     let watch = vec![dev.watched()];
