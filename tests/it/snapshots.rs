@@ -46,10 +46,13 @@ where
 async fn add_with_id(c: &Clients, id: &str, sku: &str, command_id: &str) -> u64 {
     let mut request = add(id, sku, 1, 10);
     request.command_id = command_id.into();
-    retrying(|| c.carts.clone().add_item(request.clone()))
-        .await
-        .expect("add")
-        .version
+    retrying(|| {
+        let (mut carts, request) = (c.carts.clone(), request.clone());
+        async move { carts.add_item(request).await }
+    })
+    .await
+    .expect("add")
+    .version
 }
 
 /// RemoveItem with `command_id`, retried on UNAVAILABLE.
@@ -67,9 +70,12 @@ async fn remove_with_id(
         command_id: command_id.into(),
         ..Default::default()
     };
-    retrying(|| c.carts.clone().remove_item(request.clone()))
-        .await
-        .map(|r| r.version)
+    retrying(|| {
+        let (mut carts, request) = (c.carts.clone(), request.clone());
+        async move { carts.remove_item(request).await }
+    })
+    .await
+    .map(|r| r.version)
 }
 
 /// Adds [`ADDS`] items to `id` (each command with an id of its own), returning the model.

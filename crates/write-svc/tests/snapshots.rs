@@ -269,8 +269,10 @@ async fn untrusted_snapshots_are_ignored<S: EventStore + Snapshots>(store: Arc<S
         .execute::<Cart>(&other, &add("Z"), options(""))
         .await
         .expect("add");
-    let mut wrong = SnapshotState::default();
-    wrong.folded = full.state::<Cart>(&other).await.expect("fold").0;
+    let mut wrong = SnapshotState {
+        folded: full.state::<Cart>(&other).await.expect("fold").0,
+        ..SnapshotState::default()
+    };
     wrong
         .folded
         .doc
