@@ -14,6 +14,7 @@ mod metrics;
 mod operator;
 mod parked;
 mod replay;
+mod snapshots;
 mod startup;
 mod suite;
 mod transport;

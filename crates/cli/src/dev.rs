@@ -40,6 +40,8 @@ pub struct DevConfig {
     pub shutdown_grace: std::time::Duration,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None` serves none.
     pub metrics_addr: Option<SocketAddr>,
+    /// Aggregate snapshots every this many events (0: off), see `esq_write_svc::Config`.
+    pub snapshot_every: u64,
 }
 
 impl DevConfig {
@@ -58,6 +60,7 @@ impl DevConfig {
             read: esq_read_svc::Config::default(),
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
             metrics_addr: None,
+            snapshot_every: esq_write_svc::commands::DEFAULT_SNAPSHOT_EVERY,
         }
     }
 }
@@ -123,6 +126,7 @@ impl DevStack {
         });
         let write_config = esq_write_svc::Config {
             shutdown_grace: config.shutdown_grace,
+            snapshot_every: config.snapshot_every,
             ..esq_write_svc::Config::default()
         };
         // read-svc's temporal queries read the same embedded store, read only.

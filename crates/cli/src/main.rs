@@ -44,6 +44,8 @@ enum Command {
         group_commit_max: u32,
         #[command(flatten)]
         server: esq_runtime::config::ServerArgs,
+        #[command(flatten)]
+        snapshots: esq_write_svc::SnapshotArgs,
         /// Where to serve Prometheus metrics (GET /metrics); `off` serves none.
         #[arg(long, env = "ESQ_METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
         metrics_addr: MetricsAddr,
@@ -81,14 +83,23 @@ async fn main() -> ExitCode {
             read_addr,
             group_commit_max,
             server,
+            snapshots,
             metrics_addr,
         } => {
             let store = esq_eventstore::embedded::Options {
                 group_max_appends: group_commit_max as usize,
             };
-            dev(data_dir, write_addr, read_addr, store, server, metrics_addr)
-                .await
-                .map(|()| ExitCode::SUCCESS)
+            dev(
+                data_dir,
+                write_addr,
+                read_addr,
+                store,
+                server,
+                snapshots,
+                metrics_addr,
+            )
+            .await
+            .map(|()| ExitCode::SUCCESS)
         }
     };
     outcome.unwrap_or_else(|e| {
@@ -103,6 +114,7 @@ async fn dev(
     read_addr: SocketAddr,
     store: esq_eventstore::embedded::Options,
     server: esq_runtime::config::ServerArgs,
+    snapshots: esq_write_svc::SnapshotArgs,
     metrics_addr: MetricsAddr,
 ) -> anyhow::Result<()> {
     let shutdown = esq_runtime::shutdown_on_signals();
@@ -111,6 +123,7 @@ async fn dev(
     config.read_addr = read_addr;
     config.store = store;
     config.shutdown_grace = server.shutdown_grace;
+    config.snapshot_every = snapshots.snapshot_every;
     config.metrics_addr = metrics_addr.0;
     let stack = DevStack::start(config, shutdown).await?;
     println!("esq dev is running (Ctrl-C to stop)");

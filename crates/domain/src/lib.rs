@@ -20,6 +20,7 @@ pub mod projection;
 pub mod registry;
 pub mod replay;
 pub mod sku_sales;
+pub mod snapshot;
 pub mod state;
 pub mod upcast;
 

@@ -59,6 +59,8 @@ use std::sync::{Arc, Weak};
 use tokio::sync::{mpsc, oneshot, RwLock};
 use uuid::Uuid;
 
+mod snapshots;
+
 /// Name of the database file inside the store's directory.
 pub const DB_FILE_NAME: &str = "events.redb";
 

@@ -11,6 +11,9 @@ pub mod cql;
 pub mod embedded;
 pub mod history;
 mod repeat;
+pub mod snapshots;
+
+pub use snapshots::{Snapshot, Snapshots};
 
 use esq_domain::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId, StreamInfo};
 use std::future::Future;

@@ -1090,3 +1090,12 @@ impl FrameProxy {
         self.state.lock().expect("lock").swallowed
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_pass_their_checks() {
+    let Some(node) = node("snapshots_pass_their_checks") else {
+        return;
+    };
+    let store = connect(config("snap", &node)).await;
+    esq_eventstore::snapshots::check(&store, "s1").await;
+}

@@ -28,7 +28,9 @@
 //! fixed by the deployment.
 
 use esq_domain::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId, StreamInfo};
-use esq_eventstore::{ChangeFeed, ChangePage, EventStore, ReadRequest, StoreError, StreamPage};
+use esq_eventstore::{
+    ChangeFeed, ChangePage, EventStore, ReadRequest, Snapshot, Snapshots, StoreError, StreamPage,
+};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -643,6 +645,28 @@ impl<S: EventStore> EventStore for Metered<S> {
 
     async fn ping(&self) -> Result<(), StoreError> {
         store().time("event", "ping", self.0.ping()).await
+    }
+}
+
+impl<S: Snapshots> Snapshots for Metered<S> {
+    async fn read_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        store()
+            .time("event", "read_snapshot", self.0.read_snapshot(stream))
+            .await
+    }
+
+    async fn write_snapshot(
+        &self,
+        stream: &StreamId,
+        snapshot: &Snapshot,
+    ) -> Result<(), StoreError> {
+        store()
+            .time(
+                "event",
+                "write_snapshot",
+                self.0.write_snapshot(stream, snapshot),
+            )
+            .await
     }
 }
 

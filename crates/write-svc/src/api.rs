@@ -13,7 +13,7 @@ use esq_domain::contract;
 use esq_domain::replay;
 use esq_domain::state::{state_json, StateProjection};
 use esq_eventstore::history::{fold_at, AsOf};
-use esq_eventstore::{ChangeFeed, Direction, EventStore, ReadRequest};
+use esq_eventstore::{ChangeFeed, Direction, EventStore, ReadRequest, Snapshots};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
@@ -69,7 +69,7 @@ pub struct EventStoreApi<S> {
     subscribe_poll: Duration,
 }
 
-impl<S: EventStore + ChangeFeed> EventStoreApi<S> {
+impl<S: EventStore + ChangeFeed + Snapshots> EventStoreApi<S> {
     /// Serves `store`, calling `nudge` after each successful append; `executor` checks and
     /// appends events to the stream types an aggregate owns; subscriptions poll the store's
     /// change feed every `subscribe_poll` once caught up.
@@ -90,7 +90,9 @@ impl<S: EventStore + ChangeFeed> EventStoreApi<S> {
 }
 
 #[tonic::async_trait]
-impl<S: EventStore + ChangeFeed> pb::event_store_server::EventStore for EventStoreApi<S> {
+impl<S: EventStore + ChangeFeed + Snapshots> pb::event_store_server::EventStore
+    for EventStoreApi<S>
+{
     async fn append(
         &self,
         request: Request<pb::AppendRequest>,

@@ -6,13 +6,19 @@
 //! so a process never loses a race against itself. A race lost to another process (another
 //! write-svc replica) is retried on the new state after a jittered, growing backoff, for as long
 //! as the call's deadline allows; only then does the caller see ABORTED.
+//!
+//! **Snapshots.** Loading starts from the stream's snapshot when one may be trusted (see
+//! [`Executor::load`] and `esq_domain::snapshot`), so a command folds only the events after it;
+//! a load that folded [`SnapshotPolicy::every`] events or more past its starting point writes a
+//! new snapshot in the background (bounded, best effort: it never delays or fails a command).
 
 use crate::error::status_from_store;
 use crate::Nudge;
 use esq::convert::status_from_domain;
 use esq_domain::aggregate::{self, Aggregate, Folded};
+use esq_domain::snapshot::{self as snap, SeenIds, SnapshotState};
 use esq_domain::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
-use esq_eventstore::{EventStore, ReadRequest, StoreError};
+use esq_eventstore::{EventStore, ReadRequest, Snapshot, Snapshots, StoreError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +28,16 @@ use uuid::Uuid;
 pub use esq_domain::event::COMMAND_ID_KEY;
 /// Events read per page while loading an aggregate.
 const LOAD_PAGE: u32 = 1000;
+/// Events read from the start of a stream while its snapshot is read, at the same time: a
+/// stream that ends within them is folded from them, with no snapshot needed and no round
+/// trip added.
+const HEAD_PAGE: u32 = 32;
+/// Default of [`SnapshotPolicy::every`] (`--snapshot-every`): measured on AddItem to a long
+/// cart, see ARCHITECTURE.md ("Aggregate snapshots").
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100;
+/// Snapshot writes in flight at once per executor; a snapshot due while all are busy is
+/// skipped (the next load past the interval offers it again).
+const SNAPSHOT_WRITES: usize = 4;
 /// How long a call without a deadline keeps retrying races lost to other processes.
 pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(10);
 /// First backoff after a lost race; it doubles up to [`MAX_BACKOFF`], each wait jittered.
@@ -36,6 +52,7 @@ pub struct Executor<S> {
     store: Arc<S>,
     nudge: Option<Nudge>,
     queues: Arc<StreamQueues>,
+    snapshots: SnapshotPolicy,
 }
 
 impl<S> Clone for Executor<S> {
@@ -44,8 +61,20 @@ impl<S> Clone for Executor<S> {
             store: Arc::clone(&self.store),
             nudge: self.nudge.clone(),
             queues: Arc::clone(&self.queues),
+            snapshots: self.snapshots.clone(),
         }
     }
+}
+
+/// When the executor takes aggregate snapshots.
+#[derive(Clone)]
+struct SnapshotPolicy {
+    /// A load that folded at least this many events past its starting point (the snapshot it
+    /// started from, or version 0) writes a snapshot; 0 turns snapshots off, reading and
+    /// writing.
+    every: u64,
+    /// Bounds the snapshot writes in flight.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// What a command asks of the executor besides the domain command itself.
@@ -73,14 +102,50 @@ impl<T> Attempt<T> {
     }
 }
 
-impl<S: EventStore> Executor<S> {
-    /// An executor over `store`, calling `nudge` after each append.
+impl<S: EventStore + Snapshots> Executor<S> {
+    /// An executor over `store`, calling `nudge` after each append, taking snapshots every
+    /// [`DEFAULT_SNAPSHOT_EVERY`] events.
     pub fn new(store: Arc<S>, nudge: Option<Nudge>) -> Self {
         Self {
             store,
             nudge,
             queues: Arc::default(),
+            snapshots: SnapshotPolicy {
+                every: DEFAULT_SNAPSHOT_EVERY,
+                slots: Arc::new(tokio::sync::Semaphore::new(SNAPSHOT_WRITES)),
+            },
         }
+    }
+
+    /// Takes a snapshot once a load folded `every` events past its starting point; 0 turns
+    /// snapshots off (loads fold whole streams and ignore stored snapshots).
+    pub fn with_snapshot_every(mut self, every: u64) -> Self {
+        self.snapshots.every = every;
+        self
+    }
+
+    /// The aggregate's document as a command would be decided on (the stream folded, from a
+    /// snapshot when one may be trusted), and whether a snapshot was used.
+    pub async fn state<A: Aggregate>(&self, stream: &StreamId) -> Result<(Folded, bool), Status> {
+        let loaded = self.load::<A>(stream, "", &[]).await?;
+        Ok((loaded.folded, loaded.base > 0))
+    }
+
+    /// Writes the aggregate's snapshot at its current version now (not in the background);
+    /// returns its version, `None` for an empty stream. For tests and tools.
+    pub async fn snapshot_now<A: Aggregate>(
+        &self,
+        stream: &StreamId,
+    ) -> Result<Option<u64>, Status> {
+        let loaded = self.load::<A>(stream, "", &[]).await?;
+        let Some((snapshot, version)) = snapshot_of::<A>(loaded) else {
+            return Ok(None);
+        };
+        self.store
+            .write_snapshot(stream, &snapshot)
+            .await
+            .map_err(status_from_store)?;
+        Ok(Some(version))
     }
 
     /// Loads the aggregate, decides, appends; returns the aggregate's version afterwards.
@@ -325,6 +390,12 @@ impl<S: EventStore> Executor<S> {
 
     /// Folds the stream through `A`'s projection; also finds where `command_id` last took
     /// effect and which stored events carry the ids of `probe`.
+    ///
+    /// With snapshots on, the snapshot and the stream's first [`HEAD_PAGE`] events are read at
+    /// once. A stream that ends within them is folded from them. Otherwise the snapshot is used
+    /// when [`Executor::resume`] trusts it, and the fold continues after it; else the whole
+    /// stream is folded. A load that folded [`SnapshotPolicy::every`] events or more past its
+    /// starting point offers a snapshot ([`Executor::offer_snapshot`]).
     async fn load<A: Aggregate>(
         &self,
         stream: &StreamId,
@@ -338,27 +409,58 @@ impl<S: EventStore> Executor<S> {
             .map(|(i, e)| (e.event_id, i))
             .collect();
         let mut loaded = Loaded::default();
-        loop {
-            let page = self
-                .store
-                .read(
-                    stream,
-                    ReadRequest::forwards(loaded.folded.version + 1, LOAD_PAGE),
-                )
-                .await
-                .map_err(status_from_store)?;
-            let full = page.len() == LOAD_PAGE as usize;
-            for e in &page {
-                // Deciding on a state this server cannot fully read would break the rules.
-                if let Some(known) = esq_domain::upcast::current_schema_version(&e.event_type) {
-                    if e.schema_version > known {
-                        return Err(Status::failed_precondition(format!(
-                            "stream {stream} holds {} schema version {} at version {}; this \
-                             server understands up to schema version {known}",
-                            e.event_type, e.schema_version, e.version
-                        )));
-                    }
+        // The next page to fold, and whether the stream may go on after it.
+        let mut next: Option<(Vec<RecordedEvent>, bool)> = None;
+        if self.snapshots.every > 0 {
+            let (snapshot, head) = tokio::join!(
+                self.store.read_snapshot(stream),
+                self.store.read(stream, ReadRequest::forwards(1, HEAD_PAGE)),
+            );
+            let head = head.map_err(status_from_store)?;
+            let full = head.len() == HEAD_PAGE as usize;
+            if full {
+                if let Some((state, tail, more)) = self
+                    .resume::<A>(stream, snapshot, command_id, &wanted)
+                    .await?
+                {
+                    loaded.base = state.folded.version;
+                    loaded.folded = state.folded;
+                    loaded.seen = state.seen;
+                    next = Some((tail, more));
                 }
+            }
+            if next.is_none() {
+                next = Some((head, full));
+            }
+        }
+        loop {
+            let (full_page, more) = match next.take() {
+                Some(page) => page,
+                None => {
+                    let page = self
+                        .store
+                        .read(
+                            stream,
+                            ReadRequest::forwards(loaded.folded.version + 1, LOAD_PAGE),
+                        )
+                        .await
+                        .map_err(status_from_store)?;
+                    let more = page.len() == LOAD_PAGE as usize;
+                    (page, more)
+                }
+            };
+            // Deciding on a state this server cannot fully read would break the rules: the
+            // fold stops at the first event, in version order (whatever the paging), that is
+            // of a schema newer than this server reads or that the projection cannot apply.
+            let newer = full_page.iter().position(|e| {
+                esq_domain::upcast::current_schema_version(&e.event_type)
+                    .is_some_and(|known| e.schema_version > known)
+            });
+            let page = match newer {
+                Some(i) => &full_page[..i],
+                None => &full_page[..],
+            };
+            for e in page {
                 if !command_id.is_empty()
                     && e.metadata.get(COMMAND_ID_KEY).map(String::as_str) == Some(command_id)
                 {
@@ -367,17 +469,146 @@ impl<S: EventStore> Executor<S> {
                 if let Some(&i) = wanted.get(&e.event_id) {
                     loaded.repeats.push((i, e.clone()));
                 }
+                if self.snapshots.every > 0 {
+                    loaded.seen.note(e);
+                }
             }
             // An event the aggregate's own projection cannot read: no decision on that state.
             loaded
                 .folded
-                .extend(&projection, &page)
+                .extend(&projection, page)
                 .map_err(|e| status_from_store(e.into()))?;
-            if !full {
+            if newer.is_some() {
+                let e = &full_page[page.len()];
+                let known = esq_domain::upcast::current_schema_version(&e.event_type).unwrap_or(0);
+                return Err(Status::failed_precondition(format!(
+                    "stream {stream} holds {} schema version {} at version {}; this server \
+                     understands up to schema version {known}",
+                    e.event_type, e.schema_version, e.version
+                )));
+            }
+            if let Some(last) = page.last() {
+                loaded.last_event_id = last.event_id;
+            }
+            if !more {
+                self.offer_snapshot::<A>(stream, &loaded);
                 return Ok(loaded);
             }
         }
     }
+
+    /// The stream's snapshot as a starting point, if it may be trusted: of `A`'s fingerprint,
+    /// decoding (checksum), at a version the stream holds with the same event there (read
+    /// back with the events after it, which are returned, with whether more may follow), and
+    /// with none of the ids the load looks for (`command_id`, `wanted`) possibly among the
+    /// events it covers — a possible match means a full fold, so those answers stay exact.
+    /// Anything else is `None`, and the caller folds the whole stream.
+    async fn resume<A: Aggregate>(
+        &self,
+        stream: &StreamId,
+        snapshot: Result<Option<Snapshot>, StoreError>,
+        command_id: &str,
+        wanted: &HashMap<Uuid, usize>,
+    ) -> Result<Option<(SnapshotState, Vec<RecordedEvent>, bool)>, Status> {
+        let snapshot = match snapshot {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                // A cache that cannot be read: fold the events (which may fail the same way).
+                tracing::debug!(%stream, error = %e, "snapshot not readable: full fold");
+                return Ok(None);
+            }
+        };
+        if *snap::fingerprint::<A>() != *snapshot.fingerprint || snapshot.version == 0 {
+            tracing::debug!(%stream, fingerprint = %snapshot.fingerprint, "snapshot of other fold semantics ignored");
+            return Ok(None);
+        }
+        let Some(state) =
+            SnapshotState::decode(&snapshot.state).filter(|s| s.folded.version == snapshot.version)
+        else {
+            tracing::warn!(%stream, version = snapshot.version, "corrupt snapshot ignored");
+            return Ok(None);
+        };
+        let maybe_seen = (!command_id.is_empty()
+            && state.seen.may_contain(snap::command_key(command_id)))
+            || wanted
+                .keys()
+                .any(|id| state.seen.may_contain(snap::event_key(id)));
+        if maybe_seen {
+            return Ok(None);
+        }
+        let page = self
+            .store
+            .read(stream, ReadRequest::forwards(snapshot.version, LOAD_PAGE))
+            .await
+            .map_err(status_from_store)?;
+        let more = page.len() == LOAD_PAGE as usize;
+        match page.first() {
+            Some(first)
+                if first.version == snapshot.version && first.event_id == snapshot.event_id =>
+            {
+                let tail = page[1..].to_vec();
+                Ok(Some((state, tail, more)))
+            }
+            _ => {
+                tracing::warn!(%stream, version = snapshot.version, "snapshot not of this stream's history (ahead of it, or another event at its version): ignored");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes a snapshot of `loaded` in the background if it folded [`SnapshotPolicy::every`]
+    /// events or more past its starting point and a write slot is free. Never waits, never
+    /// fails the caller: a failed write is logged and the next load offers one again.
+    fn offer_snapshot<A: Aggregate>(&self, stream: &StreamId, loaded: &Loaded) {
+        let every = self.snapshots.every;
+        if every == 0 || loaded.folded.version < loaded.base.saturating_add(every) {
+            return;
+        }
+        let Ok(slot) = Arc::clone(&self.snapshots.slots).try_acquire_owned() else {
+            tracing::debug!(%stream, "snapshot writes busy: snapshot skipped");
+            return;
+        };
+        let store = Arc::clone(&self.store);
+        let stream = stream.clone();
+        let loaded = Loaded {
+            folded: loaded.folded.clone(),
+            seen: loaded.seen.clone(),
+            last_event_id: loaded.last_event_id,
+            base: loaded.base,
+            ..Loaded::default()
+        };
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Some((snapshot, version)) = snapshot_of::<A>(loaded) {
+                match store.write_snapshot(&stream, &snapshot).await {
+                    Ok(()) => tracing::debug!(%stream, version, "snapshot written"),
+                    Err(e) => tracing::warn!(%stream, version, error = %e, "snapshot not written"),
+                }
+            }
+        });
+    }
+}
+
+/// The snapshot of a loaded aggregate and its version; `None` for an empty stream.
+fn snapshot_of<A: Aggregate>(loaded: Loaded) -> Option<(Snapshot, u64)> {
+    let version = loaded.folded.version;
+    if version == 0 {
+        return None;
+    }
+    let mut state = SnapshotState {
+        folded: loaded.folded,
+        seen: loaded.seen,
+    };
+    Some((
+        Snapshot {
+            version,
+            event_id: loaded.last_event_id,
+            fingerprint: snap::fingerprint::<A>().to_string(),
+            state: state.encode(),
+        },
+        version,
+    ))
 }
 
 /// What [`Executor::find_appended`] found after the append's version.
@@ -393,6 +624,12 @@ struct Loaded {
     command_done: Option<u64>,
     /// Stored events whose ids an append carries, with the index in the append.
     repeats: Vec<(usize, RecordedEvent)>,
+    /// The version of the snapshot the fold started from (0: from the first event).
+    base: u64,
+    /// The ids of events `1..=folded.version` (only with snapshots on).
+    seen: SeenIds,
+    /// The id of the event at `folded.version`.
+    last_event_id: Uuid,
 }
 
 /// One FIFO queue per stream with work in flight in this process.

@@ -9,7 +9,7 @@ use esq_domain::bookshop::{self, Book, BookCommand};
 use esq_domain::cart::{Cart, CartCommand};
 use esq_domain::ids::validate_id;
 use esq_domain::{DomainError, StreamId};
-use esq_eventstore::EventStore;
+use esq_eventstore::{EventStore, Snapshots};
 use tonic::{Request, Response, Status};
 
 /// Longest accepted idempotency key, in bytes.
@@ -44,7 +44,7 @@ fn cart_stream(cart_id: &str) -> Result<StreamId, Status> {
 /// The `esq.cart.v1.CartCommands` service.
 pub struct CartCommandsApi<S>(pub Executor<S>);
 
-impl<S: EventStore> CartCommandsApi<S> {
+impl<S: EventStore + Snapshots> CartCommandsApi<S> {
     async fn run(
         &self,
         cart_id: &str,
@@ -71,7 +71,7 @@ impl<S: EventStore> CartCommandsApi<S> {
 }
 
 #[tonic::async_trait]
-impl<S: EventStore> cart_pb::cart_commands_server::CartCommands for CartCommandsApi<S> {
+impl<S: EventStore + Snapshots> cart_pb::cart_commands_server::CartCommands for CartCommandsApi<S> {
     async fn add_item(
         &self,
         request: Request<cart_pb::AddItemRequest>,
@@ -133,7 +133,7 @@ impl<S: EventStore> cart_pb::cart_commands_server::CartCommands for CartCommands
 /// The `esq.bookshop.v1.BookCommands` service.
 pub struct BookCommandsApi<S>(pub Executor<S>);
 
-impl<S: EventStore> BookCommandsApi<S> {
+impl<S: EventStore + Snapshots> BookCommandsApi<S> {
     async fn run(
         &self,
         isbn: &str,
@@ -165,7 +165,7 @@ impl<S: EventStore> BookCommandsApi<S> {
 }
 
 #[tonic::async_trait]
-impl<S: EventStore> book_pb::book_commands_server::BookCommands for BookCommandsApi<S> {
+impl<S: EventStore + Snapshots> book_pb::book_commands_server::BookCommands for BookCommandsApi<S> {
     async fn create_book(
         &self,
         request: Request<book_pb::CreateBookRequest>,

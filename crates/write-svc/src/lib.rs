@@ -19,7 +19,7 @@ use esq::pb::bookshop::v1::book_commands_server::BookCommandsServer;
 use esq::pb::cart::v1::cart_commands_server::CartCommandsServer;
 use esq::pb::v1::event_store_server::EventStoreServer;
 use esq_domain::StreamId;
-use esq_eventstore::{ChangeFeed, EventStore};
+use esq_eventstore::{ChangeFeed, EventStore, Snapshots};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -53,6 +53,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How often a live subscription (`EventStore/Subscribe`) polls the change feed.
     pub subscribe_poll: Duration,
+    /// Aggregate snapshots: a command whose load folded this many events past its starting
+    /// point writes one in the background (0: off). See [`commands::DEFAULT_SNAPSHOT_EVERY`].
+    pub snapshot_every: u64,
 }
 
 impl Default for Config {
@@ -61,17 +64,29 @@ impl Default for Config {
             health_probe: Duration::from_secs(1),
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
             subscribe_poll: Duration::from_millis(100),
+            snapshot_every: commands::DEFAULT_SNAPSHOT_EVERY,
         }
     }
 }
 
+/// The aggregate snapshot flag, shared by `write-svc` and `esq dev`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SnapshotArgs {
+    /// Aggregate snapshots: a command whose load folded this many events past the stream's
+    /// last snapshot writes a new one in the background, so commands on long streams fold only
+    /// the events after it. 0 turns snapshots off.
+    #[arg(long, env = "ESQ_SNAPSHOT_EVERY", default_value_t = commands::DEFAULT_SNAPSHOT_EVERY)]
+    pub snapshot_every: u64,
+}
+
 /// The gRPC routes of write-svc, for embedding in a larger server.
-pub fn routes<S: EventStore + ChangeFeed>(
+pub fn routes<S: EventStore + ChangeFeed + Snapshots>(
     deps: Deps<S>,
     config: &Config,
 ) -> tonic::service::Routes {
     let max = esq_runtime::MAX_REQUEST_BYTES;
-    let executor = commands::Executor::new(Arc::clone(&deps.store), deps.nudge.clone());
+    let executor = commands::Executor::new(Arc::clone(&deps.store), deps.nudge.clone())
+        .with_snapshot_every(config.snapshot_every);
     tonic::service::Routes::new(
         EventStoreServer::new(api::EventStoreApi::new(
             deps.store,
@@ -93,7 +108,7 @@ pub fn routes<S: EventStore + ChangeFeed>(
 
 /// Serves write-svc on `listener` until `shutdown` is cancelled, then drains. Health reports
 /// NOT_SERVING while the event store says it cannot serve.
-pub async fn run<S: EventStore + ChangeFeed>(
+pub async fn run<S: EventStore + ChangeFeed + Snapshots>(
     listener: TcpListener,
     deps: Deps<S>,
     config: Config,

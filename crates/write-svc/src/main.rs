@@ -25,6 +25,8 @@ struct Args {
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
+    snapshots: esq_write_svc::SnapshotArgs,
+    #[command(flatten)]
     cql: CqlArgs,
     #[command(flatten)]
     telemetry: TelemetryArgs,
@@ -58,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = esq_runtime::bind(args.listen).await?;
     let config = esq_write_svc::Config {
         shutdown_grace: args.server.shutdown_grace,
+        snapshot_every: args.snapshots.snapshot_every,
         ..esq_write_svc::Config::default()
     };
     esq_write_svc::run(listener, deps, config, shutdown).await

@@ -11,6 +11,7 @@ use std::pin::Pin;
 pub mod embedded;
 pub mod fixtures;
 pub mod getcart;
+pub mod snapshots;
 
 /// A boxed row future.
 pub type RowFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Vec<Line>>> + Send + 'a>>;
@@ -46,6 +47,10 @@ pub fn all() -> Vec<Row> {
         row!(
             embedded,
             "esq dev AddItem c1 → c16 → c64, group commit vs groups of one (an fsync per append)"
+        ),
+        row!(
+            snapshots,
+            "AddItem on a 2,000-event cart vs a 10-event cart (CQL, CQL without snapshots, embedded)"
         ),
     ]
 }

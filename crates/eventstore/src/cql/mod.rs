@@ -64,6 +64,7 @@ mod changes;
 mod error;
 mod read;
 mod schema;
+mod snapshots;
 mod statements;
 
 pub use changes::shard_of;
@@ -264,6 +265,7 @@ pub(crate) struct Inner {
     config: CqlConfig,
     engine: Engine,
     stmts: statements::Statements,
+    snapshots: snapshots::SnapshotStatements,
     clock: changes::TimeuuidClock,
     indexed: Mutex<HashSet<(i32, i64)>>,
     cdc: Option<cdc::CdcFeed>,
@@ -284,6 +286,7 @@ impl CqlStore {
         }
         schema::ensure(&session, &config, engine).await?;
         let stmts = statements::Statements::prepare(&session, &config.keyspace).await?;
+        let snapshots = snapshots::SnapshotStatements::prepare(&session, &config.keyspace).await?;
         // The Scylla CDC feed keeps this first session for its reader even if a later one
         // replaces it for requests.
         let session = Arc::new(session);
@@ -304,6 +307,7 @@ impl CqlStore {
                 config,
                 engine,
                 stmts,
+                snapshots,
                 clock: changes::TimeuuidClock::new(),
                 indexed: Mutex::new(HashSet::new()),
                 cdc,

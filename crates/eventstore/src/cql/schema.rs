@@ -111,6 +111,9 @@ pub(crate) fn ddl(config: &CqlConfig, engine: Engine) -> Vec<String> {
              PRIMARY KEY ((shard), bucket)) WITH CLUSTERING ORDER BY (bucket ASC) \
              AND gc_grace_seconds = 3600"
         ),
+        // Aggregate snapshots, one row per stream, overwritten in place (a cache of the
+        // events, never written in an append's batch).
+        super::snapshots::ddl(ks),
     ]
 }
 
