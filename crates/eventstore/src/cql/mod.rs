@@ -266,6 +266,11 @@ pub(crate) struct Inner {
     stmts: statements::Statements,
     clock: changes::TimeuuidClock,
     indexed: Mutex<HashSet<(i32, i64)>>,
+    /// Group commit of change-log notifications ([`Inner::note_change`]).
+    notifier: changes::Notifier,
+    /// What this process knows of streams' heads and newest events
+    /// ([`append::TailCache`]), so that appends need not read them first.
+    tails: append::TailCache,
     cdc: Option<cdc::CdcFeed>,
 }
 
@@ -306,6 +311,8 @@ impl CqlStore {
                 stmts,
                 clock: changes::TimeuuidClock::new(),
                 indexed: Mutex::new(HashSet::new()),
+                notifier: changes::Notifier::default(),
+                tails: append::TailCache::new(TAIL_CACHE_EVENTS),
                 cdc,
             }),
         })
@@ -353,6 +360,9 @@ async fn open_session(config: &CqlConfig) -> Result<Session, StoreError> {
 
 /// How often a store without any connection checks whether the cluster answers again.
 const REVIVE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Events the tail cache holds at most, over all streams (about 64 bytes each).
+const TAIL_CACHE_EVENTS: usize = 65_536;
 
 impl Inner {
     /// The current driver session.
