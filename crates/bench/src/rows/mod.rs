@@ -8,6 +8,7 @@ use crate::report::Line;
 use std::future::Future;
 use std::pin::Pin;
 
+pub mod append;
 pub mod fixtures;
 pub mod getcart;
 
@@ -37,10 +38,16 @@ macro_rules! row {
 
 /// Every row group that exists, in no particular order (the report follows [`PLANNED`]).
 pub fn all() -> Vec<Row> {
-    vec![row!(
-        getcart,
-        "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak vs raw HGETALL"
-    )]
+    vec![
+        row!(
+            append,
+            "Append c16 (1 event distinct streams, one stream, 50 events) vs the raw driver"
+        ),
+        row!(
+            getcart,
+            "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak vs raw HGETALL"
+        ),
+    ]
 }
 
 /// A group of the table and the lines it will fill.

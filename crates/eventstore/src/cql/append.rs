@@ -1134,6 +1134,74 @@ mod tests {
         assert_eq!(empty.newest_recorded_at(), None);
     }
 
+    fn ids(cache: &TailCache, s: &StreamId) -> Option<(u64, Vec<u64>)> {
+        let state = cache.state();
+        let t = state.tails.get(s)?;
+        Some((t.head, t.events.iter().map(|e| e.version).collect()))
+    }
+
+    #[test]
+    fn the_tail_cache_follows_its_own_appends_and_keeps_the_window() {
+        let cache = TailCache::new(1_000);
+        let s = StreamId::new("cart", "c-1").expect("id");
+        assert!(cache.lookup(&s, &[event(1)]).is_none());
+        // A new stream: the batch alone is the window.
+        cache.applied(&s, 0, &[event(1), event(2)], 100, 3);
+        assert_eq!(ids(&cache, &s), Some((2, vec![2, 1])));
+        let known = cache.lookup(&s, &[event(1), event(2)]).expect("cached");
+        assert_eq!(known.head, 2);
+        assert_eq!(known.check, IdCheck::Candidate { first_version: 1 });
+        assert_eq!(known.newest, Some(100));
+        // Appends at the cached head extend it; the window keeps the newest 3.
+        cache.applied(&s, 2, &[event(3), event(4)], 200, 3);
+        assert_eq!(ids(&cache, &s), Some((4, vec![4, 3, 2])));
+        assert_eq!(
+            cache.lookup(&s, &[event(9)]).expect("cached").check,
+            IdCheck::New
+        );
+        // A batch somewhere else than the cached head: the window is unknown, dropped.
+        cache.applied(&s, 7, &[event(8)], 300, 3);
+        assert_eq!(ids(&cache, &s), None);
+        // ...unless the batch alone fills the window.
+        cache.applied(&s, 7, &[event(8), event(9), event(10)], 300, 3);
+        assert_eq!(ids(&cache, &s), Some((10, vec![10, 9, 8])));
+        cache.forget(&s);
+        assert!(cache.lookup(&s, &[event(1)]).is_none());
+    }
+
+    #[test]
+    fn the_tail_cache_keeps_the_newest_read_and_stays_bounded() {
+        let cache = TailCache::new(10);
+        let s = StreamId::new("cart", "c-1").expect("id");
+        cache.store(&s, &tail());
+        assert_eq!(ids(&cache, &s), Some((4, vec![4, 3, 2, 1])));
+        // An older read (a slow reply) does not replace a newer picture.
+        let older = Tail {
+            head: 2,
+            events: tail().events[2..].to_vec(),
+        };
+        cache.store(&s, &older);
+        assert_eq!(ids(&cache, &s).map(|(h, _)| h), Some(4));
+        // Streams with no events are not remembered.
+        let empty = StreamId::new("cart", "empty").expect("id");
+        cache.store(
+            &empty,
+            &Tail {
+                head: 0,
+                events: vec![],
+            },
+        );
+        assert!(ids(&cache, &empty).is_none());
+        for i in 0..50 {
+            let other = StreamId::new("cart", format!("o-{i}")).expect("id");
+            cache.applied(&other, 0, &[event(1000 + i), event(2000 + i)], 1, 100);
+            let state = cache.state();
+            assert!(state.events <= 10, "{} events cached", state.events);
+            let counted: usize = state.tails.values().map(|t| t.events.len()).sum();
+            assert_eq!(counted, state.events);
+        }
+    }
+
     #[test]
     fn backoff_is_bounded() {
         for attempt in 1..100 {

@@ -622,6 +622,72 @@ mod tests {
         assert!(Position::parse("12:not-a-uuid").is_err());
     }
 
+    fn pending(n: i64) -> (Pending, oneshot::Receiver<Result<Noted, StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        let p = Pending {
+            kind: "cart".into(),
+            id: format!("c-{n}"),
+            shard: 0,
+            first: n,
+            last: n,
+            tx,
+        };
+        (p, rx)
+    }
+
+    #[test]
+    fn the_notifier_groups_what_queues_behind_its_running_flushes() {
+        let notifier = Notifier::default();
+        let mut receivers = Vec::new();
+        let mut starts = 0;
+        for n in 0..(NOTE_BATCH as i64 + 10) {
+            let (p, rx) = pending(n);
+            receivers.push(rx);
+            if notifier.push(p) {
+                starts += 1;
+            }
+        }
+        assert_eq!(starts, NOTE_WRITERS, "only that many flushes run at once");
+        let mut slot = FlushSlot {
+            notifier: &notifier,
+            released: false,
+        };
+        let first = notifier.take(&mut slot);
+        assert_eq!(first.len(), NOTE_BATCH, "one flush writes at most a batch");
+        assert_eq!(first[0].first, 0, "oldest first");
+        let rest = notifier.take(&mut slot);
+        assert_eq!(rest.len(), 10);
+        assert!(!slot.released);
+        // An empty queue ends the flush and frees its place at once...
+        assert!(notifier.take(&mut slot).is_empty());
+        assert!(slot.released);
+        let (p, _rx) = pending(99);
+        assert!(
+            notifier.push(p),
+            "...so the next notification starts a flush"
+        );
+        drop(slot);
+        let state = notifier.state.lock().expect("lock");
+        assert_eq!(
+            state.flushing, NOTE_WRITERS,
+            "a released slot is not freed twice"
+        );
+    }
+
+    #[test]
+    fn a_flush_that_dies_frees_its_place() {
+        let notifier = Notifier::default();
+        for n in 0..NOTE_WRITERS as i64 {
+            assert!(notifier.push(pending(n).0));
+        }
+        assert!(!notifier.push(pending(9).0));
+        drop(FlushSlot {
+            notifier: &notifier,
+            released: false,
+        });
+        assert!(notifier.push(pending(10).0));
+    }
+
     #[test]
     fn buckets_floor_negative_times() {
         assert_eq!(bucket_of(59_999_999, 60_000_000), 0);
