@@ -19,6 +19,12 @@
 //! appends are covered without the window too: a retry of one that committed finds the head
 //! moved, and the rows at the expected positions are read back (linearizably) and compared.
 //!
+//! Reads avoided: the [`TailCache`] holds, per stream, the head and window this process last
+//! read or committed. An append whose head it knows (and an `Any` append to a stream it does
+//! not know, guessed new) skips the read and conditions its batch on that head; a lost batch
+//! drops the entry and the append reads as before. Appends of this process to one stream take
+//! [`Turns`], so they do not race each other's Paxos rounds.
+//!
 //! Unanswered batches: a timeout or a connection lost while the batch was in flight leaves its
 //! outcome open. The head is then read with SERIAL consistency — which completes a Paxos round
 //! in flight or makes it fail, so the answer is final — and the rows at the target versions are
@@ -263,6 +269,60 @@ impl TailCache {
     }
 }
 
+/// Appends of this process to one stream take turns: concurrent ones would only race each
+/// other's Paxos rounds (all but one losing, each loss a read and another round), while in turn
+/// each finds the head the previous one left in the [`TailCache`] and commits at the first
+/// try. Other processes' appends still race, and are resolved as before.
+#[derive(Default)]
+pub(crate) struct Turns {
+    streams: Mutex<HashMap<StreamId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// One append's turn on its stream; the stream's entry is removed with its last user.
+pub(crate) struct Turn<'a> {
+    turns: &'a Turns,
+    stream: StreamId,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Turns {
+    /// Waits for `stream`'s turn.
+    pub(crate) async fn take(&self, stream: &StreamId) -> Turn<'_> {
+        let lock = {
+            let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(streams.entry(stream.clone()).or_default())
+        };
+        // Should the caller give up while waiting, `lock` is dropped with the future and the
+        // entry is cleaned by the next turn's end.
+        let guard = lock.lock_owned().await;
+        Turn {
+            turns: self,
+            stream: stream.clone(),
+            guard: Some(guard),
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.streams.lock().map(|s| s.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut streams = self.turns.streams.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map holds it: nobody waits, so the entry goes (clones are made under this
+        // lock, so none can appear meanwhile).
+        if streams
+            .get(&self.stream)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            streams.remove(&self.stream);
+        }
+    }
+}
+
 /// What a linearizable read-back says about a batch that got no answer.
 enum Resolved {
     /// The append is decided: it committed (the original result), or it reuses ids.
@@ -408,8 +468,9 @@ impl Inner {
                 actual: tail.head,
             });
         }
-        let notify = self.config.feed == super::FeedKind::ChangesTable;
         let started = Instant::now();
+        let _turn = self.turns.take(stream).await;
+        let notify = self.config.feed == super::FeedKind::ChangesTable;
         let mut attempt = 0;
         // Whether this attempt may take the head and the idempotency window from the tail
         // cache instead of reading them; after a guess that lost, every attempt reads.
@@ -1200,6 +1261,40 @@ mod tests {
             let counted: usize = state.tails.values().map(|t| t.events.len()).sum();
             assert_eq!(counted, state.events);
         }
+    }
+
+    #[tokio::test]
+    async fn appends_to_one_stream_take_turns_and_leave_nothing_behind() {
+        let turns = Arc::new(Turns::default());
+        let s = StreamId::new("cart", "c-1").expect("id");
+        let first = turns.take(&s).await;
+        let (t2, s2) = (Arc::clone(&turns), s.clone());
+        let mut second = tokio::spawn(async move {
+            let _turn = t2.take(&s2).await;
+        });
+        // The second waits while the first holds the turn (bounded check, no timing assert).
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut second)
+                .await
+                .is_err(),
+            "two appends to one stream at once"
+        );
+        let other = turns.take(&StreamId::new("cart", "c-2").expect("id")).await;
+        drop(other);
+        drop(first);
+        second.await.expect("second turn");
+        assert_eq!(turns.len(), 0, "no entry outlives its last user");
+        // A waiter that gives up leaves nothing behind either.
+        let held = turns.take(&s).await;
+        let (t3, s3) = (Arc::clone(&turns), s.clone());
+        let waiter = tokio::spawn(async move {
+            let _turn = t3.take(&s3).await;
+        });
+        tokio::task::yield_now().await;
+        waiter.abort();
+        let _ = waiter.await;
+        drop(held);
+        assert_eq!(turns.len(), 0);
     }
 
     #[test]

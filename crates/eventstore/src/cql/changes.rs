@@ -352,16 +352,12 @@ impl Inner {
             let index_ttl = (self.config.change_ttl + self.config.change_bucket)
                 .as_secs()
                 .clamp(1, i32::MAX as u64) as i32;
-            let mut batch = Batch::new(BatchType::Unlogged);
-            batch.set_is_idempotent(true);
-            let mut values = Vec::with_capacity(stamped.len() + fresh.len());
+            let mut rows = Vec::with_capacity(stamped.len() + fresh.len());
             for &(shard, bucket) in &fresh {
-                batch.append_statement(self.stmts.index_bucket.clone());
-                values.push(NoteRow::Index((shard, bucket, index_ttl)));
+                rows.push(NoteRow::Index((shard, bucket, index_ttl)));
             }
             for (row, id, _, bucket) in &stamped {
-                batch.append_statement(self.stmts.note_change.clone());
-                values.push(NoteRow::Note((
+                rows.push(NoteRow::Note((
                     row.shard,
                     *bucket,
                     CqlTimeuuid::from(*id),
@@ -372,8 +368,7 @@ impl Inner {
                     ttl,
                 )));
             }
-            let session = self.session();
-            let written = self.timed(session.batch(&batch, values)).await;
+            let written = self.write_notes(rows, stamped.len() > 1).await;
             let acked = Instant::now();
             if written.is_ok() {
                 if let Ok(mut set) = self.indexed.lock() {
@@ -407,6 +402,41 @@ impl Inner {
                 let _ = row.tx.send(answer);
             }
         }
+    }
+
+    /// Writes a flush's rows: one unlogged batch when several appends share it, else each row
+    /// as a plain statement, concurrently (a lone notification gains nothing from a batch).
+    async fn write_notes(&self, rows: Vec<NoteRow<'_>>, grouped: bool) -> Result<(), StoreError> {
+        let session = self.session();
+        if grouped {
+            let mut batch = Batch::new(BatchType::Unlogged);
+            batch.set_is_idempotent(true);
+            for row in &rows {
+                batch.append_statement(match row {
+                    NoteRow::Index(_) => self.stmts.index_bucket.clone(),
+                    NoteRow::Note(_) => self.stmts.note_change.clone(),
+                });
+            }
+            self.timed(session.batch(&batch, rows)).await?;
+            return Ok(());
+        }
+        let writes = rows.into_iter().map(|row| {
+            let session = Arc::clone(&session);
+            async move {
+                match row {
+                    NoteRow::Index(values) => {
+                        self.timed(session.execute_unpaged(&self.stmts.index_bucket, values))
+                            .await
+                    }
+                    NoteRow::Note(values) => {
+                        self.timed(session.execute_unpaged(&self.stmts.note_change, values))
+                            .await
+                    }
+                }
+            }
+        });
+        futures::future::try_join_all(writes).await?;
+        Ok(())
     }
 
     /// A position of `shard` just before every notification noted at or after `time_us`: the

@@ -33,8 +33,12 @@
 //! recognised wherever they are: the batch finds the head moved, and the rows at the expected
 //! positions are read back linearizably and compared.
 //!
-//! With [`FeedKind::ChangesTable`] the notification row is written *before* the batch, so a
-//! committed append always has one; a notification whose batch never commits is an orphan the
+//! A per-process tail cache lets appends skip the head/window read where this process
+//! already knows the head (the batch's condition checks the guess; see `append.rs`).
+//!
+//! With [`FeedKind::ChangesTable`] the notification row is written *before* the batch (group
+//! committed: concurrent appends' rows share one unlogged batch), so a committed append always
+//! has one; a notification whose batch never commits is an orphan the
 //! projector recognises after the append deadline. For that to hold, the batch is sent only
 //! if the notification was acknowledged within half the confidence window of its timeuuid and
 //! the batch can end before the append deadline (see [`CqlConfig::confidence_window`] and
@@ -271,6 +275,8 @@ pub(crate) struct Inner {
     /// What this process knows of streams' heads and newest events
     /// ([`append::TailCache`]), so that appends need not read them first.
     tails: append::TailCache,
+    /// Per-stream turns of this process's appends ([`append::Turns`]).
+    turns: append::Turns,
     cdc: Option<cdc::CdcFeed>,
 }
 
@@ -313,6 +319,7 @@ impl CqlStore {
                 indexed: Mutex::new(HashSet::new()),
                 notifier: changes::Notifier::default(),
                 tails: append::TailCache::new(TAIL_CACHE_EVENTS),
+                turns: append::Turns::default(),
                 cdc,
             }),
         })
