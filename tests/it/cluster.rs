@@ -265,6 +265,118 @@ async fn projector_killed_mid_load_recovers() {
     assert_read_model_equals_fold(&h.clients, &load.carts).await;
 }
 
+/// kill -9 one of two write-svc processes in the middle of a load of `any` appends (group-
+/// committed notifications in flight, tail caches warm), its writers moving to the other: every
+/// acknowledged append is stored exactly once (retries with the same ids are recognised by a
+/// process whose cache knows nothing of them), and the projector catches up with all of it —
+/// no committed append lacks its notification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_svc_killed_mid_load_loses_nothing() {
+    let options = ClusterOptions {
+        write_services: 2,
+        nudges: false,
+        ..ClusterOptions::default()
+    };
+    let Some(mut h) = harness("write_svc_killed_mid_load_loses_nothing", options).await else {
+        return;
+    };
+    let second = Clients::connect(h.writers[1].addr, h.read_addr())
+        .await
+        .expect("second write-svc");
+    let carts: Vec<String> = (0..48).map(|_| unique("wkill")).collect();
+    let acked = Arc::new(AtomicUsize::new(0));
+    let per_cart = 12;
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let mine: Vec<String> = carts.iter().skip(t).step_by(16).cloned().collect();
+        let clients = [h.clients.events.clone(), second.events.clone()];
+        let acked = Arc::clone(&acked);
+        tasks.push(tokio::spawn(async move {
+            let mut ids: Vec<(String, Vec<String>)> = Vec::new();
+            let mut on = 0;
+            for round in 0..per_cart {
+                for id in &mine {
+                    let events: Vec<pb::NewEvent> = (0..2)
+                        .map(|i| {
+                            let mut e = suite::json_event(
+                                "ItemAdded",
+                                &format!(
+                                    r#"{{"sku":"sku-{}","quantity":1,"unit_price_cents":{}}}"#,
+                                    round % 5,
+                                    100 + i
+                                ),
+                            );
+                            e.schema_version = 2;
+                            e
+                        })
+                        .collect();
+                    let req = pb::AppendRequest {
+                        stream: stream("cart", id),
+                        expected_version: suite::any(),
+                        events,
+                    };
+                    // On any failure (the killed process, an outcome it could not tell), the
+                    // same request goes to the other process: the same ids make it idempotent.
+                    let mut tries = 0;
+                    loop {
+                        match clients[on].clone().append(req.clone()).await {
+                            Ok(_) => break,
+                            Err(s) if tries < 40 => {
+                                tries += 1;
+                                if s.code() != Code::Unavailable || tries % 2 == 0 {
+                                    on = 1;
+                                }
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            Err(s) => panic!("append to {id} never acknowledged: {s:?}"),
+                        }
+                    }
+                    acked.fetch_add(1, Ordering::Relaxed);
+                    ids.push((
+                        id.clone(),
+                        req.events.iter().map(|e| e.event_id.clone()).collect(),
+                    ));
+                }
+            }
+            ids
+        }));
+    }
+    while acked.load(Ordering::Relaxed) < 150 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.writers
+        .remove(0)
+        .kill9()
+        .await
+        .expect("kill -9 write-svc");
+    eprintln!(
+        "write-svc killed after {} appends",
+        acked.load(Ordering::Relaxed)
+    );
+    let mut acknowledged: Vec<(String, Vec<String>)> = Vec::new();
+    for t in tasks {
+        acknowledged.extend(t.await.expect("appender"));
+    }
+    assert_eq!(acknowledged.len(), carts.len() * per_cart);
+    for id in &carts {
+        let stored: Vec<String> = read_all(&second, "cart", id)
+            .await
+            .into_iter()
+            .map(|e| e.event_id)
+            .collect();
+        let want: Vec<String> = acknowledged
+            .iter()
+            .filter(|(c, _)| c == id)
+            .flat_map(|(_, ids)| ids.clone())
+            .collect();
+        assert_eq!(
+            stored, want,
+            "{id}: every acknowledged append, once, in order"
+        );
+    }
+    assert_read_model_equals_fold(&second, &carts).await;
+}
+
 /// Two projector processes at once on the same shards give the same result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_projectors_share_the_shards() {

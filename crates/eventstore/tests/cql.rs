@@ -1098,4 +1098,151 @@ async fn snapshots_pass_their_checks() {
     };
     let store = connect(config("snap", &node)).await;
     esq_eventstore::snapshots::check(&store, "s1").await;
+/// Group commit of notifications: many concurrent appends over few shards (new streams, one
+/// contended stream, exact appends) each get a notification covering exactly their versions,
+/// however the flushes grouped them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_committed_notifications_note_every_append() {
+    let Some(node) = node("group_committed_notifications_note_every_append") else {
+        return;
+    };
+    let mut cfg = config("group", &node);
+    cfg.shard_count = 2;
+    let store = connect(cfg).await;
+    let mut tasks: Vec<JoinHandle<Vec<(StreamId, u64, u64)>>> = Vec::new();
+    for w in 0..24u32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            // A new stream per append, then an exact append on it, then the contended one.
+            let s = stream(&format!("group-{w}"));
+            let events: Vec<NewEvent> = (0..=w % 3).map(|i| event(w * 10 + i)).collect();
+            let r = store
+                .append(&s, ExpectedVersion::Any, &events)
+                .await
+                .expect("append to a new stream");
+            done.push((s.clone(), r.first_version, r.last_version));
+            let r = store
+                .append(&s, ExpectedVersion::Exact(r.last_version), &[event(w)])
+                .await
+                .expect("exact append");
+            done.push((s, r.first_version, r.last_version));
+            let hot = stream("group-hot");
+            let r = store
+                .append(&hot, ExpectedVersion::Any, &[event(w)])
+                .await
+                .expect("contended append");
+            done.push((hot, r.first_version, r.last_version));
+            done
+        }));
+    }
+    let mut committed = Vec::new();
+    for t in tasks {
+        committed.extend(t.await.expect("writer"));
+    }
+    assert_eq!(committed.len(), 72);
+    // Every committed append has its notification once the confidence window has passed.
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut noted = Vec::new();
+        for shard in 0..2 {
+            let mut after: Option<String> = None;
+            loop {
+                let page = store
+                    .poll(shard, after.as_deref(), 500)
+                    .await
+                    .expect("poll");
+                if page.changes.is_empty() {
+                    break;
+                }
+                after = page.positions.last().cloned();
+                noted.extend(
+                    page.changes
+                        .into_iter()
+                        .map(|c| (c.stream, c.first_version, c.last_version)),
+                );
+            }
+        }
+        let missing: Vec<_> = committed.iter().filter(|c| !noted.contains(c)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "appends without a notification: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The tail cache is only ever a guess the conditional batch checks: two stores (two write-svc
+/// replicas) take turns on one stream, each with a stale picture of it, and every answer is the
+/// one a read-first append gives — versions, repeats of the other's appends, reused ids,
+/// conflicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_tail_cache_costs_a_lost_race_never_a_wrong_answer() {
+    let Some(node) = node("a_stale_tail_cache_costs_a_lost_race_never_a_wrong_answer") else {
+        return;
+    };
+    let a = connect(config("stale", &node)).await;
+    let b = connect(a.config().clone()).await;
+    let s = stream("stale-1");
+    let e1 = vec![event(1)];
+    let e2 = vec![event(2), event(3)];
+    let e3 = vec![event(4)];
+    let r1 = a.append(&s, ExpectedVersion::Any, &e1).await.expect("a: 1");
+    assert_eq!((r1.first_version, r1.last_version), (1, 1));
+    // b knows nothing: it guesses a new stream, loses, reads, appends after.
+    let r2 = b
+        .append(&s, ExpectedVersion::Any, &e2)
+        .await
+        .expect("b: 2-3");
+    assert_eq!((r2.first_version, r2.last_version), (2, 3));
+    // a still believes the head is 1.
+    let r3 = a.append(&s, ExpectedVersion::Any, &e3).await.expect("a: 4");
+    assert_eq!((r3.first_version, r3.last_version), (4, 4));
+    // Repeats through the other store, whose picture is stale, answer the originals.
+    assert_eq!(b.append(&s, ExpectedVersion::Any, &e3).await, Ok(r3));
+    assert_eq!(a.append(&s, ExpectedVersion::Any, &e2).await, Ok(r2));
+    assert_eq!(b.append(&s, ExpectedVersion::Exact(0), &e1).await, Ok(r1));
+    // An exact append at a head one store still believes in is a conflict, not a write.
+    let c = connect(a.config().clone()).await;
+    let r = c
+        .append(&s, ExpectedVersion::Any, &[event(5)])
+        .await
+        .expect("c: 5");
+    assert_eq!(r.first_version, 5);
+    assert_eq!(
+        a.append(&s, ExpectedVersion::Exact(4), &[event(6)]).await,
+        Err(StoreError::WrongExpectedVersion {
+            expected: ExpectedVersion::Exact(4),
+            actual: 5
+        })
+    );
+    // A reused id is refused whoever wrote it (the whole earlier append alone would be a
+    // repeat, answered with its original result).
+    let mixed = vec![event(7), e2[0].clone()];
+    assert!(matches!(
+        b.append(&s, ExpectedVersion::Any, &mixed).await,
+        Err(StoreError::EventIdReused { index: 1, .. })
+    ));
+    assert!(matches!(
+        c.append(&s, ExpectedVersion::Exact(5), &[event(8), e1[0].clone()])
+            .await,
+        Err(StoreError::EventIdReused { index: 1, .. })
+    ));
+    // Nothing was written twice.
+    let stored = a
+        .read(&s, ReadRequest::forwards(1, 100))
+        .await
+        .expect("read");
+    let ids: Vec<Uuid> = stored.iter().map(|e| e.event_id).collect();
+    let expected: Vec<Uuid> = e1
+        .iter()
+        .chain(&e2)
+        .chain(&e3)
+        .map(|e| e.event_id)
+        .chain([stored[4].event_id])
+        .collect();
+    assert_eq!(ids, expected);
 }

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub mod embedded;
+pub mod append;
 pub mod fixtures;
 pub mod getcart;
 pub mod snapshots;
@@ -51,6 +52,13 @@ pub fn all() -> Vec<Row> {
         row!(
             snapshots,
             "AddItem on a 2,000-event cart vs a 10-event cart (CQL, CQL without snapshots, embedded)"
+        ),
+            append,
+            "Append c16 (1 event distinct streams, one stream, 50 events) vs the raw driver"
+        ),
+        row!(
+            getcart,
+            "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak vs raw HGETALL"
         ),
     ]
 }

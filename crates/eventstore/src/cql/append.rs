@@ -19,6 +19,12 @@
 //! appends are covered without the window too: a retry of one that committed finds the head
 //! moved, and the rows at the expected positions are read back (linearizably) and compared.
 //!
+//! Reads avoided: the [`TailCache`] holds, per stream, the head and window this process last
+//! read or committed. An append whose head it knows (and an `Any` append to a stream it does
+//! not know, guessed new) skips the read and conditions its batch on that head; a lost batch
+//! drops the entry and the append reads as before. Appends of this process to one stream take
+//! [`Turns`], so they do not race each other's Paxos rounds.
+//!
 //! Unanswered batches: a timeout or a connection lost while the batch was in flight leaves its
 //! outcome open. The head is then read with SERIAL consistency — which completes a Paxos round
 //! in flight or makes it fail, so the answer is final — and the rows at the target versions are
@@ -54,6 +60,7 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::SerialConsistency;
 use scylla::value::{CqlValue, Row};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -72,6 +79,7 @@ pub(crate) struct Tail {
 }
 
 /// One event of a [`Tail`].
+#[derive(Clone)]
 pub(crate) struct TailEvent {
     pub(crate) version: u64,
     pub(crate) id: Uuid,
@@ -105,6 +113,213 @@ impl Tail {
             .map(|e| by_id.get(&e.event_id).copied())
             .collect();
         check_ids(events, &known)
+    }
+}
+
+/// What the tail cache says of a stream for one append.
+pub(crate) struct Cached {
+    /// The stream's head as this process last knew it.
+    pub(crate) head: u64,
+    /// The append's events judged against the idempotency window below that head.
+    pub(crate) check: IdCheck,
+    /// The newest commit time in the window.
+    pub(crate) newest: Option<i64>,
+}
+
+impl Cached {
+    /// A stream with no events: nothing to check against.
+    const NEW: Cached = Cached {
+        head: 0,
+        check: IdCheck::New,
+        newest: None,
+    };
+}
+
+/// What this process knows of streams' heads and idempotency windows: each entry is a [`Tail`]
+/// as a read returned it, or as this process's own committed batches extended it.
+///
+/// Why it is safe to trust: events at versions at or below a head are immutable (no code path
+/// updates or deletes an event row), so an entry's window is exactly the stream's window at
+/// that head, forever. An append that uses an entry conditions its batch on the entry's head
+/// (`IF head = ?`): if the batch applies, the stream was at that head, its window was the
+/// entry's, and the id check made against the entry is the one a read would have made. If it
+/// loses, the entry is dropped and the append reads the stream as before. So a stale entry (a
+/// write by another replica, an unknown outcome) costs one lost batch, never a wrong answer.
+///
+/// Bounded: at most `cap` events over all streams; past that, arbitrary entries are dropped
+/// until half remain.
+pub(crate) struct TailCache {
+    cap: usize,
+    state: Mutex<TailCacheState>,
+}
+
+#[derive(Default)]
+struct TailCacheState {
+    tails: HashMap<StreamId, Tail>,
+    events: usize,
+}
+
+impl TailCacheState {
+    fn remove(&mut self, stream: &StreamId) {
+        if let Some(old) = self.tails.remove(stream) {
+            self.events -= old.events.len();
+        }
+    }
+
+    fn insert(&mut self, stream: StreamId, tail: Tail, cap: usize) {
+        self.remove(&stream);
+        self.events += tail.events.len();
+        self.tails.insert(stream, tail);
+        if self.events > cap {
+            let mut dropped = 0;
+            let target = self.events - cap / 2;
+            self.tails.retain(|_, t| {
+                if dropped >= target {
+                    return true;
+                }
+                dropped += t.events.len().max(1);
+                false
+            });
+            self.events = self.tails.values().map(|t| t.events.len()).sum();
+        }
+    }
+}
+
+impl TailCache {
+    pub(crate) fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            state: Mutex::new(TailCacheState::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, TailCacheState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached head of `stream` and `events` judged against its window, if known.
+    pub(crate) fn lookup(&self, stream: &StreamId, events: &[NewEvent]) -> Option<Cached> {
+        let state = self.state();
+        let tail = state.tails.get(stream)?;
+        Some(Cached {
+            head: tail.head,
+            check: tail.check(events),
+            newest: tail.newest_recorded_at(),
+        })
+    }
+
+    /// Records a tail read, unless a newer head is already known.
+    pub(crate) fn store(&self, stream: &StreamId, tail: &Tail) {
+        if tail.head == 0 {
+            return; // nothing to remember of a stream with no events
+        }
+        let mut state = self.state();
+        if state.tails.get(stream).is_some_and(|t| t.head >= tail.head) {
+            return;
+        }
+        let copy = Tail {
+            head: tail.head,
+            events: tail.events.clone(),
+        };
+        state.insert(stream.clone(), copy, self.cap);
+    }
+
+    /// Records this process's batch of `events` at `base`, committed at `recorded_at`: the
+    /// entry moves on if it was at `base` (or the stream was new, or the batch alone fills the
+    /// window); otherwise the window is not known and the entry is dropped.
+    pub(crate) fn applied(
+        &self,
+        stream: &StreamId,
+        base: u64,
+        events: &[NewEvent],
+        recorded_at: i64,
+        window: usize,
+    ) {
+        let n = events.len() as u64;
+        let window = window.max(1);
+        let append = Some((base + 1, base + n));
+        let ours = events.iter().enumerate().rev().map(|(i, e)| TailEvent {
+            version: base + 1 + i as u64,
+            id: e.event_id,
+            recorded_at,
+            append,
+        });
+        let mut state = self.state();
+        let mut tail = match state.tails.get(stream) {
+            Some(t) if t.head == base => Tail {
+                head: base + n,
+                events: ours.chain(t.events.iter().cloned()).take(window).collect(),
+            },
+            _ if base == 0 || events.len() >= window => Tail {
+                head: base + n,
+                events: ours.take(window).collect(),
+            },
+            _ => {
+                state.remove(stream);
+                return;
+            }
+        };
+        tail.events.shrink_to_fit();
+        state.insert(stream.clone(), tail, self.cap);
+    }
+
+    /// Drops what is known of `stream`.
+    pub(crate) fn forget(&self, stream: &StreamId) {
+        self.state().remove(stream);
+    }
+}
+
+/// Appends of this process to one stream take turns: concurrent ones would only race each
+/// other's Paxos rounds (all but one losing, each loss a read and another round), while in turn
+/// each finds the head the previous one left in the [`TailCache`] and commits at the first
+/// try. Other processes' appends still race, and are resolved as before.
+#[derive(Default)]
+pub(crate) struct Turns {
+    streams: Mutex<HashMap<StreamId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// One append's turn on its stream; the stream's entry is removed with its last user.
+pub(crate) struct Turn<'a> {
+    turns: &'a Turns,
+    stream: StreamId,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Turns {
+    /// Waits for `stream`'s turn.
+    pub(crate) async fn take(&self, stream: &StreamId) -> Turn<'_> {
+        let lock = {
+            let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(streams.entry(stream.clone()).or_default())
+        };
+        // Should the caller give up while waiting, `lock` is dropped with the future and the
+        // entry is cleaned by the next turn's end.
+        let guard = lock.lock_owned().await;
+        Turn {
+            turns: self,
+            stream: stream.clone(),
+            guard: Some(guard),
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.streams.lock().map(|s| s.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut streams = self.turns.streams.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map holds it: nobody waits, so the entry goes (clones are made under this
+        // lock, so none can appear meanwhile).
+        if streams
+            .get(&self.stream)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            streams.remove(&self.stream);
+        }
     }
 }
 
@@ -232,7 +447,7 @@ fn to_i64(version: u64) -> Result<i64, StoreError> {
 impl Inner {
     /// [`crate::EventStore::append`].
     pub(crate) async fn append(
-        &self,
+        self: &Arc<Self>,
         stream: &StreamId,
         expected: ExpectedVersion,
         events: &[NewEvent],
@@ -253,62 +468,113 @@ impl Inner {
                 actual: tail.head,
             });
         }
-        let notify = self.config.feed == super::FeedKind::ChangesTable;
         let started = Instant::now();
+        let _turn = self.turns.take(stream).await;
+        let notify = self.config.feed == super::FeedKind::ChangesTable;
         let mut attempt = 0;
+        // Whether this attempt may take the head and the idempotency window from the tail
+        // cache instead of reading them; after a guess that lost, every attempt reads.
+        let mut trust_cache = true;
         loop {
             attempt += 1;
             let mut notified = false;
             let mut noted = None;
-            // The newest commit time in the stream, when this attempt reads it.
+            // The newest commit time in the stream, when this attempt knows it.
             let mut newest = None;
+            let cached = if trust_cache {
+                self.tails.lookup(stream, events)
+            } else {
+                None
+            };
+            // Whether `base` is a guess from the cache (or, for `Any`, that an unknown stream
+            // is new) that the conditional batch checks: if it loses, the next attempt reads.
+            let mut guessed = false;
             let base = match expected {
                 ExpectedVersion::Exact(v) if v > 0 && self.config.check_ids_on_exact => {
-                    // The id check runs beside the notification write, so it costs no latency.
-                    let note = async {
-                        if notify {
-                            return self.note_change(stream, v + 1, v + n).await.map(Some);
+                    match cached {
+                        Some(known) if known.head == v => {
+                            // The window below `v` is immutable and known: no read needed.
+                            if let Some(outcome) = self.judge(stream, events, known.check).await? {
+                                return outcome;
+                            }
+                            newest = known.newest;
+                            v
                         }
-                        Ok(None)
-                    };
-                    let (note, tail) = tokio::try_join!(note, self.tail(stream))?;
-                    notified = true;
-                    noted = note;
-                    newest = tail.newest_recorded_at();
-                    if let Some(outcome) = self.judge(stream, events, tail.check(events)).await? {
-                        return outcome;
-                    }
-                    if tail.head > v {
-                        // Heads only grow: this append cannot succeed. It may be a retry of
-                        // one that did, further back than the id window: the rows where it
-                        // would be say so.
-                        if let Some(outcome) =
-                            self.after_lost_race(stream, v, events, tail.head).await?
-                        {
-                            return outcome;
+                        _ => {
+                            // The id check runs beside the notification write, so it costs no
+                            // latency.
+                            let note = async {
+                                if notify {
+                                    return self.note_change(stream, v + 1, v + n).await.map(Some);
+                                }
+                                Ok(None)
+                            };
+                            let (note, tail) = tokio::try_join!(note, self.tail(stream))?;
+                            notified = true;
+                            noted = note;
+                            newest = tail.newest_recorded_at();
+                            if let Some(outcome) =
+                                self.judge(stream, events, tail.check(events)).await?
+                            {
+                                return outcome;
+                            }
+                            if tail.head > v {
+                                // Heads only grow: this append cannot succeed. It may be a
+                                // retry of one that did, further back than the id window: the
+                                // rows where it would be say so.
+                                if let Some(outcome) =
+                                    self.after_lost_race(stream, v, events, tail.head).await?
+                                {
+                                    return outcome;
+                                }
+                                return Err(StoreError::WrongExpectedVersion {
+                                    expected,
+                                    actual: tail.head,
+                                });
+                            }
+                            v
                         }
-                        return Err(StoreError::WrongExpectedVersion {
-                            expected,
-                            actual: tail.head,
-                        });
                     }
-                    v
                 }
                 ExpectedVersion::Exact(v) => v,
                 ExpectedVersion::NoStream => 0,
                 ExpectedVersion::Any | ExpectedVersion::StreamExists => {
-                    let tail = self.tail(stream).await?;
-                    if let Some(outcome) = self.judge(stream, events, tail.check(events)).await? {
-                        return outcome;
+                    let known = match cached {
+                        Some(known) => Some(known),
+                        // A stream this process knows nothing of is guessed new: an empty
+                        // stream has no ids to check, and the batch's `IF head = NULL` makes
+                        // the guess safe.
+                        None if trust_cache && expected == ExpectedVersion::Any => {
+                            Some(Cached::NEW)
+                        }
+                        None => None,
+                    };
+                    match known {
+                        Some(known) => {
+                            if let Some(outcome) = self.judge(stream, events, known.check).await? {
+                                return outcome;
+                            }
+                            guessed = true;
+                            newest = known.newest;
+                            known.head
+                        }
+                        None => {
+                            let tail = self.tail(stream).await?;
+                            if let Some(outcome) =
+                                self.judge(stream, events, tail.check(events)).await?
+                            {
+                                return outcome;
+                            }
+                            if expected == ExpectedVersion::StreamExists && tail.head == 0 {
+                                return Err(StoreError::WrongExpectedVersion {
+                                    expected,
+                                    actual: 0,
+                                });
+                            }
+                            newest = tail.newest_recorded_at();
+                            tail.head
+                        }
                     }
-                    if expected == ExpectedVersion::StreamExists && tail.head == 0 {
-                        return Err(StoreError::WrongExpectedVersion {
-                            expected,
-                            actual: 0,
-                        });
-                    }
-                    newest = tail.newest_recorded_at();
-                    tail.head
                 }
             };
             if notify && !notified {
@@ -320,19 +586,37 @@ impl Inner {
             let sent_at = Instant::now();
             let head = match self.conditional_batch(stream, base, events, newest).await? {
                 Cas::Applied(committed_at_us) => {
+                    self.tails.applied(
+                        stream,
+                        base,
+                        events,
+                        committed_at_us,
+                        self.config.id_window as usize,
+                    );
                     return Ok(AppendResult {
                         first_version: base + 1,
                         last_version: base + n,
                         committed_at_us,
-                    })
+                    });
+                }
+                Cas::Lost { head } if guessed => {
+                    // The cache was behind (another writer, or a stream this process did not
+                    // know): read the stream and try again at once. A retry of an earlier
+                    // append is recognised by the read's id check.
+                    self.tails.forget(stream);
+                    trust_cache = false;
+                    let _ = head;
+                    continue;
                 }
                 Cas::Lost { head } => {
+                    self.tails.forget(stream);
                     if let Some(outcome) = self.after_lost_race(stream, base, events, head).await? {
                         return outcome;
                     }
                     head
                 }
                 Cas::Unknown(cause) => {
+                    self.tails.forget(stream);
                     let deadline = started + self.config.append_deadline;
                     let times = (sent_at, deadline);
                     match self.resolve(stream, base, events, times, &cause).await? {
@@ -353,6 +637,7 @@ impl Inner {
                             "append to {stream} kept losing races: gave up after {attempt} attempts"
                         )));
                     }
+                    trust_cache = false;
                     tokio::time::sleep(backoff(attempt)).await;
                 }
                 _ => {
@@ -419,6 +704,7 @@ impl Inner {
                 });
             }
         }
+        self.tails.store(stream, &tail);
         Ok(tail)
     }
 
@@ -907,6 +1193,108 @@ mod tests {
             events: vec![],
         };
         assert_eq!(empty.newest_recorded_at(), None);
+    }
+
+    fn ids(cache: &TailCache, s: &StreamId) -> Option<(u64, Vec<u64>)> {
+        let state = cache.state();
+        let t = state.tails.get(s)?;
+        Some((t.head, t.events.iter().map(|e| e.version).collect()))
+    }
+
+    #[test]
+    fn the_tail_cache_follows_its_own_appends_and_keeps_the_window() {
+        let cache = TailCache::new(1_000);
+        let s = StreamId::new("cart", "c-1").expect("id");
+        assert!(cache.lookup(&s, &[event(1)]).is_none());
+        // A new stream: the batch alone is the window.
+        cache.applied(&s, 0, &[event(1), event(2)], 100, 3);
+        assert_eq!(ids(&cache, &s), Some((2, vec![2, 1])));
+        let known = cache.lookup(&s, &[event(1), event(2)]).expect("cached");
+        assert_eq!(known.head, 2);
+        assert_eq!(known.check, IdCheck::Candidate { first_version: 1 });
+        assert_eq!(known.newest, Some(100));
+        // Appends at the cached head extend it; the window keeps the newest 3.
+        cache.applied(&s, 2, &[event(3), event(4)], 200, 3);
+        assert_eq!(ids(&cache, &s), Some((4, vec![4, 3, 2])));
+        assert_eq!(
+            cache.lookup(&s, &[event(9)]).expect("cached").check,
+            IdCheck::New
+        );
+        // A batch somewhere else than the cached head: the window is unknown, dropped.
+        cache.applied(&s, 7, &[event(8)], 300, 3);
+        assert_eq!(ids(&cache, &s), None);
+        // ...unless the batch alone fills the window.
+        cache.applied(&s, 7, &[event(8), event(9), event(10)], 300, 3);
+        assert_eq!(ids(&cache, &s), Some((10, vec![10, 9, 8])));
+        cache.forget(&s);
+        assert!(cache.lookup(&s, &[event(1)]).is_none());
+    }
+
+    #[test]
+    fn the_tail_cache_keeps_the_newest_read_and_stays_bounded() {
+        let cache = TailCache::new(10);
+        let s = StreamId::new("cart", "c-1").expect("id");
+        cache.store(&s, &tail());
+        assert_eq!(ids(&cache, &s), Some((4, vec![4, 3, 2, 1])));
+        // An older read (a slow reply) does not replace a newer picture.
+        let older = Tail {
+            head: 2,
+            events: tail().events[2..].to_vec(),
+        };
+        cache.store(&s, &older);
+        assert_eq!(ids(&cache, &s).map(|(h, _)| h), Some(4));
+        // Streams with no events are not remembered.
+        let empty = StreamId::new("cart", "empty").expect("id");
+        cache.store(
+            &empty,
+            &Tail {
+                head: 0,
+                events: vec![],
+            },
+        );
+        assert!(ids(&cache, &empty).is_none());
+        for i in 0..50 {
+            let other = StreamId::new("cart", format!("o-{i}")).expect("id");
+            cache.applied(&other, 0, &[event(1000 + i), event(2000 + i)], 1, 100);
+            let state = cache.state();
+            assert!(state.events <= 10, "{} events cached", state.events);
+            let counted: usize = state.tails.values().map(|t| t.events.len()).sum();
+            assert_eq!(counted, state.events);
+        }
+    }
+
+    #[tokio::test]
+    async fn appends_to_one_stream_take_turns_and_leave_nothing_behind() {
+        let turns = Arc::new(Turns::default());
+        let s = StreamId::new("cart", "c-1").expect("id");
+        let first = turns.take(&s).await;
+        let (t2, s2) = (Arc::clone(&turns), s.clone());
+        let mut second = tokio::spawn(async move {
+            let _turn = t2.take(&s2).await;
+        });
+        // The second waits while the first holds the turn (bounded check, no timing assert).
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut second)
+                .await
+                .is_err(),
+            "two appends to one stream at once"
+        );
+        let other = turns.take(&StreamId::new("cart", "c-2").expect("id")).await;
+        drop(other);
+        drop(first);
+        second.await.expect("second turn");
+        assert_eq!(turns.len(), 0, "no entry outlives its last user");
+        // A waiter that gives up leaves nothing behind either.
+        let held = turns.take(&s).await;
+        let (t3, s3) = (Arc::clone(&turns), s.clone());
+        let waiter = tokio::spawn(async move {
+            let _turn = t3.take(&s3).await;
+        });
+        tokio::task::yield_now().await;
+        waiter.abort();
+        let _ = waiter.await;
+        drop(held);
+        assert_eq!(turns.len(), 0);
     }
 
     #[test]

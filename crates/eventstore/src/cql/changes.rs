@@ -22,14 +22,121 @@
 use super::{error, Inner};
 use crate::{Change, ChangePage, StoreError};
 use esq_domain::StreamId;
+use scylla::serialize::row::{RowSerializationContext, SerializeRow};
+use scylla::serialize::writers::RowWriter;
+use scylla::serialize::SerializationError;
+use scylla::statement::batch::{Batch, BatchType};
 use scylla::value::{CqlTimestamp, CqlTimeuuid};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 /// Bucket-index rows read per query of a poll's walk.
 const INDEX_PAGE: i32 = 256;
+
+/// Most notification rows one group-commit flush writes (one unlogged batch).
+pub(crate) const NOTE_BATCH: usize = 64;
+/// Most group-commit flushes in flight at once. Two: one batch is being written while the
+/// next one fills, so a notification waits for at most one write ahead of its own.
+pub(crate) const NOTE_WRITERS: usize = 2;
+
+/// A notification waiting for its flush.
+pub(crate) struct Pending {
+    kind: String,
+    id: String,
+    shard: i32,
+    first: i64,
+    last: i64,
+    tx: oneshot::Sender<Result<Noted, StoreError>>,
+}
+
+/// The group-commit queue of notifications: appends queue theirs, flush tasks write what is
+/// queued as one batch. Bounded: each queued row is one append waiting for it, and appends are
+/// bounded by the service's concurrency.
+#[derive(Default)]
+pub(crate) struct Notifier {
+    state: Mutex<NotifierState>,
+}
+
+#[derive(Default)]
+struct NotifierState {
+    queue: Vec<Pending>,
+    flushing: usize,
+}
+
+impl Notifier {
+    /// Queues a notification; `true` when the caller must start a flush (fewer than
+    /// [`NOTE_WRITERS`] are running).
+    fn push(&self, pending: Pending) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.queue.push(pending);
+        if state.flushing < NOTE_WRITERS {
+            state.flushing += 1;
+            return true;
+        }
+        false
+    }
+
+    /// The next rows for `slot`'s flush to write, oldest first, at most [`NOTE_BATCH`]. When
+    /// none are queued the flush ends, under the same lock, so that a notification queued
+    /// meanwhile always finds a place to start a flush.
+    fn take(&self, slot: &mut FlushSlot<'_>) -> Vec<Pending> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.queue.is_empty() {
+            state.flushing = state.flushing.saturating_sub(1);
+            slot.released = true;
+            return Vec::new();
+        }
+        let n = state.queue.len().min(NOTE_BATCH);
+        state.queue.drain(..n).collect()
+    }
+}
+
+/// A running flush's place; freed when the queue is empty, or when the flush dies (a panic).
+struct FlushSlot<'a> {
+    notifier: &'a Notifier,
+    released: bool,
+}
+
+impl Drop for FlushSlot<'_> {
+    fn drop(&mut self) {
+        if !self.released {
+            let mut state = self
+                .notifier
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            state.flushing = state.flushing.saturating_sub(1);
+        }
+    }
+}
+
+/// One row of a notification batch.
+enum NoteRow<'a> {
+    Index((i32, i64, i32)),
+    #[allow(clippy::type_complexity)]
+    Note((i32, i64, CqlTimeuuid, &'a str, &'a str, i64, i64, i32)),
+}
+
+impl SerializeRow for NoteRow<'_> {
+    fn serialize(
+        &self,
+        ctx: &RowSerializationContext<'_>,
+        writer: &mut RowWriter,
+    ) -> Result<(), SerializationError> {
+        match self {
+            Self::Index(values) => values.serialize(ctx, writer),
+            Self::Note(values) => values.serialize(ctx, writer),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
 
 /// 100-ns intervals between the Gregorian reform (the UUID v1 epoch) and the Unix epoch.
 const UUID_EPOCH_OFFSET_TICKS: u64 = 0x01B2_1DD2_1381_4000;
@@ -172,37 +279,164 @@ impl Inner {
     /// Writes the notification for an append of `first..=last` to `stream`. Called before the
     /// conditional batch, so a committed append always has one; the caller then decides from
     /// the returned [`Noted`] whether the batch may still be sent (see `append::batch_guard`).
+    ///
+    /// Group commit: the notification joins the queue of the store's [`Notifier`]; the writer
+    /// that finds fewer than [`NOTE_WRITERS`] flushes running starts one, and each flush
+    /// writes everything queued (up to [`NOTE_BATCH`] rows) as one unlogged batch, with the
+    /// bucket-index rows it needs. Every row keeps its own timeuuid, taken when its flush
+    /// starts, so `noted_at` and `acked_after` are those of the shared write.
     pub(crate) async fn note_change(
-        &self,
+        self: &Arc<Self>,
         stream: &StreamId,
         first: u64,
         last: u64,
     ) -> Result<Noted, StoreError> {
-        let at = Instant::now();
-        let (id, noted_at) = self.clock.next(crate::now_us());
-        let bucket = bucket_of(noted_at, self.bucket_width_us());
-        let shard = shard_of(stream, self.config.shard_count) as i32;
-        let ttl = self.config.change_ttl.as_secs().clamp(1, i32::MAX as u64) as i32;
-        let values = (
-            shard,
-            bucket,
-            CqlTimeuuid::from(id),
-            stream.kind.as_str(),
-            stream.id.as_str(),
-            first as i64,
-            last as i64,
-            ttl,
-        );
-        let session = self.session();
-        let note = self.timed(session.execute_unpaged(&self.stmts.note_change, values));
-        tokio::try_join!(self.index_bucket(shard, bucket), note)?;
-        let mut noted = Noted {
-            at_us: noted_at,
-            at,
-            acked_after: Duration::ZERO,
+        let (tx, rx) = oneshot::channel();
+        let pending = Pending {
+            kind: stream.kind.clone(),
+            id: stream.id.clone(),
+            shard: shard_of(stream, self.config.shard_count) as i32,
+            first: first as i64,
+            last: last as i64,
+            tx,
         };
-        noted.acked_after = noted.age();
-        Ok(noted)
+        if self.notifier.push(pending) {
+            // The flush is a task of its own: a caller that gives up (a cancelled request)
+            // must not strand the notifications of the others queued behind it.
+            let inner = Arc::clone(self);
+            tokio::spawn(async move { inner.flush_notes().await });
+        }
+        // The flush answers within the request timeout; the bound only guards against a
+        // flush task that died (a panic), which drops the sender.
+        match tokio::time::timeout(2 * self.config.request_timeout, rx).await {
+            Ok(Ok(noted)) => noted,
+            Ok(Err(_)) | Err(_) => Err(StoreError::Unavailable(format!(
+                "the change-log notification of {stream} got no answer"
+            ))),
+        }
+    }
+
+    /// Writes queued notifications until the queue is empty, one batch at a time.
+    async fn flush_notes(&self) {
+        let mut slot = FlushSlot {
+            notifier: &self.notifier,
+            released: false,
+        };
+        loop {
+            let rows = self.notifier.take(&mut slot);
+            if rows.is_empty() {
+                return;
+            }
+            let at = Instant::now();
+            let now = crate::now_us();
+            let width = self.bucket_width_us();
+            let ttl = self.config.change_ttl.as_secs().clamp(1, i32::MAX as u64) as i32;
+            let mut stamped = Vec::with_capacity(rows.len());
+            for row in rows {
+                let (id, noted_at) = self.clock.next(now);
+                stamped.push((row, id, noted_at, bucket_of(noted_at, width)));
+            }
+            let fresh: Vec<(i32, i64)> = {
+                let known = self.indexed.lock().ok();
+                let mut fresh = Vec::new();
+                for (row, _, _, bucket) in &stamped {
+                    let key = (row.shard, *bucket);
+                    let seen = known.as_ref().is_some_and(|set| set.contains(&key));
+                    if !seen && !fresh.contains(&key) {
+                        fresh.push(key);
+                    }
+                }
+                fresh
+            };
+            // The index row must outlive the last notification of its bucket.
+            let index_ttl = (self.config.change_ttl + self.config.change_bucket)
+                .as_secs()
+                .clamp(1, i32::MAX as u64) as i32;
+            let mut rows = Vec::with_capacity(stamped.len() + fresh.len());
+            for &(shard, bucket) in &fresh {
+                rows.push(NoteRow::Index((shard, bucket, index_ttl)));
+            }
+            for (row, id, _, bucket) in &stamped {
+                rows.push(NoteRow::Note((
+                    row.shard,
+                    *bucket,
+                    CqlTimeuuid::from(*id),
+                    row.kind.as_str(),
+                    row.id.as_str(),
+                    row.first,
+                    row.last,
+                    ttl,
+                )));
+            }
+            let written = self.write_notes(rows, stamped.len() > 1).await;
+            let acked = Instant::now();
+            if written.is_ok() {
+                if let Ok(mut set) = self.indexed.lock() {
+                    for &(shard, bucket) in &fresh {
+                        if set.len() >= 4 * self.config.shard_count as usize {
+                            // Only the current buckets matter; older entries are dropped.
+                            set.retain(|&(_, b)| b >= bucket - 1);
+                        }
+                        set.insert((shard, bucket));
+                    }
+                }
+            }
+            for (row, _, noted_at, _) in stamped {
+                let answer = match &written {
+                    Ok(_) => {
+                        let mut noted = Noted {
+                            at_us: noted_at,
+                            at,
+                            acked_after: Duration::ZERO,
+                        };
+                        // As old as the wall clock or the monotonic clock says, whichever is
+                        // more (see `Noted::age`), at the moment of the acknowledgement.
+                        let wall_us = crate::now_us().saturating_sub(noted_at).max(0) as u64;
+                        noted.acked_after =
+                            Duration::from_micros(wall_us).max(acked.duration_since(at));
+                        Ok(noted)
+                    }
+                    Err(e) => Err(e.clone()),
+                };
+                // A caller that gave up has dropped its receiver; its row is an orphan.
+                let _ = row.tx.send(answer);
+            }
+        }
+    }
+
+    /// Writes a flush's rows: one unlogged batch when several appends share it, else each row
+    /// as a plain statement, concurrently (a lone notification gains nothing from a batch).
+    async fn write_notes(&self, rows: Vec<NoteRow<'_>>, grouped: bool) -> Result<(), StoreError> {
+        let session = self.session();
+        if grouped {
+            let mut batch = Batch::new(BatchType::Unlogged);
+            batch.set_is_idempotent(true);
+            for row in &rows {
+                batch.append_statement(match row {
+                    NoteRow::Index(_) => self.stmts.index_bucket.clone(),
+                    NoteRow::Note(_) => self.stmts.note_change.clone(),
+                });
+            }
+            self.timed(session.batch(&batch, rows)).await?;
+            return Ok(());
+        }
+        let writes = rows.into_iter().map(|row| {
+            let session = Arc::clone(&session);
+            async move {
+                match row {
+                    NoteRow::Index(values) => {
+                        self.timed(session.execute_unpaged(&self.stmts.index_bucket, values))
+                            .await
+                    }
+                    NoteRow::Note(values) => {
+                        self.timed(session.execute_unpaged(&self.stmts.note_change, values))
+                            .await
+                    }
+                }
+            }
+        });
+        futures::future::try_join_all(writes).await?;
+        Ok(())
     }
 
     /// A position of `shard` just before every notification noted at or after `time_us`: the
@@ -299,36 +533,6 @@ impl Inner {
             buckets.push(row.map_err(error::deserialize)?.0);
         }
         Ok(buckets)
-    }
-
-    /// Records that `bucket` of `shard` holds notifications, once per process and bucket: the
-    /// index lets a poll jump over empty buckets, however long the feed was idle.
-    async fn index_bucket(&self, shard: i32, bucket: i64) -> Result<(), StoreError> {
-        let known = self
-            .indexed
-            .lock()
-            .map(|set| set.contains(&(shard, bucket)))
-            .unwrap_or(false);
-        if known {
-            return Ok(());
-        }
-        // The index row must outlive the last notification of its bucket.
-        let ttl = (self.config.change_ttl + self.config.change_bucket)
-            .as_secs()
-            .clamp(1, i32::MAX as u64) as i32;
-        self.timed(
-            self.session()
-                .execute_unpaged(&self.stmts.index_bucket, (shard, bucket, ttl)),
-        )
-        .await?;
-        if let Ok(mut set) = self.indexed.lock() {
-            if set.len() >= 4 * self.config.shard_count as usize {
-                // Only the current buckets matter; older entries are dropped, not kept forever.
-                set.retain(|&(_, b)| b >= bucket - 1);
-            }
-            set.insert((shard, bucket));
-        }
-        Ok(())
     }
 
     async fn read_bucket(
@@ -446,6 +650,72 @@ mod tests {
         assert_eq!(Position::parse(&p.to_string()).expect("parses"), p);
         assert!(Position::parse("nonsense").is_err());
         assert!(Position::parse("12:not-a-uuid").is_err());
+    }
+
+    fn pending(n: i64) -> (Pending, oneshot::Receiver<Result<Noted, StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        let p = Pending {
+            kind: "cart".into(),
+            id: format!("c-{n}"),
+            shard: 0,
+            first: n,
+            last: n,
+            tx,
+        };
+        (p, rx)
+    }
+
+    #[test]
+    fn the_notifier_groups_what_queues_behind_its_running_flushes() {
+        let notifier = Notifier::default();
+        let mut receivers = Vec::new();
+        let mut starts = 0;
+        for n in 0..(NOTE_BATCH as i64 + 10) {
+            let (p, rx) = pending(n);
+            receivers.push(rx);
+            if notifier.push(p) {
+                starts += 1;
+            }
+        }
+        assert_eq!(starts, NOTE_WRITERS, "only that many flushes run at once");
+        let mut slot = FlushSlot {
+            notifier: &notifier,
+            released: false,
+        };
+        let first = notifier.take(&mut slot);
+        assert_eq!(first.len(), NOTE_BATCH, "one flush writes at most a batch");
+        assert_eq!(first[0].first, 0, "oldest first");
+        let rest = notifier.take(&mut slot);
+        assert_eq!(rest.len(), 10);
+        assert!(!slot.released);
+        // An empty queue ends the flush and frees its place at once...
+        assert!(notifier.take(&mut slot).is_empty());
+        assert!(slot.released);
+        let (p, _rx) = pending(99);
+        assert!(
+            notifier.push(p),
+            "...so the next notification starts a flush"
+        );
+        drop(slot);
+        let state = notifier.state.lock().expect("lock");
+        assert_eq!(
+            state.flushing, NOTE_WRITERS,
+            "a released slot is not freed twice"
+        );
+    }
+
+    #[test]
+    fn a_flush_that_dies_frees_its_place() {
+        let notifier = Notifier::default();
+        for n in 0..NOTE_WRITERS as i64 {
+            assert!(notifier.push(pending(n).0));
+        }
+        assert!(!notifier.push(pending(9).0));
+        drop(FlushSlot {
+            notifier: &notifier,
+            released: false,
+        });
+        assert!(notifier.push(pending(10).0));
     }
 
     #[test]

@@ -33,8 +33,12 @@
 //! recognised wherever they are: the batch finds the head moved, and the rows at the expected
 //! positions are read back linearizably and compared.
 //!
-//! With [`FeedKind::ChangesTable`] the notification row is written *before* the batch, so a
-//! committed append always has one; a notification whose batch never commits is an orphan the
+//! A per-process tail cache lets appends skip the head/window read where this process
+//! already knows the head (the batch's condition checks the guess; see `append.rs`).
+//!
+//! With [`FeedKind::ChangesTable`] the notification row is written *before* the batch (group
+//! committed: concurrent appends' rows share one unlogged batch), so a committed append always
+//! has one; a notification whose batch never commits is an orphan the
 //! projector recognises after the append deadline. For that to hold, the batch is sent only
 //! if the notification was acknowledged within half the confidence window of its timeuuid and
 //! the batch can end before the append deadline (see [`CqlConfig::confidence_window`] and
@@ -268,6 +272,13 @@ pub(crate) struct Inner {
     snapshots: snapshots::SnapshotStatements,
     clock: changes::TimeuuidClock,
     indexed: Mutex<HashSet<(i32, i64)>>,
+    /// Group commit of change-log notifications ([`Inner::note_change`]).
+    notifier: changes::Notifier,
+    /// What this process knows of streams' heads and newest events
+    /// ([`append::TailCache`]), so that appends need not read them first.
+    tails: append::TailCache,
+    /// Per-stream turns of this process's appends ([`append::Turns`]).
+    turns: append::Turns,
     cdc: Option<cdc::CdcFeed>,
 }
 
@@ -310,6 +321,9 @@ impl CqlStore {
                 snapshots,
                 clock: changes::TimeuuidClock::new(),
                 indexed: Mutex::new(HashSet::new()),
+                notifier: changes::Notifier::default(),
+                tails: append::TailCache::new(TAIL_CACHE_EVENTS),
+                turns: append::Turns::default(),
                 cdc,
             }),
         })
@@ -357,6 +371,9 @@ async fn open_session(config: &CqlConfig) -> Result<Session, StoreError> {
 
 /// How often a store without any connection checks whether the cluster answers again.
 const REVIVE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Events the tail cache holds at most, over all streams (about 64 bytes each).
+const TAIL_CACHE_EVENTS: usize = 65_536;
 
 impl Inner {
     /// The current driver session.
