@@ -8,7 +8,7 @@ use crate::{ProjectError, Projector};
 use esq_domain::StreamId;
 use esq_eventstore::{now_us, Change, ChangeFeed, EventStore};
 use esq_readstore::{Coordination, ReadError, ReadStore};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use tokio::time::Instant;
 
@@ -170,18 +170,17 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             });
             groups[g].push(i);
         }
-        let syncs: Vec<_> = groups
-            .iter()
-            .map(|group| self.resolve_group(changes, group, stop_at))
+        let syncs: Vec<_> = (0..groups.len())
+            .map(|group| self.resolve_group(changes, &groups, group, stop_at))
             .collect();
-        let results: Vec<Option<Vec<bool>>> = futures::stream::iter(syncs)
-            .buffered(self.config.sync_concurrency.max(1))
-            .try_collect()
-            .await?;
+        // Unordered: a long stream does not hold back the start of the others.
+        let mut syncs =
+            futures::stream::iter(syncs).buffer_unordered(self.config.sync_concurrency.max(1));
         let mut out = vec![None; changes.len()];
-        for (group, result) in groups.iter().zip(results) {
-            if let Some(done) = result {
-                for (&i, d) in group.iter().zip(done) {
+        while let Some(synced) = syncs.next().await {
+            let (group, done) = synced?;
+            if let Some(done) = done {
+                for (&i, d) in groups[group].iter().zip(done) {
                     out[i] = Some(d);
                 }
             }
@@ -189,26 +188,27 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         Ok(out)
     }
 
-    /// One stream of [`Projector::resolve_page`]: the changes of `changes` at `group`, under a
-    /// permit of the projector's sync bound; `None` if `stop_at` passed first.
+    /// One stream of [`Projector::resolve_page`]: the changes of `changes` at `groups[at]`,
+    /// under a permit of the projector's sync bound; `None` if `stop_at` passed first.
     async fn resolve_group(
         &self,
         changes: &[Change],
-        group: &[usize],
+        groups: &[Vec<usize>],
+        at: usize,
         stop_at: Option<Instant>,
-    ) -> Result<Option<Vec<bool>>, ProjectError> {
+    ) -> Result<(usize, Option<Vec<bool>>), ProjectError> {
         let stopped = || stop_at.is_some_and(|t| Instant::now() >= t);
         if stopped() {
-            return Ok(None);
+            return Ok((at, None));
         }
         let _permit = self.syncs.acquire().await.map_err(|_| {
             ProjectError::Read(ReadError::Internal("projector shut down".to_owned()))
         })?;
         if stopped() {
-            return Ok(None);
+            return Ok((at, None));
         }
-        let group: Vec<&Change> = group.iter().map(|&i| &changes[i]).collect();
-        self.resolve_stream(&group).await.map(Some)
+        let group: Vec<&Change> = groups[at].iter().map(|&i| &changes[i]).collect();
+        Ok((at, Some(self.resolve_stream(&group).await?)))
     }
 
     /// [`Projector::resolve`] for the changes of one stream (in feed order): one sync to the
