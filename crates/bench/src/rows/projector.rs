@@ -80,8 +80,8 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
         .query_async(&mut conn)
         .await?;
     // The events in memory, for the Lua-alone sides (read once, untimed).
-    let all: Vec<Vec<RecordedEvent>> = futures::stream::iter(0..n)
-        .map(|c| raw.read(cart(c)))
+    let reads: Vec<_> = (0..n).map(|c| raw.read(cart(c))).collect();
+    let all: Vec<Vec<RecordedEvent>> = futures::stream::iter(reads)
         .buffer_unordered(CONCURRENCY)
         .collect::<Vec<_>>()
         .await
@@ -128,14 +128,10 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
         let prefix = format!("{tag}raw");
         let sample = Cpu::sample(&me);
         let started = Instant::now();
-        let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..n)
-            .map(|c| {
-                let (raw, conn, sha, prefix) = (&raw, conn.clone(), &sha, &prefix);
-                async move {
-                    let events = raw.read(cart(c)).await?;
-                    raw.apply(conn, sha, prefix, &events, true).await
-                }
-            })
+        let work: Vec<_> = (0..n)
+            .map(|c| raw.read_apply(conn.clone(), &sha, &prefix, cart(c)))
+            .collect();
+        let results: Vec<anyhow::Result<()>> = futures::stream::iter(work)
             .buffer_unordered(CONCURRENCY)
             .collect()
             .await;
@@ -153,11 +149,11 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
             let prefix = format!("{tag}lua{}", u8::from(whole));
             let sample = Cpu::sample(&me);
             let started = Instant::now();
-            let results: Vec<anyhow::Result<()>> = futures::stream::iter(all.iter())
-                .map(|events| {
-                    let (raw, conn, sha, prefix) = (&raw, conn.clone(), &sha, &prefix);
-                    async move { raw.apply(conn, sha, prefix, events, whole).await }
-                })
+            let work: Vec<_> = all
+                .iter()
+                .map(|events| raw.apply(conn.clone(), &sha, &prefix, events, whole))
+                .collect();
+            let results: Vec<anyhow::Result<()>> = futures::stream::iter(work)
                 .buffer_unordered(CONCURRENCY)
                 .collect()
                 .await;
@@ -256,6 +252,18 @@ impl Raw {
         Ok(events)
     }
 
+    /// A cart's events read by partition, then applied batched per stream.
+    async fn read_apply(
+        &self,
+        conn: redis::aio::MultiplexedConnection,
+        sha: &str,
+        prefix: &str,
+        id: String,
+    ) -> anyhow::Result<()> {
+        let events = self.read(id).await?;
+        self.apply(conn, sha, prefix, &events, true).await
+    }
+
     /// Folds `events` (one stream's) for each projection of carts and applies them with the
     /// store's script under `prefix`: one call per projection (`whole`) or per event.
     async fn apply(
@@ -291,30 +299,34 @@ impl Raw {
 
 /// Writes `n` carts × [`EVENTS_PER_CART`] AddItems through write-svc (each cart's in order).
 async fn write_carts(cluster: &Cluster, n: u64) -> anyhow::Result<()> {
-    let commands = cluster.carts();
-    let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..n)
-        .map(|c| {
-            let mut commands = commands.clone();
-            async move {
-                for item in 0..EVENTS_PER_CART {
-                    commands
-                        .add_item(AddItemRequest {
-                            cart_id: cart(c),
-                            sku: format!("sku-{}", item % 4),
-                            quantity: 1,
-                            unit_price_cents: 100,
-                            expected_version: None,
-                            command_id: format!("catchup-{c}-{item}"),
-                        })
-                        .await?;
-                }
-                Ok(())
-            }
-        })
+    let work: Vec<_> = (0..n).map(|c| add_items(cluster.carts(), c)).collect();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(work)
         .buffer_unordered(CONCURRENCY)
         .collect()
         .await;
     results.into_iter().collect()
+}
+
+/// Cart `c`'s AddItems, in order.
+async fn add_items(
+    mut commands: esq::pb::cart::v1::cart_commands_client::CartCommandsClient<
+        tonic::transport::Channel,
+    >,
+    c: u64,
+) -> anyhow::Result<()> {
+    for item in 0..EVENTS_PER_CART {
+        commands
+            .add_item(AddItemRequest {
+                cart_id: cart(c),
+                sku: format!("sku-{}", item % 4),
+                quantity: 1,
+                unit_price_cents: 100,
+                expected_version: None,
+                command_id: format!("catchup-{c}-{item}"),
+            })
+            .await?;
+    }
+    Ok(())
 }
 
 /// Waits until every cart's document under `prefix` is at version [`EVENTS_PER_CART`]:
