@@ -639,7 +639,10 @@ mod tests {
             .append(&a, ExpectedVersion::NoStream, &[item()])
             .await
             .expect("append");
-        let mut changes = vec![(0, change(a.clone(), 1, noted)), (0, change(a.clone(), 2, noted))];
+        let mut changes = vec![
+            (0, change(a.clone(), 1, noted)),
+            (0, change(a.clone(), 2, noted)),
+        ];
         for i in 0..8 {
             let c = cart(&format!("c{i}"));
             store
@@ -657,7 +660,10 @@ mod tests {
         assert_eq!(checkpoint(&read).await.as_deref(), Some("0"));
         assert_eq!(read.version("cart2:g1", "a").await.expect("v"), 1);
         for i in 0..8 {
-            assert_eq!(read.version("cart2:g1", &format!("c{i}")).await.expect("v"), 1);
+            assert_eq!(
+                read.version("cart2:g1", &format!("c{i}")).await.expect("v"),
+                1
+            );
         }
         // a's second append lands: the checkpoint moves up to the ghost, not past it.
         store

@@ -75,12 +75,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     ) -> Result<Synced, ProjectError> {
         // Where each pair starts, read concurrently (distinct documents): its version, and
         // its document when the apply needs it and it has no pending work (see `start`).
-        let starts = futures::future::join_all(
-            pairs
-                .iter()
-                .map(|(p, ns)| self.start(*p, ns, stream)),
-        )
-        .await;
+        let starts =
+            futures::future::join_all(pairs.iter().map(|(p, ns)| self.start(*p, ns, stream))).await;
         let mut versions = Vec::with_capacity(pairs.len());
         let mut known = Vec::with_capacity(pairs.len());
         for start in starts {

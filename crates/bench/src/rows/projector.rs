@@ -95,11 +95,15 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let events = n * EVENTS_PER_CART;
-    let backends: Vec<Watched> = ctx.redis_proc().into_iter().chain(ctx.cassandra_proc()).collect();
+    let backends: Vec<Watched> = ctx
+        .redis_proc()
+        .into_iter()
+        .chain(ctx.cassandra_proc())
+        .collect();
     let mut me = vec![Watched::me()];
     me.extend(backends.iter().cloned());
     let (mut esq, mut base, mut batched, mut per_event) = (vec![], vec![], vec![], vec![]);
-    let mut startup = Vec::new();
+    let (mut startup, mut rss) = (Vec::new(), Vec::new());
     for round in 0..ctx.rounds() {
         let tag = format!("{}r{round}", cluster.prefix);
         // esq: a projector from scratch on a fresh prefix.
@@ -121,6 +125,7 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
                 cores: ticks as f64 / crate::sys::ticks_per_second() / secs,
             },
         );
+        rss.push(crate::sys::peak_rss_mib(projector.pid)?);
         cluster.stop_projector().await?;
         esq.push(Run::measured(events, secs, 0.0, 0.0, used));
 
@@ -170,8 +175,8 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     }
     let (esq, base) = (Run::median(&esq), Run::median(&base));
     let (batched, per_event) = (Run::median(&batched), Run::median(&per_event));
-    let mut startup = startup;
     startup.sort_by(f64::total_cmp);
+    rss.sort_by(f64::total_cmp);
     let path = format!(
         "projector catch-up, {} events ({} carts × {EVENTS_PER_CART})",
         crate::report::thousands(events),
@@ -179,8 +184,8 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     );
     let versus = |name: &str, other: &Run, target: &str| Line {
         path: format!("same, vs {name}"),
-        esq: format!("{} events/s", rate(esq.rate)),
-        baseline: format!("{name}: {} events/s", rate(other.rate)),
+        esq: rate(esq.rate),
+        baseline: format!("{name}: {}", rate(other.rate)),
         ratio: (other.rate > 0.0).then(|| esq.rate / other.rate),
         target: target.to_owned(),
         latency: String::new(),
@@ -194,15 +199,20 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     );
     first.path = path;
     first.note = format!(
-        "esq timed from the projector's spawn (start-up until serving: {:.2} s, median); \
-         {} rounds, medians",
+        "esq timed from the projector's spawn (start-up until serving: {:.2} s); projector \
+         peak RSS {:.0} MiB; {} rounds, medians",
         startup[startup.len() / 2],
+        rss[rss.len() / 2],
         ctx.rounds()
     );
     Ok(vec![
         first,
         versus("the Lua alone, batched per stream", &batched, "(reference)"),
-        versus("the Lua alone, one call per event", &per_event, "(reference)"),
+        versus(
+            "the Lua alone, one call per event",
+            &per_event,
+            "(reference)",
+        ),
     ])
 }
 
@@ -289,7 +299,8 @@ impl Raw {
                     .collect::<Result<_, _>>()?
             };
             for b in &batches {
-                let (outcome, _): (u8, u64) = apply_cmd(sha, &key, b).query_async(&mut conn).await?;
+                let (outcome, _): (u8, u64) =
+                    apply_cmd(sha, &key, b).query_async(&mut conn).await?;
                 anyhow::ensure!(outcome == 0, "the fenced apply refused a fresh batch");
             }
         }
