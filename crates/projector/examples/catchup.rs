@@ -4,7 +4,7 @@
 //! Writes `--carts` carts × `--events` single-event appends to a fresh keyspace of the Cassandra
 //! at `ESQ_TEST_CASSANDRA` with no projector running, then, for `--rounds` interleaved rounds,
 //! times into fresh Redis prefixes (`ESQ_TEST_REDIS`):
-//! - `esq`: [`Projector::catch_up`] until every cart is current;
+//! - `esq`: [`Projector::catch_up`] through the change log until every cart is current;
 //! - `raw`: the same storage work without the projector: each cart's partition read with a
 //!   prepared statement of the scylla driver, folded with the domain's `batch` and applied
 //!   with the project's apply script by EVALSHA (one call per projection and cart, concurrent
@@ -81,33 +81,53 @@ async fn main() {
     ];
     let node = std::env::var("ESQ_TEST_CASSANDRA").expect("ESQ_TEST_CASSANDRA");
     let run = std::process::id();
-    let mut config = CqlConfig::new(vec![node.clone()], format!("esq_catchup_{run}"));
+    let existing = std::env::args().skip_while(|a| a != "--keyspace").nth(1);
+    let keyspace = existing
+        .clone()
+        .unwrap_or_else(|| format!("esq_catchup_{run}"));
+    let mut config = CqlConfig::new(vec![node.clone()], keyspace.clone());
     config.confidence_window = Duration::from_millis(500);
     let store = Arc::new(CqlStore::connect(config.clone()).await.expect("cql"));
     let ids: Vec<String> = (0..carts).map(|i| format!("c{i}")).collect();
-    let started = Instant::now();
-    for round in 0..per_cart {
-        futures::stream::iter(ids.iter())
-            .map(|id| {
-                let store = Arc::clone(&store);
-                async move {
-                    let s = StreamId::new("cart", id).expect("id");
-                    store
-                        .append(&s, ExpectedVersion::Exact(round), &[item(round)])
-                        .await
-                }
-            })
-            .buffer_unordered(32)
-            .try_collect::<Vec<_>>()
-            .await
-            .expect("append");
-    }
     let total = carts * per_cart;
-    eprintln!(
-        "wrote {total} events in {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    if existing.is_none() {
+        let started = Instant::now();
+        for round in 0..per_cart {
+            futures::stream::iter(ids.iter())
+                .map(|id| {
+                    let store = Arc::clone(&store);
+                    async move {
+                        let s = StreamId::new("cart", id).expect("id");
+                        // The same event on a retry: a committed first try is recognised.
+                        let e = item(round);
+                        let mut tries = 0;
+                        loop {
+                            match store
+                                .append(&s, ExpectedVersion::Exact(round), std::slice::from_ref(&e))
+                                .await
+                            {
+                                Ok(r) => return Ok(r),
+                                Err(err) if tries < 10 => {
+                                    tries += 1;
+                                    eprintln!("append retried: {err}");
+                                    tokio::time::sleep(Duration::from_millis(200)).await;
+                                }
+                                Err(err) => return Err(err),
+                            }
+                        }
+                    }
+                })
+                .buffer_unordered(32)
+                .try_collect::<Vec<_>>()
+                .await
+                .expect("append");
+        }
+        eprintln!(
+            "wrote {total} events in {:.1}s into keyspace {keyspace}",
+            started.elapsed().as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 
     // The events in memory, for the Lua-alone rows.
     let projections: Vec<Arc<dyn Projection>> = esq_projector::default_projections()
@@ -188,9 +208,22 @@ async fn main() {
                         Arc::clone(&read),
                         Config {
                             checkpoint_prefix: prefix.clone(),
+                            sync_concurrency: arg(
+                                "--sync-concurrency",
+                                esq_projector::DEFAULT_SYNC_CONCURRENCY as u64,
+                            ) as usize,
+                            shard_concurrency: arg(
+                                "--shard-concurrency",
+                                esq_projector::DEFAULT_SHARD_CONCURRENCY as u64,
+                            ) as usize,
+                            poll_limit: arg("--poll-limit", u64::from(Config::default().poll_limit))
+                                as u32,
                             ..Config::default()
                         },
                     );
+                    // Generation records first (as a running projector makes them), so that
+                    // catch_up reads the change log rather than filling in place by a scan.
+                    p.refresh_generations(false).await.expect("generations");
                     p.catch_up().await.expect("catch up");
                 }
                 "raw" => {
@@ -261,6 +294,38 @@ async fn main() {
                 others.join(", ")
             );
             results.entry(mode).or_default().push(rate);
+            let mut conn = redis::Client::open(
+                std::env::var("ESQ_TEST_REDIS")
+                    .expect("ESQ_TEST_REDIS")
+                    .as_str(),
+            )
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("conn");
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{prefix}*"))
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("scan");
+                if !keys.is_empty() {
+                    let _: usize = redis::cmd("DEL")
+                        .arg(&keys)
+                        .query_async(&mut conn)
+                        .await
+                        .expect("del");
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
         }
     }
     let median = |v: &Vec<f64>| {
@@ -268,6 +333,12 @@ async fn main() {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    if std::env::args().any(|a| a == "--drop-keyspace") {
+        session
+            .query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", config.keyspace), &[])
+            .await
+            .expect("drop keyspace");
+    }
     let esq = median(&results["esq"]);
     for (mode, rates) in &results {
         let m = median(rates);
