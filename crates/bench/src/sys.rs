@@ -30,7 +30,7 @@ impl Watched {
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`, 100 if unknown).
-fn ticks_per_second() -> f64 {
+pub fn ticks_per_second() -> f64 {
     static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *HZ.get_or_init(|| {
         std::process::Command::new("getconf")

@@ -44,7 +44,19 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         self.derived.iter().filter(move |d| d.source() == source)
     }
 
-    /// Before a batch is applied to a source document: adds to the batch the pending marker of
+    /// Whether `projection` feeds any derived projection.
+    pub(crate) fn has_derived(&self, projection: &dyn Projection) -> bool {
+        self.derived_of(projection.name()).next().is_some()
+    }
+
+    /// Whether `doc` (a document of `projection`) holds a pending derived marker.
+    pub(crate) fn derived_pending(&self, projection: &dyn Projection, doc: &Doc) -> bool {
+        self.derived_of(projection.name())
+            .any(|d| doc.contains_key(&pending_field(d.name())))
+    }
+
+    /// Before a batch is applied to a source document (whose current state is `known` when
+    /// the caller already read it at the version the batch follows): adds to the batch the pending marker of
     /// each derived projection whose contributions the batch changes, recording the targets the
     /// document contributes to now (and those of a marker still pending), so the apply and the
     /// marker are one atomic step. A batch that changes no contribution (most cart events:
@@ -55,11 +67,15 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         namespace: &str,
         doc_id: &str,
         b: &mut Batch,
+        known: Option<&Doc>,
     ) -> Result<(), ProjectError> {
         if self.derived_of(projection.name()).next().is_none() {
             return Ok(());
         }
-        let before = self.read.get(namespace, doc_id).await?.unwrap_or_default();
+        let before = match known {
+            Some(doc) => doc.clone(),
+            None => self.read.get(namespace, doc_id).await?.unwrap_or_default(),
+        };
         let mut after = before.clone();
         if apply_to_doc(&mut after, b) != ApplyOutcome::Applied {
             return Ok(()); // the store will refuse it too

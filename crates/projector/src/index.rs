@@ -11,30 +11,12 @@ use esq_domain::projection::{
     apply_to_doc, doc_version, ApplyOutcome, Batch, FieldOp, Projection, INDEX_PENDING_FIELD,
 };
 use esq_eventstore::{ChangeFeed, EventStore};
-use esq_readstore::{Coordination, ReadStore};
+use esq_readstore::{Coordination, Doc, ReadStore};
 use std::collections::BTreeSet;
 
 impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, R> {
-    /// The version of a projection's document; for a projection with indexes, first finishes
-    /// an index update an earlier apply left pending.
-    pub(crate) async fn projected_version(
-        &self,
-        projection: &dyn Projection,
-        namespace: &str,
-        doc_id: &str,
-    ) -> Result<u64, ProjectError> {
-        if !projection.has_indexes() {
-            return Ok(self.read.version(namespace, doc_id).await?);
-        }
-        let doc = self.read.get(namespace, doc_id).await?;
-        let version = doc.as_ref().map_or(0, doc_version);
-        if doc.is_some_and(|d| d.contains_key(INDEX_PENDING_FIELD)) {
-            self.reindex(projection, namespace, doc_id).await?;
-        }
-        Ok(version)
-    }
-
-    /// Records in `b` (a batch for `projection`'s document `doc_id`) the index work its apply
+    /// Records in `b` (a batch for `projection`'s document `doc_id`, whose current state is
+    /// `known` when the caller already read it at the version the batch follows) the index work its apply
     /// leaves, if the batch changes the document's index membership: the marker names the
     /// indexes the document belonged to before (and those of a marker still pending, so that
     /// no earlier removal is lost). Computed from the document before the apply, folded with
@@ -45,11 +27,15 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         namespace: &str,
         doc_id: &str,
         b: &mut Batch,
+        known: Option<&Doc>,
     ) -> Result<(), ProjectError> {
         if !projection.has_indexes() {
             return Ok(());
         }
-        let before = self.read.get(namespace, doc_id).await?.unwrap_or_default();
+        let before = match known {
+            Some(doc) => doc.clone(),
+            None => self.read.get(namespace, doc_id).await?.unwrap_or_default(),
+        };
         let mut after = before.clone();
         if apply_to_doc(&mut after, b) != ApplyOutcome::Applied {
             return Ok(());
@@ -248,7 +234,7 @@ mod tests {
         let mut b = batch(&BookProjection, &stored)
             .expect("projects")
             .expect("batch");
-        p.mark_index_work(&BookProjection, "book:g1", &book.id, &mut b)
+        p.mark_index_work(&BookProjection, "book:g1", &book.id, &mut b, None)
             .await
             .expect("mark");
         assert!(
@@ -313,7 +299,7 @@ mod tests {
             let mut b = batch(&BookProjection, std::slice::from_ref(event))
                 .expect("projects")
                 .expect("batch");
-            p.mark_index_work(&BookProjection, "book:g1", &book.id, &mut b)
+            p.mark_index_work(&BookProjection, "book:g1", &book.id, &mut b, None)
                 .await
                 .expect("mark");
             read.apply("book:g1", &book.id, &b).await.expect("apply");

@@ -27,6 +27,7 @@ use esq_domain::projection::Projection;
 use esq_domain::StreamId;
 use esq_eventstore::{ChangeFeed, EventStore, StoreError};
 use esq_readstore::{Coordination, ReadError, ReadStore};
+use futures::StreamExt;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,11 @@ use tokio_util::sync::CancellationToken;
 /// that an upgraded projector rebuilds the read model (into a new generation) from the events instead of continuing
 /// documents folded under the old meaning.
 pub const READ_MODEL_LAYOUT: u32 = 2;
+
+/// Default of [`Config::sync_concurrency`] (measured: see ARCHITECTURE.md, "Projector throughput").
+pub const DEFAULT_SYNC_CONCURRENCY: usize = 32;
+/// Default of [`Config::shard_concurrency`].
+pub const DEFAULT_SHARD_CONCURRENCY: usize = 4;
 
 /// Tunables of a projector.
 #[derive(Debug, Clone)]
@@ -84,6 +90,13 @@ pub struct Config {
     pub unresolved_window: usize,
     /// How often a shard's owner records the shard's freshness (`ShardStatus`) in the read store.
     pub status_interval: Duration,
+    /// At most this many streams are brought up to date at once (over all shards, the fast
+    /// path and a rebuild's scan): a page's distinct streams are synced concurrently, their
+    /// read-store calls pipelined on the one connection. Each document's applies stay ordered:
+    /// one stream is synced by one task at a time within a page.
+    pub sync_concurrency: usize,
+    /// At most this many owned shards are polled at once.
+    pub shard_concurrency: usize,
 }
 
 impl Default for Config {
@@ -105,6 +118,8 @@ impl Default for Config {
             reindex_rounds: 8,
             unresolved_window: 4096,
             status_interval: Duration::from_secs(1),
+            sync_concurrency: DEFAULT_SYNC_CONCURRENCY,
+            shard_concurrency: DEFAULT_SHARD_CONCURRENCY,
         }
     }
 }
@@ -146,6 +161,11 @@ pub struct Projector<E, F, R> {
     windows: std::sync::Mutex<std::collections::HashMap<u32, shards::Window>>,
     /// The namespaces each projection writes to (its generations).
     targets: generations::Targets,
+    /// Bounds the streams synced at once ([`Config::sync_concurrency`]).
+    syncs: tokio::sync::Semaphore,
+    /// Tests: how many times a document's starting point was read (see `sync`).
+    #[cfg(test)]
+    starts: std::sync::atomic::AtomicU64,
 }
 
 /// A fast-path notification: this stream reached this version.
@@ -160,9 +180,12 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             read,
             projections: default_projections(),
             derived: esq_domain::registry::derived(),
-            config,
             windows: Default::default(),
             targets: generations::Targets::default(),
+            syncs: tokio::sync::Semaphore::new(config.sync_concurrency.max(1)),
+            config,
+            #[cfg(test)]
+            starts: Default::default(),
         }
     }
 
@@ -262,14 +285,33 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 *v = (*v).max(version);
             }
         }
-        for (stream, version) in streams {
-            if owned.contains(&self.feed.shard_of(&stream)) {
-                if let Err(e) = self.sync(&stream, Some(version)).await {
-                    // A store in trouble: leave the rest to the change log rather than wait
-                    // out a timeout per stream.
-                    tracing::debug!(error = %e, %stream, "fast-path sync failed");
-                    return;
-                }
+        // Distinct streams concurrently, bounded like the shards' syncs.
+        let syncs: Vec<_> = streams
+            .into_iter()
+            .filter(|(stream, _)| owned.contains(&self.feed.shard_of(stream)))
+            .map(|(stream, version)| self.nudged_sync(stream, version))
+            .collect();
+        let mut syncs =
+            futures::stream::iter(syncs).buffer_unordered(self.config.sync_concurrency.max(1));
+        while let Some(synced) = syncs.next().await {
+            if !synced {
+                // A store in trouble: leave the rest to the change log rather than wait out a
+                // timeout per stream.
+                return;
+            }
+        }
+    }
+
+    /// One stream of [`Projector::handle_nudges`]: false if the sync failed.
+    async fn nudged_sync(&self, stream: StreamId, version: u64) -> bool {
+        let Ok(_permit) = self.syncs.acquire().await else {
+            return false;
+        };
+        match self.sync(&stream, Some(version)).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, %stream, "fast-path sync failed");
+                false
             }
         }
     }
@@ -279,11 +321,24 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     pub async fn catch_up(&self) -> Result<u64, ProjectError> {
         self.refresh_generations(true).await?;
         self.ensure_derived().await?;
+        // The shards concurrently (bounded), each page after page until it runs dry.
+        let drains: Vec<_> = (0..self.feed.shard_count())
+            .map(|shard| self.drain_shard(shard))
+            .collect();
+        let mut drains =
+            futures::stream::iter(drains).buffer_unordered(self.config.shard_concurrency.max(1));
         let mut pages = 0;
-        for shard in 0..self.feed.shard_count() {
-            while self.poll_shard(shard).await? {
-                pages += 1;
-            }
+        while let Some(drained) = drains.next().await {
+            pages += drained?;
+        }
+        Ok(pages)
+    }
+
+    /// Polls a shard page after page until it runs dry; returns the number of pages.
+    async fn drain_shard(&self, shard: u32) -> Result<u64, ProjectError> {
+        let mut pages = 0;
+        while self.poll_shard(shard).await? {
+            pages += 1;
         }
         Ok(pages)
     }

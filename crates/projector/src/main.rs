@@ -28,6 +28,13 @@ struct Args {
     /// Shard lease lifetime, in milliseconds: a dead projector's shards move after this.
     #[arg(long, env = "ESQ_LEASE_TTL_MS", default_value_t = 10_000)]
     lease_ttl_ms: u64,
+    /// Streams brought up to date at once (a page's distinct streams, the fast path), their
+    /// read-store calls pipelined on one connection.
+    #[arg(long, env = "ESQ_SYNC_CONCURRENCY", default_value_t = esq_projector::DEFAULT_SYNC_CONCURRENCY)]
+    sync_concurrency: usize,
+    /// Owned change-log shards polled at once.
+    #[arg(long, env = "ESQ_SHARD_CONCURRENCY", default_value_t = esq_projector::DEFAULT_SHARD_CONCURRENCY)]
+    shard_concurrency: usize,
     /// Pub/sub channel of the nudges.
     #[arg(long, env = "ESQ_NUDGE_CHANNEL", default_value = "esq:nudge")]
     nudge_channel: String,
@@ -59,6 +66,8 @@ async fn main() -> anyhow::Result<()> {
         poll_interval: Duration::from_millis(args.poll_interval_ms),
         lease_ttl: Duration::from_millis(args.lease_ttl_ms),
         append_deadline: Duration::from_millis(args.cql.append_deadline_ms),
+        sync_concurrency: args.sync_concurrency.max(1),
+        shard_concurrency: args.shard_concurrency.max(1),
         ..Config::default()
     };
     if let Some(id) = args.projector_id {

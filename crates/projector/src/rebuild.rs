@@ -24,11 +24,13 @@
 use crate::ops::{ProjectionStatus, RebuildProgress, RebuildState};
 use crate::{ProjectError, Projector, READ_MODEL_LAYOUT};
 use esq_domain::projection::Projection;
+use esq_domain::StreamId;
 use esq_eventstore::{now_us, ChangeFeed, EventStore};
 use esq_readstore::generations::{
     derived_namespace, namespace, read_record, update_record, Resolver,
 };
 use esq_readstore::{Coordination, ReadError, ReadStore};
+use futures::StreamExt;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -410,6 +412,25 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         }
     }
 
+    /// One stream of [`Projector::scan_into`]: the events the generation covers for it after
+    /// the sync (0 for a stream `p` does not handle).
+    async fn scan_stream(
+        &self,
+        p: &dyn Projection,
+        ns: &str,
+        pairs: &[(&dyn Projection, String)],
+        stream: &StreamId,
+    ) -> Result<u64, ProjectError> {
+        if !p.handles(&stream.kind) {
+            return Ok(0);
+        }
+        let _permit = self.syncs.acquire().await.map_err(|_| {
+            ProjectError::Read(ReadError::Internal("projector shut down".to_owned()))
+        })?;
+        self.sync_into(stream, None, pairs.to_vec()).await?;
+        Ok(self.read.version(ns, &p.doc_id(stream)).await?)
+    }
+
     /// Folds every stream `p` handles into namespace `ns`, recording progress about every
     /// second.
     async fn scan_into(
@@ -429,12 +450,18 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 .store
                 .list_streams(cursor, self.config.list_page)
                 .await?;
-            for stream in &page.streams {
-                if p.handles(&stream.kind) {
-                    self.sync_into(stream, None, pairs.to_vec()).await?;
-                    // The events the generation now covers for this stream.
-                    progress.events_done += self.read.version(ns, &p.doc_id(stream)).await?;
-                }
+            // The page's streams concurrently (bounded by the projector's sync permits, shared
+            // with the shards): memory holds one page of ids and at most `sync_concurrency`
+            // streams' event pages.
+            let scans: Vec<_> = page
+                .streams
+                .iter()
+                .map(|stream| self.scan_stream(p, ns, &pairs, stream))
+                .collect();
+            let mut scans =
+                futures::stream::iter(scans).buffered(self.config.sync_concurrency.max(1));
+            while let Some(events) = scans.next().await {
+                progress.events_done += events?;
                 progress.streams_done += 1;
                 if saved_at.elapsed() >= PROGRESS_EVERY {
                     metrics.rebuild_progress(projection, progress.streams_done);

@@ -5,9 +5,11 @@
 use crate::ops::ShardStatus;
 use crate::sync::Synced;
 use crate::{ProjectError, Projector};
+use esq_domain::StreamId;
 use esq_eventstore::{now_us, Change, ChangeFeed, EventStore};
-use esq_readstore::{Coordination, ReadStore};
-use std::collections::{BTreeSet, VecDeque};
+use esq_readstore::{Coordination, ReadError, ReadStore};
+use futures::StreamExt;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use tokio::time::Instant;
 
 impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, R> {
@@ -18,13 +20,21 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         owned: &mut BTreeSet<u32>,
         leases_due: &mut Instant,
     ) -> Result<bool, ProjectError> {
-        let mut more = false;
         self.renew_if_due(owned, leases_due).await?;
-        for shard in owned.clone() {
-            self.renew_if_due(owned, leases_due).await?;
-            if owned.contains(&shard) {
-                more |= self.poll_shard_until(shard, Some(*leases_due)).await?;
-            }
+        // The owned shards are polled concurrently (bounded); each stops once the leases are
+        // due, so that they are renewed in time however long the pages are.
+        let stop_at = *leases_due;
+        let polls: Vec<_> = owned
+            .iter()
+            .map(|&shard| self.poll_shard_until(shard, Some(stop_at)))
+            .collect();
+        let polls: Vec<Result<bool, ProjectError>> = futures::stream::iter(polls)
+            .buffer_unordered(self.config.shard_concurrency.max(1))
+            .collect()
+            .await;
+        let mut more = false;
+        for poll in polls {
+            more |= poll?;
         }
         Ok(more)
     }
@@ -85,13 +95,20 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             let limit = self.config.poll_limit.min(room as u32);
             let page = self.feed.poll(shard, window.frontier(), limit).await?;
             more = page.changes.len() == limit as usize;
-            for (change, position) in page.changes.into_iter().zip(page.positions) {
-                if stopped(stop_at) {
-                    more = true;
-                    break;
-                }
+            let resolved = self.resolve_page(&page.changes, stop_at).await?;
+            // The window takes the page's changes in order up to the first one not looked at
+            // (the lease renewal was due); the rest are read again by the next poll.
+            let looked_at = resolved.iter().take_while(|r| r.is_some()).count();
+            more |= looked_at < page.changes.len();
+            for ((change, position), done) in page
+                .changes
+                .into_iter()
+                .zip(page.positions)
+                .zip(resolved)
+                .take(looked_at)
+            {
                 let noted_at_us = change.noted_at_us;
-                let unresolved = (!self.resolve(&change).await?).then_some(change);
+                let unresolved = (done == Some(false)).then_some(change);
                 window.entries.push_back(Entry {
                     position,
                     noted_at_us,
@@ -127,6 +144,91 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         }
         self.windows.lock().expect("windows").insert(shard, window);
         Ok(more)
+    }
+
+    /// Brings the changes of a page into the read model: for each change, whether it is done
+    /// (see [`Projector::resolve`]), or `None` if it was not looked at because `stop_at` passed.
+    ///
+    /// The page's changes are merged per stream: each distinct stream is synced once, to its
+    /// highest `last_version` in the page, and distinct streams are synced concurrently (at
+    /// most [`crate::Config::sync_concurrency`] at once over the whole projector). A stream is
+    /// synced by one task only, so its documents' applies stay in order. A stream whose highest
+    /// change cannot be brought (its append still in flight) has each of its changes judged on
+    /// its own, in order, exactly as if they had come one by one.
+    pub(crate) async fn resolve_page(
+        &self,
+        changes: &[Change],
+        stop_at: Option<Instant>,
+    ) -> Result<Vec<Option<bool>>, ProjectError> {
+        // The distinct streams in order of first appearance, each with its changes' indexes.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut by_stream: HashMap<&StreamId, usize> = HashMap::new();
+        for (i, change) in changes.iter().enumerate() {
+            let g = *by_stream.entry(&change.stream).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[g].push(i);
+        }
+        let syncs: Vec<_> = (0..groups.len())
+            .map(|group| self.resolve_group(changes, &groups, group, stop_at))
+            .collect();
+        // Unordered: a long stream does not hold back the start of the others.
+        let mut syncs =
+            futures::stream::iter(syncs).buffer_unordered(self.config.sync_concurrency.max(1));
+        let mut out = vec![None; changes.len()];
+        while let Some(synced) = syncs.next().await {
+            let (group, done) = synced?;
+            if let Some(done) = done {
+                for (&i, d) in groups[group].iter().zip(done) {
+                    out[i] = Some(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One stream of [`Projector::resolve_page`]: the changes of `changes` at `groups[at]`,
+    /// under a permit of the projector's sync bound; `None` if `stop_at` passed first.
+    async fn resolve_group(
+        &self,
+        changes: &[Change],
+        groups: &[Vec<usize>],
+        at: usize,
+        stop_at: Option<Instant>,
+    ) -> Result<(usize, Option<Vec<bool>>), ProjectError> {
+        let stopped = || stop_at.is_some_and(|t| Instant::now() >= t);
+        if stopped() {
+            return Ok((at, None));
+        }
+        let _permit = self.syncs.acquire().await.map_err(|_| {
+            ProjectError::Read(ReadError::Internal("projector shut down".to_owned()))
+        })?;
+        if stopped() {
+            return Ok((at, None));
+        }
+        let group: Vec<&Change> = groups[at].iter().map(|&i| &changes[i]).collect();
+        Ok((at, Some(self.resolve_stream(&group).await?)))
+    }
+
+    /// [`Projector::resolve`] for the changes of one stream (in feed order): one sync to the
+    /// highest version when the store holds it, else each change on its own.
+    async fn resolve_stream(&self, changes: &[&Change]) -> Result<Vec<bool>, ProjectError> {
+        let Some(highest) = changes.iter().map(|c| c.last_version).max() else {
+            return Ok(Vec::new());
+        };
+        let stream = &changes[0].stream;
+        if changes.len() > 1 {
+            // Every change of the stream is done once its projections reach the highest.
+            if self.sync(stream, Some(highest)).await? == Synced::Done {
+                return Ok(vec![true; changes.len()]);
+            }
+        }
+        let mut done = Vec::with_capacity(changes.len());
+        for change in changes {
+            done.push(self.resolve(change).await?);
+        }
+        Ok(done)
     }
 
     /// Brings a change into the read model: true if it is done (applied, or an orphan whose
@@ -339,7 +441,8 @@ mod tests {
     #[tokio::test]
     async fn a_change_still_in_flight_does_not_stall_its_shard() {
         let (_dir, store, feed, read) = setup(1).await;
-        let deadline = Duration::from_secs(2);
+        // Long enough that a busy machine writes the 100 carts and projects them well within it.
+        let deadline = Duration::from_secs(8);
         let config = Config {
             append_deadline: deadline,
             poll_limit: 16,
@@ -440,6 +543,148 @@ mod tests {
         while p.poll_shard(0).await.expect("poll") {}
         assert_eq!(checkpoint(&read).await.as_deref(), Some("20"));
         assert_eq!(read.version("cart2:g1", "r19").await.expect("v"), 1);
+    }
+
+    fn removed() -> NewEvent {
+        NewEvent::json(
+            "ItemRemoved",
+            1,
+            &serde_json::json!({"sku":"a","quantity":1,"unit_price_cents":3}),
+        )
+    }
+
+    /// The cart document the domain's fold gives for all of `stream`'s events.
+    async fn folded(
+        store: &esq_eventstore::embedded::EmbeddedStore,
+        stream: &esq_domain::StreamId,
+    ) -> esq_readstore::Doc {
+        let events = store
+            .read(stream, esq_eventstore::ReadRequest::forwards(1, 100))
+            .await
+            .expect("read");
+        let b = esq_domain::projection::batch(&esq_domain::cart::CartProjection, &events)
+            .expect("fold")
+            .expect("events");
+        let mut doc = esq_readstore::Doc::new();
+        esq_domain::projection::apply_to_doc(&mut doc, &b);
+        doc
+    }
+
+    #[tokio::test]
+    async fn the_changes_of_one_stream_in_a_page_are_synced_once_in_order() {
+        let (_dir, store, feed, read) = setup(1).await;
+        let config = Config {
+            sync_concurrency: 8,
+            ..Config::default()
+        };
+        let p = Projector::new(store.clone(), feed.clone(), read.clone(), config);
+        p.refresh_generations(false).await.expect("generations");
+        // Cart a: added then removed (the order matters to the document), three appends, each
+        // with its change; carts b0..b9 once each, interleaved.
+        let a = cart("a");
+        let noted = now_us();
+        let mut changes = Vec::new();
+        for (v, e) in [item(), item(), removed()].into_iter().enumerate() {
+            let v = v as u64;
+            store
+                .append(&a, ExpectedVersion::Exact(v), &[e])
+                .await
+                .expect("append");
+            changes.push((0, change(a.clone(), v + 1, noted)));
+            for i in 0..3 {
+                let b = cart(&format!("b{v}{i}"));
+                store
+                    .append(&b, ExpectedVersion::NoStream, &[item()])
+                    .await
+                    .expect("append");
+                changes.push((0, change(b, 1, noted)));
+            }
+        }
+        feed.changes.lock().expect("lock").extend(changes);
+        assert!(!p.poll_shard(0).await.expect("poll"));
+        assert_eq!(
+            read.get("cart2:g1", "a").await.expect("get"),
+            Some(folded(&store, &a).await),
+            "cart a folded in order"
+        );
+        assert_eq!(read.version("cart2:g1", "a").await.expect("v"), 3);
+        for v in 0..3 {
+            for i in 0..3 {
+                let id = format!("b{v}{i}");
+                assert_eq!(read.version("cart2:g1", &id).await.expect("v"), 1, "{id}");
+            }
+        }
+        // One sync per distinct stream (10), each reading where its 2 projections of carts
+        // start: three changes of cart a did not cost three syncs.
+        let starts = p.starts.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(starts, 10 * 2, "one sync per stream");
+        assert_eq!(checkpoint(&read).await.as_deref(), Some("11"));
+    }
+
+    #[tokio::test]
+    async fn a_page_mixing_done_and_in_flight_changes_keeps_the_checkpoint_before_the_first_in_flight(
+    ) {
+        let (_dir, store, feed, read) = setup(1).await;
+        let config = Config {
+            sync_concurrency: 4,
+            ..Config::default()
+        };
+        let p = Projector::new(store.clone(), feed.clone(), read.clone(), config);
+        p.refresh_generations(false).await.expect("generations");
+        // Position 0: a@1 (in the store); 1: a@2 (its append still in flight); 2..=9: ten done
+        // carts; 10: ghost@1 (in flight); 11: a@1 again (a duplicate, done).
+        let a = cart("a");
+        let noted = now_us();
+        store
+            .append(&a, ExpectedVersion::NoStream, &[item()])
+            .await
+            .expect("append");
+        let mut changes = vec![
+            (0, change(a.clone(), 1, noted)),
+            (0, change(a.clone(), 2, noted)),
+        ];
+        for i in 0..8 {
+            let c = cart(&format!("c{i}"));
+            store
+                .append(&c, ExpectedVersion::NoStream, &[item()])
+                .await
+                .expect("append");
+            changes.push((0, change(c, 1, noted)));
+        }
+        changes.push((0, change(cart("ghost"), 1, noted)));
+        changes.push((0, change(a.clone(), 1, noted)));
+        feed.changes.lock().expect("lock").extend(changes);
+        assert!(!p.poll_shard(0).await.expect("poll"));
+        // a@1 is done, a@2 is not: the checkpoint covers only position 0, while everything
+        // done behind it is projected.
+        assert_eq!(checkpoint(&read).await.as_deref(), Some("0"));
+        assert_eq!(read.version("cart2:g1", "a").await.expect("v"), 1);
+        for i in 0..8 {
+            assert_eq!(
+                read.version("cart2:g1", &format!("c{i}")).await.expect("v"),
+                1
+            );
+        }
+        // a's second append lands: the checkpoint moves up to the ghost, not past it.
+        store
+            .append(&a, ExpectedVersion::Exact(1), &[removed()])
+            .await
+            .expect("append");
+        assert!(!p.poll_shard(0).await.expect("poll"));
+        assert_eq!(checkpoint(&read).await.as_deref(), Some("9"));
+        assert_eq!(read.version("cart2:g1", "a").await.expect("v"), 2);
+        assert_eq!(
+            read.get("cart2:g1", "a").await.expect("get"),
+            Some(folded(&store, &a).await)
+        );
+        // The ghost's append lands too: the checkpoint moves to the end.
+        store
+            .append(&cart("ghost"), ExpectedVersion::NoStream, &[item()])
+            .await
+            .expect("append");
+        assert!(!p.poll_shard(0).await.expect("poll"));
+        assert_eq!(checkpoint(&read).await.as_deref(), Some("11"));
+        assert_eq!(read.version("cart2:g1", "ghost").await.expect("v"), 1);
     }
 
     #[tokio::test]

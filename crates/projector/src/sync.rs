@@ -5,7 +5,9 @@
 //! other projections, and every other stream, go on.
 
 use crate::{ProjectError, Projector};
-use esq_domain::projection::{batch_except, ApplyOutcome, Projection};
+use esq_domain::projection::{
+    batch_except, doc_version, ApplyOutcome, Doc, Projection, INDEX_PENDING_FIELD,
+};
 use esq_domain::{RecordedEvent, StreamId};
 use esq_eventstore::{ChangeFeed, EventStore, ReadRequest};
 use esq_readstore::{Coordination, ReadError, ReadStore};
@@ -71,28 +73,16 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         target: Option<u64>,
         mut pairs: Vec<(&dyn Projection, String)>,
     ) -> Result<Synced, ProjectError> {
+        // Where each pair starts, read concurrently (distinct documents): its version, and
+        // its document when the apply needs it and it has no pending work (see `start`).
+        let starts =
+            futures::future::join_all(pairs.iter().map(|(p, ns)| self.start(*p, ns, stream))).await;
         let mut versions = Vec::with_capacity(pairs.len());
-        for (p, ns) in &pairs {
-            let doc_id = p.doc_id(stream);
-            // Also finishes index updates an earlier apply left pending (a crash, a Redis error).
-            versions.push(match self.projected_version(*p, ns, &doc_id).await {
-                Ok(v) => v,
-                // The store refuses this document (e.g. a key of the wrong type): the apply
-                // from the start will be refused too, and parks the stream.
-                Err(ProjectError::Read(ReadError::Internal(e))) => {
-                    tracing::debug!(%stream, projection = p.name(), error = %e, "unreadable document");
-                    0
-                }
-                Err(e) => return Err(e),
-            });
-            // And derived updates left pending (see `derived`); an unreadable document is
-            // parked by the apply below, as above.
-            match self.finish_derived(*p, ns, &doc_id).await {
-                Err(ProjectError::Read(ReadError::Internal(e))) => {
-                    tracing::debug!(%stream, projection = p.name(), error = %e, "unreadable source document");
-                }
-                other => other?,
-            }
+        let mut known = Vec::with_capacity(pairs.len());
+        for start in starts {
+            let (version, doc) = start?;
+            versions.push(version);
+            known.push(doc);
         }
         loop {
             let low = versions.iter().copied().min().unwrap_or(u64::MAX);
@@ -116,7 +106,12 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             let mut i = 0;
             while i < pairs.len() {
                 let (p, ns) = (pairs[i].0, pairs[i].1.clone());
-                match self.apply(p, &ns, stream, &events, versions[i]).await? {
+                // The document read at the start describes only the first apply.
+                let doc = known[i].take();
+                match self
+                    .apply(p, &ns, stream, &events, versions[i], doc.as_ref())
+                    .await?
+                {
                     Step::At(v) => {
                         versions[i] = v;
                         i += 1;
@@ -124,6 +119,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                     Step::Parked => {
                         pairs.remove(i);
                         versions.remove(i);
+                        known.remove(i);
                     }
                 }
             }
@@ -133,7 +129,63 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         }
     }
 
+    /// Where one (projection, namespace) of `stream` starts: the document's version, after
+    /// finishing index and derived work an earlier apply left pending (a crash, a Redis error).
+    /// For a projection whose apply reads the document first (indexes, derived projections)
+    /// the document comes too when nothing was pending, so that the apply need not read it
+    /// again: one read instead of three. An unreadable document (e.g. a key of the wrong
+    /// type) starts at 0: the apply from the start will be refused too, and parks the stream.
+    async fn start(
+        &self,
+        p: &dyn Projection,
+        ns: &str,
+        stream: &StreamId,
+    ) -> Result<(u64, Option<Doc>), ProjectError> {
+        #[cfg(test)]
+        self.starts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let doc_id = p.doc_id(stream);
+        let unreadable = |e: String| {
+            tracing::debug!(%stream, projection = p.name(), error = %e, "unreadable document");
+        };
+        if !p.has_indexes() && !self.has_derived(p) {
+            return match self.read.version(ns, &doc_id).await {
+                Ok(v) => Ok((v, None)),
+                Err(ReadError::Internal(e)) => {
+                    unreadable(e);
+                    Ok((0, None))
+                }
+                Err(e) => Err(e.into()),
+            };
+        }
+        let doc = match self.read.get(ns, &doc_id).await {
+            Ok(doc) => doc.unwrap_or_default(),
+            Err(ReadError::Internal(e)) => {
+                unreadable(e);
+                return Ok((0, None));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let version = doc_version(&doc);
+        let index_pending = doc.contains_key(INDEX_PENDING_FIELD);
+        let derived_pending = self.derived_pending(p, &doc);
+        if index_pending {
+            self.reindex(p, ns, &doc_id).await?;
+        }
+        if derived_pending {
+            // Derived updates after the index update (see `apply`).
+            match self.finish_derived(p, ns, &doc_id).await {
+                Err(ProjectError::Read(ReadError::Internal(e))) => unreadable(e),
+                other => other?,
+            }
+        }
+        // Finishing pending work changed the document's markers: the apply reads it afresh.
+        let known = (!index_pending && !derived_pending).then_some(doc);
+        Ok((version, known))
+    }
+
     /// Applies the events after `version` to one projection; returns its version afterwards.
+    /// `known` is the document as read at `version` with no pending work, if the caller has it.
     async fn apply(
         &self,
         projection: &dyn Projection,
@@ -141,6 +193,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         stream: &StreamId,
         events: &[RecordedEvent],
         version: u64,
+        known: Option<&Doc>,
     ) -> Result<Step, ProjectError> {
         let start = events.partition_point(|e| e.version <= version);
         let events = &events[start..];
@@ -177,16 +230,22 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         // Marks the index work as pending in the same atomic apply, so that an index update cut
         // short (a crash, a Redis error) is noticed by whoever syncs this document next.
         // And the derived work (see `derived`), in the same apply.
+        let known = known.filter(|doc| doc_version(doc) == version);
+        let unmarked = b.changes.fields.len();
         let marked = match self
-            .mark_index_work(projection, namespace, &doc_id, &mut b)
+            .mark_index_work(projection, namespace, &doc_id, &mut b, known)
             .await
         {
             Ok(()) => {
-                self.mark_derived(projection, namespace, &doc_id, &mut b)
+                self.mark_derived(projection, namespace, &doc_id, &mut b, known)
                     .await
             }
             Err(e) => Err(e),
         };
+        // No marker was pending at `version` and this batch adds none: if it applies (so the
+        // document was still at `version`: every apply moves the version, and markers are only
+        // set by applies), no index or derived work can be pending after it.
+        let nothing_pending = known.is_some() && b.changes.fields.len() == unmarked;
         let outcome = match marked {
             Ok(()) => {
                 esq_runtime::metrics::store()
@@ -224,14 +283,17 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             ApplyOutcome::Duplicate => {}
             ApplyOutcome::Stale { .. } => metrics.gap_pulled(),
         }
-        if projection.has_indexes() {
+        let followups = !(nothing_pending && outcome == ApplyOutcome::Applied);
+        if followups && projection.has_indexes() {
             // Also after a duplicate or stale apply: the projector that applied it may have
             // died before its index update.
             self.reindex(projection, namespace, &doc_id).await?;
         }
         // Likewise for the derived work; after the index update, so that it does not delay
         // the indexes (readers that waited for the document's version expect them soon).
-        self.finish_derived(projection, namespace, &doc_id).await?;
+        if followups {
+            self.finish_derived(projection, namespace, &doc_id).await?;
+        }
         let at = match outcome {
             ApplyOutcome::Applied => b.last_version,
             ApplyOutcome::Duplicate => b.last_version.max(version),

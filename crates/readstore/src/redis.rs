@@ -37,6 +37,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 const APPLY_LUA: &str = include_str!("apply.lua");
+
+/// The fenced apply script (`apply.lua`) the store runs by SHA, for programs that must send
+/// exactly the store's work without the store (the benchmark's raw baselines).
+pub const APPLY_SCRIPT: &str = APPLY_LUA;
 const CONTRIBUTE_LUA: &str = include_str!("contribute.lua");
 
 /// Takes the lease if free, renews it if already ours. ARGV: owner, ttl in ms.
@@ -493,8 +497,10 @@ fn glob_escape(text: &str) -> String {
     out
 }
 
-/// Encodes `batch` as an `EVALSHA` of `apply.lua` on `key` (see the script for the layout).
-fn apply_cmd(sha: &str, key: &str, batch: &Batch) -> Cmd {
+/// Encodes `batch` as an `EVALSHA` of `apply.lua` (SHA `sha`, see [`APPLY_SCRIPT`]) on `key`
+/// (see the script for the layout): the command [`RedisStore`]'s apply sends. It answers
+/// `[outcome, current]` (0 applied, 1 duplicate, 2 stale).
+pub fn apply_cmd(sha: &str, key: &str, batch: &Batch) -> Cmd {
     let ops = &batch.changes.fields;
     let mut cmd = Cmd::with_capacity(6 + 3 * ops.len(), 128 + 32 * ops.len());
     cmd.arg("EVALSHA").arg(sha).arg(1).arg(key);

@@ -1,0 +1,403 @@
+//! Projector catch-up against a raw program doing the same storage work.
+//!
+//! On a cluster stack of its own, carts × 10 AddItems go through write-svc with no projector
+//! running (each append leaves its change-log row). Then, per round, interleaved:
+//! - **esq**: a projector process starts on a fresh Redis prefix (fresh checkpoints, so it
+//!   catches up the whole change log) and is timed from its spawn until every cart's document
+//!   is at version 10 (its start-up is counted against it);
+//! - **raw**: the same storage work without the projector: each cart's partition read with a
+//!   prepared statement of the `scylla` driver, folded with the domain's `batch` and applied
+//!   with the project's own fenced script (`apply.lua`) by EVALSHA, one call per projection and
+//!   cart, concurrent calls pipelined on one multiplexed connection;
+//! - **Lua alone**: the same EVALSHAs from events already in memory, batched per stream, and
+//!   one call per event.
+//!
+//! CPU per process is sampled on each side (the projector's from its start, by its own
+//! counters).
+
+use crate::ctx::{Cluster, Ctx};
+use crate::load::Run;
+use crate::report::{cpu, rate, Line};
+use crate::sys::{cpu_ticks, Cpu, CpuUse, Watched};
+use anyhow::Context as _;
+use esq::pb::cart::v1::AddItemRequest;
+use esq_domain::projection::{batch, Batch, Projection, VERSION_FIELD};
+use esq_domain::{RecordedEvent, StreamId};
+use esq_readstore::redis::{apply_cmd, APPLY_SCRIPT};
+use futures::StreamExt as _;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Events per cart (one AddItem each, so one change-log row each).
+pub const EVENTS_PER_CART: u64 = 10;
+
+/// Carts written: 2,000 (20,000 events) in a full run.
+pub fn carts(ctx: &Ctx) -> u64 {
+    ctx.pick(20, 2_000)
+}
+
+/// Concurrency of the writers and of the raw program (the projector's default sync bound).
+const CONCURRENCY: usize = 32;
+
+fn cart(n: u64) -> String {
+    format!("catchup-{n:06}")
+}
+
+/// Runs the row group.
+pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
+    let cluster = ctx.start_cluster(Vec::new()).await?;
+    let result = measure(ctx, &cluster).await;
+    cluster.cleanup(ctx).await?;
+    result
+}
+
+async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
+    cluster.stop_projector().await?;
+    let n = carts(ctx);
+    write_carts(cluster, n).await?;
+    let session = ctx.scylla().await?;
+    let select = session
+        .prepare(format!(
+            "SELECT version, event_id, event_type, schema_version, content_type, data, \
+             metadata, recorded_at FROM {}.events \
+             WHERE stream_type = 'cart' AND stream_id = ? AND bucket = 0",
+            cluster.keyspace
+        ))
+        .await?;
+    let raw = Raw {
+        session: Arc::new(session),
+        select,
+        projections: esq_domain::registry::projections()
+            .into_iter()
+            .filter(|p| p.handles("cart"))
+            .collect(),
+    };
+    let mut conn = ctx.redis().await?;
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(APPLY_SCRIPT)
+        .query_async(&mut conn)
+        .await?;
+    // The events in memory, for the Lua-alone sides (read once, untimed).
+    let reads: Vec<_> = (0..n).map(|c| raw.read(cart(c))).collect();
+    let all: Vec<Vec<RecordedEvent>> = futures::stream::iter(reads)
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(
+        all.iter().all(|e| e.len() as u64 == EVENTS_PER_CART),
+        "a cart does not hold {EVENTS_PER_CART} events"
+    );
+    // Every change-log row must be past the confidence window before a projector reads on.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let events = n * EVENTS_PER_CART;
+    let backends: Vec<Watched> = ctx
+        .redis_proc()
+        .into_iter()
+        .chain(ctx.cassandra_proc())
+        .collect();
+    let mut me = vec![Watched::me()];
+    me.extend(backends.iter().cloned());
+    let (mut esq, mut base, mut batched, mut per_event) = (vec![], vec![], vec![], vec![]);
+    let (mut startup, mut rss) = (Vec::new(), Vec::new());
+    for round in 0..ctx.rounds() {
+        let tag = format!("{}r{round}", cluster.prefix);
+        // esq: a projector from scratch on a fresh prefix.
+        let prefix = format!("{tag}esq");
+        let sample = Cpu::sample(&backends);
+        let started = Instant::now();
+        let projector = cluster
+            .start_projector(ctx, &[("ESQ_REDIS_PREFIX".to_owned(), prefix.clone())])
+            .await?;
+        startup.push(started.elapsed().as_secs_f64());
+        wait_current(&mut conn, &prefix, n).await?;
+        let secs = started.elapsed().as_secs_f64();
+        let mut used = sample.cores();
+        let ticks = cpu_ticks(projector.pid).context("the projector is gone")?;
+        used.insert(
+            0,
+            CpuUse {
+                name: "projector".to_owned(),
+                cores: ticks as f64 / crate::sys::ticks_per_second() / secs,
+            },
+        );
+        rss.push(crate::sys::peak_rss_mib(projector.pid)?);
+        cluster.stop_projector().await?;
+        esq.push(Run::measured(events, secs, 0.0, 0.0, used));
+
+        // raw: read by partition + batched fenced apply, pipelined.
+        let prefix = format!("{tag}raw");
+        let sample = Cpu::sample(&me);
+        let started = Instant::now();
+        let work: Vec<_> = (0..n)
+            .map(|c| raw.read_apply(conn.clone(), &sha, &prefix, cart(c)))
+            .collect();
+        let results: Vec<anyhow::Result<()>> = futures::stream::iter(work)
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect::<anyhow::Result<()>>()?;
+        base.push(Run::measured(
+            events,
+            started.elapsed().as_secs_f64(),
+            0.0,
+            0.0,
+            sample.cores(),
+        ));
+
+        // The Lua alone, batched per stream and per event.
+        for (side, whole) in [(&mut batched, true), (&mut per_event, false)] {
+            let prefix = format!("{tag}lua{}", u8::from(whole));
+            let sample = Cpu::sample(&me);
+            let started = Instant::now();
+            let work: Vec<_> = all
+                .iter()
+                .map(|events| raw.apply(conn.clone(), &sha, &prefix, events, whole))
+                .collect();
+            let results: Vec<anyhow::Result<()>> = futures::stream::iter(work)
+                .buffer_unordered(CONCURRENCY)
+                .collect()
+                .await;
+            results.into_iter().collect::<anyhow::Result<()>>()?;
+            side.push(Run::measured(
+                events,
+                started.elapsed().as_secs_f64(),
+                0.0,
+                0.0,
+                sample.cores(),
+            ));
+        }
+        delete_prefix(&mut conn, &tag).await?;
+    }
+    let (esq, base) = (Run::median(&esq), Run::median(&base));
+    let (batched, per_event) = (Run::median(&batched), Run::median(&per_event));
+    startup.sort_by(f64::total_cmp);
+    rss.sort_by(f64::total_cmp);
+    let path = format!(
+        "projector catch-up, {} events ({} carts × {EVENTS_PER_CART})",
+        crate::report::thousands(events),
+        crate::report::thousands(n)
+    );
+    let versus = |name: &str, other: &Run, target: &str| Line {
+        path: format!("same, vs {name}"),
+        esq: rate(esq.rate),
+        baseline: format!("{name}: {}", rate(other.rate)),
+        ratio: (other.rate > 0.0).then(|| esq.rate / other.rate),
+        target: target.to_owned(),
+        latency: String::new(),
+        cpu: format!("{} · base {}", cpu(&esq.cpu), cpu(&other.cpu)),
+        note: String::new(),
+    };
+    let mut first = versus(
+        "raw program (scylla read per partition + EVALSHA apply.lua per stream, pipelined)",
+        &base,
+        "≥ 0.8",
+    );
+    first.path = path;
+    first.note = format!(
+        "esq timed from the projector's spawn (start-up until serving: {:.2} s); projector \
+         peak RSS {:.0} MiB; {} rounds, medians",
+        startup[startup.len() / 2],
+        rss[rss.len() / 2],
+        ctx.rounds()
+    );
+    Ok(vec![
+        first,
+        versus("the Lua alone, batched per stream", &batched, "(reference)"),
+        versus(
+            "the Lua alone, one call per event",
+            &per_event,
+            "(reference)",
+        ),
+    ])
+}
+
+/// The raw program's handles.
+struct Raw {
+    session: Arc<scylla::client::session::Session>,
+    select: scylla::statement::prepared::PreparedStatement,
+    projections: Vec<Arc<dyn Projection>>,
+}
+
+/// An events row as the raw program reads it.
+type Row = (
+    i64,
+    uuid::Uuid,
+    String,
+    i32,
+    String,
+    Vec<u8>,
+    Option<BTreeMap<String, String>>,
+    i64,
+);
+
+impl Raw {
+    /// A cart's events, read by partition with the prepared statement.
+    async fn read(&self, id: String) -> anyhow::Result<Vec<RecordedEvent>> {
+        let rows = self
+            .session
+            .execute_unpaged(&self.select, (id.as_str(),))
+            .await?
+            .into_rows_result()?;
+        let stream = StreamId::new("cart", &id)?;
+        let mut events = Vec::new();
+        for row in rows.rows::<Row>()? {
+            let r = row?;
+            events.push(RecordedEvent {
+                stream: stream.clone(),
+                version: u64::try_from(r.0)?,
+                event_id: r.1,
+                event_type: r.2,
+                schema_version: u32::try_from(r.3)?,
+                content_type: r.4,
+                data: r.5,
+                metadata: r.6.unwrap_or_default(),
+                recorded_at_us: r.7,
+            });
+        }
+        Ok(events)
+    }
+
+    /// A cart's events read by partition, then applied batched per stream.
+    async fn read_apply(
+        &self,
+        conn: redis::aio::MultiplexedConnection,
+        sha: &str,
+        prefix: &str,
+        id: String,
+    ) -> anyhow::Result<()> {
+        let events = self.read(id).await?;
+        self.apply(conn, sha, prefix, &events, true).await
+    }
+
+    /// Folds `events` (one stream's) for each projection of carts and applies them with the
+    /// store's script under `prefix`: one call per projection (`whole`) or per event.
+    async fn apply(
+        &self,
+        mut conn: redis::aio::MultiplexedConnection,
+        sha: &str,
+        prefix: &str,
+        events: &[RecordedEvent],
+        whole: bool,
+    ) -> anyhow::Result<()> {
+        let Some(first) = events.first() else {
+            return Ok(());
+        };
+        for p in &self.projections {
+            let key = format!("{prefix}:{}:{{{}}}", p.name(), first.stream.id);
+            let batches: Vec<Batch> = if whole {
+                batch(p.as_ref(), events)?.into_iter().collect()
+            } else {
+                events
+                    .iter()
+                    .map(|e| batch(p.as_ref(), std::slice::from_ref(e)))
+                    .filter_map(Result::transpose)
+                    .collect::<Result<_, _>>()?
+            };
+            for b in &batches {
+                let (outcome, _): (u8, u64) =
+                    apply_cmd(sha, &key, b).query_async(&mut conn).await?;
+                anyhow::ensure!(outcome == 0, "the fenced apply refused a fresh batch");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `n` carts × [`EVENTS_PER_CART`] AddItems through write-svc (each cart's in order).
+async fn write_carts(cluster: &Cluster, n: u64) -> anyhow::Result<()> {
+    let work: Vec<_> = (0..n).map(|c| add_items(cluster.carts(), c)).collect();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(work)
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Cart `c`'s AddItems, in order.
+async fn add_items(
+    mut commands: esq::pb::cart::v1::cart_commands_client::CartCommandsClient<
+        tonic::transport::Channel,
+    >,
+    c: u64,
+) -> anyhow::Result<()> {
+    for item in 0..EVENTS_PER_CART {
+        commands
+            .add_item(AddItemRequest {
+                cart_id: cart(c),
+                sku: format!("sku-{}", item % 4),
+                quantity: 1,
+                unit_price_cents: 100,
+                expected_version: None,
+                command_id: format!("catchup-{c}-{item}"),
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Waits until every cart's document under `prefix` is at version [`EVENTS_PER_CART`]:
+/// the remaining carts are checked in pipelined chunks, front first, so the check costs
+/// little Redis time while the projector works.
+async fn wait_current(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    n: u64,
+) -> anyhow::Result<()> {
+    const CHUNK: usize = 64;
+    let give_up = Instant::now() + Duration::from_secs(600);
+    let mut remaining: std::collections::VecDeque<u64> = (0..n).collect();
+    while !remaining.is_empty() {
+        anyhow::ensure!(
+            Instant::now() < give_up,
+            "the projector did not catch up within 600 s ({} carts left)",
+            remaining.len()
+        );
+        let chunk: Vec<u64> = remaining.iter().take(CHUNK).copied().collect();
+        let mut pipe = redis::pipe();
+        for c in &chunk {
+            pipe.cmd("HGET")
+                .arg(format!("{prefix}:cart2:g1:{{{}}}", cart(*c)))
+                .arg(VERSION_FIELD);
+        }
+        let versions: Vec<Option<u64>> = pipe.query_async(conn).await?;
+        let done = versions
+            .iter()
+            .take_while(|v| **v == Some(EVENTS_PER_CART))
+            .count();
+        remaining.drain(..done);
+        if done < chunk.len() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes every key under `prefix` (this round's documents, checkpoints and leases).
+async fn delete_prefix(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+) -> anyhow::Result<()> {
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            let _: usize = redis::cmd("DEL").arg(&keys).query_async(conn).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
