@@ -74,6 +74,12 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// The waiters on document versions ([`ReadStore::watch`] registers them here; every
+    /// apply wakes those it satisfies).
+    pub fn applied_feed(&self) -> &Arc<AppliedFeed> {
+        &self.inner.feed.0
+    }
+
     fn apply_doc(&self, projection: &str, doc_id: &str, batch: &Batch) -> ApplyOutcome {
         let mut docs = self
             .inner
