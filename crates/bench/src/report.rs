@@ -1,0 +1,277 @@
+//! The result lines and the markdown report (`BENCHMARKS.md`).
+//!
+//! A [`Line`] is one row of the issue's table: the path measured, esq's figure, the baseline
+//! doing the same storage work and its figure, their ratio, the target, latency percentiles
+//! and the CPU each process used on each side. Cells are text, so rows whose figures are not
+//! rates (memory, lag, commands/s) use the same type.
+
+use crate::load::Run;
+use crate::sys::CpuUse;
+
+/// One row of the report.
+#[derive(Debug, Clone, Default)]
+pub struct Line {
+    /// What was measured ("GetCart c16").
+    pub path: String,
+    /// esq's figure ("12,913/s").
+    pub esq: String,
+    /// The baseline and its figure ("redis-benchmark HGETALL: 41,580/s"), or empty.
+    pub baseline: String,
+    /// esq / baseline (or whatever the target compares), if there is one.
+    pub ratio: Option<f64>,
+    /// The target from ARCHITECTURE.md §10 / the issue ("≥ 0.6").
+    pub target: String,
+    /// Latency percentiles, esq side then baseline side ("p50 0.9 / p99 4.8 ms").
+    pub latency: String,
+    /// Cores used per process, esq side then baseline side.
+    pub cpu: String,
+    /// Anything a reader needs to judge the figure.
+    pub note: String,
+}
+
+impl Line {
+    /// A line for `path` with `target`, all figures empty.
+    pub fn new(path: impl Into<String>, target: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            target: target.into(),
+            ..Self::default()
+        }
+    }
+
+    /// A closed- or open-loop comparison of two runs by rate: esq's rate, the baseline's
+    /// (named `baseline`), their ratio, both sides' percentiles and CPU.
+    pub fn rates(
+        path: impl Into<String>,
+        target: impl Into<String>,
+        esq: &Run,
+        baseline: &str,
+        base: &Run,
+    ) -> Self {
+        Self {
+            path: path.into(),
+            esq: rate(esq.rate),
+            baseline: format!("{baseline}: {}", rate(base.rate)),
+            ratio: (base.rate > 0.0).then(|| esq.rate / base.rate),
+            target: target.into(),
+            latency: format!("{} · base {}", percentiles(esq), percentiles(base)),
+            cpu: format!("{} · base {}", cpu(&esq.cpu), cpu(&base.cpu)),
+            note: String::new(),
+        }
+    }
+
+    /// The same line with a note.
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.note = note.into();
+        self
+    }
+}
+
+/// `12,913/s`.
+pub fn rate(per_sec: f64) -> String {
+    format!("{}/s", thousands(per_sec.round() as u64))
+}
+
+/// `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A duration in ms with a sensible number of digits.
+pub fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0} ms")
+    } else if v >= 10.0 {
+        format!("{v:.1} ms")
+    } else {
+        format!("{v:.2} ms")
+    }
+}
+
+/// `p50 0.91 / p99 4.8 ms` (empty when the run measured no latencies).
+pub fn percentiles(run: &Run) -> String {
+    if run.p50_ms == 0.0 && run.p99_ms == 0.0 {
+        return "–".into();
+    }
+    format!("p50 {} / p99 {}", ms(run.p50_ms), ms(run.p99_ms))
+}
+
+/// `read-svc 0.81, redis 0.32` (cores per process).
+pub fn cpu(cpu: &[CpuUse]) -> String {
+    if cpu.is_empty() {
+        return "–".into();
+    }
+    cpu.iter()
+        .map(|c| format!("{} {:.2}", c.name, c.cores))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Markdown cell text: no pipes or newlines.
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+/// One section of the report: a row group and what it produced.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The group ran: its lines.
+    Lines(Vec<Line>),
+    /// The group failed with this error.
+    Failed(String),
+    /// No module measures it yet (another part of the work owns it): placeholder lines.
+    NotYet(Vec<Line>),
+    /// Not selected by `--only`.
+    Skipped,
+}
+
+/// What the header of the report says about the run.
+#[derive(Debug, Clone, Default)]
+pub struct RunFacts {
+    /// The command that produced the report.
+    pub command: String,
+    /// When (UTC).
+    pub date: String,
+    /// Machine facts (cores, RAM, kernel).
+    pub machine: String,
+    /// Versions of the engines and tools.
+    pub versions: Vec<String>,
+    /// `smoke` or `full`.
+    pub size: String,
+    /// Rounds per row.
+    pub rounds: usize,
+    /// The git commit measured, if known.
+    pub commit: String,
+}
+
+/// The markdown report: a preamble, the table of every group in order, then failures.
+pub fn markdown(facts: &RunFacts, groups: &[(String, Outcome)]) -> String {
+    let mut out = String::new();
+    out.push_str("# esq benchmarks\n\n");
+    out.push_str(
+        "Generated by the benchmark harness (`crates/bench`, driven by `scripts/bench`); do not \
+         edit by hand. Regenerate with:\n\n```sh\nscripts/bench --size full\n```\n\n",
+    );
+    out.push_str(&format!(
+        "- command: `{}`\n- date: {}\n- commit: {}\n- machine: {}\n- size: {}, {} interleaved \
+         round(s) per row, medians reported\n",
+        facts.command,
+        facts.date,
+        if facts.commit.is_empty() {
+            "unknown"
+        } else {
+            &facts.commit
+        },
+        facts.machine,
+        facts.size,
+        facts.rounds
+    ));
+    for v in &facts.versions {
+        out.push_str(&format!("- {v}\n"));
+    }
+    out.push_str(
+        "\nEach row runs esq and its baseline (a raw engine doing the same storage work) in \
+         the same run, interleaved round by round. Absolute figures are noisy on a shared \
+         machine; the ratios are what counts. `latency` gives esq's percentiles, then the \
+         baseline's (`base`); `CPU` gives the cores each process used during the measured \
+         interval, esq side then baseline side (1.00 = one core busy all the time).\n\n",
+    );
+    out.push_str(
+        "| path | esq | baseline, same work | ratio | target | latency | CPU (cores) | notes |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|---|\n");
+    let mut failures = Vec::new();
+    for (group, outcome) in groups {
+        let lines: Vec<Line> = match outcome {
+            Outcome::Lines(lines) | Outcome::NotYet(lines) => lines.clone(),
+            Outcome::Failed(err) => {
+                failures.push((group.clone(), err.clone()));
+                vec![Line::new(group.clone(), "").note(format!("FAILED: {err}"))]
+            }
+            Outcome::Skipped => continue,
+        };
+        for l in lines {
+            let ratio = l.ratio.map_or(String::new(), |r| format!("{r:.2}"));
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                cell(&l.path),
+                cell(&l.esq),
+                cell(&l.baseline),
+                ratio,
+                cell(&l.target),
+                cell(&l.latency),
+                cell(&l.cpu),
+                cell(&l.note)
+            ));
+        }
+    }
+    if !failures.is_empty() {
+        out.push_str("\n## Failures\n\n");
+        for (group, err) in failures {
+            out.push_str(&format!("- `{group}`: {}\n", cell(&err)));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(41580), "41,580");
+        assert_eq!(thousands(1234567), "1,234,567");
+        assert_eq!(rate(12912.6), "12,913/s");
+        assert_eq!(ms(0.912), "0.91 ms");
+        assert_eq!(ms(47.0), "47.0 ms");
+    }
+
+    #[test]
+    fn table_has_every_group_and_the_failures() {
+        let esq = Run::measured(1000, 1.0, 0.5, 2.0, Vec::new());
+        let base = Run::measured(2000, 1.0, 0.2, 1.0, Vec::new());
+        let groups = vec![
+            (
+                "getcart".to_string(),
+                Outcome::Lines(vec![Line::rates(
+                    "GetCart c16",
+                    "≥ 0.6",
+                    &esq,
+                    "redis-benchmark HGETALL",
+                    &base,
+                )]),
+            ),
+            ("append".to_string(), Outcome::Failed("boom | x".into())),
+            (
+                "lag".to_string(),
+                Outcome::NotYet(vec![
+                    Line::new("append → visible", "p99 ≤ 25 ms").note("not measured yet")
+                ]),
+            ),
+            ("other".to_string(), Outcome::Skipped),
+        ];
+        let md = markdown(&RunFacts::default(), &groups);
+        assert!(
+            md.contains(
+                "| GetCart c16 | 1,000/s | redis-benchmark HGETALL: 2,000/s | 0.50 | ≥ 0.6 |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("FAILED: boom \\| x"), "{md}");
+        assert!(md.contains("- `append`: boom"), "{md}");
+        assert!(md.contains("not measured yet"), "{md}");
+        assert!(!md.contains("other"), "{md}");
+    }
+}

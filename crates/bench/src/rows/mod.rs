@@ -1,0 +1,141 @@
+//! The row groups: one module per group, each with
+//! `pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>>`, registered in [`ROWS`] with
+//! the [`row!`] macro. [`PLANNED`] is the issue's table in order: a group named there that no
+//! module registers yet is reported as "not measured yet".
+
+use crate::ctx::Ctx;
+use crate::report::Line;
+use std::future::Future;
+use std::pin::Pin;
+
+pub mod fixtures;
+pub mod getcart;
+
+/// A boxed row future.
+pub type RowFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Vec<Line>>> + Send + 'a>>;
+
+/// A registered row group.
+pub struct Row {
+    /// Its name (the module's), for `--only`.
+    pub name: &'static str,
+    /// What it measures, one line (for `--list`).
+    pub about: &'static str,
+    /// Runs it.
+    pub run: for<'a> fn(&'a Ctx) -> RowFuture<'a>,
+}
+
+/// Registers `rows::<module>` (its `run`) under the module's name.
+macro_rules! row {
+    ($module:ident, $about:expr) => {
+        Row {
+            name: stringify!($module),
+            about: $about,
+            run: |ctx| Box::pin($module::run(ctx)),
+        }
+    };
+}
+
+/// Every row group that exists, in no particular order (the report follows [`PLANNED`]).
+pub fn all() -> Vec<Row> {
+    vec![row!(
+        getcart,
+        "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak vs raw HGETALL"
+    )]
+}
+
+/// A group of the issue's table and the lines it will fill.
+pub struct Planned {
+    /// The module name that will measure it.
+    pub name: &'static str,
+    /// The part of issue 9 that owns it.
+    pub owner: &'static str,
+    /// Its lines: (path, target).
+    pub lines: &'static [(&'static str, &'static str)],
+}
+
+/// The issue's table, in order.
+pub const PLANNED: &[Planned] = &[
+    Planned {
+        name: "append",
+        owner: "write",
+        lines: &[
+            (
+                "Append 1 event, distinct streams, c16 (vs raw driver: notification + LWT batch)",
+                "≥ 0.9",
+            ),
+            ("same, vs the bare LWT batch", "≥ 0.75"),
+            ("Append, one stream, c16 (vs bare LWT batch)", "≥ 0.75"),
+            ("Append 50 events (vs raw driver, same work)", "≥ 0.9"),
+        ],
+    },
+    Planned {
+        name: "embedded",
+        owner: "embedded",
+        lines: &[("embedded AddItem c1 → c16 → c64", "≥ 5× from c1 to c16")],
+    },
+    Planned {
+        name: "getcart",
+        owner: "bench",
+        lines: &[
+            ("GetCart c16", "≥ 0.6"),
+            ("GetCart at half of peak, open loop", "p99 ≤ 2 ms"),
+        ],
+    },
+    Planned {
+        name: "ghz",
+        owner: "bench",
+        lines: &[("GetCart driven by ghz (Go gRPC client) c16", "≥ 0.9")],
+    },
+    Planned {
+        name: "projector",
+        owner: "projector",
+        lines: &[(
+            "projector catch-up, 20,000 events (2,000 carts × 10)",
+            "≥ 0.8 of a raw program doing the same storage work",
+        )],
+    },
+    Planned {
+        name: "lag",
+        owner: "read",
+        lines: &[("append → visible, fast path, 50/s", "p50 ≤ 5, p99 ≤ 25 ms")],
+    },
+    Planned {
+        name: "snapshots",
+        owner: "snapshots",
+        lines: &[("AddItem on a 2,000-event cart vs a 10-event cart", "≤ 1.5×")],
+    },
+    Planned {
+        name: "waiters",
+        owner: "read",
+        lines: &[(
+            "500 concurrent min_version waiters",
+            "≤ 1,000 Redis commands/s",
+        )],
+    },
+    Planned {
+        name: "rebuild",
+        owner: "bench",
+        lines: &[(
+            "rebuild: projector peak RSS vs store size",
+            "flat in store size",
+        )],
+    },
+    Planned {
+        name: "memory",
+        owner: "bench",
+        lines: &[(
+            "read-svc and projector memory, 10k vs 100k streams",
+            "flat in the number of streams",
+        )],
+    },
+];
+
+/// The placeholder lines of a planned group no module measures yet.
+pub fn not_yet(p: &Planned) -> Vec<Line> {
+    p.lines
+        .iter()
+        .map(|(path, target)| {
+            Line::new(*path, *target).note(format!("not measured yet (part: {})", p.owner))
+        })
+        .collect()
+}

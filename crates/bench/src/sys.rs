@@ -1,0 +1,232 @@
+//! What the operating system says about the processes under test, read from `/proc`: CPU time
+//! (cores used over a measured interval), resident memory now and at its peak, and which
+//! process listens on a loopback port (to find a Cassandra or Redis the harness did not start).
+
+use anyhow::Context as _;
+use std::time::Instant;
+
+/// A process the harness watches: a display name and its pid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watched {
+    /// Name in the report (`read-svc`, `redis`, `cassandra`, `esq-bench`, ...).
+    pub name: String,
+    /// Process id.
+    pub pid: u32,
+}
+
+impl Watched {
+    /// A watched process.
+    pub fn new(name: impl Into<String>, pid: u32) -> Self {
+        Self {
+            name: name.into(),
+            pid,
+        }
+    }
+
+    /// The harness's own process (the load generator of the Rust-client rows).
+    pub fn me() -> Self {
+        Self::new("esq-bench", std::process::id())
+    }
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`, 100 if unknown).
+fn ticks_per_second() -> f64 {
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|hz| *hz > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU ticks (user + system, threads included) the process has used so far; `None` once it
+/// is gone.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: fields count from
+    // the last ')'. utime and stime are fields 14 and 15 (1-based), so 12 and 13 after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// A CPU sample in progress: started by [`Cpu::sample`], read by [`Cpu::cores`].
+#[derive(Debug, Clone)]
+pub struct Cpu {
+    start: Instant,
+    procs: Vec<(Watched, Option<u64>)>,
+}
+
+/// Cores one process used over a measured interval (1.0 = one core busy the whole time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuUse {
+    /// The process's name.
+    pub name: String,
+    /// Cores used on average.
+    pub cores: f64,
+}
+
+impl Cpu {
+    /// Starts sampling `procs` now.
+    pub fn sample(procs: &[Watched]) -> Self {
+        Self {
+            start: Instant::now(),
+            procs: procs
+                .iter()
+                .map(|w| (w.clone(), cpu_ticks(w.pid)))
+                .collect(),
+        }
+    }
+
+    /// Cores each process used since [`Cpu::sample`] (processes that vanished are left out).
+    pub fn cores(&self) -> Vec<CpuUse> {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-6);
+        let hz = ticks_per_second();
+        self.procs
+            .iter()
+            .filter_map(|(w, before)| {
+                let before = (*before)?;
+                let after = cpu_ticks(w.pid)?;
+                Some(CpuUse {
+                    name: w.name.clone(),
+                    cores: after.saturating_sub(before) as f64 / hz / secs,
+                })
+            })
+            .collect()
+    }
+}
+
+fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    line[field.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("unreadable {line:?}"))
+}
+
+/// Peak resident memory (VmHWM) of a process so far, in MiB.
+pub fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+    Ok(status_kb(pid, "VmHWM:")? as f64 / 1024.0)
+}
+
+/// Resident memory (VmRSS) of a process now, in MiB.
+pub fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    Ok(status_kb(pid, "VmRSS:")? as f64 / 1024.0)
+}
+
+/// The pid of the process listening on TCP `port` (IPv4 or IPv6), if this user can see it:
+/// the LISTEN socket's inode from `/proc/net/tcp{,6}`, then the process holding it in
+/// `/proc/*/fd`.
+pub fn pid_listening_on(port: u16) -> Option<u32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT; st 0A is LISTEN; inode is field 10.
+            let (Some(local), Some(st), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let local_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if *st == "0A" && local_port == Some(port) {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Machine facts for the report: cores, memory, kernel.
+pub fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cores} cores (nproc), {mem_gib:.1} GiB RAM, Linux {}",
+        kernel.trim()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_readable() {
+        let pid = std::process::id();
+        assert!(cpu_ticks(pid).is_some());
+        assert!(peak_rss_mib(pid).expect("VmHWM") > 0.0);
+        assert!(rss_mib(pid).expect("VmRSS") > 0.0);
+    }
+
+    #[test]
+    fn busy_loop_shows_as_cpu() {
+        let cpu = Cpu::sample(&[Watched::me()]);
+        let until = Instant::now() + std::time::Duration::from_millis(300);
+        let mut x = 0u64;
+        while Instant::now() < until {
+            x = x.wrapping_mul(31).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let used = cpu.cores();
+        assert_eq!(used.len(), 1);
+        // One thread spun the whole interval: well above zero (bounds generous for a busy box).
+        assert!(used[0].cores > 0.05, "{used:?}");
+    }
+
+    #[test]
+    fn listener_is_found_by_port() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        assert_eq!(pid_listening_on(port), Some(std::process::id()));
+    }
+}
