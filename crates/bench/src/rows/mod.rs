@@ -10,6 +10,9 @@ use std::pin::Pin;
 
 pub mod fixtures;
 pub mod getcart;
+pub mod read;
+
+use read::{lag, waiters};
 
 /// A boxed row future.
 pub type RowFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Vec<Line>>> + Send + 'a>>;
@@ -37,10 +40,20 @@ macro_rules! row {
 
 /// Every row group that exists, in no particular order (the report follows [`PLANNED`]).
 pub fn all() -> Vec<Row> {
-    vec![row!(
-        getcart,
-        "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak vs raw HGETALL"
-    )]
+    vec![
+        row!(
+            getcart,
+            "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak vs raw HGETALL"
+        ),
+        row!(
+            lag,
+            "append → visible through the fast path at 50 appends/s (p50/p99)"
+        ),
+        row!(
+            waiters,
+            "500 concurrent min_version waiters → Redis commands/s (INFO stats delta)"
+        ),
+    ]
 }
 
 /// A group of the table and the lines it will fill.
