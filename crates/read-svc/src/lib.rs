@@ -36,11 +36,19 @@ pub const SERVICES: &[&str] = &[
     "esq.v1.StateQueries",
 ];
 
+/// Default of [`Config::wait_recheck`]: 500 idle waiters cost 500 reads/s, and a lost
+/// notification (rare: a lost subscription wakes every waiter when it is back) costs at most 1 s.
+pub const DEFAULT_WAIT_RECHECK: Duration = Duration::from_secs(1);
+
 /// Tunables of read-svc.
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
     /// Longest a `min_version` wait may last when the call sets no shorter deadline.
     pub max_wait: Duration,
+    /// How often a `min_version` waiter re-reads its document although no apply notification
+    /// woke it: the bound on what a lost notification (or a generation swap) costs, and the
+    /// Redis load of an idle waiter (one read per waiter per period).
+    pub wait_recheck: Duration,
     /// How often the read store is pinged; health reports NOT_SERVING while it does not answer.
     pub health_probe: Duration,
     /// Longest drain on shutdown before open connections are closed.
@@ -51,6 +59,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             max_wait: Duration::from_secs(5),
+            wait_recheck: DEFAULT_WAIT_RECHECK,
             health_probe: Duration::from_secs(1),
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
         }

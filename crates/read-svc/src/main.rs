@@ -18,6 +18,11 @@ struct Args {
     /// Longest a min_version wait may last, in milliseconds.
     #[arg(long, env = "ESQ_MAX_WAIT_MS", default_value_t = 5000)]
     max_wait_ms: u64,
+    /// How often a min_version waiter re-reads its document when no apply notification woke
+    /// it, in milliseconds (the bound on what a lost notification costs; each idle waiter
+    /// costs one Redis read per period).
+    #[arg(long, env = "ESQ_WAIT_RECHECK_MS", default_value_t = 1000)]
+    wait_recheck_ms: u64,
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
@@ -47,6 +52,8 @@ async fn main() -> anyhow::Result<()> {
     let Some(store) = args.redis.connect(&shutdown).await? else {
         return Ok(());
     };
+    // min_version waits are woken by the projector's apply notifications (one subscription).
+    let follower = tokio::spawn(store.clone().follow_applies(shutdown.clone()));
     let history = match &args.cql {
         Some(cql) if cql.cql_nodes.is_empty() => anyhow::bail!(
             "event-store settings (--cql-*, ESQ_CQL_*...) given without --cql-nodes \
@@ -63,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let config = esq_read_svc::Config {
         max_wait: Duration::from_millis(args.max_wait_ms),
+        wait_recheck: Duration::from_millis(args.wait_recheck_ms.max(1)),
         shutdown_grace: args.server.shutdown_grace,
         ..esq_read_svc::Config::default()
     };
@@ -72,5 +80,8 @@ async fn main() -> anyhow::Result<()> {
         read: Arc::new(store),
         history,
     };
-    esq_read_svc::run(listener, deps, config, shutdown).await
+    let served = esq_read_svc::run(listener, deps, config, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = follower.await;
+    served
 }

@@ -78,8 +78,13 @@ impl<R: ReadStore> Reader<R> {
             .active(projection)
             .await
             .map_err(status_from_read)?;
+        self.get_in(&namespace, doc_id).await
+    }
+
+    /// Document `doc_id` of `namespace` (resolved already): one round trip.
+    async fn get_in(&self, namespace: &str, doc_id: &str) -> Result<Option<Doc>, Status> {
         esq_runtime::metrics::store()
-            .time("read", "get", self.resolver.store().get(&namespace, doc_id))
+            .time("read", "get", self.resolver.store().get(namespace, doc_id))
             .await
             .map_err(status_from_read)
     }
@@ -109,8 +114,16 @@ impl<R: ReadStore> Reader<R> {
             .map_err(status_from_read)
     }
 
-    /// The document once its version is at least `min_version`. Polls with a short backoff;
-    /// DEADLINE_EXCEEDED once the call's deadline (or the server maximum) has passed.
+    /// The document once its version is at least `min_version`; DEADLINE_EXCEEDED once the
+    /// call's deadline (or the server maximum) has passed.
+    ///
+    /// One read when the document is there already (the common case, and every read without
+    /// `min_version`). Otherwise the wait registers with the store's apply notifications
+    /// ([`ReadStore::watch`]) *before* each further read, so no apply slips between the read
+    /// and the wait, and sleeps until a notification for this document at `min_version` or
+    /// later, or the safety re-check (`config.wait_recheck`: a lost message, a resubscription or
+    /// a generation swap costs at most that), or the deadline. Without live notifications (the
+    /// subscription is down, or the waiter bound is reached) it polls with a short backoff.
     pub(crate) async fn get_at_least(
         &self,
         metadata: &tonic::metadata::MetadataMap,
@@ -118,6 +131,22 @@ impl<R: ReadStore> Reader<R> {
         doc_id: &str,
         min_version: u64,
     ) -> Result<Option<Doc>, Status> {
+        let resolve = || async {
+            // Resolved on every round, so a wait that spans a swap ends on the new generation.
+            self.resolver
+                .active(projection)
+                .await
+                .map_err(status_from_read)
+        };
+        let namespace = resolve().await?;
+        let doc = self.get_in(&namespace, doc_id).await?;
+        let mut version = doc.as_ref().map_or(0, doc_version);
+        if version >= min_version {
+            if min_version > 0 {
+                esq_runtime::metrics::read().min_version_wait(true, Duration::ZERO);
+            }
+            return Ok(doc);
+        }
         let budget = metadata
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
@@ -129,16 +158,10 @@ impl<R: ReadStore> Reader<R> {
         let started = Instant::now();
         let deadline = started + budget;
         let mut pause = Duration::from_millis(1);
+        let mut watch = None;
+        // The first round registers and reads again at once: no pause unless polling.
+        let mut first = true;
         loop {
-            // Resolved on every round, so a wait that spans a swap ends on the new generation.
-            let doc = self.get(projection, doc_id).await?;
-            let version = doc.as_ref().map_or(0, doc_version);
-            if version >= min_version {
-                if min_version > 0 {
-                    esq_runtime::metrics::read().min_version_wait(true, started.elapsed());
-                }
-                return Ok(doc);
-            }
             let now = Instant::now();
             if now >= deadline {
                 esq_runtime::metrics::read().min_version_wait(false, started.elapsed());
@@ -147,8 +170,27 @@ impl<R: ReadStore> Reader<R> {
                      was not reached within {budget:?}"
                 )));
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
+            match &watch {
+                _ if first => first = false,
+                Some(w) => {
+                    let w: &esq_readstore::notify::Watch = w;
+                    let recheck = self.config.wait_recheck.min(deadline - now);
+                    let _ = tokio::time::timeout(recheck, w.woken()).await;
+                }
+                None => {
+                    tokio::time::sleep(pause.min(deadline - now)).await;
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+            }
+            let namespace = resolve().await?;
+            // Registered before the read (and dropped, freeing it, when the wait ends).
+            watch = self.resolver.store().watch(&namespace, doc_id, min_version);
+            let doc = self.get_in(&namespace, doc_id).await?;
+            version = doc.as_ref().map_or(0, doc_version);
+            if version >= min_version {
+                esq_runtime::metrics::read().min_version_wait(true, started.elapsed());
+                return Ok(doc);
+            }
         }
     }
 }

@@ -3,7 +3,10 @@
 -- KEYS[1]  the document hash
 -- ARGV[1]  first_version - 1 in decimal, or "" when first_version is 0 (then never in sequence)
 -- ARGV[2]  last_version in decimal
--- ARGV[3…] field ops, flat: "S" field value | "D" field | "I" field delta | "A" field delta | "T"
+-- ARGV[3]  the applied channel: once applied, "<last_version> <KEYS[1]>" is PUBLISHed on it so
+--          that readers waiting for this document wake (crates/readstore/src/notify.rs); ""
+--          publishes nothing
+-- ARGV[4…] field ops, flat: "S" field value | "D" field | "I" field delta | "A" field delta | "T"
 --
 -- Returns {code, current}: code 0 = applied, 1 = duplicate, 2 = stale; current is the
 -- document's version afterwards, as a decimal string (Lua numbers cannot hold every u64).
@@ -64,7 +67,7 @@ if ARGV[1] ~= current then
   return {2, current}
 end
 
-local i, n = 3, #ARGV
+local i, n = 4, #ARGV
 while i <= n do
   local op = ARGV[i]
   if op == 'S' then
@@ -122,4 +125,7 @@ while i <= n do
   end
 end
 redis.call('HSET', key, '_v', last)
+if ARGV[3] ~= '' then
+  redis.call('PUBLISH', ARGV[3], last .. ' ' .. key)
+end
 return {0, last}

@@ -10,6 +10,7 @@
 pub mod contract;
 pub mod generations;
 pub mod memory;
+pub mod notify;
 pub mod redis;
 
 use esq_domain::derived::{Column, Contribution};
@@ -52,6 +53,15 @@ pub trait ReadStore: Send + Sync + 'static {
         projection: &str,
         doc_id: &str,
     ) -> impl Future<Output = Result<Option<Doc>, ReadError>> + Send;
+
+    /// Registers a waiter for document `doc_id` of `namespace` at version `min_version` or
+    /// later, woken by the store's apply notifications ([`notify`]). `None` when the store has
+    /// no live notifications (or holds as many waiters as it may): the caller polls instead.
+    /// Register before reading the document, so that an apply in between still wakes it.
+    fn watch(&self, namespace: &str, doc_id: &str, min_version: u64) -> Option<notify::Watch> {
+        let _ = (namespace, doc_id, min_version);
+        None
+    }
 
     /// The document's version (0 if absent).
     fn version(

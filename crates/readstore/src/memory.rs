@@ -4,6 +4,7 @@
 //! Locks are plain `std` locks: nothing awaits while holding one and every critical section is a
 //! few map operations.
 
+use crate::notify::{AppliedFeed, Watch};
 use crate::{Doc, ReadError, ReadStore};
 use esq_domain::derived::{apply_contribution, Column, Contribution};
 use esq_domain::projection::{apply_to_doc, doc_version, ApplyOutcome, Batch, INDEX_PENDING_FIELD};
@@ -23,8 +24,27 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
+/// The memory store's apply notifications: always live (applies call it directly).
+struct Feed(Arc<AppliedFeed>);
+
+impl Default for Feed {
+    fn default() -> Self {
+        Self(Arc::new(AppliedFeed::new(
+            AppliedFeed::DEFAULT_CAPACITY,
+            true,
+        )))
+    }
+}
+
+/// The key a document's waiters are registered under.
+fn watch_key(projection: &str, doc_id: &str) -> String {
+    format!("{projection}\u{0}{doc_id}")
+}
+
 #[derive(Default)]
 struct Inner {
+    /// Waiters on document versions, woken by every apply.
+    feed: Feed,
     /// projection → document id → document.
     docs: RwLock<HashMap<String, Docs>>,
     /// projection → index name → members.
@@ -54,23 +74,37 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// The waiters on document versions ([`ReadStore::watch`] registers them here; every
+    /// apply wakes those it satisfies).
+    pub fn applied_feed(&self) -> &Arc<AppliedFeed> {
+        &self.inner.feed.0
+    }
+
     fn apply_doc(&self, projection: &str, doc_id: &str, batch: &Batch) -> ApplyOutcome {
         let mut docs = self
             .inner
             .docs
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(doc) = docs.get_mut(projection).and_then(|p| p.get_mut(doc_id)) {
-            return apply_to_doc(doc, batch);
-        }
-        // A document that nothing was applied to must stay absent (as a Redis key would), so it
-        // is only inserted when the batch applies.
-        let mut doc = Doc::new();
-        let outcome = apply_to_doc(&mut doc, batch);
-        if outcome == ApplyOutcome::Applied {
-            docs.entry(projection.to_owned())
-                .or_default()
-                .insert(doc_id.to_owned(), doc);
+        let outcome = if let Some(doc) = docs.get_mut(projection).and_then(|p| p.get_mut(doc_id)) {
+            apply_to_doc(doc, batch)
+        } else {
+            // A document that nothing was applied to must stay absent (as a Redis key would),
+            // so it is only inserted when the batch applies.
+            let mut doc = Doc::new();
+            let outcome = apply_to_doc(&mut doc, batch);
+            if outcome == ApplyOutcome::Applied {
+                docs.entry(projection.to_owned())
+                    .or_default()
+                    .insert(doc_id.to_owned(), doc);
+            }
+            outcome
+        };
+        drop(docs);
+        // After the write is visible, as the Redis script publishes after its writes.
+        let feed = &self.inner.feed.0;
+        if outcome == ApplyOutcome::Applied && feed.has_waiters() {
+            feed.notify(&watch_key(projection, doc_id), batch.last_version);
         }
         outcome
     }
@@ -112,6 +146,13 @@ impl ReadStore for MemoryStore {
         batch: &Batch,
     ) -> Result<ApplyOutcome, ReadError> {
         Ok(self.apply_doc(projection, doc_id, batch))
+    }
+
+    fn watch(&self, namespace: &str, doc_id: &str, min_version: u64) -> Option<Watch> {
+        self.inner
+            .feed
+            .0
+            .watch(watch_key(namespace, doc_id), min_version)
     }
 
     async fn update_indexes(

@@ -22,6 +22,7 @@
 //! Every round trip is bounded by [`RedisConfig::timeout`]; connection failures and timeouts are
 //! [`ReadError::Unavailable`], everything else [`ReadError::Internal`].
 
+use crate::notify::{AppliedFeed, Watch};
 use crate::{Doc, ReadError, ReadStore};
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClient;
@@ -117,6 +118,12 @@ pub struct RedisStore {
 /// What every clone shares and never changes.
 struct Shared {
     prefix: String,
+    /// The URLs connected to (the subscription of [`RedisStore::follow_applies`] uses them).
+    urls: Vec<String>,
+    /// Where the apply script publishes what it applied: `<prefix>:applied`.
+    applied_channel: String,
+    /// The waiters on document versions, live while [`RedisStore::follow_applies`] is subscribed.
+    feed: Arc<AppliedFeed>,
     timeout: Duration,
     apply: Script,
     acquire: Script,
@@ -249,7 +256,10 @@ impl RedisStore {
         let store = Self {
             conn,
             shared: Arc::new(Shared {
+                applied_channel: format!("{}:applied", config.prefix),
                 prefix: config.prefix,
+                urls: config.urls,
+                feed: Arc::new(AppliedFeed::new(AppliedFeed::DEFAULT_CAPACITY, false)),
                 timeout,
                 apply: Script::new(APPLY_LUA),
                 acquire: Script::new(ACQUIRE_LUA),
@@ -284,6 +294,38 @@ impl RedisStore {
         if let Err(err) = self.query::<i64>(&cmd).await {
             tracing::debug!(channel, error = %err, "nudge not published");
         }
+    }
+
+    /// The pub/sub channel the apply script announces every applied batch on, as
+    /// `<last version> <document key>` (see [`crate::notify`]).
+    pub fn applied_channel(&self) -> &str {
+        &self.shared.applied_channel
+    }
+
+    /// The waiters on document versions ([`ReadStore::watch`] registers them here).
+    pub fn applied_feed(&self) -> &Arc<AppliedFeed> {
+        &self.shared.feed
+    }
+
+    /// Follows the apply notifications until `shutdown`: one pub/sub connection (to the
+    /// configured URLs in turn; on a Cluster any node hears every `PUBLISH`), whose messages
+    /// wake the waiters of [`ReadStore::watch`]. The feed is live while subscribed; going live
+    /// again after a loss wakes every waiter, so a message missed meanwhile costs nothing but a
+    /// re-read. Until this runs, `watch` returns `None` and waits poll.
+    pub async fn follow_applies(self, shutdown: CancellationToken) {
+        let feed = Arc::clone(&self.shared.feed);
+        subscribe(
+            &self.shared.urls,
+            &self.shared.applied_channel,
+            |event| match event {
+                Subscription::Up => feed.set_live(true),
+                Subscription::Message(m) => feed.notify_message(m),
+                Subscription::Down => feed.set_live(false),
+            },
+            shutdown,
+        )
+        .await;
+        self.shared.feed.set_live(false);
     }
 
     fn doc_key(&self, projection: &str, doc_id: &str) -> String {
@@ -501,14 +543,16 @@ fn glob_escape(text: &str) -> String {
 /// (see the script for the layout): the command [`RedisStore`]'s apply sends. It answers
 /// `[outcome, current]` (0 applied, 1 duplicate, 2 stale).
 pub fn apply_cmd(sha: &str, key: &str, batch: &Batch) -> Cmd {
+/// Encodes `batch` as an `EVALSHA` of `apply.lua` on `key` (see the script for the layout).
+fn apply_cmd(sha: &str, key: &str, channel: &str, batch: &Batch) -> Cmd {
     let ops = &batch.changes.fields;
-    let mut cmd = Cmd::with_capacity(6 + 3 * ops.len(), 128 + 32 * ops.len());
+    let mut cmd = Cmd::with_capacity(7 + 3 * ops.len(), 160 + 32 * ops.len());
     cmd.arg("EVALSHA").arg(sha).arg(1).arg(key);
     match batch.first_version.checked_sub(1) {
         Some(previous) => cmd.arg(previous),
         None => cmd.arg(""),
     };
-    cmd.arg(batch.last_version);
+    cmd.arg(batch.last_version).arg(channel);
     for op in ops {
         match op {
             FieldOp::Set(field, value) => cmd.arg("S").arg(field).arg(value),
@@ -534,7 +578,12 @@ impl ReadStore for RedisStore {
         batch: &Batch,
     ) -> Result<ApplyOutcome, ReadError> {
         let key = self.doc_key(projection, doc_id);
-        let cmd = apply_cmd(self.shared.apply.get_hash(), &key, batch);
+        let cmd = apply_cmd(
+            self.shared.apply.get_hash(),
+            &key,
+            &self.shared.applied_channel,
+            batch,
+        );
         let (code, current): (u8, u64) = self.eval(&self.shared.apply, &cmd).await?;
         let outcome = match code {
             0 => ApplyOutcome::Applied,
@@ -627,6 +676,14 @@ impl ReadStore for RedisStore {
         cmd.arg(self.doc_key(projection, doc_id));
         let doc: Doc = self.query(&cmd).await?;
         Ok(if doc.is_empty() { None } else { Some(doc) })
+    }
+
+    fn watch(&self, namespace: &str, doc_id: &str, min_version: u64) -> Option<Watch> {
+        let feed = &self.shared.feed;
+        if !feed.is_live() {
+            return None;
+        }
+        feed.watch(self.doc_key(namespace, doc_id), min_version)
     }
 
     async fn version(&self, projection: &str, doc_id: &str) -> Result<u64, ReadError> {
@@ -865,11 +922,47 @@ pub async fn subscribe_nudges(
     on_message: impl Fn(Option<&str>) + Send,
     shutdown: CancellationToken,
 ) {
+    let urls = [url.to_owned()];
+    let on_event = move |event: Subscription<'_>| match event {
+        Subscription::Up => on_message(None),
+        Subscription::Message(m) => on_message(Some(m)),
+        Subscription::Down => {}
+    };
+    subscribe(&urls, channel, on_event, shutdown).await;
+}
+
+/// What a pub/sub subscription reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscription<'a> {
+    /// (Re)subscribed: messages arrive from now on; some may have been missed before.
+    Up,
+    /// A message's payload (messages that are not UTF-8 are dropped).
+    Message(&'a str),
+    /// The subscription was lost; it is being re-established.
+    Down,
+}
+
+/// Follows pub/sub `channel` on one of `urls` (tried in turn after each failure) until
+/// `shutdown`, reporting to `on_event` (which must not block): [`Subscription::Up`] after every
+/// (re)subscription, each message, and [`Subscription::Down`] when the connection is lost.
+/// Reconnects with backoff, 100 ms doubling to 5 s.
+pub async fn subscribe(
+    urls: &[String],
+    channel: &str,
+    on_event: impl Fn(Subscription<'_>) + Send,
+    shutdown: CancellationToken,
+) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(100);
     const MAX_BACKOFF: Duration = Duration::from_secs(5);
     const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 0usize;
     while !shutdown.is_cancelled() {
+        let Some(url) = urls.get(attempt % urls.len().max(1)) else {
+            return;
+        };
+        let url = url.as_str();
+        attempt += 1;
         let subscribed = async {
             let client = ::redis::Client::open(url)?;
             let mut pubsub = client.get_async_pubsub().await?;
@@ -882,25 +975,32 @@ pub async fn subscribe_nudges(
         };
         match outcome {
             Ok(Ok(mut pubsub)) => {
-                tracing::debug!(url, channel, "subscribed to nudges");
+                tracing::debug!(url, channel, "subscribed");
                 backoff = FIRST_BACKOFF;
-                on_message(None);
+                attempt -= 1;
+                on_event(Subscription::Up);
                 let mut messages = pubsub.on_message();
                 loop {
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         message = messages.next() => match message {
-                            Some(m) => on_message(m.get_payload::<String>().ok().as_deref()),
+                            Some(m) => {
+                                if let Ok(text) = std::str::from_utf8(m.get_payload_bytes()) {
+                                    on_event(Subscription::Message(text));
+                                }
+                            }
                             None => break,
                         },
                     }
                 }
-                tracing::warn!(url, channel, "nudge subscription lost; reconnecting");
+                on_event(Subscription::Down);
+                attempt += 1;
+                tracing::warn!(url, channel, "subscription lost; reconnecting");
             }
             Ok(Err(err)) => {
-                tracing::warn!(url, channel, error = %err, "cannot subscribe to nudges");
+                tracing::warn!(url, channel, error = %err, "cannot subscribe");
             }
-            Err(_) => tracing::warn!(url, channel, "subscribing to nudges timed out"),
+            Err(_) => tracing::warn!(url, channel, "subscribing timed out"),
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

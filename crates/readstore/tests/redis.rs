@@ -180,6 +180,173 @@ async fn cluster_nudges() {
     nudges(Backend::Cluster, "cluster_nudges").await;
 }
 
+fn one_set(first_version: u64, last_version: u64) -> Batch {
+    Batch {
+        first_version,
+        last_version,
+        changes: Changes {
+            fields: vec![FieldOp::Set("n".into(), last_version.to_string())],
+        },
+    }
+}
+
+/// Waits (bounded, generously) until `store`'s apply feed is subscribed.
+async fn until_live(store: &RedisStore) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !store.applied_feed().is_live() {
+        assert!(Instant::now() < deadline, "apply feed not live within 20 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether `watch` has been woken already (without waiting).
+async fn woken(watch: &esq_readstore::notify::Watch) -> bool {
+    tokio::time::timeout(Duration::ZERO, watch.woken())
+        .await
+        .is_ok()
+}
+
+/// The apply script publishes what it applied; the feed wakes exactly the waiters whose
+/// version is reached (not earlier), and only once subscribed.
+async fn applies_wake_waiters(backend: Backend, test: &str) {
+    let Some((store, _)) = backend.store(test).await else {
+        return;
+    };
+    assert!(
+        store.watch("cart", "a", 1).is_none(),
+        "no subscription yet: waiters poll"
+    );
+    let shutdown = CancellationToken::new();
+    let follower = tokio::spawn(store.clone().follow_applies(shutdown.clone()));
+    until_live(&store).await;
+    let at1 = store.watch("cart", "a", 1).expect("live feed");
+    let at2 = store.watch("cart", "a", 2).expect("live feed");
+    let other = store.watch("cart", "b", 1).expect("live feed");
+    assert_eq!(store.applied_feed().waiting(), 3);
+    assert_eq!(
+        store.apply("cart", "a", &one_set(1, 1)).await.unwrap(),
+        ApplyOutcome::Applied
+    );
+    tokio::time::timeout(Duration::from_secs(20), at1.woken())
+        .await
+        .expect("the waiter at version 1 is woken by the apply of version 1");
+    // Messages of one document arrive in order: version 1 was handled, and did not reach 2.
+    assert!(!woken(&at2).await, "version 1 does not wake a waiter at 2");
+    assert!(!woken(&other).await, "another document's waiter sleeps on");
+    assert_eq!(store.version("cart", "a").await.unwrap(), 1);
+    // A duplicate apply publishes nothing and changes nothing.
+    assert_eq!(
+        store.apply("cart", "a", &one_set(1, 1)).await.unwrap(),
+        ApplyOutcome::Duplicate
+    );
+    store.apply("cart", "a", &one_set(2, 2)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), at2.woken())
+        .await
+        .expect("the waiter at version 2 is woken by the apply of version 2");
+    assert_eq!(store.version("cart", "a").await.unwrap(), 2);
+    drop((at1, at2));
+    assert_eq!(store.applied_feed().waiting(), 1, "woken waiters are freed");
+    drop(other);
+    assert_eq!(
+        store.applied_feed().waiting(),
+        0,
+        "a dropped (cancelled) waiter is freed"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), follower)
+        .await
+        .expect("stops on shutdown")
+        .expect("no panic");
+    assert!(
+        !store.applied_feed().is_live(),
+        "stopped: waiters poll again"
+    );
+}
+
+#[tokio::test]
+async fn standalone_applies_wake_waiters() {
+    applies_wake_waiters(Backend::Standalone, "standalone_applies_wake_waiters").await;
+}
+
+#[tokio::test]
+async fn cluster_applies_wake_waiters() {
+    applies_wake_waiters(Backend::Cluster, "cluster_applies_wake_waiters").await;
+}
+
+/// A TCP proxy to `upstream` whose connections can all be cut; new ones go through.
+async fn cuttable_proxy(upstream: String) -> (String, Arc<std::sync::Mutex<CancellationToken>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cut = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+    let c = Arc::clone(&cut);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let token = c.lock().unwrap().clone();
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    () = token.cancelled() => {}
+                }
+            });
+        }
+    });
+    (format!("redis://{addr}"), cut)
+}
+
+/// A lost subscription (its connection cut) loses the messages published meanwhile; once
+/// resubscribed, every waiter is woken to read again, so none is stranded until its deadline.
+#[tokio::test]
+async fn a_lost_subscription_wakes_every_waiter_when_back() {
+    let test = "a_lost_subscription_wakes_every_waiter_when_back";
+    let Some(urls) = Backend::Standalone.urls(test) else {
+        return;
+    };
+    let upstream = urls[0]
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let (proxied, cut) = cuttable_proxy(upstream).await;
+    let prefix = unique(test);
+    let config = |url: String| RedisConfig {
+        urls: vec![url],
+        cluster: false,
+        prefix: prefix.clone(),
+        timeout: Duration::from_secs(5),
+    };
+    // Waits go through the proxy; applies reach Redis directly.
+    let waiting = RedisStore::connect(config(proxied)).await.unwrap();
+    let writer = RedisStore::connect(config(urls[0].clone())).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let follower = tokio::spawn(waiting.clone().follow_applies(shutdown.clone()));
+    until_live(&waiting).await;
+    let watch = waiting.watch("cart", "a", 1).expect("live feed");
+    {
+        let mut token = cut.lock().unwrap();
+        token.cancel();
+        *token = CancellationToken::new();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while waiting.applied_feed().is_live() {
+        assert!(Instant::now() < deadline, "the cut is not noticed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Published while nobody of ours listens: this message is lost.
+    writer.apply("cart", "a", &one_set(1, 1)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), watch.woken())
+        .await
+        .expect("the waiter is woken once the subscription is back");
+    assert!(waiting.applied_feed().is_live());
+    assert_eq!(writer.version("cart", "a").await.unwrap(), 1);
+    drop(watch);
+    assert_eq!(waiting.applied_feed().waiting(), 0);
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(20), follower).await;
+}
+
 /// Scripts are loaded at connect; a server that forgot them (restart, `SCRIPT FLUSH`) gets them
 /// again on the first `NOSCRIPT`.
 #[tokio::test]

@@ -14,6 +14,9 @@ pub mod fixtures;
 pub mod getcart;
 pub mod snapshots;
 pub mod projector;
+pub mod read;
+
+use read::{lag, waiters};
 
 /// A boxed row future.
 pub type RowFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Vec<Line>>> + Send + 'a>>;
@@ -62,6 +65,12 @@ pub fn all() -> Vec<Row> {
             "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak vs raw HGETALL"
             projector,
             "projector catch-up of carts × 10 vs a raw program (scylla read + EVALSHA) and the Lua alone"
+            lag,
+            "append → visible through the fast path at 50 appends/s (p50/p99)"
+        ),
+        row!(
+            waiters,
+            "500 concurrent min_version waiters → Redis commands/s (INFO stats delta)"
         ),
     ]
 }
