@@ -10,6 +10,7 @@ use std::pin::Pin;
 
 pub mod fixtures;
 pub mod getcart;
+pub mod ghz;
 
 /// A boxed row future.
 pub type RowFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Vec<Line>>> + Send + 'a>>;
@@ -37,10 +38,17 @@ macro_rules! row {
 
 /// Every row group that exists, in no particular order (the report follows [`PLANNED`]).
 pub fn all() -> Vec<Row> {
-    vec![row!(
-        getcart,
-        "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak vs raw HGETALL"
-    )]
+    // One entry per module; add yours on its own line.
+    vec![
+        row!(
+            getcart,
+            "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak"
+        ),
+        row!(
+            ghz,
+            "GetCart driven by ghz (Go gRPC client) c16 vs the Rust client c16"
+        ),
+    ]
 }
 
 /// A group of the table and the lines it will fill.
