@@ -11,6 +11,8 @@ use std::pin::Pin;
 pub mod fixtures;
 pub mod getcart;
 pub mod ghz;
+pub mod memory;
+pub mod rebuild;
 
 /// A boxed row future.
 pub type RowFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Vec<Line>>> + Send + 'a>>;
@@ -43,6 +45,14 @@ pub fn all() -> Vec<Row> {
         row!(
             getcart,
             "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak"
+        ),
+        row!(
+            memory,
+            "read-svc and projector RSS after 10k vs 100k streams"
+        ),
+        row!(
+            rebuild,
+            "projector peak RSS of a rebuild at two store sizes"
         ),
         row!(
             ghz,
