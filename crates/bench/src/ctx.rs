@@ -286,8 +286,21 @@ impl Proc {
         Watched::new(self.name.clone(), self.pid())
     }
 
-    /// Stops the process (SIGKILL) and reaps it.
+    /// Stops the process the way an orchestrator does: SIGTERM (it drains and gives up its
+    /// leases), SIGKILL if it is still there after 20 s; then reaps it.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+            if tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
         self.child.start_kill()?;
         self.child.wait().await?;
         Ok(())
@@ -452,8 +465,12 @@ impl Cluster {
         self.projector.lock().ok()?.as_ref().map(|p| p.watched())
     }
 
-    /// Stops the projector (SIGKILL; its lease expires in time, or the next one takes over
-    /// where the checkpoints say).
+    /// The running projector's gRPC address (it serves `esq.v1.Projections`), if one runs.
+    pub fn projector_addr(&self) -> Option<SocketAddr> {
+        self.projector.lock().ok()?.as_ref().map(|p| p.addr)
+    }
+
+    /// Stops the projector (SIGTERM, then SIGKILL after 20 s; see [`Proc::stop`]).
     pub async fn stop_projector(&self) -> anyhow::Result<()> {
         let p = self
             .projector

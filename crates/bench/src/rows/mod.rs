@@ -17,6 +17,9 @@ pub mod projector;
 pub mod read;
 
 use read::{lag, waiters};
+pub mod ghz;
+pub mod memory;
+pub mod rebuild;
 
 /// A boxed row future.
 pub type RowFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Vec<Line>>> + Send + 'a>>;
@@ -71,6 +74,23 @@ pub fn all() -> Vec<Row> {
         row!(
             waiters,
             "500 concurrent min_version waiters → Redis commands/s (INFO stats delta)"
+    // One entry per module; add yours on its own line.
+    vec![
+        row!(
+            getcart,
+            "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak"
+        ),
+        row!(
+            memory,
+            "read-svc and projector RSS after 10k vs 100k streams"
+        ),
+        row!(
+            rebuild,
+            "projector peak RSS of a rebuild at two store sizes"
+        ),
+        row!(
+            ghz,
+            "GetCart driven by ghz (Go gRPC client) c16 vs the Rust client c16"
         ),
     ]
 }
