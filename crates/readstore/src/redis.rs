@@ -540,11 +540,10 @@ fn glob_escape(text: &str) -> String {
 }
 
 /// Encodes `batch` as an `EVALSHA` of `apply.lua` (SHA `sha`, see [`APPLY_SCRIPT`]) on `key`
-/// (see the script for the layout): the command [`RedisStore`]'s apply sends. It answers
-/// `[outcome, current]` (0 applied, 1 duplicate, 2 stale).
-pub fn apply_cmd(sha: &str, key: &str, batch: &Batch) -> Cmd {
-/// Encodes `batch` as an `EVALSHA` of `apply.lua` on `key` (see the script for the layout).
-fn apply_cmd(sha: &str, key: &str, channel: &str, batch: &Batch) -> Cmd {
+/// (see the script for the layout), publishing the applied version on `channel`: the command
+/// [`RedisStore`]'s apply sends. It answers `[outcome, current]` (0 applied, 1 duplicate, 2
+/// stale).
+pub fn apply_cmd(sha: &str, key: &str, channel: &str, batch: &Batch) -> Cmd {
     let ops = &batch.changes.fields;
     let mut cmd = Cmd::with_capacity(7 + 3 * ops.len(), 160 + 32 * ops.len());
     cmd.arg("EVALSHA").arg(sha).arg(1).arg(key);

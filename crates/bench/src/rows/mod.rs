@@ -8,18 +8,18 @@ use crate::report::Line;
 use std::future::Future;
 use std::pin::Pin;
 
-pub mod embedded;
 pub mod append;
+pub mod embedded;
 pub mod fixtures;
 pub mod getcart;
-pub mod snapshots;
-pub mod projector;
-pub mod read;
-
-use read::{lag, waiters};
 pub mod ghz;
 pub mod memory;
+pub mod projector;
+pub mod read;
 pub mod rebuild;
+pub mod snapshots;
+
+use read::{lag, waiters};
 
 /// A boxed row future.
 pub type RowFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Vec<Line>>> + Send + 'a>>;
@@ -47,50 +47,47 @@ macro_rules! row {
 
 /// Every row group that exists, in no particular order (the report follows [`PLANNED`]).
 pub fn all() -> Vec<Row> {
+    // One entry per module; add yours on its own line.
     vec![
         row!(
-            getcart,
-            "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak vs raw HGETALL"
+            append,
+            "Append c16 (1 event distinct streams, one stream, 50 events) vs the raw driver"
         ),
         row!(
             embedded,
             "esq dev AddItem c1 → c16 → c64, group commit vs groups of one (an fsync per append)"
         ),
         row!(
-            snapshots,
-            "AddItem on a 2,000-event cart vs a 10-event cart (CQL, CQL without snapshots, embedded)"
-        ),
-            append,
-            "Append c16 (1 event distinct streams, one stream, 50 events) vs the raw driver"
-        ),
-        row!(
             getcart,
             "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak vs raw HGETALL"
+        ),
+        row!(
+            ghz,
+            "GetCart driven by ghz (Go gRPC client) c16 vs the Rust client c16"
+        ),
+        row!(
             projector,
             "projector catch-up of carts × 10 vs a raw program (scylla read + EVALSHA) and the Lua alone"
+        ),
+        row!(
             lag,
             "append → visible through the fast path at 50 appends/s (p50/p99)"
         ),
         row!(
-            waiters,
-            "500 concurrent min_version waiters → Redis commands/s (INFO stats delta)"
-    // One entry per module; add yours on its own line.
-    vec![
-        row!(
-            getcart,
-            "GetCart c16 vs redis-benchmark HGETALL; open loop at half of peak"
+            snapshots,
+            "AddItem on a 2,000-event cart vs a 10-event cart (CQL, CQL without snapshots, embedded)"
         ),
         row!(
-            memory,
-            "read-svc and projector RSS after 10k vs 100k streams"
+            waiters,
+            "500 concurrent min_version waiters → Redis commands/s (INFO stats delta)"
         ),
         row!(
             rebuild,
             "projector peak RSS of a rebuild at two store sizes"
         ),
         row!(
-            ghz,
-            "GetCart driven by ghz (Go gRPC client) c16 vs the Rust client c16"
+            memory,
+            "read-svc and projector RSS after 10k vs 100k streams"
         ),
     ]
 }

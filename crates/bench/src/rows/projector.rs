@@ -298,9 +298,12 @@ impl Raw {
                     .filter_map(Result::transpose)
                     .collect::<Result<_, _>>()?
             };
+            // The same work as the projector's apply, its announcement included.
+            let channel = format!("{prefix}:applied");
             for b in &batches {
-                let (outcome, _): (u8, u64) =
-                    apply_cmd(sha, &key, b).query_async(&mut conn).await?;
+                let (outcome, _): (u8, u64) = apply_cmd(sha, &key, &channel, b)
+                    .query_async(&mut conn)
+                    .await?;
                 anyhow::ensure!(outcome == 0, "the fenced apply refused a fresh batch");
             }
         }
