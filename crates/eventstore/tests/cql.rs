@@ -1098,6 +1098,8 @@ async fn snapshots_pass_their_checks() {
     };
     let store = connect(config("snap", &node)).await;
     esq_eventstore::snapshots::check(&store, "s1").await;
+}
+
 /// Group commit of notifications: many concurrent appends over few shards (new streams, one
 /// contended stream, exact appends) each get a notification covering exactly their versions,
 /// however the flushes grouped them.
