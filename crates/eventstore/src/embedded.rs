@@ -458,6 +458,7 @@ impl Writer {
         drop(db);
         if committed {
             self.commits.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(appends = members.len(), "group committed");
         }
         if let Some(cause) = outcomes
             .iter()
