@@ -419,13 +419,14 @@ impl<S: EventStore + Snapshots> Executor<S> {
             let head = head.map_err(status_from_store)?;
             let full = head.len() == HEAD_PAGE as usize;
             if full {
-                if let Some((state, tail, more)) = self
+                if let Some((state, snapshot_event_id, tail, more)) = self
                     .resume::<A>(stream, snapshot, command_id, &wanted)
                     .await?
                 {
                     loaded.base = state.folded.version;
                     loaded.folded = state.folded;
                     loaded.seen = state.seen;
+                    loaded.last_event_id = snapshot_event_id;
                     next = Some((tail, more));
                 }
             }
@@ -469,9 +470,7 @@ impl<S: EventStore + Snapshots> Executor<S> {
                 if let Some(&i) = wanted.get(&e.event_id) {
                     loaded.repeats.push((i, e.clone()));
                 }
-                if self.snapshots.every > 0 {
-                    loaded.seen.note(e);
-                }
+                loaded.seen.note(e);
             }
             // An event the aggregate's own projection cannot read: no decision on that state.
             loaded
@@ -509,7 +508,7 @@ impl<S: EventStore + Snapshots> Executor<S> {
         snapshot: Result<Option<Snapshot>, StoreError>,
         command_id: &str,
         wanted: &HashMap<Uuid, usize>,
-    ) -> Result<Option<(SnapshotState, Vec<RecordedEvent>, bool)>, Status> {
+    ) -> Result<Option<(SnapshotState, Uuid, Vec<RecordedEvent>, bool)>, Status> {
         let snapshot = match snapshot {
             Ok(Some(snapshot)) => snapshot,
             Ok(None) => return Ok(None),
@@ -548,7 +547,7 @@ impl<S: EventStore + Snapshots> Executor<S> {
                 if first.version == snapshot.version && first.event_id == snapshot.event_id =>
             {
                 let tail = page[1..].to_vec();
-                Ok(Some((state, tail, more)))
+                Ok(Some((state, first.event_id, tail, more)))
             }
             _ => {
                 tracing::warn!(%stream, version = snapshot.version, "snapshot not of this stream's history (ahead of it, or another event at its version): ignored");
@@ -626,7 +625,7 @@ struct Loaded {
     repeats: Vec<(usize, RecordedEvent)>,
     /// The version of the snapshot the fold started from (0: from the first event).
     base: u64,
-    /// The ids of events `1..=folded.version` (only with snapshots on).
+    /// The ids of events `1..=folded.version`.
     seen: SeenIds,
     /// The id of the event at `folded.version`.
     last_event_id: Uuid,
