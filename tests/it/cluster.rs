@@ -302,7 +302,7 @@ async fn write_svc_killed_mid_load_loses_nothing() {
                                 "ItemAdded",
                                 &format!(
                                     r#"{{"sku":"sku-{}","quantity":1,"unit_price_cents":{}}}"#,
-                                    round % 5,
+                                    round * 2 + i,
                                     100 + i
                                 ),
                             );
@@ -321,7 +321,16 @@ async fn write_svc_killed_mid_load_loses_nothing() {
                     loop {
                         match clients[on].clone().append(req.clone()).await {
                             Ok(_) => break,
-                            Err(s) if tries < 40 => {
+                            Err(s)
+                                if tries < 40
+                                    && matches!(
+                                        s.code(),
+                                        Code::Unavailable
+                                            | Code::Unknown
+                                            | Code::Cancelled
+                                            | Code::DeadlineExceeded
+                                    ) =>
+                            {
                                 tries += 1;
                                 if s.code() != Code::Unavailable || tries % 2 == 0 {
                                     on = 1;
@@ -341,7 +350,7 @@ async fn write_svc_killed_mid_load_loses_nothing() {
             ids
         }));
     }
-    while acked.load(Ordering::Relaxed) < 150 {
+    while acked.load(Ordering::Relaxed) < 150 && !tasks.iter().any(|t| t.is_finished()) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     h.writers
