@@ -166,11 +166,18 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             }
             Err(e) => return Err(e.into()),
         };
-        let version = doc_version(&doc);
+        let mut version = doc_version(&doc);
         let index_pending = doc.contains_key(INDEX_PENDING_FIELD);
         let derived_pending = self.derived_pending(p, &doc);
         if index_pending {
-            self.reindex(p, ns, &doc_id).await?;
+            match self.reindex(p, ns, &doc_id).await {
+                // As for an unreadable document: the apply from the start parks the stream.
+                Err(ProjectError::Read(ReadError::Internal(e))) => {
+                    unreadable(e);
+                    version = 0;
+                }
+                other => other?,
+            }
         }
         if derived_pending {
             // Derived updates after the index update (see `apply`).
