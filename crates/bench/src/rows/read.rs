@@ -73,22 +73,24 @@ pub mod lag {
                             .version;
                         // A wait past read-svc's maximum (a stalled projector on a busy
                         // machine) is asked again: its whole time counts as lag.
-                        while see {
-                            let asked = queries
-                                .get_cart(GetCartRequest {
-                                    cart_id: cart_id.clone(),
-                                    min_version: version,
-                                })
-                                .await;
-                            match asked {
-                                Err(s) if s.code() == tonic::Code::DeadlineExceeded => continue,
-                                asked => {
-                                    let cart = asked?.into_inner();
-                                    anyhow::ensure!(
-                                        cart.version >= version,
-                                        "read below min_version"
-                                    );
-                                    break;
+                        if see {
+                            loop {
+                                let asked = queries
+                                    .get_cart(GetCartRequest {
+                                        cart_id: cart_id.clone(),
+                                        min_version: version,
+                                    })
+                                    .await;
+                                match asked {
+                                    Err(s) if s.code() == tonic::Code::DeadlineExceeded => continue,
+                                    asked => {
+                                        let cart = asked?.into_inner();
+                                        anyhow::ensure!(
+                                            cart.version >= version,
+                                            "read below min_version"
+                                        );
+                                        break;
+                                    }
                                 }
                             }
                         }
