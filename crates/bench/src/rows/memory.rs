@@ -10,7 +10,7 @@ use crate::sys::{peak_rss_mib, rss_mib};
 
 /// The row.
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
-    let (small, large) = ctx.pick((50, 200), (10_000, 100_000));
+    let (small, large) = ctx.pick((20, 60), (10_000, 100_000));
     let cluster = ctx.start_cluster(Vec::new()).await?;
     let result = async {
         let mut at = Vec::new();

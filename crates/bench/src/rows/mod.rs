@@ -192,3 +192,30 @@ pub fn not_yet(p: &Planned) -> Vec<Line> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_planned_rows_have_lines() {
+        let rows = all();
+        let mut names: Vec<&str> = rows.iter().map(|r| r.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), rows.len(), "two row groups share a name");
+        let mut planned: Vec<&str> = PLANNED.iter().map(|p| p.name).collect();
+        planned.sort_unstable();
+        planned.dedup();
+        assert_eq!(
+            planned.len(),
+            PLANNED.len(),
+            "two planned groups share a name"
+        );
+        for p in PLANNED {
+            let lines = not_yet(p);
+            assert_eq!(lines.len(), p.lines.len());
+            assert!(lines.iter().all(|l| l.note.contains("not measured yet")));
+        }
+    }
+}

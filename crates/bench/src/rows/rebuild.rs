@@ -115,13 +115,20 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
     let (large_events, large_bytes, l) = at.last().unwrap_or(&at[0]);
     let mib = |b: u64| b as f64 / 1024.0 / 1024.0;
     Ok(vec![Line {
-        path: format!(
-            "rebuild: projector peak RSS, {} vs {} events ({:.1} vs {:.1} MiB of payload)",
-            thousands(*small_events),
-            thousands(*large_events),
-            mib(*small_bytes),
-            mib(*large_bytes)
-        ),
+        path: if at.len() > 1 {
+            format!(
+                "rebuild: projector peak RSS, {} vs {} events ({:.1} vs {:.1} MiB of payload)",
+                thousands(*small_events),
+                thousands(*large_events),
+                mib(*small_bytes),
+                mib(*large_bytes)
+            )
+        } else {
+            format!(
+                "rebuild: projector peak RSS, {} events (one size only)",
+                thousands(*small_events)
+            )
+        },
         esq: format!("{:.1} → {:.1} MiB", s.peak_mib, l.peak_mib),
         baseline: String::new(),
         ratio: (s.peak_mib > 0.0 && at.len() > 1).then(|| l.peak_mib / s.peak_mib),
