@@ -220,9 +220,9 @@ pub mod waiters {
                 crate::report::thousands(extra.round() as u64)
             ),
             baseline: format!(
-                "stack idle: {} commands/s (with waiters: {})",
-                crate::report::rate(i),
-                crate::report::rate(w)
+                "stack idle: {} commands/s (with waiters: {}/s)",
+                crate::report::thousands(i.round() as u64),
+                crate::report::thousands(w.round() as u64)
             ),
             ratio: None,
             target: "≤ 1,000 Redis commands/s".into(),
