@@ -89,6 +89,10 @@ impl Default for Options {
         }
     }
 }
+/// redb's page cache (its default is 1 GiB): pages read by a rebuild or a long scan would
+/// otherwise stay resident, so `esq dev`'s memory would grow with the store up to that size.
+pub const CACHE_BYTES: usize = 64 << 20;
+
 /// Most events one group commit takes (at least one append is always taken, however large).
 pub const GROUP_MAX_EVENTS: usize = 4096;
 
@@ -211,15 +215,18 @@ impl EmbeddedStore {
         let store = Self::with_opener(
             options,
             Arc::new(move || {
-                Database::create(&file).map_err(|e| {
-                    let cause = format!("cannot open event store {}: {e}", file.display());
-                    match e {
-                        redb::DatabaseError::Storage(redb::StorageError::Io(_)) => {
-                            StoreError::Unavailable(cause)
+                Database::builder()
+                    .set_cache_size(CACHE_BYTES)
+                    .create(&file)
+                    .map_err(|e| {
+                        let cause = format!("cannot open event store {}: {e}", file.display());
+                        match e {
+                            redb::DatabaseError::Storage(redb::StorageError::Io(_)) => {
+                                StoreError::Unavailable(cause)
+                            }
+                            _ => StoreError::Internal(cause),
                         }
-                        _ => StoreError::Internal(cause),
-                    }
-                })
+                    })
             }),
         )?;
         tracing::info!(

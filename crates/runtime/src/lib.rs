@@ -120,6 +120,16 @@ pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
 /// value. A call can hold a ReadStream buffer (≈ 0.5 MiB), so this bounds one connection's
 /// buffered memory to tens of MiB; clients that need more open more connections.
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// HTTP/2 flow control, per call: how much of a request the server buffers before the client
+/// must wait for a WINDOW_UPDATE. 1 MiB holds any ordinary request whole (commands and
+/// single-event appends are a few KiB; only appends near the 5 MiB limit take a few window
+/// round trips, which cost microseconds on a LAN). Fixed rather than adaptive (BDP probing):
+/// the peers are services on one network, and a fixed window bounds memory.
+pub const HTTP2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// ... and per connection, shared by its calls: 8 MiB, so a connection's unread request data is
+/// bounded whatever its [`MAX_CONCURRENT_STREAMS`] calls send, while 8 calls with a full window
+/// each never wait on one another.
+pub const HTTP2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// How long a server waits after the grace period, once connections are closed by force, for
 /// its connection tasks to end.
 const HARD_STOP_WAIT: Duration = Duration::from_secs(2);
@@ -220,6 +230,8 @@ pub async fn serve_grpc(
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .max_connection_age(MAX_CONNECTION_AGE)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .layer(metrics::GrpcMetricsLayer)
         .layer(status::StatusHygieneLayer)
         .add_routes(routes)
