@@ -13,6 +13,7 @@
 use crate::ctx::{Cluster, Ctx};
 use crate::load::{closed_loop, Load, Run};
 use crate::report::Line;
+use crate::rows::fixtures::retrying;
 use crate::sys::Watched;
 use esq::pb::v1 as pb;
 use esq::pb::v1::event_store_client::EventStoreClient;
@@ -250,10 +251,19 @@ async fn esq_appends(
     let client = EventStoreClient::new(cluster.write_channel.clone());
     let one = one.map(str::to_owned);
     closed_loop(load, move |i| {
-        let mut client = client.clone();
+        let client = client.clone();
         let id = one.clone().unwrap_or_else(|| stream_id("e", salt, i));
         async move {
-            client.append(request(id, n)).await?;
+            // An append refused on a loaded machine (UNAVAILABLE: e.g. its notification was
+            // acknowledged too late to send the batch) is retried with the same event ids, as
+            // a client would; the retry's time counts.
+            let req = request(id, n);
+            retrying(|| {
+                let mut client = client.clone();
+                let req = req.clone();
+                async move { client.append(req).await }
+            })
+            .await?;
             Ok(())
         }
     })

@@ -55,22 +55,28 @@ pub mod lag {
                 let commands = cluster.carts();
                 let queries = cluster.cart_queries();
                 let run = open_loop(&load, LAG_RATE, move |i| {
-                    let mut commands = commands.clone();
+                    let commands = commands.clone();
                     let mut queries = queries.clone();
                     async move {
                         let cart_id = format!("lag-{r}-{}", i % carts);
-                        let version = commands
-                            .add_item(AddItemRequest {
-                                cart_id: cart_id.clone(),
-                                sku: "sku-lag".into(),
-                                quantity: 1,
-                                unit_price_cents: 100,
-                                expected_version: None,
-                                command_id: String::new(),
-                            })
-                            .await?
-                            .into_inner()
-                            .version;
+                        // Retried with its command id when refused (UNAVAILABLE on a loaded
+                        // machine), as a client would; the retry's time counts.
+                        let add = AddItemRequest {
+                            cart_id: cart_id.clone(),
+                            sku: "sku-lag".into(),
+                            quantity: 1,
+                            unit_price_cents: 100,
+                            expected_version: None,
+                            command_id: uuid::Uuid::new_v4().to_string(),
+                        };
+                        let version = crate::rows::fixtures::retrying(|| {
+                            let mut commands = commands.clone();
+                            let add = add.clone();
+                            async move { commands.add_item(add).await }
+                        })
+                        .await?
+                        .into_inner()
+                        .version;
                         // A wait past read-svc's maximum (a stalled projector on a busy
                         // machine) is asked again: its whole time counts as lag.
                         if see {
