@@ -323,22 +323,27 @@ async fn write_carts(cluster: &Cluster, n: u64) -> anyhow::Result<()> {
 
 /// Cart `c`'s AddItems, in order.
 async fn add_items(
-    mut commands: esq::pb::cart::v1::cart_commands_client::CartCommandsClient<
+    commands: esq::pb::cart::v1::cart_commands_client::CartCommandsClient<
         tonic::transport::Channel,
     >,
     c: u64,
 ) -> anyhow::Result<()> {
     for item in 0..EVENTS_PER_CART {
-        commands
-            .add_item(AddItemRequest {
-                cart_id: cart(c),
-                sku: format!("sku-{}", item % 4),
-                quantity: 1,
-                unit_price_cents: 100,
-                expected_version: None,
-                command_id: format!("catchup-{c}-{item}"),
-            })
-            .await?;
+        let add = AddItemRequest {
+            cart_id: cart(c),
+            sku: format!("sku-{}", item % 4),
+            quantity: 1,
+            unit_price_cents: 100,
+            expected_version: None,
+            command_id: format!("catchup-{c}-{item}"),
+        };
+        // Retried with its command id when a loaded store refuses it (UNAVAILABLE).
+        crate::rows::fixtures::retrying(|| {
+            let mut commands = commands.clone();
+            let add = add.clone();
+            async move { commands.add_item(add).await }
+        })
+        .await?;
     }
     Ok(())
 }

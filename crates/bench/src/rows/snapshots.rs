@@ -11,6 +11,7 @@
 use crate::ctx::Ctx;
 use crate::load::{percentile_ms, Run};
 use crate::report::{cpu, ms, percentiles, Line};
+use crate::rows::fixtures::retrying;
 use crate::sys::{Cpu, Watched};
 use esq::pb::cart::v1::{cart_commands_client::CartCommandsClient, AddItemRequest};
 use esq::pb::v1 as pb;
@@ -154,22 +155,28 @@ fn run_of(
 }
 
 async fn add(commands: &mut CartCommandsClient<Channel>, cart: &str) -> anyhow::Result<()> {
-    commands
-        .add_item(AddItemRequest {
-            cart_id: cart.to_owned(),
-            sku: "sku-1".into(),
-            quantity: 1,
-            unit_price_cents: 100,
-            expected_version: None,
-            command_id: String::new(),
-        })
-        .await?;
+    // Retried with its command id when a loaded store refuses it (UNAVAILABLE); the retry's
+    // time counts.
+    let add = AddItemRequest {
+        cart_id: cart.to_owned(),
+        sku: "sku-1".into(),
+        quantity: 1,
+        unit_price_cents: 100,
+        expected_version: None,
+        command_id: uuid::Uuid::new_v4().to_string(),
+    };
+    retrying(|| {
+        let mut commands = commands.clone();
+        let add = add.clone();
+        async move { commands.add_item(add).await }
+    })
+    .await?;
     Ok(())
 }
 
 /// Appends `n` ItemAdded events to cart `id` raw, [`SEED_CHUNK`] per append.
 async fn seed(write: &Channel, id: &str, n: u64) -> anyhow::Result<()> {
-    let mut client = pb::event_store_client::EventStoreClient::new(write.clone());
+    let client = pb::event_store_client::EventStoreClient::new(write.clone());
     let mut done = 0;
     while done < n {
         let chunk = SEED_CHUNK.min(n - done);
@@ -186,18 +193,24 @@ async fn seed(write: &Channel, id: &str, n: u64) -> anyhow::Result<()> {
                 metadata: Default::default(),
             })
             .collect();
-        client
-            .append(pb::AppendRequest {
-                stream: Some(pb::StreamRef {
-                    r#type: "cart".into(),
-                    id: id.to_owned(),
-                }),
-                expected_version: Some(pb::ExpectedVersion {
-                    kind: Some(pb::expected_version::Kind::Exact(done)),
-                }),
-                events,
-            })
-            .await?;
+        let request = pb::AppendRequest {
+            stream: Some(pb::StreamRef {
+                r#type: "cart".into(),
+                id: id.to_owned(),
+            }),
+            expected_version: Some(pb::ExpectedVersion {
+                kind: Some(pb::expected_version::Kind::Exact(done)),
+            }),
+            events,
+        };
+        // Retried with the same event ids when refused (UNAVAILABLE): a repeat is answered
+        // with the original versions.
+        retrying(|| {
+            let mut client = client.clone();
+            let request = request.clone();
+            async move { client.append(request).await }
+        })
+        .await?;
         done += chunk;
     }
     Ok(())
