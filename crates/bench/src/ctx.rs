@@ -161,7 +161,14 @@ impl Ctx {
     /// A new multiplexed connection to Redis (one connection, pipelined).
     pub async fn redis(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
         let client = redis::Client::open(self.backends.redis.as_str())?;
-        Ok(client.get_multiplexed_async_connection().await?)
+        // The crate's default 500 ms response timeout fails a baseline on a busy machine (a
+        // SCAN or a pipeline waiting behind the load); latencies are measured, not bounded.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(30)));
+        Ok(client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?)
     }
 
     /// A new raw `scylla` driver session to Cassandra (for the raw-driver baselines; prepare
