@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tracing_subscriber::EnvFilter;
 
+pub mod auth;
 pub mod config;
 pub mod incoming;
 pub mod metrics;
@@ -143,6 +144,8 @@ pub struct GrpcOptions {
     pub readiness: Readiness,
     /// Longest drain after shutdown before open connections are closed by force.
     pub grace: Duration,
+    /// Bearer-token authentication of every call ([`auth::AuthLayer`]); `None` admits anyone.
+    pub auth: Option<auth::Authenticator>,
 }
 
 impl GrpcOptions {
@@ -152,6 +155,7 @@ impl GrpcOptions {
             services,
             readiness: Readiness::default(),
             grace: config::DEFAULT_SHUTDOWN_GRACE,
+            auth: None,
         }
     }
 }
@@ -167,8 +171,10 @@ impl GrpcOptions {
 /// Every connection gets TCP_NODELAY and TCP keepalive ([`incoming`]), HTTP/2 keepalive
 /// ([`HTTP2_KEEPALIVE_INTERVAL`], [`HTTP2_KEEPALIVE_TIMEOUT`]), an idle bound
 /// ([`IDLE_READ_TIMEOUT`]), an age bound ([`MAX_CONNECTION_AGE`]) and at most
-/// [`MAX_CONCURRENT_STREAMS`] calls at once; every status passes [`status::StatusHygieneLayer`],
-/// and every call is counted and timed by [`metrics::GrpcMetricsLayer`].
+/// [`MAX_CONCURRENT_STREAMS`] calls at once; with `options.auth` every call is authenticated
+/// and checked against its method's role before any handler runs ([`auth::AuthLayer`]); every
+/// status passes [`status::StatusHygieneLayer`], and every call is counted and timed by
+/// [`metrics::GrpcMetricsLayer`].
 pub async fn serve_grpc(
     listener: TcpListener,
     routes: Routes,
@@ -179,6 +185,7 @@ pub async fn serve_grpc(
         services,
         readiness,
         grace,
+        auth,
     } = options;
     let (reporter, health) = tonic_health::server::health_reporter();
     // Statuses exist before the first connection is accepted, so an early health check never
@@ -234,6 +241,7 @@ pub async fn serve_grpc(
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .layer(metrics::GrpcMetricsLayer)
         .layer(status::StatusHygieneLayer)
+        .layer(auth::AuthLayer::new(auth))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, {
             let shutdown = shutdown.clone();
