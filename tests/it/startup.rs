@@ -22,6 +22,7 @@ fn service(name: &str, timeout_ms: u64, deadline_ms: u64) -> tokio::process::Com
         .env("ESQ_APPEND_DEADLINE_MS", deadline_ms.to_string())
         .env("ESQ_REDIS_URL", "redis://127.0.0.1:1")
         .env("ESQ_LISTEN", "127.0.0.1:0")
+        .env("ESQ_INSECURE", "true")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

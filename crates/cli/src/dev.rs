@@ -42,6 +42,9 @@ pub struct DevConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Aggregate snapshots every this many events (0: off), see `esq_write_svc::Config`.
     pub snapshot_every: u64,
+    /// Bearer-token authentication of both servers (`None`, the default: anyone on loopback
+    /// may call).
+    pub auth: Option<esq_runtime::auth::Authenticator>,
 }
 
 impl DevConfig {
@@ -61,6 +64,7 @@ impl DevConfig {
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
             metrics_addr: None,
             snapshot_every: esq_write_svc::commands::DEFAULT_SNAPSHOT_EVERY,
+            auth: None,
         }
     }
 }
@@ -127,6 +131,7 @@ impl DevStack {
         let write_config = esq_write_svc::Config {
             shutdown_grace: config.shutdown_grace,
             snapshot_every: config.snapshot_every,
+            auth: config.auth.clone(),
             ..esq_write_svc::Config::default()
         };
         // read-svc's temporal queries read the same embedded store, read only.
@@ -145,6 +150,7 @@ impl DevStack {
         ));
         let read_config = esq_read_svc::Config {
             shutdown_grace: config.shutdown_grace,
+            auth: config.auth.clone(),
             ..config.read
         };
         // The projections' operator API rides on the read-svc address.

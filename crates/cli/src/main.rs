@@ -125,8 +125,16 @@ async fn dev(
     config.shutdown_grace = server.shutdown_grace;
     config.snapshot_every = snapshots.snapshot_every;
     config.metrics_addr = metrics_addr.0;
+    // Zero-config on loopback: the token file is optional here.
+    config.auth = server.auth.load_optional(&shutdown).await?;
+    let authenticated = config.auth.is_some();
     let stack = DevStack::start(config, shutdown).await?;
     println!("esq dev is running (Ctrl-C to stop)");
+    if authenticated {
+        println!("  calls need `authorization: Bearer <token>` (tokens from --auth-tokens)");
+    } else {
+        println!("  insecure mode: no authentication (give --auth-tokens FILE to require tokens)");
+    }
     println!(
         "  write-svc  {}  ({})",
         stack.write_addr,

@@ -55,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
+    let auth = args.server.auth(&shutdown).await?;
     args.metrics.spawn(&shutdown).await?;
     let Some(store) = args.cql.connect(&shutdown).await? else {
         return Ok(());
@@ -101,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = esq_runtime::bind(args.listen).await?;
     let mut options = esq_runtime::GrpcOptions::new(&[esq_projector::admin::SERVICE]);
     options.grace = args.server.shutdown_grace;
+    options.auth = auth;
     let admin = esq_projector::admin::server(Arc::clone(&projector));
     let health = tokio::spawn(esq_runtime::serve_grpc(
         listener,

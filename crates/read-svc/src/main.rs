@@ -48,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
+    let auth = args.server.auth(&shutdown).await?;
     args.metrics.spawn(&shutdown).await?;
     let Some(store) = args.redis.connect(&shutdown).await? else {
         return Ok(());
@@ -72,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         max_wait: Duration::from_millis(args.max_wait_ms),
         wait_recheck: Duration::from_millis(args.wait_recheck_ms.max(1)),
         shutdown_grace: args.server.shutdown_grace,
+        auth,
         ..esq_read_svc::Config::default()
     };
     // Listen only once the store is there: until then clients are refused at once.

@@ -4,6 +4,7 @@
 use anyhow::Context as _;
 use esq_eventstore::cql::{CqlConfig, CqlStore, FeedKind};
 use esq_readstore::redis::{RedisConfig, RedisStore};
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +37,99 @@ pub struct ServerArgs {
     /// number is seconds).
     #[arg(long, env = "ESQ_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Who may call (bearer tokens).
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Transport security (`--insecure`).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+impl ServerArgs {
+    /// The authentication these flags describe ([`AuthArgs::load`] under `--insecure`).
+    pub async fn auth(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<crate::auth::Authenticator>> {
+        self.auth.load(self.tls.insecure, shutdown).await
+    }
+}
+
+/// Transport security of a gRPC server.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsArgs {
+    /// Serve plaintext, without authentication unless `--auth-tokens` is given: for local
+    /// development and tests only.
+    #[arg(long, env = "ESQ_INSECURE", default_value_t = false)]
+    pub insecure: bool,
+}
+
+/// Who may call a gRPC server: bearer tokens and their roles (see [`crate::auth`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuthArgs {
+    /// Token file: one `<role> <sha256-hex-of-token> <name>` per line (`esq token new` makes
+    /// them). Calls need `authorization: Bearer <token>`. Re-read when it changes. Required
+    /// unless `--insecure`.
+    #[arg(long, env = "ESQ_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+    /// Put server reflection behind a token too (any role); by default it is open.
+    #[arg(long, env = "ESQ_AUTH_REFLECTION", default_value_t = false)]
+    pub auth_reflection: bool,
+    /// How often the token file is checked for changes (e.g. `2s`).
+    #[arg(long, env = "ESQ_AUTH_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub auth_reload_interval: Duration,
+}
+
+impl AuthArgs {
+    /// The authenticator of `--auth-tokens`, re-reading the file until `shutdown`; `None`
+    /// without a token file when `insecure` (every call admitted), an error — naming the flag,
+    /// and the file and line when it is the file — otherwise.
+    pub async fn load(
+        &self,
+        insecure: bool,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<crate::auth::Authenticator>> {
+        let Some(path) = &self.auth_tokens else {
+            anyhow::ensure!(
+                insecure,
+                "no token file: give --auth-tokens FILE (ESQ_AUTH_TOKENS; make tokens with \
+                 `esq token new`), or --insecure (ESQ_INSECURE=true) to serve without \
+                 authentication (development only)"
+            );
+            return Ok(None);
+        };
+        self.load_file(path, shutdown).await.map(Some)
+    }
+
+    /// The authenticator of `--auth-tokens` if given (`esq dev`, where it is optional).
+    pub async fn load_optional(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<crate::auth::Authenticator>> {
+        match &self.auth_tokens {
+            Some(path) => self.load_file(path, shutdown).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn load_file(
+        &self,
+        path: &std::path::Path,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<crate::auth::Authenticator> {
+        let auth = crate::auth::Authenticator::load(path)
+            .await?
+            .protect_reflection(self.auth_reflection);
+        let tokens = auth.tokens().len();
+        if tokens == 0 {
+            tracing::warn!(file = %path.display(), "the token file lists no token: every call but health checks is refused");
+        } else {
+            tracing::info!(file = %path.display(), tokens, "bearer-token authentication on");
+        }
+        let every = self.auth_reload_interval.max(Duration::from_millis(100));
+        auth.watch(path.to_owned(), every, shutdown.clone());
+        Ok(auth)
+    }
 }
 
 /// Parses `500ms`, `20s`, `2m` or a bare number of seconds.

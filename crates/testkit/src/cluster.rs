@@ -250,6 +250,8 @@ impl ClusterHarness {
             .env("ESQ_LEASE_TTL_MS", "1500")
             .env("RUST_LOG", "info")
             .env("LOG_FORMAT", "plain")
+            // Plaintext: the tests that need TLS or tokens set them in `options.env`.
+            .env("ESQ_INSECURE", "true")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -10,6 +10,7 @@ use esq::pb::v1 as pb;
 use esq_domain::bookshop::{self, Book};
 use esq_domain::cart::{self, Cart};
 use esq_domain::contract;
+use esq_runtime::auth::Role;
 use esq_domain::replay;
 use esq_domain::state::{state_json, StateProjection};
 use esq_eventstore::history::{fold_at, AsOf};
@@ -98,6 +99,7 @@ impl<S: EventStore + ChangeFeed + Snapshots> pb::event_store_server::EventStore
         request: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendResponse>, Status> {
         let deadline = convert::deadline(request.metadata());
+        let owned_ok = esq_runtime::auth::require(&request, Role::Admin);
         let req = request.into_inner();
         let stream = convert::stream_id(req.stream.as_ref()).map_err(status_from_domain)?;
         if stream.kind == replay::TIMELINE_KIND {
@@ -108,6 +110,18 @@ impl<S: EventStore + ChangeFeed + Snapshots> pb::event_store_server::EventStore
                  only by SaveTimeline",
                 replay::TIMELINE_KIND
             )));
+        }
+        if contract::is_owned(&stream.kind) {
+            // A raw append bypasses the aggregate's commands: only an admin may do it (the
+            // layer admitted any writer to Append).
+            owned_ok.map_err(|denied| {
+                Status::permission_denied(format!(
+                    "a raw append to stream type {} (owned by its aggregate) {}; writers use \
+                     its commands",
+                    stream.kind,
+                    denied.message()
+                ))
+            })?;
         }
         let expected =
             convert::expected_version(req.expected_version.as_ref()).map_err(status_from_domain)?;

@@ -44,7 +44,7 @@ pub struct Deps<S> {
 }
 
 /// Tunables of write-svc.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// How often the event store is asked whether it can serve ([`EventStore::ping`]); health
     /// reports NOT_SERVING while it cannot.
@@ -56,6 +56,8 @@ pub struct Config {
     /// Aggregate snapshots: a command whose load folded this many events past its starting
     /// point writes one in the background (0: off). See [`commands::DEFAULT_SNAPSHOT_EVERY`].
     pub snapshot_every: u64,
+    /// Bearer-token authentication of every call (`None`: anyone may call).
+    pub auth: Option<esq_runtime::auth::Authenticator>,
 }
 
 impl Default for Config {
@@ -65,6 +67,7 @@ impl Default for Config {
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
             subscribe_poll: Duration::from_millis(100),
             snapshot_every: commands::DEFAULT_SNAPSHOT_EVERY,
+            auth: None,
         }
     }
 }
@@ -117,6 +120,7 @@ pub async fn run<S: EventStore + ChangeFeed + Snapshots>(
     tracing::info!(addr = ?listener.local_addr().ok(), "write-svc listening");
     let mut options = esq_runtime::GrpcOptions::new(SERVICES);
     options.grace = config.shutdown_grace;
+    options.auth = config.auth.clone();
     let probe =
         options
             .readiness

@@ -39,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
     let shutdown = esq_runtime::shutdown_on_signals();
+    let auth = args.server.auth(&shutdown).await?;
     args.metrics.spawn(&shutdown).await?;
     let Some(store) = args.cql.connect(&shutdown).await? else {
         return Ok(());
@@ -61,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
     let config = esq_write_svc::Config {
         shutdown_grace: args.server.shutdown_grace,
         snapshot_every: args.snapshots.snapshot_every,
+        auth,
         ..esq_write_svc::Config::default()
     };
     esq_write_svc::run(listener, deps, config, shutdown).await
