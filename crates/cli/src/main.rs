@@ -54,6 +54,8 @@ enum Command {
     Projections(ops::ProjectionsArgs),
     /// Reads streams of the event store (esq.v1.EventStore on write-svc).
     Streams(ops::StreamsArgs),
+    /// Makes bearer tokens and their token-file lines (for --auth-tokens).
+    Token(esq_cli::token::TokenArgs),
 }
 
 /// `--metrics-addr` of `esq dev`: an address, or none (`off`).
@@ -77,6 +79,7 @@ async fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Projections(args) => ops::projections(args, json).await,
         Command::Streams(args) => ops::streams(args, json).await,
+        Command::Token(args) => esq_cli::token::run(args).map(|()| ExitCode::SUCCESS),
         Command::Dev {
             data_dir,
             write_addr,

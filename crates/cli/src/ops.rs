@@ -26,6 +26,7 @@ use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// The exit code when the answer is "no" (differences found, still parked, rebuild failed).
@@ -42,6 +43,51 @@ pub struct Tls {
     /// the system's roots are trusted).
     #[arg(long, env = "ESQ_CA_CERT", global = true)]
     pub ca_cert: Option<PathBuf>,
+    /// Bearer token sent with every call (`authorization: Bearer <token>`), for servers run
+    /// with --auth-tokens. Prefer the environment variable: a flag shows in `ps`.
+    #[arg(long, env = "ESQ_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// Adds `authorization: Bearer <token>` to every call when a token is given.
+#[derive(Clone, Debug)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// The header for `token`, if any; an error when it cannot travel in a header.
+    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
+        token
+            .map(|t| {
+                format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                    anyhow::anyhow!(
+                        "--token (ESQ_TOKEN) is not a valid token: printable ASCII expected"
+                    )
+                })
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry the `--token`, if any.
+type Conn = InterceptedService<Channel, Bearer>;
+
+/// [`connect`], then the token of `tls` on every call.
+async fn connect_with_token(url: &str, tls: &Tls) -> anyhow::Result<Conn> {
+    let bearer = Bearer::new(tls.token.as_deref())?;
+    Ok(InterceptedService::new(connect(url, tls).await?, bearer))
 }
 
 /// `esq projections …`.
@@ -216,7 +262,7 @@ fn stream_ref(s: &StreamId) -> pb::StreamRef {
 
 /// Runs `esq projections …`.
 pub async fn projections(args: ProjectionsArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let channel = connect(&args.projector_url, &args.tls).await?;
+    let channel = connect_with_token(&args.projector_url, &args.tls).await?;
     let mut client = ProjectionsClient::new(channel);
     match args.command {
         ProjectionsCommand::List => {
@@ -352,7 +398,7 @@ pub async fn projections(args: ProjectionsArgs, json: bool) -> anyhow::Result<Ex
 
 /// Follows a rebuild until it ends (or Ctrl-C, which leaves it running on the server).
 async fn watch_rebuild(
-    client: &mut ProjectionsClient<Channel>,
+    client: &mut ProjectionsClient<Conn>,
     name: &str,
     started: pb::RebuildProgress,
     json: bool,
@@ -405,7 +451,7 @@ async fn watch_rebuild(
 
 /// Runs a verify, showing progress, then its report.
 async fn verify(
-    client: &mut ProjectionsClient<Channel>,
+    client: &mut ProjectionsClient<Conn>,
     name: String,
     repair: bool,
     examples: u32,
@@ -461,7 +507,7 @@ async fn verify(
 
 /// Runs `esq streams …`.
 pub async fn streams(args: StreamsArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let channel = connect(&args.write_url, &args.tls).await?;
+    let channel = connect_with_token(&args.write_url, &args.tls).await?;
     let mut client = EventStoreClient::new(channel);
     match args.command {
         StreamsCommand::Read {

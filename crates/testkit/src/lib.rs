@@ -8,6 +8,7 @@ use esq::pb::cart::v1::{
     cart_commands_client::CartCommandsClient, cart_queries_client::CartQueriesClient,
 };
 use esq::pb::v1::{event_store_client::EventStoreClient, state_queries_client::StateQueriesClient};
+pub mod auth;
 pub mod cluster;
 pub mod metrics;
 
@@ -18,21 +19,23 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-/// Typed clients of both services of one esq deployment.
+/// Typed clients of both services of one esq deployment, over plain channels (`C` =
+/// [`Channel`]) or channels that send a bearer token ([`auth::TokenChannel`],
+/// [`Clients::connect_with_token`]).
 #[derive(Clone)]
-pub struct Clients {
+pub struct Clients<C = Channel> {
     /// `esq.v1.EventStore` on write-svc.
-    pub events: EventStoreClient<Channel>,
+    pub events: EventStoreClient<C>,
     /// `esq.cart.v1.CartCommands` on write-svc.
-    pub carts: CartCommandsClient<Channel>,
+    pub carts: CartCommandsClient<C>,
     /// `esq.bookshop.v1.BookCommands` on write-svc.
-    pub books: BookCommandsClient<Channel>,
+    pub books: BookCommandsClient<C>,
     /// `esq.cart.v1.CartQueries` on read-svc.
-    pub cart_queries: CartQueriesClient<Channel>,
+    pub cart_queries: CartQueriesClient<C>,
     /// `esq.bookshop.v1.BookQueries` on read-svc.
-    pub book_queries: BookQueriesClient<Channel>,
+    pub book_queries: BookQueriesClient<C>,
     /// `esq.v1.StateQueries` on read-svc.
-    pub state: StateQueriesClient<Channel>,
+    pub state: StateQueriesClient<C>,
     /// The raw write-svc channel (health checks).
     pub write_channel: Channel,
     /// The raw read-svc channel (health checks).
@@ -82,6 +85,30 @@ impl Clients {
             cart_queries: CartQueriesClient::new(r.clone()),
             book_queries: BookQueriesClient::new(r.clone()),
             state: StateQueriesClient::new(r.clone()),
+            write_channel: w,
+            read_channel: r,
+        })
+    }
+}
+
+impl Clients<auth::TokenChannel> {
+    /// Clients for write-svc at `write` and read-svc at `read` whose every call carries
+    /// `authorization: Bearer <token>` (the raw channels carry none).
+    pub async fn connect_with_token(
+        write: SocketAddr,
+        read: SocketAddr,
+        token: &str,
+    ) -> anyhow::Result<Self> {
+        let w = channel(write).await?;
+        let r = channel(read).await?;
+        let (tw, tr) = (auth::with_token(w.clone(), token), auth::with_token(r.clone(), token));
+        Ok(Self {
+            events: EventStoreClient::new(tw.clone()),
+            carts: CartCommandsClient::new(tw.clone()),
+            books: BookCommandsClient::new(tw),
+            cart_queries: CartQueriesClient::new(tr.clone()),
+            book_queries: BookQueriesClient::new(tr.clone()),
+            state: StateQueriesClient::new(tr),
             write_channel: w,
             read_channel: r,
         })
