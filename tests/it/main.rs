@@ -4,6 +4,7 @@
 //! against the embedded single-process stack. Every scenario uses fresh stream ids, so
 //! scenarios can share a deployment.
 
+mod auth;
 mod bus;
 mod cluster;
 mod core;

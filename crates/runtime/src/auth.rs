@@ -218,12 +218,16 @@ impl TokenTable {
             };
             let role: Role = role.parse().map_err(err)?;
             let hash = parse_hash(hash).ok_or_else(|| {
-                err("the second field is not a SHA-256 in hex (64 hex digits): store the \
+                err(
+                    "the second field is not a SHA-256 in hex (64 hex digits): store the \
                      token's hash (`esq token hash`), not the token"
-                    .to_owned())
+                        .to_owned(),
+                )
             })?;
             if let Some(first) = lines_of.insert(hash, line) {
-                return Err(err(format!("the same token hash is already on line {first}")));
+                return Err(err(format!(
+                    "the same token hash is already on line {first}"
+                )));
             }
             by_hash.insert(
                 hash,
@@ -542,10 +546,9 @@ where
                         .get("grpc-status")
                         .is_some_and(|s| s == "16")
                     {
-                        response.headers_mut().insert(
-                            header::WWW_AUTHENTICATE,
-                            HeaderValue::from_static("Bearer"),
-                        );
+                        response
+                            .headers_mut()
+                            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                     }
                     return Box::pin(async move { Ok(response) });
                 }
@@ -600,7 +603,10 @@ mod tests {
             .iter()
             .filter(|(m, _)| !paths.iter().any(|p| p == m))
             .collect();
-        assert!(stale.is_empty(), "roles of methods that do not exist: {stale:?}");
+        assert!(
+            stale.is_empty(),
+            "roles of methods that do not exist: {stale:?}"
+        );
     }
 
     #[test]
@@ -676,16 +682,25 @@ mod tests {
             auth.check(path, h.as_ref()).map_err(|s| s.code())
         };
         assert_eq!(code(append, None), Err(Code::Unauthenticated));
-        assert_eq!(code(append, Some("Bearer nope")), Err(Code::Unauthenticated));
+        assert_eq!(
+            code(append, Some("Bearer nope")),
+            Err(Code::Unauthenticated)
+        );
         assert_eq!(code(append, Some("Bearer r")), Err(Code::PermissionDenied));
-        assert_eq!(code(append, Some("Bearer w")).map(|i| i.is_some()), Ok(true));
+        assert_eq!(
+            code(append, Some("Bearer w")).map(|i| i.is_some()),
+            Ok(true)
+        );
         assert_eq!(code(rebuild, Some("Bearer w")), Err(Code::PermissionDenied));
         assert!(code(rebuild, Some("Bearer a")).is_ok());
         assert!(code(get, Some("Bearer r")).is_ok());
         assert!(code(get, Some("Bearer a")).is_ok());
         assert_eq!(code(health, None), Ok(None));
         assert_eq!(code(reflection, None), Ok(None));
-        assert_eq!(code("/esq.v1.Nope/Nothing", None), Err(Code::Unauthenticated));
+        assert_eq!(
+            code("/esq.v1.Nope/Nothing", None),
+            Err(Code::Unauthenticated)
+        );
         assert!(code("/esq.v1.Nope/Nothing", Some("Bearer r")).is_ok());
 
         let denied = auth

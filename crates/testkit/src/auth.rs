@@ -25,7 +25,10 @@ impl BearerToken {
 }
 
 impl tonic::service::Interceptor for BearerToken {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(value) = &self.0 {
             request
                 .metadata_mut()
@@ -77,8 +80,14 @@ impl TestTokens {
         let (reader, writer, admin) = (new_token()?, new_token()?, new_token()?);
         let tokens = Self {
             lines: std::sync::Mutex::new(vec![
-                (reader.clone(), token_line(Role::Reader, &reader, "test-reader")),
-                (writer.clone(), token_line(Role::Writer, &writer, "test-writer")),
+                (
+                    reader.clone(),
+                    token_line(Role::Reader, &reader, "test-reader"),
+                ),
+                (
+                    writer.clone(),
+                    token_line(Role::Writer, &writer, "test-writer"),
+                ),
                 (admin.clone(), token_line(Role::Admin, &admin, "test-admin")),
             ]),
             reader,
@@ -118,7 +127,10 @@ impl TestTokens {
 
     /// Removes `token`'s line from the file.
     pub fn remove(&self, token: &str) -> anyhow::Result<()> {
-        self.lines.lock().expect("lines").retain(|(t, _)| t != token);
+        self.lines
+            .lock()
+            .expect("lines")
+            .retain(|(t, _)| t != token);
         self.save()
     }
 

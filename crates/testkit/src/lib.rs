@@ -101,7 +101,10 @@ impl Clients<auth::TokenChannel> {
     ) -> anyhow::Result<Self> {
         let w = channel(write).await?;
         let r = channel(read).await?;
-        let (tw, tr) = (auth::with_token(w.clone(), token), auth::with_token(r.clone(), token));
+        let (tw, tr) = (
+            auth::with_token(w.clone(), token),
+            auth::with_token(r.clone(), token),
+        );
         Ok(Self {
             events: EventStoreClient::new(tw.clone()),
             carts: CartCommandsClient::new(tw.clone()),
