@@ -387,6 +387,8 @@ impl Cluster {
             ("ESQ_REDIS_URL", b.redis.as_str()),
             ("ESQ_REDIS_PREFIX", prefix.as_str()),
             ("ESQ_NUDGE_URL", b.redis.as_str()),
+            // Plaintext and no tokens: the bench measures esq, not TLS.
+            ("ESQ_INSECURE", "true"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
