@@ -144,7 +144,9 @@ pub fn access(path: &str, protect_reflection: bool) -> Access {
     if path.starts_with("/grpc.health.v1.Health/") {
         return Access::Open;
     }
-    if path.starts_with("/grpc.reflection.") {
+    if path.starts_with("/grpc.reflection.v1.ServerReflection/")
+        || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
+    {
         return if protect_reflection {
             Access::AnyToken
         } else {
