@@ -589,3 +589,76 @@ async fn tokens_on_every_process_of_the_cluster() {
         Code::NotFound
     );
 }
+
+/// The `esq dev` binary takes `ESQ_AUTH_TOKENS` (optional there), says so in its start-up
+/// lines, and then refuses calls without a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn esq_dev_binary_takes_a_token_file() {
+    use tokio::io::AsyncBufReadExt as _;
+    let tokens = TestTokens::new().expect("tokens");
+    let data = tempfile::tempdir().expect("dir");
+    let mut child = tokio::process::Command::new(bin_dir().expect("bin dir").join("esq"))
+        .args([
+            "dev",
+            "--write-addr",
+            "127.0.0.1:0",
+            "--read-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics-addr", "off", "--data-dir"])
+        .arg(data.path())
+        .env("ESQ_AUTH_TOKENS", tokens.file())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn esq dev");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (mut write, mut read, mut says_tokens) = (None, None, false);
+    let started = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await.expect("stdout") {
+            says_tokens |= line.contains("authorization: Bearer");
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("write-svc"), Some(a)) => write = a.parse::<SocketAddr>().ok(),
+                (Some("read-svc"), Some(a)) => read = a.parse::<SocketAddr>().ok(),
+                _ => {}
+            }
+            if write.is_some() && read.is_some() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(started.is_ok(), "esq dev printed no addresses within 120 s");
+    assert!(says_tokens, "the start-up lines say calls need a token");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (write, read) = (write.expect("write"), read.expect("read"));
+    let c = Clients::connect(write, read).await.expect("connect");
+    let id = unique("devbin");
+    let mut carts = c.carts.clone();
+    assert_eq!(
+        code(carts.add_item(add(&id, "apple", 1, 100)).await),
+        Code::Unauthenticated
+    );
+    carts
+        .add_item(request(add(&id, "apple", 1, 100), Some(&tokens.writer)))
+        .await
+        .expect("a writer's command");
+    let mut p = ProjectionsClient::new(c.read_channel.clone());
+    assert_eq!(
+        code(
+            p.rebuild(request(
+                pb::RebuildRequest {
+                    projection: "nope".into()
+                },
+                Some(&tokens.writer)
+            ))
+            .await
+        ),
+        Code::PermissionDenied
+    );
+    child.kill().await.expect("kill esq dev");
+}
