@@ -117,8 +117,16 @@ async fn dev(
     snapshots: esq_write_svc::SnapshotArgs,
     metrics_addr: MetricsAddr,
 ) -> anyhow::Result<()> {
+    // Zero-config: plaintext unless TLS files are given (then they must load).
+    let tls = match server.tls.tls_cert {
+        Some(_) => server.tls.load(write_addr).await?,
+        None => None,
+    };
     let shutdown = esq_runtime::shutdown_on_signals();
     let mut config = DevConfig::new(data_dir);
+    let secure = tls.is_some();
+    config.tls = tls;
+    config.limits = server.limits.limits();
     config.write_addr = write_addr;
     config.read_addr = read_addr;
     config.store = store;
@@ -126,7 +134,14 @@ async fn dev(
     config.snapshot_every = snapshots.snapshot_every;
     config.metrics_addr = metrics_addr.0;
     let stack = DevStack::start(config, shutdown).await?;
-    println!("esq dev is running (Ctrl-C to stop)");
+    if secure {
+        println!("esq dev is running with TLS (Ctrl-C to stop)");
+    } else {
+        println!(
+            "esq dev is running in insecure mode: plaintext, no authentication — for local \
+             development only (Ctrl-C to stop)"
+        );
+    }
     println!(
         "  write-svc  {}  ({})",
         stack.write_addr,
@@ -142,7 +157,8 @@ async fn dev(
     }
     println!("try:");
     println!(
-        "  grpcurl -plaintext -d '{{\"cart_id\":\"c1\",\"sku\":\"apple\",\"quantity\":2,\"unit_price_cents\":150}}' {} esq.cart.v1.CartCommands/AddItem",
+        "  grpcurl {} -d '{{\"cart_id\":\"c1\",\"sku\":\"apple\",\"quantity\":2,\"unit_price_cents\":150}}' {} esq.cart.v1.CartCommands/AddItem",
+        if secure { "-cacert ca.pem" } else { "-plaintext" },
         stack.write_addr
     );
     stack.wait().await
