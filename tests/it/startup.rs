@@ -16,6 +16,7 @@ fn closed_addr() -> String {
 fn service(name: &str, timeout_ms: u64, deadline_ms: u64) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(bin_dir().expect("bin dir").join(name));
     cmd.env_clear()
+        .env("ESQ_INSECURE", "true")
         .env("ESQ_CQL_NODES", closed_addr())
         .env("ESQ_CQL_TIMEOUT_MS", timeout_ms.to_string())
         .env("ESQ_CONFIDENCE_WINDOW_MS", "1000")

@@ -54,6 +54,21 @@ enum Command {
     Projections(ops::ProjectionsArgs),
     /// Reads streams of the event store (esq.v1.EventStore on write-svc).
     Streams(ops::StreamsArgs),
+    /// TLS helpers.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Writes a throwaway PKI for loopback and development use to DIR: ca.pem, server.pem and
+    /// server-key.pem (for localhost, 127.0.0.1 and ::1), client.pem and client-key.pem.
+    /// Not for production: the certificates never expire.
+    Generate {
+        /// Folder to write the files to (created if missing; existing files are replaced).
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// `--metrics-addr` of `esq dev`: an address, or none (`off`).
@@ -77,6 +92,7 @@ async fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Projections(args) => ops::projections(args, json).await,
         Command::Streams(args) => ops::streams(args, json).await,
+        Command::Tls(TlsCommand::Generate { dir }) => tls_generate(&dir).map(|()| ExitCode::SUCCESS),
         Command::Dev {
             data_dir,
             write_addr,
@@ -106,6 +122,21 @@ async fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         ExitCode::from(ops::EXIT_ERROR)
     })
+}
+
+fn tls_generate(dir: &std::path::Path) -> anyhow::Result<()> {
+    let files = esq_runtime::pki::LoopbackPki::generate()?.write(dir)?;
+    println!("wrote a loopback PKI to {}:", dir.display());
+    for (path, what) in [
+        (&files.ca, "CA certificate (clients: --ca-cert; servers: --tls-client-ca for mTLS)"),
+        (&files.server_cert, "server certificate (--tls-cert)"),
+        (&files.server_key, "server key (--tls-key)"),
+        (&files.client_cert, "client certificate (--client-cert)"),
+        (&files.client_key, "client key (--client-key)"),
+    ] {
+        println!("  {}  {what}", path.display());
+    }
+    Ok(())
 }
 
 async fn dev(
