@@ -92,7 +92,9 @@ async fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Projections(args) => ops::projections(args, json).await,
         Command::Streams(args) => ops::streams(args, json).await,
-        Command::Tls(TlsCommand::Generate { dir }) => tls_generate(&dir).map(|()| ExitCode::SUCCESS),
+        Command::Tls(TlsCommand::Generate { dir }) => {
+            tls_generate(&dir).map(|()| ExitCode::SUCCESS)
+        }
         Command::Dev {
             data_dir,
             write_addr,
@@ -128,7 +130,10 @@ fn tls_generate(dir: &std::path::Path) -> anyhow::Result<()> {
     let files = esq_runtime::pki::LoopbackPki::generate()?.write(dir)?;
     println!("wrote a loopback PKI to {}:", dir.display());
     for (path, what) in [
-        (&files.ca, "CA certificate (clients: --ca-cert; servers: --tls-client-ca for mTLS)"),
+        (
+            &files.ca,
+            "CA certificate (clients: --ca-cert; servers: --tls-client-ca for mTLS)",
+        ),
         (&files.server_cert, "server certificate (--tls-cert)"),
         (&files.server_key, "server key (--tls-key)"),
         (&files.client_cert, "client certificate (--client-cert)"),

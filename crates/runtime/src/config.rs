@@ -1,11 +1,11 @@
 //! Command-line and environment configuration shared by the binaries: every flag also reads an
 //! `ESQ_…` variable. Parsed once in `main`; libraries receive plain config values.
 
+use crate::limits::Limits;
+use crate::tls::{ServerTls, TlsFiles};
 use anyhow::Context as _;
 use esq_eventstore::cql::{CqlConfig, CqlStore, FeedKind};
 use esq_readstore::redis::{RedisConfig, RedisStore};
-use crate::limits::Limits;
-use crate::tls::{ServerTls, TlsFiles};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

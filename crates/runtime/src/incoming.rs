@@ -408,7 +408,11 @@ pub enum ServerIncoming {
 
 impl ServerIncoming {
     /// Accepts on `listener`, bounding connections by `limits`, with TLS when `tls` is given.
-    pub fn new(listener: TcpListener, limits: ConnLimits, tls: Option<crate::tls::ServerTls>) -> Self {
+    pub fn new(
+        listener: TcpListener,
+        limits: ConnLimits,
+        tls: Option<crate::tls::ServerTls>,
+    ) -> Self {
         let incoming = Incoming::new(listener, limits);
         match tls {
             None => Self::Plain(incoming),

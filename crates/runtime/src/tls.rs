@@ -174,7 +174,11 @@ async fn read(files: &TlsFiles) -> anyhow::Result<Contents> {
     })
 }
 
-fn certs(flag: &str, path: &std::path::Path, pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+fn certs(
+    flag: &str,
+    path: &std::path::Path,
+    pem: &[u8],
+) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("{flag} file {} is not valid PEM", path.display()))?;
@@ -204,7 +208,10 @@ fn build(files: &TlsFiles, contents: &Contents) -> anyhow::Result<Arc<ServerConf
             let mut roots = RootCertStore::empty();
             for cert in certs("--tls-client-ca", path, pem)? {
                 roots.add(cert).with_context(|| {
-                    format!("--tls-client-ca file {} holds an unusable CA certificate", path.display())
+                    format!(
+                        "--tls-client-ca file {} holds an unusable CA certificate",
+                        path.display()
+                    )
                 })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
@@ -266,4 +273,284 @@ pub fn accept_tls(mut incoming: Incoming, tls: ServerTls) -> mpsc::Receiver<TlsS
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, CertPair, LoopbackPki};
+    use crate::{serve_grpc, GrpcOptions};
+    use std::net::SocketAddr;
+    use tokio::net::{TcpListener, TcpStream};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+    /// Bound of every wait in these tests: generous, for a busy machine.
+    const WAIT: Duration = Duration::from_secs(60);
+
+    struct Server {
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    }
+
+    impl Server {
+        async fn start(tls: ServerTls) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let shutdown = CancellationToken::new();
+            let mut options = GrpcOptions::new(&["test.Service"]);
+            options.tls = Some(tls);
+            options.grace = Duration::from_secs(1);
+            let task = tokio::spawn(serve_grpc(
+                listener,
+                tonic::service::Routes::default(),
+                options,
+                shutdown.clone(),
+            ));
+            Self {
+                addr,
+                shutdown,
+                task,
+            }
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            tokio::time::timeout(WAIT, self.task)
+                .await
+                .expect("the server stops")
+                .expect("join")
+                .expect("serve");
+        }
+    }
+
+    fn write_pki(dir: &std::path::Path, pki: &LoopbackPki, mtls: bool) -> TlsFiles {
+        let files = pki.write(dir).expect("write the PKI");
+        TlsFiles {
+            cert: files.server_cert,
+            key: files.server_key,
+            client_ca: mtls.then_some(files.ca),
+        }
+    }
+
+    fn client(ca: &Ca, identity: Option<&CertPair>) -> ClientTlsConfig {
+        let config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&ca.cert_pem))
+            .domain_name("localhost");
+        match identity {
+            Some(id) => config.identity(Identity::from_pem(&id.cert_pem, &id.key_pem)),
+            None => config,
+        }
+    }
+
+    /// A health check over a fresh connection: Ok when the server answered SERVING.
+    async fn check(addr: SocketAddr, tls: Option<ClientTlsConfig>) -> Result<(), String> {
+        let endpoint = match tls {
+            Some(tls) => Endpoint::from_shared(format!("https://{addr}"))
+                .expect("endpoint")
+                .tls_config(tls)
+                .expect("tls config"),
+            None => Endpoint::from_shared(format!("http://{addr}")).expect("endpoint"),
+        };
+        let call = async {
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            health(channel).await
+        };
+        tokio::time::timeout(WAIT, call)
+            .await
+            .unwrap_or_else(|_| Err("no answer".into()))
+    }
+
+    async fn health(channel: tonic::transport::Channel) -> Result<(), String> {
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: "test.Service".into(),
+            })
+            .await
+            .map_err(|e| format!("call: {e:?}"))?
+            .into_inner()
+            .status;
+        (status == 1)
+            .then_some(())
+            .ok_or_else(|| format!("status {status}"))
+    }
+
+    /// The certificate a new TLS connection to `addr` is shown (DER), trusting `ca`.
+    async fn presented(addr: SocketAddr, ca: &Ca) -> Vec<u8> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca.cert_pem.as_bytes()) {
+            roots.add(cert.expect("pem")).expect("root");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = tokio::time::timeout(WAIT, connector.connect(name, tcp))
+            .await
+            .expect("handshake in time")
+            .expect("handshake");
+        tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_calls_work_and_plaintext_clients_are_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = LoopbackPki::generate().expect("pki");
+        let tls = ServerTls::load(write_pki(dir.path(), &pki, false))
+            .await
+            .expect("load");
+        let server = Server::start(tls).await;
+        check(server.addr, Some(client(&pki.ca, None)))
+            .await
+            .expect("a TLS call is answered");
+        let plain = check(server.addr, None).await;
+        assert!(plain.is_err(), "a plaintext client got an answer");
+        // A client that does not trust the server's CA is refused too.
+        let other = Ca::new("another CA").expect("ca");
+        assert!(check(server.addr, Some(client(&other, None)))
+            .await
+            .is_err());
+        // The server is unharmed by either.
+        check(server.addr, Some(client(&pki.ca, None)))
+            .await
+            .expect("still serving TLS");
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mtls_requires_a_client_certificate_from_the_client_ca() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = LoopbackPki::generate().expect("pki");
+        let tls = ServerTls::load(write_pki(dir.path(), &pki, true))
+            .await
+            .expect("load");
+        let server = Server::start(tls).await;
+        let none = check(server.addr, Some(client(&pki.ca, None))).await;
+        assert!(none.is_err(), "no client certificate was accepted");
+        let other = Ca::new("another CA").expect("ca");
+        let stranger = other.client("stranger").expect("client cert");
+        let foreign = check(server.addr, Some(client(&pki.ca, Some(&stranger)))).await;
+        assert!(foreign.is_err(), "a certificate of another CA was accepted");
+        check(server.addr, Some(client(&pki.ca, Some(&pki.client))))
+            .await
+            .expect("the right client certificate is accepted");
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rotated_files_are_used_by_new_connections_and_old_ones_keep_working() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = LoopbackPki::generate().expect("pki");
+        let files = write_pki(dir.path(), &pki, false);
+        let mut tls = ServerTls::load(files.clone()).await.expect("load");
+        tls.reload_interval = Duration::from_millis(100);
+        let server = Server::start(tls.clone()).await;
+        assert_eq!(presented(server.addr, &pki.ca).await, pki.server.cert_der);
+        let old = Endpoint::from_shared(format!("https://{}", server.addr))
+            .expect("endpoint")
+            .tls_config(client(&pki.ca, None))
+            .expect("tls")
+            .connect()
+            .await
+            .expect("connect");
+        health(old.clone()).await.expect("old connection works");
+
+        // A broken key keeps the old configuration.
+        let before = tls.config();
+        std::fs::write(&files.key, "not a key").expect("write");
+        let err = tls.reload().await.expect_err("a bad key does not load");
+        assert!(format!("{err:#}").contains("--tls-key"), "{err:#}");
+        assert!(Arc::ptr_eq(&before, &tls.config()), "the old config stays");
+        assert_eq!(presented(server.addr, &pki.ca).await, pki.server.cert_der);
+
+        // A new certificate from the same CA: the poller picks it up.
+        let next = pki.ca.server("esq-server-2").expect("next cert");
+        std::fs::write(&files.cert, &next.cert_pem).expect("write");
+        std::fs::write(&files.key, &next.key_pem).expect("write");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while presented(server.addr, &pki.ca).await != next.cert_der {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the new certificate was not served within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        health(old)
+            .await
+            .expect("the connection made before the rotation still works");
+        check(server.addr, Some(client(&pki.ca, None)))
+            .await
+            .expect("new connections work");
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_client_does_not_stall_other_handshakes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = LoopbackPki::generate().expect("pki");
+        let mut tls = ServerTls::load(write_pki(dir.path(), &pki, false))
+            .await
+            .expect("load");
+        // Far longer than the test's bound: if the silent client's handshake ran in the accept
+        // loop, the next client would wait for it and the check below would time out.
+        tls.handshake_timeout = Duration::from_secs(3600);
+        let server = Server::start(tls).await;
+        let _silent = TcpStream::connect(server.addr).await.expect("connect");
+        let mut half = TcpStream::connect(server.addr).await.expect("connect");
+        // Half a ClientHello record header, then nothing.
+        tokio::io::AsyncWriteExt::write_all(&mut half, &[0x16, 0x03])
+            .await
+            .expect("write");
+        check(server.addr, Some(client(&pki.ca, None)))
+            .await
+            .expect("answered while two handshakes hang");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn bad_files_name_the_flag_and_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = LoopbackPki::generate().expect("pki");
+        let files = write_pki(dir.path(), &pki, true);
+        let missing = TlsFiles {
+            cert: dir.path().join("nope.pem"),
+            ..files.clone()
+        };
+        let err = format!("{:#}", ServerTls::load(missing).await.expect_err("missing"));
+        assert!(
+            err.contains("--tls-cert") && err.contains("nope.pem"),
+            "{err}"
+        );
+        std::fs::write(&files.cert, "no certificate here").expect("write");
+        let err = format!(
+            "{:#}",
+            ServerTls::load(files.clone()).await.expect_err("empty")
+        );
+        assert!(
+            err.contains("--tls-cert") && err.contains("holds no certificate"),
+            "{err}"
+        );
+        std::fs::write(&files.cert, &pki.server.cert_pem).expect("write");
+        std::fs::write(files.client_ca.as_ref().expect("ca"), "").expect("write");
+        let err = format!(
+            "{:#}",
+            ServerTls::load(files.clone()).await.expect_err("ca")
+        );
+        assert!(err.contains("--tls-client-ca"), "{err}");
+        // The key of another certificate.
+        std::fs::write(files.client_ca.as_ref().expect("ca"), &pki.ca.cert_pem).expect("write");
+        std::fs::write(&files.key, &pki.client.key_pem).expect("write");
+        let err = format!("{:#}", ServerTls::load(files).await.expect_err("mismatch"));
+        assert!(err.contains("does not fit"), "{err}");
+    }
 }

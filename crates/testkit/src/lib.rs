@@ -55,9 +55,7 @@ pub async fn tls_channel(addr: SocketAddr, tls: &pki::ClientTls) -> anyhow::Resu
 pub fn endpoint(addr: SocketAddr, tls: Option<&pki::ClientTls>) -> anyhow::Result<Endpoint> {
     let endpoint = match tls {
         None => Endpoint::from_shared(format!("http://{addr}"))?,
-        Some(tls) => {
-            Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls.config())?
-        }
+        Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls.config())?,
     };
     Ok(endpoint
         .connect_timeout(Duration::from_secs(2))
