@@ -131,10 +131,7 @@ async fn a_burst_over_the_call_limit_is_shed() {
             .expect("join")
             .expect_err("a call over the limit is refused");
         assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-        assert!(
-            err.message().contains("--max-concurrent-calls"),
-            "{err:?}"
-        );
+        assert!(err.message().contains("--max-concurrent-calls"), "{err:?}");
     }
     assert!(
         waiting.iter().all(|w| !w.is_finished()),
@@ -241,7 +238,13 @@ async fn generated_pki_serves_esq_dev_with_mutual_tls() {
     }
     let path = |f: &str| pki.join(f).display().to_string();
     let mut child = tokio::process::Command::new(bin_dir().expect("bin").join("esq"))
-        .args(["dev", "--write-addr", "127.0.0.1:0", "--read-addr", "127.0.0.1:0"])
+        .args([
+            "dev",
+            "--write-addr",
+            "127.0.0.1:0",
+            "--read-addr",
+            "127.0.0.1:0",
+        ])
         .args(["--metrics-addr", "off", "--data-dir"])
         .arg(dir.path().join("data"))
         .args(["--tls-cert", &path("server.pem")])
@@ -275,7 +278,13 @@ async fn generated_pki_serves_esq_dev_with_mutual_tls() {
     let (cert, key) = (path("client.pem"), path("client-key.pem"));
     // A stream that does not exist: the server itself answers NOT_FOUND, which needs the
     // TLS handshake to have passed.
-    let base = ["streams", "--write-url", url.as_str(), "--ca-cert", ca.as_str()];
+    let base = [
+        "streams",
+        "--write-url",
+        url.as_str(),
+        "--ca-cert",
+        ca.as_str(),
+    ];
     let mut with_cert = base.to_vec();
     with_cert.extend(["--client-cert", cert.as_str(), "--client-key", key.as_str()]);
     with_cert.extend(["info", "cart/tls-check"]);
@@ -321,6 +330,9 @@ async fn cluster_over_mutual_tls() {
         .expect("the projector serves mutual TLS");
     for addr in [h.writers[0].addr, h.read_addr(), projector] {
         let plain = esq_testkit::endpoint(addr, None).expect("endpoint");
-        assert!(health_over(plain).await.is_err(), "{addr} answered plaintext");
+        assert!(
+            health_over(plain).await.is_err(),
+            "{addr} answered plaintext"
+        );
     }
 }
