@@ -1,6 +1,7 @@
 //! esq runtime: what every esq process shares and none of them should write twice — telemetry
-//! setup, the shutdown signal, the gRPC server wiring (health, reflection, graceful drain) and
-//! Prometheus metrics ([`metrics`]).
+//! setup, the shutdown signal, the gRPC server wiring (health, reflection, graceful drain),
+//! transport security ([`tls`], [`pki`]), call limits ([`limits`]) and Prometheus metrics
+//! ([`metrics`]).
 //!
 //! Nothing here reads the environment: binaries parse their configuration once (clap with
 //! `ESQ_…` env vars) and pass values in.
