@@ -78,6 +78,10 @@ async fn an_unreachable_store_is_waited_for() {
     .await;
     assert!(waited.is_ok(), "no retry logged within 60 s: {text}");
     assert!(
+        text.contains("insecure mode: plaintext, no authentication"),
+        "--insecure is logged: {text}"
+    );
+    assert!(
         child.try_wait().expect("try_wait").is_none(),
         "still running"
     );

@@ -65,8 +65,9 @@ pub struct TlsArgs {
     /// How often the TLS files are checked for changes (e.g. `2s`).
     #[arg(long, env = "ESQ_TLS_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub tls_reload_interval: Duration,
-    /// Serve plaintext, without authentication unless `--auth-tokens` is given: for local
-    /// development and tests only. Without it a server needs `--tls-cert`/`--tls-key`.
+    /// Allow serving plaintext and without authentication: for local development and tests
+    /// only. Without it a server needs `--tls-cert`/`--tls-key` (and `--auth-tokens`). TLS
+    /// files and `--auth-tokens` given with it are still used.
     #[arg(long, env = "ESQ_INSECURE", default_value_t = false)]
     pub insecure: bool,
 }

@@ -61,7 +61,8 @@ pub struct ClusterOptions {
     /// every change reaches the read model through the change log alone.
     pub nudges: bool,
     /// Whether the processes serve TLS and require client certificates (a throwaway PKI
-    /// made for the harness); otherwise they run with `ESQ_INSECURE=true`.
+    /// made for the harness); otherwise they serve plaintext. Both run with
+    /// `ESQ_INSECURE=true` (no authentication required).
     pub tls: bool,
     /// Extra environment for every process.
     pub env: Vec<(String, String)>,
@@ -290,13 +291,11 @@ impl ClusterHarness {
         } else {
             cmd.env_remove("ESQ_NUDGE_URL");
         }
-        match &self.pki {
-            Some(pki) => {
-                cmd.env_remove("ESQ_INSECURE").envs(pki.server_env(true));
-            }
-            None => {
-                cmd.env("ESQ_INSECURE", "true");
-            }
+        // `--insecure` waives the TLS and authentication requirements; TLS files given are
+        // still served, so a TLS harness keeps it only for the authentication it does not set.
+        cmd.env("ESQ_INSECURE", "true");
+        if let Some(pki) = &self.pki {
+            cmd.envs(pki.server_env(true));
         }
         if name == "projector" {
             cmd.env("ESQ_PROJECTOR_ID", format!("{}-p{n}", self.prefix));
