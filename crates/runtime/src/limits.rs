@@ -10,6 +10,9 @@
 //!   when it passes, the call ends with DEADLINE_EXCEEDED, naming the flag. A call that sent its
 //!   own deadline is bounded by it (tonic), capped by nothing here.
 //!
+//! Health checks (`grpc.health.v1.Health`) pass untouched: they are cheap, and a probe must
+//! see an overloaded server as alive.
+//!
 //! Both bound the time until a call's **response starts**: for a unary call that is the whole
 //! call; for a server-streaming call (Subscribe, ReadStream, WatchRebuild, health Watch) it is
 //! the handler's setup, until it returns its stream. A stream that has started holds no permit
@@ -25,6 +28,11 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tonic::codegen::http::{Request, Response};
 use tonic::Status;
+
+/// Path prefix of the health service, which no limit applies to: an overloaded server is
+/// still alive, and a probe that got RESOURCE_EXHAUSTED would have it restarted or taken out
+/// of rotation while it works through its load.
+const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
 /// Default of `--max-concurrent-calls`.
 pub const DEFAULT_MAX_CONCURRENT_CALLS: usize = 1024;
@@ -99,6 +107,9 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        if request.uri().path().starts_with(HEALTH_PREFIX) {
+            return Box::pin(self.inner.call(request));
+        }
         let permit = match &self.layer.permits {
             Some(permits) => match Arc::clone(permits).try_acquire_owned() {
                 Ok(permit) => Some(permit),
@@ -203,6 +214,39 @@ mod tests {
         let again = svc.ready().await.expect("ready").call(Request::new(()));
         release.notify_one();
         assert_eq!(status(&again.await.expect("response")), None);
+    }
+
+    #[tokio::test]
+    async fn health_checks_are_never_shed() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let layer = LimitsLayer::new(Limits {
+            max_concurrent_calls: 1,
+            default_deadline: None,
+        });
+        let mut svc = layer.layer(waiting(Arc::clone(&release)));
+        let held = tokio::spawn(svc.ready().await.expect("ready").call(Request::new(())));
+        let health = || {
+            Request::builder()
+                .uri("/grpc.health.v1.Health/Check")
+                .body(())
+                .expect("request")
+        };
+        let probe = svc.ready().await.expect("ready").call(health());
+        let shed = svc
+            .ready()
+            .await
+            .expect("ready")
+            .call(Request::new(()))
+            .await
+            .expect("response");
+        assert_eq!(status(&shed), Some(Code::ResourceExhausted));
+        let probe = tokio::spawn(probe);
+        while !(held.is_finished() && probe.is_finished()) {
+            release.notify_waiters();
+            tokio::task::yield_now().await;
+        }
+        let probe = probe.await.expect("join").expect("response");
+        assert_eq!(status(&probe), None, "the health check was admitted");
     }
 
     #[tokio::test]

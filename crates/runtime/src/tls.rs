@@ -241,6 +241,8 @@ pub fn accept_tls(mut incoming: Incoming, tls: ServerTls) -> mpsc::Receiver<TlsS
     let (tx, rx) = mpsc::channel(READY_QUEUE);
     let handshakes = Arc::new(Semaphore::new(tls.max_handshakes.max(1)));
     tokio::spawn(async move {
+        // Whether the handshake bound is reached: logged once per episode, not per connection.
+        let mut saturated = false;
         loop {
             let conn = tokio::select! {
                 next = incoming.next() => match next {
@@ -251,12 +253,15 @@ pub fn accept_tls(mut incoming: Incoming, tls: ServerTls) -> mpsc::Receiver<TlsS
                 () = tx.closed() => return,
             };
             let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
-                tracing::warn!(
-                    max = tls.max_handshakes,
-                    "too many TLS handshakes in flight: closing a new connection"
-                );
+                if !std::mem::replace(&mut saturated, true) {
+                    tracing::warn!(
+                        max = tls.max_handshakes,
+                        "too many TLS handshakes in flight: closing new connections"
+                    );
+                }
                 continue;
             };
+            saturated = false;
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             let (tx, timeout) = (tx.clone(), tls.handshake_timeout);
             tokio::spawn(async move {
