@@ -335,6 +335,8 @@ fn spawn(
     let mut cmd = Command::new(&path);
     cmd.args(args)
         .env_remove("ESQ_METRICS_ADDR")
+        // Plaintext on loopback: the services refuse to start without TLS unless told so.
+        .env("ESQ_INSECURE", "true")
         .env("RUST_LOG", "warn")
         .env("LOG_FORMAT", "plain")
         .stdin(Stdio::null())
@@ -387,8 +389,6 @@ impl Cluster {
             ("ESQ_REDIS_URL", b.redis.as_str()),
             ("ESQ_REDIS_PREFIX", prefix.as_str()),
             ("ESQ_NUDGE_URL", b.redis.as_str()),
-            // Plaintext and no tokens: the bench measures esq, not TLS.
-            ("ESQ_INSECURE", "true"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))

@@ -45,6 +45,10 @@ pub struct DevConfig {
     /// Bearer-token authentication of both servers (`None`, the default: anyone on loopback
     /// may call).
     pub auth: Option<esq_runtime::auth::Authenticator>,
+    /// TLS of both servers; `None` (the default) serves plaintext on loopback.
+    pub tls: Option<esq_runtime::tls::ServerTls>,
+    /// Load shedding and the default deadline of both servers (each has its own budget).
+    pub limits: esq_runtime::limits::Limits,
 }
 
 impl DevConfig {
@@ -65,6 +69,8 @@ impl DevConfig {
             metrics_addr: None,
             snapshot_every: esq_write_svc::commands::DEFAULT_SNAPSHOT_EVERY,
             auth: None,
+            tls: None,
+            limits: esq_runtime::limits::Limits::default(),
         }
     }
 }
@@ -132,6 +138,8 @@ impl DevStack {
             shutdown_grace: config.shutdown_grace,
             snapshot_every: config.snapshot_every,
             auth: config.auth.clone(),
+            tls: config.tls.clone(),
+            limits: config.limits.clone(),
             ..esq_write_svc::Config::default()
         };
         // read-svc's temporal queries read the same embedded store, read only.
@@ -151,6 +159,8 @@ impl DevStack {
         let read_config = esq_read_svc::Config {
             shutdown_grace: config.shutdown_grace,
             auth: config.auth.clone(),
+            tls: config.tls.clone(),
+            limits: config.limits.clone(),
             ..config.read
         };
         // The projections' operator API rides on the read-svc address.

@@ -55,6 +55,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Bearer-token authentication of every call (`None`: anyone may call).
     pub auth: Option<esq_runtime::auth::Authenticator>,
+    /// TLS of the gRPC server; `None` serves plaintext.
+    pub tls: Option<esq_runtime::tls::ServerTls>,
+    /// Load shedding and the default deadline of the gRPC server.
+    pub limits: esq_runtime::limits::Limits,
 }
 
 impl Default for Config {
@@ -65,6 +69,8 @@ impl Default for Config {
             health_probe: Duration::from_secs(1),
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
             auth: None,
+            tls: None,
+            limits: esq_runtime::limits::Limits::default(),
         }
     }
 }
@@ -126,6 +132,8 @@ pub async fn run_with<R: ReadStore, H: EventStore>(
     let mut options = esq_runtime::GrpcOptions::new(services);
     options.grace = config.shutdown_grace;
     options.auth = config.auth.clone();
+    options.tls = config.tls.clone();
+    options.limits = config.limits.clone();
     let probe = options
         .readiness
         .probe("the read store", config.health_probe, shutdown.clone(), {

@@ -47,6 +47,8 @@ async fn main() -> anyhow::Result<()> {
         .get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     args.telemetry.init();
+    // Before anything else: a server without TLS and without --insecure must not start.
+    let tls = args.server.tls.load(args.listen).await?;
     let shutdown = esq_runtime::shutdown_on_signals();
     let auth = args.server.auth(&shutdown).await?;
     args.metrics.spawn(&shutdown).await?;
@@ -74,6 +76,8 @@ async fn main() -> anyhow::Result<()> {
         wait_recheck: Duration::from_millis(args.wait_recheck_ms.max(1)),
         shutdown_grace: args.server.shutdown_grace,
         auth,
+        tls,
+        limits: args.server.limits.limits(),
         ..esq_read_svc::Config::default()
     };
     // Listen only once the store is there: until then clients are refused at once.

@@ -1,6 +1,7 @@
 //! esq runtime: what every esq process shares and none of them should write twice — telemetry
-//! setup, the shutdown signal, the gRPC server wiring (health, reflection, graceful drain) and
-//! Prometheus metrics ([`metrics`]).
+//! setup, the shutdown signal, the gRPC server wiring (health, reflection, graceful drain),
+//! transport security ([`tls`], [`pki`]), call limits ([`limits`]) and Prometheus metrics
+//! ([`metrics`]).
 //!
 //! Nothing here reads the environment: binaries parse their configuration once (clap with
 //! `ESQ_…` env vars) and pass values in.
@@ -16,9 +17,12 @@ use tracing_subscriber::EnvFilter;
 pub mod auth;
 pub mod config;
 pub mod incoming;
+pub mod limits;
 pub mod metrics;
+pub mod pki;
 pub mod status;
 pub mod store_status;
+pub mod tls;
 
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
@@ -146,6 +150,10 @@ pub struct GrpcOptions {
     pub grace: Duration,
     /// Bearer-token authentication of every call ([`auth::AuthLayer`]); `None` admits anyone.
     pub auth: Option<auth::Authenticator>,
+    /// TLS for every connection; `None` serves plaintext (`--insecure`, `esq dev`).
+    pub tls: Option<tls::ServerTls>,
+    /// Load shedding and the default deadline ([`limits`]).
+    pub limits: limits::Limits,
 }
 
 impl GrpcOptions {
@@ -156,6 +164,8 @@ impl GrpcOptions {
             readiness: Readiness::default(),
             grace: config::DEFAULT_SHUTDOWN_GRACE,
             auth: None,
+            tls: None,
+            limits: limits::Limits::default(),
         }
     }
 }
@@ -171,22 +181,33 @@ impl GrpcOptions {
 /// Every connection gets TCP_NODELAY and TCP keepalive ([`incoming`]), HTTP/2 keepalive
 /// ([`HTTP2_KEEPALIVE_INTERVAL`], [`HTTP2_KEEPALIVE_TIMEOUT`]), an idle bound
 /// ([`IDLE_READ_TIMEOUT`]), an age bound ([`MAX_CONNECTION_AGE`]) and at most
-/// [`MAX_CONCURRENT_STREAMS`] calls at once; with `options.auth` every call is authenticated
-/// and checked against its method's role before any handler runs ([`auth::AuthLayer`]); every
-/// status passes [`status::StatusHygieneLayer`], and every call is counted and timed by
-/// [`metrics::GrpcMetricsLayer`].
+/// [`MAX_CONCURRENT_STREAMS`] calls at once; every status passes [`status::StatusHygieneLayer`],
+/// and every call is counted and timed by [`metrics::GrpcMetricsLayer`]. With `options.tls`
+/// connections are TLS ([`tls`]: handshakes off the accept loop, files reloaded when they
+/// change); `options.limits` sheds calls over the server-wide limit and gives calls without a
+/// deadline the default one ([`limits`]). With `options.auth` every call is authenticated and
+/// checked against its method's role before any handler runs ([`auth::AuthLayer`]), and before
+/// the limits: an unauthenticated call never takes a slot of the concurrency limit.
 pub async fn serve_grpc(
     listener: TcpListener,
     routes: Routes,
     options: GrpcOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let reloader_stop = CancellationToken::new();
+    let _stop_reloader = reloader_stop.clone().drop_guard();
     let GrpcOptions {
         services,
         readiness,
         grace,
         auth,
+        tls,
+        limits,
     } = options;
+    if let Some(tls) = &tls {
+        // Ends with the server: the guard below cancels it whichever way this returns.
+        tls.spawn_reloader(reloader_stop.clone());
+    }
     let (reporter, health) = tonic_health::server::health_reporter();
     // Statuses exist before the first connection is accepted, so an early health check never
     // finds the services unknown.
@@ -225,12 +246,13 @@ pub async fn serve_grpc(
     let hard_stop = CancellationToken::new();
     // Whatever way this returns, no connection outlives the server.
     let _close_all = hard_stop.clone().drop_guard();
-    let incoming = incoming::Incoming::new(
+    let incoming = incoming::ServerIncoming::new(
         listener,
         incoming::ConnLimits {
             idle_read_timeout: IDLE_READ_TIMEOUT,
             hard_stop: hard_stop.clone(),
         },
+        tls,
     );
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
@@ -242,6 +264,7 @@ pub async fn serve_grpc(
         .layer(metrics::GrpcMetricsLayer)
         .layer(status::StatusHygieneLayer)
         .layer(auth::AuthLayer::new(auth))
+        .layer(limits::LimitsLayer::new(limits))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, {
             let shutdown = shutdown.clone();

@@ -51,6 +51,10 @@ pub struct Config {
     pub health_probe: Duration,
     /// Longest drain on shutdown before open connections are closed.
     pub shutdown_grace: Duration,
+    /// TLS of the gRPC server; `None` serves plaintext.
+    pub tls: Option<esq_runtime::tls::ServerTls>,
+    /// Load shedding and the default deadline of the gRPC server.
+    pub limits: esq_runtime::limits::Limits,
     /// How often a live subscription (`EventStore/Subscribe`) polls the change feed.
     pub subscribe_poll: Duration,
     /// Aggregate snapshots: a command whose load folded this many events past its starting
@@ -65,6 +69,8 @@ impl Default for Config {
         Self {
             health_probe: Duration::from_secs(1),
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
+            tls: None,
+            limits: esq_runtime::limits::Limits::default(),
             subscribe_poll: Duration::from_millis(100),
             snapshot_every: commands::DEFAULT_SNAPSHOT_EVERY,
             auth: None,
@@ -121,6 +127,8 @@ pub async fn run<S: EventStore + ChangeFeed + Snapshots>(
     let mut options = esq_runtime::GrpcOptions::new(SERVICES);
     options.grace = config.shutdown_grace;
     options.auth = config.auth.clone();
+    options.tls = config.tls.clone();
+    options.limits = config.limits.clone();
     let probe =
         options
             .readiness

@@ -38,6 +38,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
+    // Before anything else: a server without TLS and without --insecure must not start.
+    let tls = args.server.tls.load(args.listen).await?;
     let shutdown = esq_runtime::shutdown_on_signals();
     let auth = args.server.auth(&shutdown).await?;
     args.metrics.spawn(&shutdown).await?;
@@ -63,6 +65,8 @@ async fn main() -> anyhow::Result<()> {
         shutdown_grace: args.server.shutdown_grace,
         snapshot_every: args.snapshots.snapshot_every,
         auth,
+        tls,
+        limits: args.server.limits.limits(),
         ..esq_write_svc::Config::default()
     };
     esq_write_svc::run(listener, deps, config, shutdown).await
