@@ -486,8 +486,9 @@ async fn cli_tokens_and_the_token_flag() {
     h.stop().await.expect("stop");
 }
 
-/// Real write-svc, projector and read-svc processes with `ESQ_AUTH_TOKENS`: each enforces its
-/// methods' roles, and health needs no token.
+/// A secure deployment end to end: real write-svc, projector and read-svc processes serving
+/// mutual TLS with `ESQ_AUTH_TOKENS` and without `--insecure` (they start: nothing is waived);
+/// each enforces its methods' roles over TLS, and health needs no token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_on_every_process_of_the_cluster() {
     let Some(backends) = Backends::from_env("tokens_on_every_process_of_the_cluster") else {
@@ -501,15 +502,29 @@ async fn tokens_on_every_process_of_the_cluster() {
                 tokens.file().display().to_string(),
             ),
             ("ESQ_AUTH_RELOAD_INTERVAL".into(), "200ms".into()),
+            // The harness sets it for plaintext runs; this deployment needs none of it.
+            ("ESQ_INSECURE".into(), "false".into()),
         ],
+        tls: true,
         ..ClusterOptions::default()
     };
     let h = ClusterHarness::start(backends, options)
         .await
         .expect("start the cluster");
     let projector: SocketAddr = h.projectors[0].addr;
+    let tls = h.client_tls().expect("a TLS harness");
+    let secure = |addr: SocketAddr| {
+        let tls = tls.clone();
+        async move {
+            esq_testkit::endpoint(addr, Some(&tls))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("a TLS connection")
+        }
+    };
     for addr in [h.writers[0].addr, h.read_addr(), projector] {
-        let health = HealthClient::new(channel(addr).await.expect("channel"))
+        let health = HealthClient::new(secure(addr).await)
             .check(tonic_health::pb::HealthCheckRequest::default())
             .await
             .expect("health needs no token");
@@ -569,7 +584,7 @@ async fn tokens_on_every_process_of_the_cluster() {
         .into_inner();
     assert_eq!(got.version, v, "the refused raw append wrote nothing");
     // the projector's own server
-    let mut p = ProjectionsClient::new(channel(projector).await.expect("channel"));
+    let mut p = ProjectionsClient::new(secure(projector).await);
     assert_eq!(
         code(p.list_projections(pb::ListProjectionsRequest {}).await),
         Code::Unauthenticated
