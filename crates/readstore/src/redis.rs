@@ -328,6 +328,12 @@ impl std::fmt::Debug for RedisStore {
 
 /// Translates a driver error: connection trouble is `Unavailable`, the rest `Internal`.
 fn translate(err: RedisError) -> ReadError {
+    if refused(&err) {
+        return ReadError::Internal(format!(
+            "Redis refused the credentials or the TLS handshake (check the user, password and \
+             certificates): {err}"
+        ));
+    }
     let unavailable = err.is_io_error()
         || err.is_connection_dropped()
         || err.is_connection_refusal()
@@ -348,6 +354,25 @@ fn translate(err: RedisError) -> ReadError {
     } else {
         ReadError::Internal(err.to_string())
     }
+}
+
+/// Whether `err` is a refusal no retry cures: a wrong or missing password, or a TLS handshake
+/// that failed on a certificate. The Cluster client reports a failure to reach any seed as an
+/// I/O error carrying the nodes' error as text, so that text is checked too.
+fn refused(err: &RedisError) -> bool {
+    const MARKS: [&str; 6] = [
+        "AuthenticationFailed",
+        "WRONGPASS",
+        "NOAUTH",
+        "NOPERM",
+        "invalid peer certificate",
+        "received fatal alert",
+    ];
+    if err.kind() == ErrorKind::AuthenticationFailed {
+        return true;
+    }
+    let text = err.to_string();
+    MARKS.iter().any(|mark| text.contains(mark))
 }
 
 /// Awaits `fut` for at most `timeout`, translating errors.
