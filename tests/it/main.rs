@@ -16,5 +16,6 @@ mod parked;
 mod replay;
 mod snapshots;
 mod startup;
+mod stores;
 mod suite;
 mod transport;
