@@ -1251,3 +1251,56 @@ impl crate::Coordination for RedisStore {
         self.query::<i64>(&cmd).await.map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        assert_eq!(
+            redact_url("rediss://esq:pa:ss@127.0.0.1:6380/0"),
+            "rediss://esq:***@127.0.0.1:6380/0"
+        );
+        assert_eq!(redact_url("redis://secret@host:1"), "redis://***@host:1");
+        assert_eq!(redact_url("redis://host:1"), "redis://host:1");
+        let access = RedisAccess {
+            username: Some("esq".into()),
+            password: Some("hunter2".into()),
+            tls: Some(RedisTls {
+                ca_pem: None,
+                client: Some((b"cert".to_vec(), b"KEY-MATERIAL".to_vec())),
+            }),
+        };
+        let shown = format!("{access:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("KEY-MATERIAL"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn certificates_need_a_tls_url() {
+        let access = RedisAccess {
+            tls: Some(RedisTls::default()),
+            ..RedisAccess::default()
+        };
+        let err = access
+            .client("redis://esq:hunter2@127.0.0.1:1")
+            .expect_err("plain URL with certificates");
+        assert!(err.to_string().contains("rediss://"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        // Credentials given apart override the URL's.
+        let access = RedisAccess {
+            username: Some("other".into()),
+            password: Some("pw".into()),
+            tls: None,
+        };
+        let client = access
+            .client("redis://esq:old@127.0.0.1:1")
+            .expect("client");
+        let settings = client.get_connection_info().redis_settings();
+        assert_eq!(settings.username(), Some("other"));
+        assert_eq!(settings.password(), Some("pw"));
+    }
+}

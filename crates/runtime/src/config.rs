@@ -111,7 +111,7 @@ pub struct CqlArgs {
         hide_env_values = true,
         conflicts_with = "cql_password_file"
     )]
-    pub cql_password: Option<String>,
+    pub cql_password: Option<Secret>,
     /// File holding the password of --cql-username (one line; a trailing newline is ignored).
     #[arg(long, env = "ESQ_CQL_PASSWORD_FILE")]
     pub cql_password_file: Option<PathBuf>,
@@ -144,7 +144,7 @@ impl CqlArgs {
         c.change_ttl = Duration::from_secs(self.change_ttl_secs);
         c.append_deadline = Duration::from_millis(self.append_deadline_ms);
         let password = secret(
-            self.cql_password.as_deref(),
+            self.cql_password.as_ref().map(Secret::expose),
             self.cql_password_file.as_deref(),
             "--cql-password-file",
         )
@@ -229,7 +229,7 @@ pub struct RedisAccessArgs {
         hide_env_values = true,
         conflicts_with = "redis_password_file"
     )]
-    pub redis_password: Option<String>,
+    pub redis_password: Option<Secret>,
     /// File holding the ACL password (one line; a trailing newline is ignored).
     #[arg(long, env = "ESQ_REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<PathBuf>,
@@ -251,7 +251,7 @@ impl RedisAccessArgs {
     /// names the flag and the file.
     pub async fn load(&self) -> anyhow::Result<RedisAccess> {
         let password = secret(
-            self.redis_password.as_deref(),
+            self.redis_password.as_ref().map(Secret::expose),
             self.redis_password_file.as_deref(),
             "--redis-password-file",
         )
@@ -278,6 +278,30 @@ impl RedisAccessArgs {
             password,
             tls,
         })
+    }
+}
+
+/// A password given on the command line or in the environment: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the driver that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
     }
 }
 
@@ -364,6 +388,111 @@ impl RedisArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use clap::Parser as _;
+
+    #[derive(clap::Parser, Debug)]
+    struct Stores {
+        #[command(flatten)]
+        cql: CqlArgs,
+        #[command(flatten)]
+        redis: RedisArgs,
+    }
+
+    fn parse(args: &[&str]) -> Stores {
+        let base = [
+            "test",
+            "--cql-nodes",
+            "127.0.0.1:1",
+            "--redis-url",
+            "redis://127.0.0.1:1",
+        ];
+        Stores::try_parse_from(base.iter().chain(args)).expect("valid flags")
+    }
+
+    #[tokio::test]
+    async fn store_passwords_come_from_files_and_never_show_in_debug() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret-from-file\n").expect("write");
+        let file = file.display().to_string();
+        let args = parse(&[
+            "--cql-username",
+            "esq",
+            "--cql-password-file",
+            &file,
+            "--redis-username",
+            "esq",
+            "--redis-password",
+            "inline-s3cret",
+        ]);
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("inline-s3cret"), "{shown}");
+        let cql = args.cql.config().await.expect("config");
+        let credentials = cql.credentials.clone().expect("credentials");
+        assert_eq!(credentials.password, "s3cret-from-file");
+        assert!(!format!("{cql:?}").contains("s3cret"), "{cql:?}");
+        let redis = args.redis.config().await.expect("config");
+        assert_eq!(redis.access.password.as_deref(), Some("inline-s3cret"));
+        assert!(!format!("{redis:?}").contains("s3cret"), "{redis:?}");
+    }
+
+    #[tokio::test]
+    async fn bad_store_security_flags_name_the_flag_and_the_file() {
+        let err = parse(&["--cql-username", "esq"])
+            .cql
+            .config()
+            .await
+            .expect_err("no password");
+        assert!(err.to_string().contains("--cql-password"), "{err}");
+        let err = parse(&[
+            "--cql-username",
+            "esq",
+            "--cql-password-file",
+            "/nonexistent/pw",
+        ])
+        .cql
+        .config()
+        .await
+        .expect_err("unreadable");
+        assert!(
+            err.to_string().contains("--cql-password-file")
+                && err.to_string().contains("/nonexistent/pw"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "hello").expect("write");
+        let not_pem = not_pem.display().to_string();
+        let err = parse(&["--redis-tls-ca", &not_pem])
+            .redis
+            .config()
+            .await
+            .expect_err("not PEM");
+        assert!(
+            err.to_string().contains("--redis-tls-ca") && err.to_string().contains(&not_pem),
+            "{err}"
+        );
+        let err = parse(&["--redis-username", "esq"])
+            .redis
+            .config()
+            .await
+            .expect_err("no password");
+        assert!(err.to_string().contains("--redis-password"), "{err}");
+        assert!(
+            Stores::try_parse_from([
+                "test",
+                "--cql-nodes",
+                "n:1",
+                "--redis-url",
+                "redis://h:1",
+                "--cql-tls-cert",
+                "c.pem"
+            ])
+            .is_err(),
+            "a client certificate needs its key"
+        );
+    }
 
     #[test]
     fn durations_parse() {
