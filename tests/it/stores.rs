@@ -22,6 +22,8 @@ struct SecureStores {
     /// `rediss://esq:<password>@host:port`.
     redis: String,
     redis_tls: PathBuf,
+    /// Seeds of a Redis Cluster secured the same way (`ESQ_TEST_REDIS_CLUSTER_SECURE`).
+    redis_cluster: String,
 }
 
 impl SecureStores {
@@ -55,6 +57,7 @@ impl SecureStores {
             cql_password: or("ESQ_TEST_CASSANDRA_PASSWORD", "cassandra"),
             redis: get("ESQ_TEST_REDIS_SECURE"),
             redis_tls: PathBuf::from(get("ESQ_TEST_REDIS_TLS_DIR")),
+            redis_cluster: get("ESQ_TEST_REDIS_CLUSTER_SECURE"),
         })
     }
 
@@ -98,6 +101,43 @@ async fn cluster_on_stores_with_credentials_and_tls() {
     };
     let options = ClusterOptions {
         env: stores.env(dir.path(), &stores.cql_password),
+        ..ClusterOptions::default()
+    };
+    let h = ClusterHarness::start(backends, options)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: cannot start the deployment: {e:#}"));
+    eprintln!("logs in {}", h.logs().display());
+    suite::append_then_query_with_min_version(&h.clients).await;
+    suite::cart_rules_and_conflicts(&h.clients).await;
+}
+
+/// The same on a Redis Cluster: the read model, leases, the applied feed and the nudges go
+/// to Cluster nodes over TLS with the ACL user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_on_stores_with_credentials_and_tls_redis_cluster() {
+    let test = "cluster_on_stores_with_credentials_and_tls_redis_cluster";
+    let Some(stores) = SecureStores::from_env(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = stores
+        .redis_cluster
+        .split(',')
+        .next()
+        .expect("a seed")
+        .to_owned();
+    let backends = Backends {
+        cassandra: stores.cassandra.clone(),
+        redis: first.clone(),
+    };
+    let mut env = stores.env(dir.path(), &stores.cql_password);
+    // Over the harness's standalone settings: every seed, in Cluster mode. Nudges are
+    // published on one node (pub/sub is broadcast over the Cluster).
+    env.push(("ESQ_REDIS_URL".into(), stores.redis_cluster.clone()));
+    env.push(("ESQ_REDIS_CLUSTER".into(), "true".into()));
+    env.push(("ESQ_NUDGE_URL".into(), first));
+    let options = ClusterOptions {
+        env,
         ..ClusterOptions::default()
     };
     let h = ClusterHarness::start(backends, options)
