@@ -18,4 +18,5 @@ mod snapshots;
 mod startup;
 mod stores;
 mod suite;
+mod tls;
 mod transport;
