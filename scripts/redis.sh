@@ -18,11 +18,11 @@
 # The secure servers listen with TLS only (`--port 0 --tls-port PORT`, cluster bus and
 # replication over TLS too) and require client certificates signed by CERTS/ca.pem; the
 # `default` user is off and user `esq` has a password made at run time (CERTS/redis-password).
+# Their own outgoing connections (cluster bus, replication) present CERTS/client.pem.
 # They print ESQ_TEST_REDIS_SECURE / ESQ_TEST_REDIS_CLUSTER_SECURE (rediss:// URLs with the
 # credentials) and ESQ_TEST_REDIS_TLS_DIR (CERTS: ca.pem, client.pem, client-key.pem). `certs`
-# writes the files with openssl (ca.pem, server.pem, server-key.pem, client.pem,
-# client-key.pem, the names `esq tls generate` uses) unless CERTS already holds them; nothing
-# of it is kept in the repository.
+# writes a throwaway loopback PKI with `esq tls generate` ($ESQ_BIN, default `esq` on PATH)
+# unless CERTS already holds one; nothing of it is kept in the repository.
 set -euo pipefail
 
 HOST=127.0.0.1
@@ -165,37 +165,21 @@ create_cluster() {
 
 cmd_certs() {
   (($# == 1)) || usage
-  command -v openssl >/dev/null 2>&1 || die "openssl not found"
-  local dir
+  local dir esq=${ESQ_BIN:-esq}
   dir=$(abs_dir "$1")
   if [[ -s "$dir/ca.pem" && -s "$dir/server.pem" && -s "$dir/client.pem" ]]; then
     return 0
   fi
-  (
-    cd "$dir"
-    umask 077
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
-      -subj "/CN=esq test CA" -keyout ca-key.pem -out ca.pem \
-      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
-    local name
-    for name in server client; do
-      openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=esq test $name" \
-        -keyout "$name-key.pem" -out "$name.csr"
-    done
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 30 \
-      -out server.pem -extfile <(printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost" \
-        "extendedKeyUsage=serverAuth,clientAuth")
-    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 30 \
-      -out client.pem -extfile <(printf '%s\n' "extendedKeyUsage=clientAuth")
-    rm -f server.csr client.csr
-  ) 2>"$dir/openssl.log" || { cat "$dir/openssl.log" >&2; die "openssl failed"; }
+  command -v "$esq" >/dev/null 2>&1 ||
+    die "no esq binary to make certificates with: cargo build --workspace --bins, then ESQ_BIN=target/debug/esq"
+  "$esq" tls generate --dir "$dir" >&2 || die "esq tls generate failed"
 }
 
 # The password of user `esq` for the secure servers of CERTS (made once, kept in CERTS).
 secure_password() {
   local certs=$1
   if [[ ! -s "$certs/redis-password" ]]; then
-    (umask 077 && openssl rand -hex 16 >"$certs/redis-password")
+    (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(16))' >"$certs/redis-password")
   fi
   cat "$certs/redis-password"
 }
@@ -207,7 +191,8 @@ secure_server_opts() {
   (umask 077 && printf 'user default off\nuser esq on >%s ~* &* +@all\n' "$password" >"$node/users.acl")
   SECURE_OPTS=(--port 0 --tls-port "$port" --tls-cert-file "$certs/server.pem"
     --tls-key-file "$certs/server-key.pem" --tls-ca-cert-file "$certs/ca.pem"
-    --tls-auth-clients yes --aclfile "$node/users.acl")
+    --tls-auth-clients yes --aclfile "$node/users.acl"
+    --tls-client-cert-file "$certs/client.pem" --tls-client-key-file "$certs/client-key.pem")
 }
 
 secure_cli_opts() {
