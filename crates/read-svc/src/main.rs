@@ -72,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
         max_wait: Duration::from_millis(args.max_wait_ms),
         wait_recheck: Duration::from_millis(args.wait_recheck_ms.max(1)),
         shutdown_grace: args.server.shutdown_grace,
+        health_listen: args.server.health_listen,
         ..esq_read_svc::Config::default()
     };
     // Listen only once the store is there: until then clients are refused at once.
