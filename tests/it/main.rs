@@ -7,6 +7,7 @@
 mod bus;
 mod cluster;
 mod core;
+mod deploy;
 mod derived;
 mod dev;
 mod history;
@@ -17,4 +18,5 @@ mod replay;
 mod snapshots;
 mod startup;
 mod suite;
+mod tls;
 mod transport;

@@ -41,7 +41,7 @@ pub const SERVICES: &[&str] = &[
 pub const DEFAULT_WAIT_RECHECK: Duration = Duration::from_secs(1);
 
 /// Tunables of read-svc.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Longest a `min_version` wait may last when the call sets no shorter deadline.
     pub max_wait: Duration,
@@ -56,6 +56,10 @@ pub struct Config {
     /// Where to also serve health alone, plaintext (`--health-listen`; see
     /// [`esq_runtime::GrpcOptions::health_listen`]).
     pub health_listen: Option<std::net::SocketAddr>,
+    /// TLS of the gRPC server; `None` serves plaintext.
+    pub tls: Option<esq_runtime::tls::ServerTls>,
+    /// Load shedding and the default deadline of the gRPC server.
+    pub limits: esq_runtime::limits::Limits,
 }
 
 impl Default for Config {
@@ -66,6 +70,8 @@ impl Default for Config {
             health_probe: Duration::from_secs(1),
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
             health_listen: None,
+            tls: None,
+            limits: esq_runtime::limits::Limits::default(),
         }
     }
 }
@@ -127,6 +133,8 @@ pub async fn run_with<R: ReadStore, H: EventStore>(
     let mut options = esq_runtime::GrpcOptions::new(services);
     options.grace = config.shutdown_grace;
     options.health_listen = config.health_listen;
+    options.tls = config.tls.clone();
+    options.limits = config.limits.clone();
     let probe = options
         .readiness
         .probe("the read store", config.health_probe, shutdown.clone(), {

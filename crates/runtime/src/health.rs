@@ -14,7 +14,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic_health::pb::health_server::{Health, HealthServer};
 
-/// A running health-only server; dropping it closes the listener and every connection.
+/// A running health-only server; dropping it stops it: the listener closes at once, open
+/// connections get GOAWAY and are closed by force [`crate::HARD_STOP_WAIT`] later (a `Watch`
+/// stream never ends by itself), so a status written just before, such as NOT_SERVING on
+/// shutdown, still reaches its watchers.
 #[derive(Debug)]
 pub(crate) struct HealthOnly {
     _stop: DropGuard,
@@ -24,6 +27,7 @@ impl HealthOnly {
     /// Serves `health` alone on `listener` until the returned guard is dropped.
     pub(crate) fn spawn<H: Health>(listener: TcpListener, health: HealthServer<H>) -> Self {
         let stop = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
         tracing::info!(
             addr = ?listener.local_addr().ok(),
             "health-only listener (plaintext, grpc.health.v1 only)"
@@ -32,7 +36,7 @@ impl HealthOnly {
             listener,
             ConnLimits {
                 idle_read_timeout: crate::IDLE_READ_TIMEOUT,
-                hard_stop: stop.clone(),
+                hard_stop: hard_stop.clone(),
             },
         );
         let server = tonic::transport::Server::builder()
@@ -41,8 +45,28 @@ impl HealthOnly {
             .max_concurrent_streams(crate::MAX_CONCURRENT_STREAMS)
             .add_service(health)
             .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+        let stopped = stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = server.await {
+            // Whatever way this ends, no connection outlives it.
+            let _close_all = hard_stop.clone().drop_guard();
+            tokio::pin!(server);
+            let outcome = tokio::select! {
+                outcome = &mut server => outcome,
+                () = async {
+                    stopped.cancelled().await;
+                    tokio::time::sleep(crate::HARD_STOP_WAIT).await;
+                } => {
+                    hard_stop.cancel();
+                    match tokio::time::timeout(crate::HARD_STOP_WAIT, server).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => {
+                            tracing::warn!("health-only connections still open after the hard stop");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = outcome {
                 tracing::error!(error = %e, "health-only listener failed");
             }
         });

@@ -1,6 +1,7 @@
 //! esq runtime: what every esq process shares and none of them should write twice — telemetry
-//! setup, the shutdown signal, the gRPC server wiring (health, reflection, graceful drain) and
-//! Prometheus metrics ([`metrics`]).
+//! setup, the shutdown signal, the gRPC server wiring (health, reflection, graceful drain),
+//! transport security ([`tls`], [`pki`]), call limits ([`limits`]) and Prometheus metrics
+//! ([`metrics`]).
 //!
 //! Nothing here reads the environment: binaries parse their configuration once (clap with
 //! `ESQ_…` env vars) and pass values in.
@@ -16,9 +17,12 @@ use tracing_subscriber::EnvFilter;
 pub mod config;
 mod health;
 pub mod incoming;
+pub mod limits;
 pub mod metrics;
+pub mod pki;
 pub mod status;
 pub mod store_status;
+pub mod tls;
 
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
@@ -133,7 +137,7 @@ pub const HTTP2_STREAM_WINDOW: u32 = 1024 * 1024;
 pub const HTTP2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// How long a server waits after the grace period, once connections are closed by force, for
 /// its connection tasks to end.
-const HARD_STOP_WAIT: Duration = Duration::from_secs(2);
+pub(crate) const HARD_STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// How a gRPC server is run.
 #[derive(Debug, Clone)]
@@ -147,6 +151,10 @@ pub struct GrpcOptions {
     /// Where to serve health alone, plaintext and unauthenticated, besides `listener`
     /// (`--health-listen`; see [`health`]): for probes that cannot speak TLS.
     pub health_listen: Option<SocketAddr>,
+    /// TLS for every connection; `None` serves plaintext (`--insecure`, `esq dev`).
+    pub tls: Option<tls::ServerTls>,
+    /// Load shedding and the default deadline ([`limits`]).
+    pub limits: limits::Limits,
 }
 
 impl GrpcOptions {
@@ -157,6 +165,8 @@ impl GrpcOptions {
             readiness: Readiness::default(),
             grace: config::DEFAULT_SHUTDOWN_GRACE,
             health_listen: None,
+            tls: None,
+            limits: limits::Limits::default(),
         }
     }
 }
@@ -173,7 +183,10 @@ impl GrpcOptions {
 /// ([`HTTP2_KEEPALIVE_INTERVAL`], [`HTTP2_KEEPALIVE_TIMEOUT`]), an idle bound
 /// ([`IDLE_READ_TIMEOUT`]), an age bound ([`MAX_CONNECTION_AGE`]) and at most
 /// [`MAX_CONCURRENT_STREAMS`] calls at once; every status passes [`status::StatusHygieneLayer`],
-/// and every call is counted and timed by [`metrics::GrpcMetricsLayer`].
+/// and every call is counted and timed by [`metrics::GrpcMetricsLayer`]. With `options.tls`
+/// connections are TLS ([`tls`]: handshakes off the accept loop, files reloaded when they
+/// change); `options.limits` sheds calls over the server-wide limit and gives calls without a
+/// deadline the default one ([`limits`]).
 ///
 /// With `options.health_listen`, the same health statuses are also served alone, in plaintext,
 /// on that address (see [`health`]) for as long as this runs.
@@ -183,12 +196,20 @@ pub async fn serve_grpc(
     options: GrpcOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let reloader_stop = CancellationToken::new();
+    let _stop_reloader = reloader_stop.clone().drop_guard();
     let GrpcOptions {
         services,
         readiness,
         grace,
         health_listen,
+        tls,
+        limits,
     } = options;
+    if let Some(tls) = &tls {
+        // Ends with the server: the guard below cancels it whichever way this returns.
+        tls.spawn_reloader(reloader_stop.clone());
+    }
     let (reporter, health) = tonic_health::server::health_reporter();
     // Statuses exist before the first connection is accepted, so an early health check never
     // finds the services unknown.
@@ -237,12 +258,13 @@ pub async fn serve_grpc(
     let hard_stop = CancellationToken::new();
     // Whatever way this returns, no connection outlives the server.
     let _close_all = hard_stop.clone().drop_guard();
-    let incoming = incoming::Incoming::new(
+    let incoming = incoming::ServerIncoming::new(
         listener,
         incoming::ConnLimits {
             idle_read_timeout: IDLE_READ_TIMEOUT,
             hard_stop: hard_stop.clone(),
         },
+        tls,
     );
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
@@ -253,6 +275,7 @@ pub async fn serve_grpc(
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .layer(metrics::GrpcMetricsLayer)
         .layer(status::StatusHygieneLayer)
+        .layer(limits::LimitsLayer::new(limits))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, {
             let shutdown = shutdown.clone();
