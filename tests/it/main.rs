@@ -8,6 +8,7 @@ mod auth;
 mod bus;
 mod cluster;
 mod core;
+mod deploy;
 mod derived;
 mod dev;
 mod history;

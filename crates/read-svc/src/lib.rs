@@ -55,6 +55,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Bearer-token authentication of every call (`None`: anyone may call).
     pub auth: Option<esq_runtime::auth::Authenticator>,
+    /// Where to also serve health alone, plaintext (`--health-listen`; see
+    /// [`esq_runtime::GrpcOptions::health_listen`]).
+    pub health_listen: Option<std::net::SocketAddr>,
     /// TLS of the gRPC server; `None` serves plaintext.
     pub tls: Option<esq_runtime::tls::ServerTls>,
     /// Load shedding and the default deadline of the gRPC server.
@@ -69,6 +72,7 @@ impl Default for Config {
             health_probe: Duration::from_secs(1),
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
             auth: None,
+            health_listen: None,
             tls: None,
             limits: esq_runtime::limits::Limits::default(),
         }
@@ -132,6 +136,7 @@ pub async fn run_with<R: ReadStore, H: EventStore>(
     let mut options = esq_runtime::GrpcOptions::new(services);
     options.grace = config.shutdown_grace;
     options.auth = config.auth.clone();
+    options.health_listen = config.health_listen;
     options.tls = config.tls.clone();
     options.limits = config.limits.clone();
     let probe = options

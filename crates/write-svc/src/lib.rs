@@ -62,6 +62,9 @@ pub struct Config {
     pub snapshot_every: u64,
     /// Bearer-token authentication of every call (`None`: anyone may call).
     pub auth: Option<esq_runtime::auth::Authenticator>,
+    /// Where to also serve health alone, plaintext (`--health-listen`; see
+    /// [`esq_runtime::GrpcOptions::health_listen`]).
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -74,6 +77,7 @@ impl Default for Config {
             subscribe_poll: Duration::from_millis(100),
             snapshot_every: commands::DEFAULT_SNAPSHOT_EVERY,
             auth: None,
+            health_listen: None,
         }
     }
 }
@@ -127,6 +131,7 @@ pub async fn run<S: EventStore + ChangeFeed + Snapshots>(
     let mut options = esq_runtime::GrpcOptions::new(SERVICES);
     options.grace = config.shutdown_grace;
     options.auth = config.auth.clone();
+    options.health_listen = config.health_listen;
     options.tls = config.tls.clone();
     options.limits = config.limits.clone();
     let probe =
