@@ -9,6 +9,7 @@ mod cluster;
 mod core;
 mod derived;
 mod dev;
+mod fuzz;
 mod history;
 mod metrics;
 mod operator;
