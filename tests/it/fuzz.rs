@@ -31,7 +31,7 @@ use tonic::Code;
 const DEFAULT_SEED: u64 = 20_261_201;
 /// Cases per method by default: sized so both suites take about a minute in a debug build
 /// on a busy 2-core machine.
-const DEFAULT_CASES: usize = 24;
+const DEFAULT_CASES: usize = 48;
 /// Cases per address and kind of wire probe by default.
 const DEFAULT_WIRE_CASES: usize = 100;
 /// Longest a call may go unanswered before the server is reported as hanging.
@@ -155,7 +155,9 @@ async fn judge(
             if !fuzz::DOCUMENTED.contains(&status.code()) {
                 failures.push(format!("{what}: undocumented status {status:?}"));
             }
-            if written > 0 {
+            // The one refusal that may have written: documented as "it may have committed".
+            let unknown = status.message().starts_with("append outcome unknown");
+            if written > 0 && !unknown {
                 failures.push(format!(
                     "{what}: refused with {:?} but {written} events were committed",
                     status.code()
@@ -219,7 +221,11 @@ async fn every_rpc_inner() {
     count_panics();
     let (seed, cases) = fuzz::run_params(DEFAULT_SEED, DEFAULT_CASES);
     eprintln!("fuzz: seed {seed} (ESQ_FUZZ_SEED), {cases} cases per method (ESQ_FUZZ_CASES)");
-    let h = DevHarness::start().await.expect("start dev stack");
+    // Unmet `min_version` waits end after half a second instead of 5 s: many cases ask for
+    // versions no document reaches.
+    let h = DevHarness::start_with(|c| c.read.max_wait = Duration::from_millis(500))
+        .await
+        .expect("start dev stack");
     let schema = Schema::esq().expect("the esq descriptor set");
     let routes = route(&h, &schema).await;
     let mut probe = FeedProbe::start(h.clients.write_channel.clone())

@@ -269,6 +269,9 @@ pub struct Generator<'s> {
     huge_left: bool,
     /// Whether bodies are sometimes broken on the wire ([`mutate`]).
     mutations: bool,
+    /// One value in this many is hostile, the others plausible for their field (chosen per
+    /// request, so some requests are nearly valid and reach deep into the services).
+    hostility: usize,
 }
 
 /// Deepest nesting of messages the generator writes (the API's requests are shallow; deep
@@ -282,6 +285,7 @@ impl<'s> Generator<'s> {
             schema,
             huge_left: false,
             mutations: true,
+            hostility: 2,
         }
     }
 
@@ -297,6 +301,7 @@ impl<'s> Generator<'s> {
     /// [`MAX_BODY`] into it.
     pub fn request(&mut self, rng: &mut Rng, method: &Method, allow_huge: bool) -> Vec<u8> {
         self.huge_left = allow_huge;
+        self.hostility = *rng.pick(&[1, 2, 4, 16, 1000]);
         let mut body = self.message(rng, &method.input, 0);
         if self.mutations && rng.one_in(6) {
             mutate(rng, &mut body);
@@ -324,7 +329,7 @@ impl<'s> Generator<'s> {
                     *count += usize::from(set);
                     set
                 }
-                None => !rng.one_in(4),
+                None => !rng.one_in(4.min(1 + self.hostility)),
             };
             if !set {
                 continue;
@@ -383,7 +388,7 @@ impl<'s> Generator<'s> {
                     let value = if many {
                         word(rng).into_bytes()
                     } else {
-                        self.text(rng, ty == Type::Bytes)
+                        self.text(rng, field)
                     };
                     put_tag(out, number, 2);
                     put_varint(out, value.len() as u64);
@@ -398,8 +403,12 @@ impl<'s> Generator<'s> {
         }
     }
 
-    /// A string or bytes value: mostly plausible, often hostile.
-    fn text(&mut self, rng: &mut Rng, bytes: bool) -> Vec<u8> {
+    /// A string or bytes value: plausible for its field, or hostile.
+    fn text(&mut self, rng: &mut Rng, field: &FieldDescriptorProto) -> Vec<u8> {
+        let bytes = field.r#type() == Type::Bytes;
+        if !rng.one_in(self.hostility) {
+            return plausible_text(rng, field.name()).into_bytes();
+        }
         if self.huge_left && rng.one_in(3) {
             self.huge_left = false;
             let n = *rng.pick(&[
@@ -448,7 +457,12 @@ impl<'s> Generator<'s> {
 
     /// One scalar value of `field` without its tag.
     fn scalar(&mut self, rng: &mut Rng, field: &FieldDescriptorProto, out: &mut Vec<u8>) {
-        match field.r#type() {
+        let ty = field.r#type();
+        if !rng.one_in(self.hostility) && matches!(ty, Type::Int32 | Type::Int64 | Type::Uint32 | Type::Uint64) {
+            put_varint(out, plausible_number(rng, field.name()));
+            return;
+        }
+        match ty {
             Type::Double => out.put_f64_le(*rng.pick(&[
                 0.0,
                 -0.0,
@@ -484,6 +498,50 @@ impl<'s> Generator<'s> {
             // int32, int64, uint32, uint64; out-of-range varints for the 32-bit ones included.
             _ => put_varint(out, extreme(rng)),
         }
+    }
+}
+
+/// A value a valid request could carry in a text field of this name.
+fn plausible_text(rng: &mut Rng, name: &str) -> String {
+    let uuid = |rng: &mut Rng| {
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&rng.bytes(16));
+        uuid::Builder::from_random_bytes(b).into_uuid().to_string()
+    };
+    let pick = |rng: &mut Rng, items: &[&str]| (*rng.pick(items)).to_owned();
+    match name {
+        "isbn" | "last" => pick(rng, &["978-0-441-47812-5", "0-8044-2957-x", "9780441478125"]),
+        "event_id" | "command_id" => uuid(rng),
+        "json" => pick(
+            rng,
+            &[
+                "{\"sku\":\"s\",\"quantity\":1,\"unit_price_cents\":100}",
+                "{\"title\":\"t\",\"author\":\"a\",\"price_cents\":1}",
+                "{\"a\":1}",
+                "{}",
+            ],
+        ),
+        "content_type" => pick(rng, &["application/json", "application/octet-stream"]),
+        "type" | "stream_types" => pick(rng, &["cart", "book", "fuzz", "ItemAdded", "BookCreated"]),
+        "event_type" | "event_types" => pick(rng, &["ItemAdded", "BookCreated", "Note"]),
+        "stream_type" => pick(rng, &["cart", "book"]),
+        "projection" | "name" => pick(rng, &["cart2", "book", "state", "authors", "sku_sales"]),
+        n if n.ends_with("token") || n == "after" => String::new(),
+        // Ids, skus, authors, titles: a few shared values, so calls meet each other's data.
+        _ => format!("fuzz-{}", rng.below(8)),
+    }
+}
+
+/// A value a valid request could carry in an integer field of this name.
+fn plausible_number(rng: &mut Rng, name: &str) -> u64 {
+    if name.contains("version") {
+        rng.below(4) as u64
+    } else if name.contains("seconds") {
+        1_750_000_000 + rng.below(100_000_000) as u64
+    } else if name.contains("nanos") {
+        0
+    } else {
+        1 + rng.below(100) as u64
     }
 }
 
