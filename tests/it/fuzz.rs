@@ -244,8 +244,14 @@ async fn every_rpc_inner() {
         .await
         .ok();
         let mut tally = BTreeMap::new();
-        judge(&format!("{path} regression ({why})"), answer, &mut probe, &mut tally, &mut failures)
-            .await;
+        judge(
+            &format!("{path} regression ({why})"),
+            answer,
+            &mut probe,
+            &mut tally,
+            &mut failures,
+        )
+        .await;
     }
 
     let mut generator = Generator::new(&schema);
@@ -258,12 +264,10 @@ async fn every_rpc_inner() {
             // One case in eight may carry one value of up to a little over the 5 MiB limit.
             let body = generator.request(&mut rng, method, case % 8 == 7);
             let len = body.len();
-            let answer = tokio::time::timeout(
-                CALL_BOUND,
-                fuzz::call(channel.clone(), method, body, None),
-            )
-            .await
-            .ok();
+            let answer =
+                tokio::time::timeout(CALL_BOUND, fuzz::call(channel.clone(), method, body, None))
+                    .await
+                    .ok();
             let what = format!("{path} case {case} ({len} bytes)");
             judge(&what, answer, &mut probe, &mut tally, &mut failures).await;
         }
@@ -306,7 +310,10 @@ async fn wire_inner() {
     let framing: [(&str, &[u8]); 5] = [
         ("a message cut short", &[0, 0, 0, 0, 9, 1, 2]),
         ("a length prefix cut short", &[0, 0, 0]),
-        ("the compressed flag without grpc-encoding", &[1, 0, 0, 0, 0]),
+        (
+            "the compressed flag without grpc-encoding",
+            &[1, 0, 0, 0, 0],
+        ),
         ("an unknown flag byte", &[2, 0, 0, 0, 0]),
         ("no message in a unary call", &[]),
     ];
@@ -365,7 +372,10 @@ async fn wire_inner() {
         }
         eprintln!("{name}: {endings:#?}");
     }
-    eprintln!("wire fuzz: {cases} cases per probe in {:?}", started.elapsed());
+    eprintln!(
+        "wire fuzz: {cases} cases per probe in {:?}",
+        started.elapsed()
+    );
     still_serving(&h).await;
     report(&failures, seed);
     h.stop().await.expect("stop");

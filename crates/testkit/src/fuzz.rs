@@ -342,7 +342,13 @@ impl<'s> Generator<'s> {
         out
     }
 
-    fn field(&mut self, rng: &mut Rng, field: &FieldDescriptorProto, depth: usize, out: &mut Vec<u8>) {
+    fn field(
+        &mut self,
+        rng: &mut Rng,
+        field: &FieldDescriptorProto,
+        depth: usize,
+        out: &mut Vec<u8>,
+    ) {
         let number = field.number() as u32;
         let repeated = field.label() == Label::Repeated;
         let count = if !repeated {
@@ -411,12 +417,7 @@ impl<'s> Generator<'s> {
         }
         if self.huge_left && rng.one_in(3) {
             self.huge_left = false;
-            let n = *rng.pick(&[
-                600 << 10,
-                (3 << 20) + 1,
-                MAX_BODY - 4096,
-                MAX_BODY + 1024,
-            ]);
+            let n = *rng.pick(&[600 << 10, (3 << 20) + 1, MAX_BODY - 4096, MAX_BODY + 1024]);
             return match rng.below(3) {
                 0 => vec![b'x'; n],
                 1 => "\u{202E}é".repeat(n / 4).into_bytes(),
@@ -458,7 +459,9 @@ impl<'s> Generator<'s> {
     /// One scalar value of `field` without its tag.
     fn scalar(&mut self, rng: &mut Rng, field: &FieldDescriptorProto, out: &mut Vec<u8>) {
         let ty = field.r#type();
-        if !rng.one_in(self.hostility) && matches!(ty, Type::Int32 | Type::Int64 | Type::Uint32 | Type::Uint64) {
+        if !rng.one_in(self.hostility)
+            && matches!(ty, Type::Int32 | Type::Int64 | Type::Uint32 | Type::Uint64)
+        {
             put_varint(out, plausible_number(rng, field.name()));
             return;
         }
@@ -510,7 +513,10 @@ fn plausible_text(rng: &mut Rng, name: &str) -> String {
     };
     let pick = |rng: &mut Rng, items: &[&str]| (*rng.pick(items)).to_owned();
     match name {
-        "isbn" | "last" => pick(rng, &["978-0-441-47812-5", "0-8044-2957-x", "9780441478125"]),
+        "isbn" | "last" => pick(
+            rng,
+            &["978-0-441-47812-5", "0-8044-2957-x", "9780441478125"],
+        ),
         "event_id" | "command_id" => uuid(rng),
         "json" => pick(
             rng,
@@ -765,10 +771,7 @@ pub async fn call(channel: Channel, method: &Method, body: Vec<u8>, token: Optio
         grpc.server_streaming(with_token(body), path, RawCodec)
             .await
     } else {
-        return match grpc
-            .unary(with_token(body), path, RawCodec)
-            .await
-        {
+        return match grpc.unary(with_token(body), path, RawCodec).await {
             Ok(_) => Answer::Ok(1),
             Err(s) => Answer::Refused(s),
         };

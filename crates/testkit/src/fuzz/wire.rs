@@ -51,7 +51,9 @@ pub fn random_bytes(rng: &mut Rng) -> Vec<u8> {
     let mut out = match rng.below(4) {
         0 => PREFACE[..rng.below(PREFACE.len())].to_vec(),
         1 => b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec(),
-        2 => b"POST /esq.v1.EventStore/Append HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n".to_vec(),
+        2 => {
+            b"POST /esq.v1.EventStore/Append HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n".to_vec()
+        }
         _ => Vec::new(),
     };
     let n = *rng.pick(&[0, 1, 9, 100, 4096, 70_000]);
@@ -108,7 +110,10 @@ fn frame(out: &mut Vec<u8>, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
 
 /// A broken gRPC request body (length-prefixed messages) around `message`, and the extra
 /// request headers that go with it, and what was done (for the report).
-pub fn broken_body(rng: &mut Rng, message: &[u8]) -> (Bytes, Vec<(&'static str, String)>, &'static str) {
+pub fn broken_body(
+    rng: &mut Rng,
+    message: &[u8],
+) -> (Bytes, Vec<(&'static str, String)>, &'static str) {
     let mut out = Vec::new();
     let mut headers = Vec::new();
     let what = match rng.below(9) {
@@ -165,8 +170,17 @@ pub fn broken_body(rng: &mut Rng, message: &[u8]) -> (Bytes, Vec<(&'static str, 
             out.extend_from_slice(message);
             headers.push((
                 "grpc-timeout",
-                (*rng.pick(&["0n", "1n", "99999999H", "-1S", "1", "abc", "100000000S", "5m"]))
-                    .to_owned(),
+                (*rng.pick(&[
+                    "0n",
+                    "1n",
+                    "99999999H",
+                    "-1S",
+                    "1",
+                    "abc",
+                    "100000000S",
+                    "5m",
+                ]))
+                .to_owned(),
             ));
             "hostile grpc-timeout"
         }
@@ -279,5 +293,8 @@ async fn exchange(
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<GrpcEnding> {
     let status = tonic::Status::from_header_map(headers)?;
-    Some(GrpcEnding::Status(status.code(), status.message().to_owned()))
+    Some(GrpcEnding::Status(
+        status.code(),
+        status.message().to_owned(),
+    ))
 }
