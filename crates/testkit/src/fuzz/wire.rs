@@ -203,6 +203,9 @@ pub enum GrpcEnding {
     Http(u16),
     /// The stream or the connection was reset or closed without a status.
     Reset,
+    /// An OK response whose stream was still open and silent after
+    /// [`STREAM_IDLE`](super::STREAM_IDLE) (a live subscription): the call was answered.
+    Live,
 }
 
 /// Sends one gRPC request to `path` over a fresh HTTP/2 connection with `body` as its raw body
@@ -274,7 +277,12 @@ async fn exchange(
     let http = response.status().as_u16();
     let mut body = response.into_body();
     let mut read = 0;
-    while let Some(chunk) = body.data().await {
+    loop {
+        // A live stream (a subscription) answers and then stays silent: that is an answer too.
+        let Ok(next) = tokio::time::timeout(super::STREAM_IDLE, body.data()).await else {
+            return Ok(GrpcEnding::Live);
+        };
+        let Some(chunk) = next else { break };
         let Ok(chunk) = chunk else {
             return Ok(GrpcEnding::Reset);
         };
