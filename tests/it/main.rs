@@ -18,4 +18,5 @@ mod replay;
 mod snapshots;
 mod startup;
 mod suite;
+mod tls;
 mod transport;

@@ -16,6 +16,7 @@ fn closed_addr() -> String {
 fn service(name: &str, timeout_ms: u64, deadline_ms: u64) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(bin_dir().expect("bin dir").join(name));
     cmd.env_clear()
+        .env("ESQ_INSECURE", "true")
         .env("ESQ_CQL_NODES", closed_addr())
         .env("ESQ_CQL_TIMEOUT_MS", timeout_ms.to_string())
         .env("ESQ_CONFIDENCE_WINDOW_MS", "1000")
@@ -77,8 +78,53 @@ async fn an_unreachable_store_is_waited_for() {
     .await;
     assert!(waited.is_ok(), "no retry logged within 60 s: {text}");
     assert!(
+        text.contains("insecure mode: plaintext, no authentication"),
+        "--insecure is logged: {text}"
+    );
+    assert!(
         child.try_wait().expect("try_wait").is_none(),
         "still running"
     );
     child.kill().await.expect("kill write-svc");
+}
+
+/// Runs `cmd` to its end (bounded), returning whether it succeeded and its stderr.
+async fn exit_of(name: &str, mut cmd: tokio::process::Command) -> (bool, String) {
+    let mut child = cmd.spawn().expect("start the binary");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("{name} is still running"))
+        .expect("wait");
+    let mut text = String::new();
+    stderr.read_to_string(&mut text).await.expect("read stderr");
+    (status.success(), text)
+}
+
+/// Without TLS files and without `--insecure` no server starts: each exits non-zero at once,
+/// naming the flags; a TLS file that cannot be read stops it too, naming the flag and the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_refuse_to_start_without_tls_unless_insecure() {
+    for name in ["write-svc", "read-svc", "projector"] {
+        let mut cmd = service(name, 1000, 3000);
+        cmd.env_remove("ESQ_INSECURE");
+        let (ok, text) = exit_of(name, cmd).await;
+        assert!(!ok, "{name} started without TLS: {text}");
+        assert!(
+            text.contains("--tls-cert") && text.contains("--insecure"),
+            "{name}: the flags are named: {text}"
+        );
+        assert!(!text.contains("cannot connect"), "{name}: {text}");
+
+        let mut cmd = service(name, 1000, 3000);
+        cmd.env_remove("ESQ_INSECURE")
+            .env("ESQ_TLS_CERT", "/nonexistent/esq-cert.pem")
+            .env("ESQ_TLS_KEY", "/nonexistent/esq-key.pem");
+        let (ok, text) = exit_of(name, cmd).await;
+        assert!(!ok, "{name} started with a missing certificate: {text}");
+        assert!(
+            text.contains("--tls-cert") && text.contains("/nonexistent/esq-cert.pem"),
+            "{name}: the flag and the file are named: {text}"
+        );
+    }
 }

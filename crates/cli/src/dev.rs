@@ -42,6 +42,10 @@ pub struct DevConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Aggregate snapshots every this many events (0: off), see `esq_write_svc::Config`.
     pub snapshot_every: u64,
+    /// TLS of both servers; `None` (the default) serves plaintext on loopback.
+    pub tls: Option<esq_runtime::tls::ServerTls>,
+    /// Load shedding and the default deadline of both servers (each has its own budget).
+    pub limits: esq_runtime::limits::Limits,
 }
 
 impl DevConfig {
@@ -61,6 +65,8 @@ impl DevConfig {
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
             metrics_addr: None,
             snapshot_every: esq_write_svc::commands::DEFAULT_SNAPSHOT_EVERY,
+            tls: None,
+            limits: esq_runtime::limits::Limits::default(),
         }
     }
 }
@@ -127,6 +133,8 @@ impl DevStack {
         let write_config = esq_write_svc::Config {
             shutdown_grace: config.shutdown_grace,
             snapshot_every: config.snapshot_every,
+            tls: config.tls.clone(),
+            limits: config.limits.clone(),
             ..esq_write_svc::Config::default()
         };
         // read-svc's temporal queries read the same embedded store, read only.
@@ -145,6 +153,8 @@ impl DevStack {
         ));
         let read_config = esq_read_svc::Config {
             shutdown_grace: config.shutdown_grace,
+            tls: config.tls.clone(),
+            limits: config.limits.clone(),
             ..config.read
         };
         // The projections' operator API rides on the read-svc address.

@@ -54,6 +54,21 @@ enum Command {
     Projections(ops::ProjectionsArgs),
     /// Reads streams of the event store (esq.v1.EventStore on write-svc).
     Streams(ops::StreamsArgs),
+    /// TLS helpers.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Writes a throwaway PKI for loopback and development use to DIR: ca.pem, server.pem and
+    /// server-key.pem (for localhost, 127.0.0.1 and ::1), client.pem and client-key.pem.
+    /// Not for production: the certificates never expire.
+    Generate {
+        /// Folder to write the files to (created if missing; existing files are replaced).
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// `--metrics-addr` of `esq dev`: an address, or none (`off`).
@@ -77,6 +92,9 @@ async fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Projections(args) => ops::projections(args, json).await,
         Command::Streams(args) => ops::streams(args, json).await,
+        Command::Tls(TlsCommand::Generate { dir }) => {
+            tls_generate(&dir).map(|()| ExitCode::SUCCESS)
+        }
         Command::Dev {
             data_dir,
             write_addr,
@@ -108,6 +126,24 @@ async fn main() -> ExitCode {
     })
 }
 
+fn tls_generate(dir: &std::path::Path) -> anyhow::Result<()> {
+    let files = esq_runtime::pki::LoopbackPki::generate()?.write(dir)?;
+    println!("wrote a loopback PKI to {}:", dir.display());
+    for (path, what) in [
+        (
+            &files.ca,
+            "CA certificate (clients: --ca-cert; servers: --tls-client-ca for mTLS)",
+        ),
+        (&files.server_cert, "server certificate (--tls-cert)"),
+        (&files.server_key, "server key (--tls-key)"),
+        (&files.client_cert, "client certificate (--client-cert)"),
+        (&files.client_key, "client key (--client-key)"),
+    ] {
+        println!("  {}  {what}", path.display());
+    }
+    Ok(())
+}
+
 async fn dev(
     data_dir: PathBuf,
     write_addr: SocketAddr,
@@ -117,8 +153,16 @@ async fn dev(
     snapshots: esq_write_svc::SnapshotArgs,
     metrics_addr: MetricsAddr,
 ) -> anyhow::Result<()> {
+    // Zero-config: plaintext unless TLS files are given (then they must load).
+    let tls = match server.tls.tls_cert {
+        Some(_) => server.tls.load(write_addr).await?,
+        None => None,
+    };
     let shutdown = esq_runtime::shutdown_on_signals();
     let mut config = DevConfig::new(data_dir);
+    let secure = tls.is_some();
+    config.tls = tls;
+    config.limits = server.limits.limits();
     config.write_addr = write_addr;
     config.read_addr = read_addr;
     config.store = store;
@@ -126,7 +170,14 @@ async fn dev(
     config.snapshot_every = snapshots.snapshot_every;
     config.metrics_addr = metrics_addr.0;
     let stack = DevStack::start(config, shutdown).await?;
-    println!("esq dev is running (Ctrl-C to stop)");
+    if secure {
+        println!("esq dev is running with TLS (Ctrl-C to stop)");
+    } else {
+        println!(
+            "esq dev is running in insecure mode: plaintext, no authentication — for local \
+             development only (Ctrl-C to stop)"
+        );
+    }
     println!(
         "  write-svc  {}  ({})",
         stack.write_addr,
@@ -142,7 +193,8 @@ async fn dev(
     }
     println!("try:");
     println!(
-        "  grpcurl -plaintext -d '{{\"cart_id\":\"c1\",\"sku\":\"apple\",\"quantity\":2,\"unit_price_cents\":150}}' {} esq.cart.v1.CartCommands/AddItem",
+        "  grpcurl {} -d '{{\"cart_id\":\"c1\",\"sku\":\"apple\",\"quantity\":2,\"unit_price_cents\":150}}' {} esq.cart.v1.CartCommands/AddItem",
+        if secure { "-cacert ca.pem" } else { "-plaintext" },
         stack.write_addr
     );
     stack.wait().await

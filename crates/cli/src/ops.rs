@@ -26,7 +26,7 @@ use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// The exit code when the answer is "no" (differences found, still parked, rebuild failed).
 pub const EXIT_NO: u8 = 1;
@@ -42,6 +42,13 @@ pub struct Tls {
     /// the system's roots are trusted).
     #[arg(long, env = "ESQ_CA_CERT", global = true)]
     pub ca_cert: Option<PathBuf>,
+    /// PEM file of this client's certificate, for servers that require one (mutual TLS:
+    /// `--tls-client-ca`); needs --client-key.
+    #[arg(long, env = "ESQ_CLIENT_CERT", global = true, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM file of the private key of --client-cert.
+    #[arg(long, env = "ESQ_CLIENT_KEY", global = true, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
 /// `esq projections …`.
@@ -170,13 +177,24 @@ async fn connect(url: &str, tls: &Tls) -> anyhow::Result<Channel> {
     if url.starts_with("https://") {
         let mut config = ClientTlsConfig::new().with_enabled_roots();
         if let Some(path) = &tls.ca_cert {
-            let pem = std::fs::read(path)
+            let pem = tokio::fs::read(path)
+                .await
                 .with_context(|| format!("cannot read the CA certificate {}", path.display()))?;
             config = config.ca_certificate(Certificate::from_pem(pem));
         }
+        if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+            let read = |flag: &'static str, path: PathBuf| async move {
+                tokio::fs::read(&path)
+                    .await
+                    .with_context(|| format!("cannot read the {flag} file {}", path.display()))
+            };
+            let cert = read("--client-cert", cert.clone()).await?;
+            let key = read("--client-key", key.clone()).await?;
+            config = config.identity(Identity::from_pem(cert, key));
+        }
         endpoint = endpoint.tls_config(config)?;
-    } else if tls.ca_cert.is_some() {
-        anyhow::bail!("--ca-cert needs an https:// URL, not {url:?}");
+    } else if tls.ca_cert.is_some() || tls.client_cert.is_some() {
+        anyhow::bail!("--ca-cert and --client-cert need an https:// URL, not {url:?}");
     }
     endpoint
         .connect()

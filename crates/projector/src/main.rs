@@ -54,6 +54,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
+    // Before anything else: a server without TLS and without --insecure must not start.
+    let tls = args.server.tls.load(args.listen).await?;
     let shutdown = esq_runtime::shutdown_on_signals();
     args.metrics.spawn(&shutdown).await?;
     let Some(store) = args.cql.connect(&shutdown).await? else {
@@ -101,6 +103,8 @@ async fn main() -> anyhow::Result<()> {
     let listener = esq_runtime::bind(args.listen).await?;
     let mut options = esq_runtime::GrpcOptions::new(&[esq_projector::admin::SERVICE]);
     options.grace = args.server.shutdown_grace;
+    options.tls = tls;
+    options.limits = args.server.limits.limits();
     let admin = esq_projector::admin::server(Arc::clone(&projector));
     let health = tokio::spawn(esq_runtime::serve_grpc(
         listener,

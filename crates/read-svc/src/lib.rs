@@ -41,7 +41,7 @@ pub const SERVICES: &[&str] = &[
 pub const DEFAULT_WAIT_RECHECK: Duration = Duration::from_secs(1);
 
 /// Tunables of read-svc.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Longest a `min_version` wait may last when the call sets no shorter deadline.
     pub max_wait: Duration,
@@ -53,6 +53,10 @@ pub struct Config {
     pub health_probe: Duration,
     /// Longest drain on shutdown before open connections are closed.
     pub shutdown_grace: Duration,
+    /// TLS of the gRPC server; `None` serves plaintext.
+    pub tls: Option<esq_runtime::tls::ServerTls>,
+    /// Load shedding and the default deadline of the gRPC server.
+    pub limits: esq_runtime::limits::Limits,
 }
 
 impl Default for Config {
@@ -62,6 +66,8 @@ impl Default for Config {
             wait_recheck: DEFAULT_WAIT_RECHECK,
             health_probe: Duration::from_secs(1),
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
+            tls: None,
+            limits: esq_runtime::limits::Limits::default(),
         }
     }
 }
@@ -122,6 +128,8 @@ pub async fn run_with<R: ReadStore, H: EventStore>(
     tracing::info!(addr = ?listener.local_addr().ok(), "read-svc listening");
     let mut options = esq_runtime::GrpcOptions::new(services);
     options.grace = config.shutdown_grace;
+    options.tls = config.tls.clone();
+    options.limits = config.limits.clone();
     let probe = options
         .readiness
         .probe("the read store", config.health_probe, shutdown.clone(), {

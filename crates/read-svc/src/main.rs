@@ -47,6 +47,8 @@ async fn main() -> anyhow::Result<()> {
         .get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     args.telemetry.init();
+    // Before anything else: a server without TLS and without --insecure must not start.
+    let tls = args.server.tls.load(args.listen).await?;
     let shutdown = esq_runtime::shutdown_on_signals();
     args.metrics.spawn(&shutdown).await?;
     let Some(store) = args.redis.connect(&shutdown).await? else {
@@ -72,6 +74,8 @@ async fn main() -> anyhow::Result<()> {
         max_wait: Duration::from_millis(args.max_wait_ms),
         wait_recheck: Duration::from_millis(args.wait_recheck_ms.max(1)),
         shutdown_grace: args.server.shutdown_grace,
+        tls,
+        limits: args.server.limits.limits(),
         ..esq_read_svc::Config::default()
     };
     // Listen only once the store is there: until then clients are refused at once.

@@ -21,7 +21,7 @@ impl<R> Clone for Reader<R> {
     fn clone(&self) -> Self {
         Self {
             resolver: Arc::clone(&self.resolver),
-            config: self.config,
+            config: self.config.clone(),
         }
     }
 }

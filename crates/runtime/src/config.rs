@@ -1,9 +1,13 @@
 //! Command-line and environment configuration shared by the binaries: every flag also reads an
 //! `ESQ_…` variable. Parsed once in `main`; libraries receive plain config values.
 
+use crate::limits::Limits;
+use crate::tls::{ServerTls, TlsFiles};
 use anyhow::Context as _;
 use esq_eventstore::cql::{CqlConfig, CqlStore, FeedKind};
 use esq_readstore::redis::{RedisConfig, RedisStore};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +40,85 @@ pub struct ServerArgs {
     /// number is seconds).
     #[arg(long, env = "ESQ_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Transport security.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Call limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Transport security of a gRPC server. A server refuses to start without `--tls-cert` and
+/// `--tls-key` unless `--insecure` is set.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsArgs {
+    /// Server certificate chain, PEM, leaf first. Re-read when it changes.
+    #[arg(long, env = "ESQ_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key, PEM (PKCS#8, PKCS#1 or SEC1). Re-read when it changes.
+    #[arg(long, env = "ESQ_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s), PEM: when set, clients must present a certificate signed by one
+    /// (mutual TLS).
+    #[arg(long, env = "ESQ_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// How often the TLS files are checked for changes (e.g. `2s`).
+    #[arg(long, env = "ESQ_TLS_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
+    /// Allow serving plaintext and without authentication: for local development and tests
+    /// only. Without it a server needs `--tls-cert`/`--tls-key` (and `--auth-tokens`). TLS
+    /// files and `--auth-tokens` given with it are still used.
+    #[arg(long, env = "ESQ_INSECURE", default_value_t = false)]
+    pub insecure: bool,
+}
+
+impl TlsArgs {
+    /// The server TLS these flags describe: `Some` with `--tls-cert`/`--tls-key`, `None` with
+    /// `--insecure` alone (logged as a warning naming `listen`), and an error — naming the flags
+    /// or the file that is wrong — otherwise.
+    pub async fn load(&self, listen: SocketAddr) -> anyhow::Result<Option<ServerTls>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            anyhow::ensure!(
+                self.insecure,
+                "no TLS certificate: give --tls-cert and --tls-key (ESQ_TLS_CERT, ESQ_TLS_KEY), \
+                 or --insecure (ESQ_INSECURE=true) to serve plaintext without authentication \
+                 (development only)"
+            );
+            tracing::warn!(%listen, "insecure mode: plaintext, no authentication");
+            return Ok(None);
+        };
+        let mut tls = ServerTls::load(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        })
+        .await?;
+        tls.reload_interval = self.tls_reload_interval.max(Duration::from_millis(100));
+        Ok(Some(tls))
+    }
+}
+
+/// Server-wide call limits (see [`crate::limits`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Most calls handled at once by the whole server; calls over it are answered
+    /// RESOURCE_EXHAUSTED at once. 0: no limit.
+    #[arg(long, env = "ESQ_MAX_CONCURRENT_CALLS", default_value_t = crate::limits::DEFAULT_MAX_CONCURRENT_CALLS)]
+    pub max_concurrent_calls: usize,
+    /// Deadline of a call whose client sent none (e.g. `30s`; `0` for none); past it the call
+    /// is answered DEADLINE_EXCEEDED.
+    #[arg(long, env = "ESQ_DEFAULT_DEADLINE", default_value = "30s", value_parser = parse_duration)]
+    pub default_deadline: Duration,
+}
+
+impl LimitArgs {
+    /// The limits these flags describe.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_concurrent_calls: self.max_concurrent_calls,
+            default_deadline: (!self.default_deadline.is_zero()).then_some(self.default_deadline),
+        }
+    }
 }
 
 /// Parses `500ms`, `20s`, `2m` or a bare number of seconds.

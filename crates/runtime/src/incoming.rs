@@ -12,6 +12,9 @@
 //! shutdown grace period), and which is closed when nothing at all is read from it for an idle
 //! bound: a live HTTP/2 peer always answers our keepalive pings, so only silent or half-open
 //! sockets (including ones that never sent the HTTP/2 preface) reach it.
+//!
+//! With TLS ([`crate::tls`]) the handshake runs over a [`Conn`], so TLS connections keep every
+//! one of these behaviours; tonic is handed a [`ServerConn`], plain or TLS.
 
 use std::future::Future;
 use std::io;
@@ -306,6 +309,130 @@ impl AsyncWrite for Conn {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A connection handed to tonic: plaintext, or TLS over a [`Conn`] (so the idle bound and the
+/// hard stop hold for both).
+pub enum ServerConn {
+    /// Plaintext HTTP/2 (`--insecure`).
+    Plain(Conn),
+    /// HTTP/2 over TLS.
+    Tls(Box<tokio_rustls::server::TlsStream<Conn>>),
+}
+
+impl ServerConn {
+    /// The accepted connection under TLS, if any.
+    pub fn conn(&self) -> &Conn {
+        match self {
+            Self::Plain(c) => c,
+            Self::Tls(t) => t.get_ref().0,
+        }
+    }
+}
+
+impl Connected for ServerConn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.conn().connect_info()
+    }
+}
+
+impl AsyncRead for ServerConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(c) => Pin::new(c).poll_read(cx, buf),
+            Self::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(c) => Pin::new(c).poll_write(cx, buf),
+            Self::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(c) => Pin::new(c).poll_write_vectored(cx, bufs),
+            Self::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(c) => c.is_write_vectored(),
+            Self::Tls(t) => t.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(c) => Pin::new(c).poll_flush(cx),
+            Self::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(c) => Pin::new(c).poll_shutdown(cx),
+            Self::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The stream of connections handed to tonic: accepted plaintext ones, or those whose TLS
+/// handshake (run off the accept loop by [`crate::tls::accept_tls`]) succeeded.
+pub enum ServerIncoming {
+    /// Plaintext: the accept loop itself.
+    Plain(Incoming),
+    /// TLS: the handshaken connections.
+    Tls(tokio::sync::mpsc::Receiver<tokio_rustls::server::TlsStream<Conn>>),
+}
+
+impl ServerIncoming {
+    /// Accepts on `listener`, bounding connections by `limits`, with TLS when `tls` is given.
+    pub fn new(
+        listener: TcpListener,
+        limits: ConnLimits,
+        tls: Option<crate::tls::ServerTls>,
+    ) -> Self {
+        let incoming = Incoming::new(listener, limits);
+        match tls {
+            None => Self::Plain(incoming),
+            Some(tls) => Self::Tls(crate::tls::accept_tls(incoming, tls)),
+        }
+    }
+}
+
+impl tokio_stream::Stream for ServerIncoming {
+    type Item = Result<ServerConn, io::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            Self::Plain(incoming) => Pin::new(incoming)
+                .poll_next(cx)
+                .map(|c| c.map(|c| c.map(ServerConn::Plain))),
+            Self::Tls(rx) => rx
+                .poll_recv(cx)
+                .map(|c| c.map(|c| Ok(ServerConn::Tls(Box::new(c))))),
+        }
     }
 }
 

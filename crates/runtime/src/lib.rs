@@ -1,6 +1,7 @@
 //! esq runtime: what every esq process shares and none of them should write twice — telemetry
-//! setup, the shutdown signal, the gRPC server wiring (health, reflection, graceful drain) and
-//! Prometheus metrics ([`metrics`]).
+//! setup, the shutdown signal, the gRPC server wiring (health, reflection, graceful drain),
+//! transport security ([`tls`], [`pki`]), call limits ([`limits`]) and Prometheus metrics
+//! ([`metrics`]).
 //!
 //! Nothing here reads the environment: binaries parse their configuration once (clap with
 //! `ESQ_…` env vars) and pass values in.
@@ -15,9 +16,12 @@ use tracing_subscriber::EnvFilter;
 
 pub mod config;
 pub mod incoming;
+pub mod limits;
 pub mod metrics;
+pub mod pki;
 pub mod status;
 pub mod store_status;
+pub mod tls;
 
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
@@ -143,6 +147,10 @@ pub struct GrpcOptions {
     pub readiness: Readiness,
     /// Longest drain after shutdown before open connections are closed by force.
     pub grace: Duration,
+    /// TLS for every connection; `None` serves plaintext (`--insecure`, `esq dev`).
+    pub tls: Option<tls::ServerTls>,
+    /// Load shedding and the default deadline ([`limits`]).
+    pub limits: limits::Limits,
 }
 
 impl GrpcOptions {
@@ -152,6 +160,8 @@ impl GrpcOptions {
             services,
             readiness: Readiness::default(),
             grace: config::DEFAULT_SHUTDOWN_GRACE,
+            tls: None,
+            limits: limits::Limits::default(),
         }
     }
 }
@@ -168,18 +178,29 @@ impl GrpcOptions {
 /// ([`HTTP2_KEEPALIVE_INTERVAL`], [`HTTP2_KEEPALIVE_TIMEOUT`]), an idle bound
 /// ([`IDLE_READ_TIMEOUT`]), an age bound ([`MAX_CONNECTION_AGE`]) and at most
 /// [`MAX_CONCURRENT_STREAMS`] calls at once; every status passes [`status::StatusHygieneLayer`],
-/// and every call is counted and timed by [`metrics::GrpcMetricsLayer`].
+/// and every call is counted and timed by [`metrics::GrpcMetricsLayer`]. With `options.tls`
+/// connections are TLS ([`tls`]: handshakes off the accept loop, files reloaded when they
+/// change); `options.limits` sheds calls over the server-wide limit and gives calls without a
+/// deadline the default one ([`limits`]).
 pub async fn serve_grpc(
     listener: TcpListener,
     routes: Routes,
     options: GrpcOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let reloader_stop = CancellationToken::new();
+    let _stop_reloader = reloader_stop.clone().drop_guard();
     let GrpcOptions {
         services,
         readiness,
         grace,
+        tls,
+        limits,
     } = options;
+    if let Some(tls) = &tls {
+        // Ends with the server: the guard below cancels it whichever way this returns.
+        tls.spawn_reloader(reloader_stop.clone());
+    }
     let (reporter, health) = tonic_health::server::health_reporter();
     // Statuses exist before the first connection is accepted, so an early health check never
     // finds the services unknown.
@@ -218,12 +239,13 @@ pub async fn serve_grpc(
     let hard_stop = CancellationToken::new();
     // Whatever way this returns, no connection outlives the server.
     let _close_all = hard_stop.clone().drop_guard();
-    let incoming = incoming::Incoming::new(
+    let incoming = incoming::ServerIncoming::new(
         listener,
         incoming::ConnLimits {
             idle_read_timeout: IDLE_READ_TIMEOUT,
             hard_stop: hard_stop.clone(),
         },
+        tls,
     );
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
@@ -234,6 +256,7 @@ pub async fn serve_grpc(
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .layer(metrics::GrpcMetricsLayer)
         .layer(status::StatusHygieneLayer)
+        .layer(limits::LimitsLayer::new(limits))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, {
             let shutdown = shutdown.clone();

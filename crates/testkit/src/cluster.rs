@@ -6,7 +6,8 @@
 //! (`redis://host:port`), which `scripts/test` sets after starting them. When they are missing
 //! the tests fail loudly, unless the run opts out with `ESQ_SKIP_REAL_BACKENDS=1`.
 
-use crate::{channel, Clients};
+use crate::pki::{ClientTls, TestPki};
+use crate::{endpoint, Clients};
 use anyhow::Context as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -59,6 +60,10 @@ pub struct ClusterOptions {
     /// Whether write-svc nudges projectors through Redis pub/sub (the fast path); without it
     /// every change reaches the read model through the change log alone.
     pub nudges: bool,
+    /// Whether the processes serve TLS and require client certificates (a throwaway PKI
+    /// made for the harness); otherwise they serve plaintext. Both run with
+    /// `ESQ_INSECURE=true` (no authentication required).
+    pub tls: bool,
     /// Extra environment for every process.
     pub env: Vec<(String, String)>,
 }
@@ -70,6 +75,7 @@ impl Default for ClusterOptions {
             projectors: 1,
             shards: 4,
             nudges: true,
+            tls: false,
             env: Vec::new(),
         }
     }
@@ -118,6 +124,8 @@ pub struct ClusterHarness {
     pub reader: Option<Proc>,
     /// Clients to the first write-svc and the read-svc.
     pub clients: Clients,
+    /// The PKI of a TLS harness.
+    pub pki: Option<TestPki>,
 }
 
 /// A free loopback address for a process to listen on. The port is drawn at random below
@@ -152,10 +160,19 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
 
 /// Waits until the gRPC health check at `addr` answers SERVING.
 pub async fn wait_serving(addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
+    wait_serving_with(addr, within, None).await
+}
+
+/// Waits until the gRPC health check at `addr` answers SERVING, over TLS with `tls` if given.
+pub async fn wait_serving_with(
+    addr: SocketAddr,
+    within: Duration,
+    tls: Option<&ClientTls>,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let ok = async {
-            let ch = channel(addr).await?;
+            let ch = endpoint(addr, tls)?.connect().await?;
             let r = HealthClient::new(ch)
                 .check(HealthCheckRequest {
                     service: String::new(),
@@ -181,6 +198,11 @@ impl ClusterHarness {
         let prefix = format!("esqt{}", &tag[..16]);
         let logs = std::env::temp_dir().join("esq-test-logs").join(&keyspace);
         std::fs::create_dir_all(&logs)?;
+        let pki = if options.tls {
+            Some(TestPki::generate()?)
+        } else {
+            None
+        };
         let mut h = Self {
             backends,
             keyspace,
@@ -191,10 +213,12 @@ impl ClusterHarness {
             projectors: Vec::new(),
             reader: None,
             clients: Clients::placeholder(),
+            pki,
         };
+        let tls = h.client_tls();
         // The first write-svc creates the schema; the others start once it is there.
         let first = h.spawn("write-svc").await?;
-        wait_serving(first.addr, Duration::from_secs(120)).await?;
+        wait_serving_with(first.addr, Duration::from_secs(120), tls.as_ref()).await?;
         h.writers.push(first);
         for _ in 1..options.write_services {
             let w = h.spawn("write-svc").await?;
@@ -207,10 +231,18 @@ impl ClusterHarness {
         let r = h.spawn("read-svc").await?;
         h.reader = Some(r);
         for p in h.writers.iter().chain(&h.projectors).chain(&h.reader) {
-            wait_serving(p.addr, Duration::from_secs(120)).await?;
+            wait_serving_with(p.addr, Duration::from_secs(120), tls.as_ref()).await?;
         }
-        h.clients = Clients::connect(h.writers[0].addr, h.read_addr()).await?;
+        h.clients = match &tls {
+            Some(tls) => Clients::connect_tls(h.writers[0].addr, h.read_addr(), tls).await?,
+            None => Clients::connect(h.writers[0].addr, h.read_addr()).await?,
+        };
         Ok(h)
+    }
+
+    /// What a client of a TLS harness trusts and presents; `None` for a plaintext one.
+    pub fn client_tls(&self) -> Option<ClientTls> {
+        self.pki.as_ref().map(TestPki::client)
     }
 
     /// The read-svc address.
@@ -258,6 +290,12 @@ impl ClusterHarness {
             cmd.env("ESQ_NUDGE_URL", &self.backends.redis);
         } else {
             cmd.env_remove("ESQ_NUDGE_URL");
+        }
+        // `--insecure` waives the TLS and authentication requirements; TLS files given are
+        // still served, so a TLS harness keeps it only for the authentication it does not set.
+        cmd.env("ESQ_INSECURE", "true");
+        if let Some(pki) = &self.pki {
+            cmd.envs(pki.server_env(true));
         }
         if name == "projector" {
             cmd.env("ESQ_PROJECTOR_ID", format!("{}-p{n}", self.prefix));

@@ -11,6 +11,7 @@ use esq::pb::v1::{event_store_client::EventStoreClient, state_queries_client::St
 pub mod cluster;
 pub mod fuzz;
 pub mod metrics;
+pub mod pki;
 
 use esq_cli::dev::{DevConfig, DevStack};
 use std::net::SocketAddr;
@@ -42,9 +43,27 @@ pub struct Clients {
 
 /// Connects to a gRPC server on loopback, retrying briefly while it starts.
 pub async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+    connect_endpoint(addr, endpoint(addr, None)?).await
+}
+
+/// Connects over TLS to a gRPC server on loopback (verified against `tls`'s CA, with its client
+/// certificate if it has one), retrying briefly while it starts.
+pub async fn tls_channel(addr: SocketAddr, tls: &pki::ClientTls) -> anyhow::Result<Channel> {
+    connect_endpoint(addr, endpoint(addr, Some(tls))?).await
+}
+
+/// The endpoint of a server on loopback: plaintext, or TLS with `tls`.
+pub fn endpoint(addr: SocketAddr, tls: Option<&pki::ClientTls>) -> anyhow::Result<Endpoint> {
+    let endpoint = match tls {
+        None => Endpoint::from_shared(format!("http://{addr}"))?,
+        Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls.config())?,
+    };
+    Ok(endpoint
         .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(30));
+        .timeout(Duration::from_secs(30)))
+}
+
+async fn connect_endpoint(addr: SocketAddr, endpoint: Endpoint) -> anyhow::Result<Channel> {
     let mut last = None;
     for _ in 0..100 {
         match endpoint.connect().await {
@@ -74,9 +93,24 @@ impl Clients {
 
     /// Clients for write-svc at `write` and read-svc at `read`.
     pub async fn connect(write: SocketAddr, read: SocketAddr) -> anyhow::Result<Self> {
-        let w = channel(write).await?;
-        let r = channel(read).await?;
-        Ok(Self {
+        Ok(Self::over(channel(write).await?, channel(read).await?))
+    }
+
+    /// Clients over TLS (see [`tls_channel`]) for write-svc at `write` and read-svc at `read`.
+    pub async fn connect_tls(
+        write: SocketAddr,
+        read: SocketAddr,
+        tls: &pki::ClientTls,
+    ) -> anyhow::Result<Self> {
+        Ok(Self::over(
+            tls_channel(write, tls).await?,
+            tls_channel(read, tls).await?,
+        ))
+    }
+
+    /// Clients over the channels `w` (write-svc) and `r` (read-svc).
+    pub fn over(w: Channel, r: Channel) -> Self {
+        Self {
             events: EventStoreClient::new(w.clone()),
             carts: CartCommandsClient::new(w.clone()),
             books: BookCommandsClient::new(w.clone()),
@@ -85,7 +119,7 @@ impl Clients {
             state: StateQueriesClient::new(r.clone()),
             write_channel: w,
             read_channel: r,
-        })
+        }
     }
 }
 
@@ -122,6 +156,36 @@ impl DevHarness {
         Self::start_configured(dir, |_| {}).await
     }
 
+    /// Starts a stack over a fresh temporary folder serving TLS with `tls` (both services),
+    /// `configure` applied to its config; the clients connect with `client`.
+    pub async fn start_tls(
+        tls: esq_runtime::tls::ServerTls,
+        client: &pki::ClientTls,
+        configure: impl FnOnce(&mut DevConfig),
+    ) -> anyhow::Result<Self> {
+        let temp = tempfile::tempdir()?;
+        let dir = temp.path().to_path_buf();
+        let mut config = Self::config(&dir);
+        config.tls = Some(tls);
+        configure(&mut config);
+        let stack = DevStack::start(config, CancellationToken::new()).await?;
+        let clients = Clients::connect_tls(stack.write_addr, stack.read_addr, client).await?;
+        Ok(Self {
+            stack: Some(stack),
+            dir,
+            _temp: Some(temp),
+            clients,
+        })
+    }
+
+    fn config(dir: &Path) -> DevConfig {
+        let mut config = DevConfig::new(dir);
+        config.write_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.read_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.projector.poll_interval = Duration::from_millis(50);
+        config
+    }
+
     /// Where write-svc listens.
     pub fn write_addr(&self) -> Option<SocketAddr> {
         self.stack.as_ref().map(|s| s.write_addr)
@@ -136,10 +200,7 @@ impl DevHarness {
         dir: &Path,
         configure: impl FnOnce(&mut DevConfig),
     ) -> anyhow::Result<Self> {
-        let mut config = DevConfig::new(dir);
-        config.write_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.read_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.projector.poll_interval = Duration::from_millis(50);
+        let mut config = Self::config(dir);
         configure(&mut config);
         let stack = DevStack::start(config, CancellationToken::new()).await?;
         let clients = Clients::connect(stack.write_addr, stack.read_addr).await?;

@@ -44,13 +44,17 @@ pub struct Deps<S> {
 }
 
 /// Tunables of write-svc.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// How often the event store is asked whether it can serve ([`EventStore::ping`]); health
     /// reports NOT_SERVING while it cannot.
     pub health_probe: Duration,
     /// Longest drain on shutdown before open connections are closed.
     pub shutdown_grace: Duration,
+    /// TLS of the gRPC server; `None` serves plaintext.
+    pub tls: Option<esq_runtime::tls::ServerTls>,
+    /// Load shedding and the default deadline of the gRPC server.
+    pub limits: esq_runtime::limits::Limits,
     /// How often a live subscription (`EventStore/Subscribe`) polls the change feed.
     pub subscribe_poll: Duration,
     /// Aggregate snapshots: a command whose load folded this many events past its starting
@@ -63,6 +67,8 @@ impl Default for Config {
         Self {
             health_probe: Duration::from_secs(1),
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
+            tls: None,
+            limits: esq_runtime::limits::Limits::default(),
             subscribe_poll: Duration::from_millis(100),
             snapshot_every: commands::DEFAULT_SNAPSHOT_EVERY,
         }
@@ -117,6 +123,8 @@ pub async fn run<S: EventStore + ChangeFeed + Snapshots>(
     tracing::info!(addr = ?listener.local_addr().ok(), "write-svc listening");
     let mut options = esq_runtime::GrpcOptions::new(SERVICES);
     options.grace = config.shutdown_grace;
+    options.tls = config.tls.clone();
+    options.limits = config.limits.clone();
     let probe =
         options
             .readiness

@@ -38,6 +38,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.telemetry.init();
+    // Before anything else: a server without TLS and without --insecure must not start.
+    let tls = args.server.tls.load(args.listen).await?;
     let shutdown = esq_runtime::shutdown_on_signals();
     args.metrics.spawn(&shutdown).await?;
     let Some(store) = args.cql.connect(&shutdown).await? else {
@@ -61,6 +63,8 @@ async fn main() -> anyhow::Result<()> {
     let config = esq_write_svc::Config {
         shutdown_grace: args.server.shutdown_grace,
         snapshot_every: args.snapshots.snapshot_every,
+        tls,
+        limits: args.server.limits.limits(),
         ..esq_write_svc::Config::default()
     };
     esq_write_svc::run(listener, deps, config, shutdown).await
