@@ -254,6 +254,8 @@ async fn every_rpc_inner() {
         .await;
     }
 
+    // ESQ_FUZZ_VERBOSE=1 prints every answer (to see what the generator reaches).
+    let verbose = std::env::var_os("ESQ_FUZZ_VERBOSE").is_some();
     let mut generator = Generator::new(&schema);
     for method in &schema.methods {
         let path = method.path();
@@ -269,6 +271,9 @@ async fn every_rpc_inner() {
                     .await
                     .ok();
             let what = format!("{path} case {case} ({len} bytes)");
+            if verbose {
+                eprintln!("{what}: {answer:?}");
+            }
             judge(&what, answer, &mut probe, &mut tally, &mut failures).await;
         }
         eprintln!("{path}: {tally:?}");

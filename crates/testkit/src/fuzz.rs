@@ -269,6 +269,8 @@ pub struct Generator<'s> {
     huge_left: bool,
     /// Whether bodies are sometimes broken on the wire ([`mutate`]).
     mutations: bool,
+    /// This request is broken on the wire (when `mutations`).
+    broken: bool,
     /// One value in this many is hostile, the others plausible for their field (chosen per
     /// request, so some requests are nearly valid and reach deep into the services).
     hostility: usize,
@@ -285,6 +287,7 @@ impl<'s> Generator<'s> {
             schema,
             huge_left: false,
             mutations: true,
+            broken: false,
             hostility: 2,
         }
     }
@@ -301,9 +304,11 @@ impl<'s> Generator<'s> {
     /// [`MAX_BODY`] into it.
     pub fn request(&mut self, rng: &mut Rng, method: &Method, allow_huge: bool) -> Vec<u8> {
         self.huge_left = allow_huge;
-        self.hostility = *rng.pick(&[1, 2, 4, 16, 1000]);
+        self.hostility = *rng.pick(&[1, 3, 8, 30, 1000]);
+        // One request in three is broken on the wire, at the top or in nested messages.
+        self.broken = self.mutations && rng.one_in(3);
         let mut body = self.message(rng, &method.input, 0);
-        if self.mutations && rng.one_in(6) {
+        if self.broken && rng.one_in(2) {
             mutate(rng, &mut body);
         }
         body
@@ -324,19 +329,20 @@ impl<'s> Generator<'s> {
             let set = match in_oneof {
                 Some(o) => {
                     let count = oneof_set.entry(o).or_default();
+                    // Later members get a chance too when an earlier one was skipped.
                     let want = if *count == 0 { 2 } else { 8 };
                     let set = rng.one_in(want);
                     *count += usize::from(set);
                     set
                 }
-                None => !rng.one_in(4.min(1 + self.hostility)),
+                None => !rng.one_in(16.min(1 + self.hostility)),
             };
             if !set {
                 continue;
             }
-            self.field(rng, field, depth, &mut out);
+            self.field(rng, desc.name(), field, depth, &mut out);
         }
-        if self.mutations && rng.one_in(12) {
+        if self.broken && rng.one_in(6) {
             mutate(rng, &mut out);
         }
         out
@@ -345,6 +351,7 @@ impl<'s> Generator<'s> {
     fn field(
         &mut self,
         rng: &mut Rng,
+        message: &str,
         field: &FieldDescriptorProto,
         depth: usize,
         out: &mut Vec<u8>,
@@ -394,7 +401,7 @@ impl<'s> Generator<'s> {
                     let value = if many {
                         word(rng).into_bytes()
                     } else {
-                        self.text(rng, field)
+                        self.text(rng, message, field)
                     };
                     put_tag(out, number, 2);
                     put_varint(out, value.len() as u64);
@@ -410,10 +417,10 @@ impl<'s> Generator<'s> {
     }
 
     /// A string or bytes value: plausible for its field, or hostile.
-    fn text(&mut self, rng: &mut Rng, field: &FieldDescriptorProto) -> Vec<u8> {
+    fn text(&mut self, rng: &mut Rng, message: &str, field: &FieldDescriptorProto) -> Vec<u8> {
         let bytes = field.r#type() == Type::Bytes;
         if !rng.one_in(self.hostility) {
-            return plausible_text(rng, field.name()).into_bytes();
+            return plausible_text(rng, message, field.name()).into_bytes();
         }
         if self.huge_left && rng.one_in(3) {
             self.huge_left = false;
@@ -504,8 +511,8 @@ impl<'s> Generator<'s> {
     }
 }
 
-/// A value a valid request could carry in a text field of this name.
-fn plausible_text(rng: &mut Rng, name: &str) -> String {
+/// A value a valid request could carry in the text field `name` of the message `message`.
+fn plausible_text(rng: &mut Rng, message: &str, name: &str) -> String {
     let uuid = |rng: &mut Rng| {
         let mut b = [0u8; 16];
         b.copy_from_slice(&rng.bytes(16));
@@ -528,7 +535,9 @@ fn plausible_text(rng: &mut Rng, name: &str) -> String {
             ],
         ),
         "content_type" => pick(rng, &["application/json", "application/octet-stream"]),
-        "type" | "stream_types" => pick(rng, &["cart", "book", "fuzz", "ItemAdded", "BookCreated"]),
+        "type" if message == "StreamRef" => pick(rng, &["cart", "book", "fuzz"]),
+        "stream_types" => pick(rng, &["cart", "book", "fuzz"]),
+        "type" => pick(rng, &["ItemAdded", "BookCreated", "Note"]),
         "event_type" | "event_types" => pick(rng, &["ItemAdded", "BookCreated", "Note"]),
         "stream_type" => pick(rng, &["cart", "book"]),
         "projection" | "name" => pick(rng, &["cart2", "book", "state", "authors", "sku_sales"]),
