@@ -429,6 +429,23 @@ mod tests {
         check(server.addr, Some(client(&pki.ca, None)))
             .await
             .expect("still serving TLS");
+        // A stream nobody ends (a health Watch) over TLS: shutdown still returns, the TLS
+        // connection closed by the hard stop after the grace period.
+        let channel = Endpoint::from_shared(format!("https://{}", server.addr))
+            .expect("endpoint")
+            .tls_config(client(&pki.ca, None))
+            .expect("tls")
+            .connect()
+            .await
+            .expect("connect");
+        let mut watch = HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: "test.Service".into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        watch.message().await.expect("status").expect("a status");
         server.stop().await;
     }
 
@@ -519,6 +536,36 @@ mod tests {
         check(server.addr, Some(client(&pki.ca, None)))
             .await
             .expect("answered while two handshakes hang");
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handshakes_in_flight_are_bounded() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = LoopbackPki::generate().expect("pki");
+        let mut tls = ServerTls::load(write_pki(dir.path(), &pki, false))
+            .await
+            .expect("load");
+        tls.max_handshakes = 1;
+        tls.handshake_timeout = Duration::from_secs(3600);
+        let server = Server::start(tls).await;
+        // Takes the only handshake slot (accepted first: it connected first).
+        let silent = TcpStream::connect(server.addr).await.expect("connect");
+        let refused = check(server.addr, Some(client(&pki.ca, None))).await;
+        assert!(refused.is_err(), "a handshake beyond the bound was served");
+        // The silent client leaves: its handshake fails at once and frees the slot.
+        drop(silent);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while check(server.addr, Some(client(&pki.ca, None)))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the slot never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         server.stop().await;
     }
 
