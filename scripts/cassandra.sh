@@ -11,6 +11,13 @@
 #
 # Environment: ESQ_CACHE (default ~/.cache/esq) holds the jars; JAVA (default `java`) is the
 # JDK 17 launcher; ESQ_CASSANDRA_HEAP (default 1g) is the heap size.
+#
+# Security (for the tests of store credentials and TLS), read by `start` and `wait`:
+#   ESQ_CASSANDRA_AUTH=1        PasswordAuthenticator on; `wait` logs in as
+#                               ESQ_CASSANDRA_USER / ESQ_CASSANDRA_PASSWORD (default
+#                               cassandra/cassandra, the superuser Cassandra makes at start)
+#   ESQ_CASSANDRA_TLS_DIR=DIR   CQL over TLS only (PEM: DIR/server.pem + DIR/server-key.pem,
+#                               clients trust DIR/ca.pem; `scripts/redis.sh certs DIR` makes them)
 set -euo pipefail
 
 CASSANDRA_VERSION=5.0.6
@@ -125,6 +132,33 @@ request_timeout: 10000ms
 # SAI and materialized views are not used; user-defined functions are not needed.
 materialized_views_enabled: false
 EOF
+    if [[ "${ESQ_CASSANDRA_AUTH:-0}" == 1 ]]; then
+        cat >>"$dir/conf/cassandra.yaml" <<EOF
+# ESQ_CASSANDRA_AUTH=1: logins required (the superuser cassandra/cassandra is made at start).
+authenticator:
+  class_name: org.apache.cassandra.auth.PasswordAuthenticator
+authorizer: CassandraAuthorizer
+role_manager: CassandraRoleManager
+EOF
+    fi
+    if [[ -n "${ESQ_CASSANDRA_TLS_DIR:-}" ]]; then
+        local tls
+        tls="$(cd "$ESQ_CASSANDRA_TLS_DIR" && pwd)"
+        # The PEM keystore holds the key and the certificate chain in one file.
+        cat "$tls/server-key.pem" "$tls/server.pem" >"$dir/conf/keystore.pem"
+        chmod 600 "$dir/conf/keystore.pem"
+        cat >>"$dir/conf/cassandra.yaml" <<EOF
+# ESQ_CASSANDRA_TLS_DIR: CQL clients must speak TLS.
+client_encryption_options:
+  enabled: true
+  optional: false
+  require_client_auth: false
+  ssl_context_factory:
+    class_name: org.apache.cassandra.security.PEMBasedSslContextFactory
+  keystore: $dir/conf/keystore.pem
+  truststore: $tls/ca.pem
+EOF
+    fi
     cat >"$dir/conf/logback.xml" <<EOF
 <!-- Written by scripts/cassandra.sh: one plain log file, warnings and above on stderr. -->
 <configuration scan="false">
@@ -250,10 +284,23 @@ def string_map(d):
     return out
 
 try:
+    import os, ssl
     sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+    tls_dir = os.environ.get("ESQ_CASSANDRA_TLS_DIR")
+    if tls_dir:
+        context = ssl.create_default_context(cafile=os.path.join(tls_dir, "ca.pem"))
+        sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
     sock.sendall(frame(1, 0x01, string_map({"CQL_VERSION": "3.0.0"})))
     opcode, _ = read_frame(sock)
-    if opcode != 0x02:  # READY
+    if opcode == 0x03:  # AUTHENTICATE: log in (the superuser appears a little after start)
+        user = os.environ.get("ESQ_CASSANDRA_USER", "cassandra").encode()
+        password = os.environ.get("ESQ_CASSANDRA_PASSWORD", "cassandra").encode()
+        token = b"\0" + user + b"\0" + password
+        sock.sendall(frame(1, 0x0F, struct.pack(">i", len(token)) + token))
+        opcode, _ = read_frame(sock)
+        if opcode != 0x10:  # AUTH_SUCCESS
+            sys.exit(1)
+    elif opcode != 0x02:  # READY
         sys.exit(1)
     query = b"SELECT release_version FROM system.local"
     body = struct.pack(">i", len(query)) + query + struct.pack(">HB", 0x0001, 0)  # consistency ONE
@@ -263,7 +310,7 @@ try:
         sys.exit(1)
     kind, = struct.unpack(">i", body[:4])
     sys.exit(0 if kind == 0x0002 else 1)  # Rows
-except (OSError, struct.error):
+except (OSError, struct.error, ImportError):
     sys.exit(1)
 EOF
 }

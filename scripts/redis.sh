@@ -4,16 +4,31 @@
 #   scripts/redis.sh install                          apt-get install redis-server if missing
 #   scripts/redis.sh start DIR PORT                   one standalone server
 #   scripts/redis.sh start-cluster DIR P1 P2 P3       a Redis Cluster of three masters
+#   scripts/redis.sh certs CERTS                      a throwaway CA, server and client certificates
+#   scripts/redis.sh start-secure DIR CERTS PORT      a standalone server: TLS only, ACL user `esq`
+#   scripts/redis.sh start-cluster-secure DIR CERTS P1 P2 P3   the same as a Cluster of three
 #   scripts/redis.sh stop DIR                         stop every server started under DIR
 #
+# Cluster buses listen on each port + $ESQ_REDIS_BUS_OFFSET (default 10000, as Redis does).
 # `start` and `start-cluster` print the matching environment line for the tests on stdout, so
 #   eval "$(scripts/redis.sh start /tmp/esq-redis 6390)"
 # sets ESQ_TEST_REDIS (or ESQ_TEST_REDIS_CLUSTER). Everything else goes to stderr or to logs
 # under DIR/<port>/.
+#
+# The secure servers listen with TLS only (`--port 0 --tls-port PORT`, cluster bus and
+# replication over TLS too) and require client certificates signed by CERTS/ca.pem; the
+# `default` user is off and user `esq` has a password made at run time (CERTS/redis-password).
+# Their own outgoing connections (cluster bus, replication) present CERTS/client.pem.
+# They print ESQ_TEST_REDIS_SECURE / ESQ_TEST_REDIS_CLUSTER_SECURE (rediss:// URLs with the
+# credentials) and ESQ_TEST_REDIS_TLS_DIR (CERTS: ca.pem, client.pem, client-key.pem). `certs`
+# writes a throwaway loopback PKI with `esq tls generate` ($ESQ_BIN, default `esq` on PATH)
+# unless CERTS already holds one; nothing of it is kept in the repository.
 set -euo pipefail
 
 HOST=127.0.0.1
 WAIT_SECONDS=30
+# A Cluster node's bus listens on its port plus this (Redis' own default is 10000).
+BUS_OFFSET=${ESQ_REDIS_BUS_OFFSET:-10000}
 
 die() {
   echo "redis.sh: $*" >&2
@@ -21,7 +36,7 @@ die() {
 }
 
 usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -43,10 +58,13 @@ abs_dir() {
   (cd "$1" && pwd)
 }
 
+# Extra redis-cli options (TLS and credentials) for the secure servers; empty for plain ones.
+CLI_OPTS=()
+
 cli() {
   local port=$1
   shift
-  redis-cli -h "$HOST" -p "$port" "$@"
+  redis-cli -h "$HOST" -p "$port" "${CLI_OPTS[@]}" "$@"
 }
 
 # Starts one daemonized server in DIR/PORT with any extra redis-server options.
@@ -101,7 +119,7 @@ cmd_start() {
 cmd_start_cluster() {
   (($# == 4)) || usage
   need_redis
-  local dir ports=("$2" "$3" "$4") port nodes=() urls=()
+  local dir ports=("$2" "$3" "$4") port
   for port in "${ports[@]}"; do
     check_port "$port"
   done
@@ -110,14 +128,22 @@ cmd_start_cluster() {
     # A fresh cluster every time: forget the topology of an earlier run in this DIR.
     rm -f "$dir/$port/nodes.conf"
     start_server "$dir" "$port" --cluster-enabled yes --cluster-config-file nodes.conf \
-      --cluster-node-timeout 5000
+      --cluster-node-timeout 5000 --cluster-port $((port + BUS_OFFSET))
   done
+  create_cluster "$dir" "redis://" "ESQ_TEST_REDIS_CLUSTER" "${ports[@]}"
+}
+
+# Joins the started servers on PORTS into a Cluster and prints `export VAR=<url prefix>host:port,…`.
+create_cluster() {
+  local dir=$1 prefix=$2 var=$3
+  shift 3
+  local ports=("$@") port nodes=() urls=()
   for port in "${ports[@]}"; do
     wait_ping "$dir" "$port"
     nodes+=("$HOST:$port")
-    urls+=("redis://$HOST:$port")
+    urls+=("$prefix$HOST:$port")
   done
-  if ! redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
+  if ! redis-cli "${CLI_OPTS[@]}" --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
     >"$dir/cluster-create.log" 2>&1; then
     cat "$dir/cluster-create.log" >&2
     die "redis-cli --cluster create failed"
@@ -134,7 +160,88 @@ cmd_start_cluster() {
     [[ -n "$ok" ]] || die "cluster node $port not ok within ${WAIT_SECONDS}s"
   done
   local IFS=,
-  echo "export ESQ_TEST_REDIS_CLUSTER=${urls[*]}"
+  echo "export $var=${urls[*]}"
+}
+
+cmd_certs() {
+  (($# == 1)) || usage
+  local dir esq=${ESQ_BIN:-esq}
+  dir=$(abs_dir "$1")
+  if [[ -s "$dir/ca.pem" && -s "$dir/server.pem" && -s "$dir/client.pem" ]]; then
+    return 0
+  fi
+  command -v "$esq" >/dev/null 2>&1 ||
+    die "no esq binary to make certificates with: cargo build --workspace --bins, then ESQ_BIN=target/debug/esq"
+  "$esq" tls generate --dir "$dir" >&2 || die "esq tls generate failed"
+}
+
+# The password of user `esq` for the secure servers of CERTS (made once, kept in CERTS).
+secure_password() {
+  local certs=$1
+  if [[ ! -s "$certs/redis-password" ]]; then
+    (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(16))' >"$certs/redis-password")
+  fi
+  cat "$certs/redis-password"
+}
+
+# Options of a secure server: TLS only, client certificates required, ACL from a file.
+secure_server_opts() {
+  local certs=$1 node=$2 port=$3 password=$4
+  mkdir -p "$node"
+  (umask 077 && printf 'user default off\nuser esq on >%s ~* &* +@all\n' "$password" >"$node/users.acl")
+  SECURE_OPTS=(--port 0 --tls-port "$port" --tls-cert-file "$certs/server.pem"
+    --tls-key-file "$certs/server-key.pem" --tls-ca-cert-file "$certs/ca.pem"
+    --tls-auth-clients yes --aclfile "$node/users.acl"
+    --tls-client-cert-file "$certs/client.pem" --tls-client-key-file "$certs/client-key.pem")
+}
+
+secure_cli_opts() {
+  local certs=$1 password=$2
+  CLI_OPTS=(--tls --cacert "$certs/ca.pem" --cert "$certs/client.pem" --key "$certs/client-key.pem"
+    --user esq --no-auth-warning --pass "$password")
+}
+
+cmd_start_secure() {
+  (($# == 3)) || usage
+  need_redis
+  local dir certs port=$3 password
+  check_port "$port"
+  dir=$(abs_dir "$1")
+  cmd_certs "$2"
+  certs=$(abs_dir "$2")
+  password=$(secure_password "$certs")
+  secure_server_opts "$certs" "$dir/$port" "$port" "$password"
+  start_server "$dir" "$port" "${SECURE_OPTS[@]}"
+  secure_cli_opts "$certs" "$password"
+  wait_ping "$dir" "$port"
+  echo "export ESQ_TEST_REDIS_SECURE=rediss://esq:$password@$HOST:$port"
+  echo "export ESQ_TEST_REDIS_TLS_DIR=$certs"
+}
+
+cmd_start_cluster_secure() {
+  (($# == 5)) || usage
+  need_redis
+  local dir certs ports=("$3" "$4" "$5") port password
+  for port in "${ports[@]}"; do
+    check_port "$port"
+  done
+  dir=$(abs_dir "$1")
+  cmd_certs "$2"
+  certs=$(abs_dir "$2")
+  password=$(secure_password "$certs")
+  for port in "${ports[@]}"; do
+    rm -f "$dir/$port/nodes.conf"
+    secure_server_opts "$certs" "$dir/$port" "$port" "$password"
+    # The cluster bus and replication speak TLS too; nodes authenticate to each other with
+    # the same user (masterauth for replicas).
+    start_server "$dir" "$port" "${SECURE_OPTS[@]}" --tls-cluster yes --tls-replication yes \
+      --masteruser esq --masterauth "$password" \
+      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 5000 \
+      --cluster-port $((port + BUS_OFFSET))
+  done
+  secure_cli_opts "$certs" "$password"
+  create_cluster "$dir" "rediss://esq:$password@" "ESQ_TEST_REDIS_CLUSTER_SECURE" "${ports[@]}"
+  echo "export ESQ_TEST_REDIS_TLS_DIR=$certs"
 }
 
 cmd_stop() {
@@ -168,6 +275,9 @@ case "$command" in
   install) cmd_install "$@" ;;
   start) cmd_start "$@" ;;
   start-cluster) cmd_start_cluster "$@" ;;
+  certs) cmd_certs "$@" ;;
+  start-secure) cmd_start_secure "$@" ;;
+  start-cluster-secure) cmd_start_cluster_secure "$@" ;;
   stop) cmd_stop "$@" ;;
   *) usage ;;
 esac

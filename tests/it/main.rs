@@ -17,6 +17,7 @@ mod parked;
 mod replay;
 mod snapshots;
 mod startup;
+mod stores;
 mod suite;
 mod tls;
 mod transport;

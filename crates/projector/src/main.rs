@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let subscriber = {
         let (wake, shutdown) = (Arc::clone(&wake), shutdown.clone());
         let url = args.redis.redis_url.first().cloned().unwrap_or_default();
+        let access = args.redis.access.load().await?;
         let channel = args.nudge_channel.clone();
         tokio::spawn(async move {
             let sink = move |m: Option<&str>| match m.and_then(parse_nudge) {
@@ -97,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 None => wake.notify_one(),
             };
-            subscribe_nudges(&url, &channel, sink, shutdown).await;
+            subscribe_nudges(&url, &access, &channel, sink, shutdown).await;
         })
     };
     let listener = esq_runtime::bind(args.listen).await?;

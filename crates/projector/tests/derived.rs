@@ -366,6 +366,7 @@ fn on_redis(var: &str, cluster: bool, test: &str) {
                     cluster,
                     prefix: unique(test),
                     timeout: Duration::from_secs(5),
+                    access: Default::default(),
                 })
                 .await
                 .unwrap();

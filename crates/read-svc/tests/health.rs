@@ -120,6 +120,7 @@ async fn health_follows_the_read_store() {
         cluster: false,
         prefix: "esq-health-test".into(),
         timeout: Duration::from_millis(500),
+        access: Default::default(),
     })
     .await
     .expect("connect to Redis");

@@ -275,6 +275,7 @@ impl Stack {
                     cluster: backend == Backend::Cluster,
                     prefix: prefix.clone(),
                     timeout: Duration::from_secs(5),
+                    access: Default::default(),
                 })
                 .await
                 .unwrap_or_else(|e| panic!("{test}: cannot connect to Redis: {e}"));

@@ -87,7 +87,9 @@ const SCAN_BATCH: usize = 500;
 /// How to reach Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://host:port` URLs: one for a standalone server, or the seed nodes of a Cluster.
+    /// `redis://host:port` (or `rediss://` for TLS) URLs: one for a standalone server, or the
+    /// seed nodes of a Cluster. An ACL user and password may be given as userinfo
+    /// (`redis://user:password@host:port`); [`RedisConfig::access`] overrides them.
     pub urls: Vec<String>,
     /// Whether `urls` are Redis Cluster nodes.
     pub cluster: bool,
@@ -95,6 +97,8 @@ pub struct RedisConfig {
     pub prefix: String,
     /// Upper bound on each round trip (and on connecting); past it a call is `Unavailable`.
     pub timeout: Duration,
+    /// Credentials and TLS of every connection (commands, pub/sub).
+    pub access: RedisAccess,
 }
 
 impl Default for RedisConfig {
@@ -104,8 +108,151 @@ impl Default for RedisConfig {
             cluster: false,
             prefix: "esq".to_owned(),
             timeout: Duration::from_secs(2),
+            access: RedisAccess::default(),
         }
     }
+}
+
+/// Credentials and TLS settings shared by every connection esq opens to one Redis deployment:
+/// the store's command connection, its pub/sub subscriptions, and the nudge publisher and
+/// subscriber. `Debug` never shows the password or the client key.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RedisAccess {
+    /// ACL user (`AUTH <user> <password>`); without it, `AUTH <password>` logs in as `default`.
+    pub username: Option<String>,
+    /// ACL password; never printed.
+    pub password: Option<String>,
+    /// Certificates for `rediss://` URLs; `None` trusts the system's roots.
+    pub tls: Option<RedisTls>,
+}
+
+/// PEM contents for TLS connections to Redis (read from files at start).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    /// CA certificates the servers' certificates must chain to (instead of the system roots).
+    pub ca_pem: Option<Vec<u8>>,
+    /// This client's certificate chain and key, for servers with `tls-auth-clients yes`.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisAccess")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .field(
+                "client",
+                &self
+                    .client
+                    .as_ref()
+                    .map(|_| "<certificate and redacted key>"),
+            )
+            .finish()
+    }
+}
+
+impl RedisAccess {
+    /// A client for one server at `url` with these credentials and certificates. Fails
+    /// (`InvalidClientConfig`) for a malformed URL, for certificates with a plain `redis://`
+    /// URL, or for PEM that does not parse.
+    pub fn client(&self, url: &str) -> ::redis::RedisResult<::redis::Client> {
+        let info = self.connection_info(url)?;
+        match self.certificates() {
+            Some(certs) => ::redis::Client::build_with_tls(info, certs),
+            None => ::redis::Client::open(info),
+        }
+    }
+
+    /// A Cluster client builder for the seed nodes `urls` with these credentials and
+    /// certificates.
+    pub fn cluster_builder(
+        &self,
+        urls: &[String],
+    ) -> ::redis::RedisResult<::redis::cluster::ClusterClientBuilder> {
+        let infos = urls
+            .iter()
+            .map(|url| self.connection_info(url))
+            .collect::<::redis::RedisResult<Vec<_>>>()?;
+        let mut builder = ClusterClient::builder(infos);
+        if let Some(certs) = self.certificates() {
+            builder = builder.certs(certs);
+        }
+        Ok(builder)
+    }
+
+    /// `url` parsed, with this access's credentials (over any userinfo in it).
+    fn connection_info(&self, url: &str) -> ::redis::RedisResult<::redis::ConnectionInfo> {
+        use ::redis::IntoConnectionInfo as _;
+        let info = url.into_connection_info()?;
+        let tls_url = matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. });
+        if tls_url {
+            install_crypto_provider();
+        } else if self.tls.is_some() {
+            return Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "TLS certificates are configured for Redis but the URL is not rediss://",
+                redact_url(url),
+            )));
+        }
+        let mut settings = info.redis_settings().clone();
+        if let Some(username) = &self.username {
+            settings = settings.set_username(username);
+        }
+        if let Some(password) = &self.password {
+            settings = settings.set_password(password);
+        }
+        Ok(info.set_redis_settings(settings))
+    }
+
+    fn certificates(&self) -> Option<::redis::TlsCertificates> {
+        let tls = self.tls.as_ref()?;
+        Some(::redis::TlsCertificates {
+            client_tls: tls
+                .client
+                .as_ref()
+                .map(|(cert, key)| ::redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: tls.ca_pem.clone(),
+        })
+    }
+}
+
+/// Makes `ring` the process's rustls crypto provider unless one is installed already: the
+/// Redis driver builds its TLS configuration with the process default, and with several
+/// providers compiled in (the CQL driver brings another) rustls cannot pick one by itself.
+pub fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Another thread may have won the race: either provider is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// `url` with any password in its userinfo replaced by `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let shown = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    };
+    format!("{scheme}://{shown}{}", &rest[at..])
 }
 
 /// A [`ReadStore`] in Redis or Redis Cluster. Cloning is cheap and clones share the connection.
@@ -120,6 +267,8 @@ struct Shared {
     prefix: String,
     /// The URLs connected to (the subscription of [`RedisStore::follow_applies`] uses them).
     urls: Vec<String>,
+    /// Their credentials and certificates.
+    access: RedisAccess,
     /// Where the apply script publishes what it applied: `<prefix>:applied`.
     applied_channel: String,
     /// The waiters on document versions, live while [`RedisStore::follow_applies`] is subscribed.
@@ -179,6 +328,12 @@ impl std::fmt::Debug for RedisStore {
 
 /// Translates a driver error: connection trouble is `Unavailable`, the rest `Internal`.
 fn translate(err: RedisError) -> ReadError {
+    if refused(&err) {
+        return ReadError::Internal(format!(
+            "Redis refused the credentials or the TLS handshake (check the user, password and \
+             certificates): {err}"
+        ));
+    }
     let unavailable = err.is_io_error()
         || err.is_connection_dropped()
         || err.is_connection_refusal()
@@ -199,6 +354,25 @@ fn translate(err: RedisError) -> ReadError {
     } else {
         ReadError::Internal(err.to_string())
     }
+}
+
+/// Whether `err` is a refusal no retry cures: a wrong or missing password, or a TLS handshake
+/// that failed on a certificate. The Cluster client reports a failure to reach any seed as an
+/// I/O error carrying the nodes' error as text, so that text is checked too.
+fn refused(err: &RedisError) -> bool {
+    const MARKS: [&str; 6] = [
+        "AuthenticationFailed",
+        "WRONGPASS",
+        "NOAUTH",
+        "NOPERM",
+        "invalid peer certificate",
+        "received fatal alert",
+    ];
+    if err.kind() == ErrorKind::AuthenticationFailed {
+        return true;
+    }
+    let text = err.to_string();
+    MARKS.iter().any(|mark| text.contains(mark))
 }
 
 /// Awaits `fut` for at most `timeout`, translating errors.
@@ -232,14 +406,17 @@ impl RedisStore {
         }
         let timeout = config.timeout;
         let conn = if config.cluster {
-            let client = ClusterClient::builder(config.urls.iter().map(String::as_str))
+            let client = config
+                .access
+                .cluster_builder(&config.urls)
+                .map_err(translate)?
                 .connection_timeout(timeout)
                 .response_timeout(timeout)
                 .build()
                 .map_err(translate)?;
             Conn::Cluster(bounded(timeout, client.get_async_connection()).await?)
         } else {
-            let client = ::redis::Client::open(config.urls[0].as_str()).map_err(translate)?;
+            let client = config.access.client(&config.urls[0]).map_err(translate)?;
             let manager_config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeout))
                 .set_response_timeout(Some(timeout))
@@ -259,6 +436,7 @@ impl RedisStore {
                 applied_channel: format!("{}:applied", config.prefix),
                 prefix: config.prefix,
                 urls: config.urls,
+                access: config.access,
                 feed: Arc::new(AppliedFeed::new(AppliedFeed::DEFAULT_CAPACITY, false)),
                 timeout,
                 apply: Script::new(APPLY_LUA),
@@ -316,6 +494,7 @@ impl RedisStore {
         let feed = Arc::clone(&self.shared.feed);
         subscribe(
             &self.shared.urls,
+            &self.shared.access,
             &self.shared.applied_channel,
             |event| match event {
                 Subscription::Up => feed.set_live(true),
@@ -917,6 +1096,7 @@ impl ReadStore for RedisStore {
 /// (re)subscription because messages may have been missed meanwhile.
 pub async fn subscribe_nudges(
     url: &str,
+    access: &RedisAccess,
     channel: &str,
     on_message: impl Fn(Option<&str>) + Send,
     shutdown: CancellationToken,
@@ -927,7 +1107,7 @@ pub async fn subscribe_nudges(
         Subscription::Message(m) => on_message(Some(m)),
         Subscription::Down => {}
     };
-    subscribe(&urls, channel, on_event, shutdown).await;
+    subscribe(&urls, access, channel, on_event, shutdown).await;
 }
 
 /// What a pub/sub subscription reports.
@@ -947,6 +1127,7 @@ pub enum Subscription<'a> {
 /// Reconnects with backoff, 100 ms doubling to 5 s.
 pub async fn subscribe(
     urls: &[String],
+    access: &RedisAccess,
     channel: &str,
     on_event: impl Fn(Subscription<'_>) + Send,
     shutdown: CancellationToken,
@@ -957,13 +1138,15 @@ pub async fn subscribe(
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 0usize;
     while !shutdown.is_cancelled() {
-        let Some(url) = urls.get(attempt % urls.len().max(1)) else {
+        let Some(raw_url) = urls.get(attempt % urls.len().max(1)) else {
             return;
         };
-        let url = url.as_str();
+        // Logged without its password.
+        let shown = redact_url(raw_url);
+        let url = shown.as_str();
         attempt += 1;
         let subscribed = async {
-            let client = ::redis::Client::open(url)?;
+            let client = access.client(raw_url)?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(channel).await?;
             Ok::<_, RedisError>(pubsub)
@@ -1066,5 +1249,58 @@ impl crate::Coordination for RedisStore {
         let mut cmd = ::redis::cmd("ZREM");
         cmd.arg(self.members_key(group)).arg(member);
         self.query::<i64>(&cmd).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        assert_eq!(
+            redact_url("rediss://esq:pa:ss@127.0.0.1:6380/0"),
+            "rediss://esq:***@127.0.0.1:6380/0"
+        );
+        assert_eq!(redact_url("redis://secret@host:1"), "redis://***@host:1");
+        assert_eq!(redact_url("redis://host:1"), "redis://host:1");
+        let access = RedisAccess {
+            username: Some("esq".into()),
+            password: Some("hunter2".into()),
+            tls: Some(RedisTls {
+                ca_pem: None,
+                client: Some((b"cert".to_vec(), b"KEY-MATERIAL".to_vec())),
+            }),
+        };
+        let shown = format!("{access:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("KEY-MATERIAL"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn certificates_need_a_tls_url() {
+        let access = RedisAccess {
+            tls: Some(RedisTls::default()),
+            ..RedisAccess::default()
+        };
+        let err = access
+            .client("redis://esq:hunter2@127.0.0.1:1")
+            .expect_err("plain URL with certificates");
+        assert!(err.to_string().contains("rediss://"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        // Credentials given apart override the URL's.
+        let access = RedisAccess {
+            username: Some("other".into()),
+            password: Some("pw".into()),
+            tls: None,
+        };
+        let client = access
+            .client("redis://esq:old@127.0.0.1:1")
+            .expect("client");
+        let settings = client.get_connection_info().redis_settings();
+        assert_eq!(settings.username(), Some("other"));
+        assert_eq!(settings.password(), Some("pw"));
     }
 }

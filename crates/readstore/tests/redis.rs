@@ -61,6 +61,7 @@ impl Backend {
             cluster: matches!(self, Backend::Cluster),
             prefix: prefix.clone(),
             timeout: Duration::from_secs(5),
+            access: Default::default(),
         })
         .await
         .unwrap_or_else(|e| panic!("{test}: cannot connect to {}: {e}", self.var()));
@@ -152,7 +153,7 @@ async fn nudges(backend: Backend, test: &str) {
                     notify.notify_one();
                 }
             };
-            subscribe_nudges(&subscribe_url, &channel, got, shutdown).await
+            subscribe_nudges(&subscribe_url, &Default::default(), &channel, got, shutdown).await
         }
     });
     // The first wake-up is the one after subscribing; from then on only messages wake it.
@@ -316,6 +317,7 @@ async fn a_lost_subscription_wakes_every_waiter_when_back() {
         cluster: false,
         prefix: prefix.clone(),
         timeout: Duration::from_secs(5),
+        access: Default::default(),
     };
     // Waits go through the proxy; applies reach Redis directly.
     let waiting = RedisStore::connect(config(proxied)).await.unwrap();
@@ -401,6 +403,7 @@ async fn silent_server_is_unavailable_promptly() {
         cluster: false,
         prefix: "esqtest-silent".to_owned(),
         timeout,
+        access: Default::default(),
     })
     .await;
     let error = match result {
@@ -426,6 +429,7 @@ async fn refused_connection_is_unavailable() {
         cluster: false,
         prefix: "esqtest-refused".to_owned(),
         timeout: Duration::from_millis(500),
+        access: Default::default(),
     })
     .await;
     assert!(

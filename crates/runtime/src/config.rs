@@ -4,10 +4,10 @@
 use crate::limits::Limits;
 use crate::tls::{ServerTls, TlsFiles};
 use anyhow::Context as _;
-use esq_eventstore::cql::{CqlConfig, CqlStore, FeedKind};
-use esq_readstore::redis::{RedisConfig, RedisStore};
+use esq_eventstore::cql::{CqlConfig, CqlCredentials, CqlStore, CqlTls, FeedKind};
+use esq_readstore::redis::{RedisAccess, RedisConfig, RedisStore, RedisTls};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -182,11 +182,38 @@ pub struct CqlArgs {
     /// missing after this is an orphan and is skipped.
     #[arg(long, env = "ESQ_APPEND_DEADLINE_MS", default_value_t = 15_000)]
     pub append_deadline_ms: u64,
+    /// Role to log in as with the cluster's password authenticator (needs a password too).
+    #[arg(long, env = "ESQ_CQL_USERNAME")]
+    pub cql_username: Option<String>,
+    /// Password of --cql-username. Prefer --cql-password-file: a value here is visible in the
+    /// process list.
+    #[arg(
+        long,
+        env = "ESQ_CQL_PASSWORD",
+        hide_env_values = true,
+        conflicts_with = "cql_password_file"
+    )]
+    pub cql_password: Option<Secret>,
+    /// File holding the password of --cql-username (one line; a trailing newline is ignored).
+    #[arg(long, env = "ESQ_CQL_PASSWORD_FILE")]
+    pub cql_password_file: Option<PathBuf>,
+    /// PEM file of the CA the nodes' certificates must chain to: connects with TLS (node
+    /// certificates need the nodes' IP addresses as subject alternative names).
+    #[arg(long, env = "ESQ_CQL_TLS_CA")]
+    pub cql_tls_ca: Option<PathBuf>,
+    /// PEM client certificate chain for nodes that require client certificates (with
+    /// --cql-tls-key).
+    #[arg(long, env = "ESQ_CQL_TLS_CERT", requires = "cql_tls_key")]
+    pub cql_tls_cert: Option<PathBuf>,
+    /// PEM private key of --cql-tls-cert.
+    #[arg(long, env = "ESQ_CQL_TLS_KEY", requires = "cql_tls_cert")]
+    pub cql_tls_key: Option<PathBuf>,
 }
 
 impl CqlArgs {
-    /// The store configuration these flags describe.
-    pub fn config(&self) -> CqlConfig {
+    /// The store configuration these flags describe, with the password and certificate files
+    /// read; an error names the flag and the file.
+    pub async fn config(&self) -> anyhow::Result<CqlConfig> {
         let mut c = CqlConfig::new(self.cql_nodes.clone(), self.cql_keyspace.clone());
         c.replication = self.cql_replication.clone();
         c.request_timeout = Duration::from_millis(self.cql_timeout_ms);
@@ -198,13 +225,47 @@ impl CqlArgs {
         c.confidence_window = Duration::from_millis(self.confidence_window_ms);
         c.change_ttl = Duration::from_secs(self.change_ttl_secs);
         c.append_deadline = Duration::from_millis(self.append_deadline_ms);
-        c
+        let password = secret(
+            self.cql_password.as_ref().map(Secret::expose),
+            self.cql_password_file.as_deref(),
+            "--cql-password-file",
+        )
+        .await?;
+        c.credentials = match (&self.cql_username, password) {
+            (Some(username), Some(password)) => Some(CqlCredentials {
+                username: username.clone(),
+                password,
+            }),
+            (None, None) => None,
+            (Some(_), None) => anyhow::bail!(
+                "--cql-username (ESQ_CQL_USERNAME) needs --cql-password or --cql-password-file"
+            ),
+            (None, Some(_)) => {
+                anyhow::bail!("a CQL password is set but no --cql-username (ESQ_CQL_USERNAME)")
+            }
+        };
+        c.tls = match &self.cql_tls_ca {
+            Some(ca) => Some(CqlTls {
+                ca_pem: read_pem(ca, "--cql-tls-ca").await?,
+                client: client_pair(
+                    self.cql_tls_cert.as_deref(),
+                    self.cql_tls_key.as_deref(),
+                    "--cql-tls",
+                )
+                .await?,
+            }),
+            None if self.cql_tls_cert.is_some() => {
+                anyhow::bail!("--cql-tls-cert needs --cql-tls-ca (ESQ_CQL_TLS_CA)")
+            }
+            None => None,
+        };
+        Ok(c)
     }
 
     /// Connects (creating the schema if needed), retrying while the cluster is unavailable;
     /// `Ok(None)` on shutdown, an error at once for a bad configuration.
     pub async fn connect(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<CqlStore>> {
-        let config = self.config();
+        let config = self.config().await?;
         crate::connect_with_retry("the event store", shutdown, || {
             CqlStore::connect(config.clone())
         })
@@ -228,17 +289,167 @@ pub struct RedisArgs {
     /// Timeout of every Redis call, in milliseconds.
     #[arg(long, env = "ESQ_REDIS_TIMEOUT_MS", default_value_t = 2000)]
     pub redis_timeout_ms: u64,
+    /// Credentials and TLS.
+    #[command(flatten)]
+    pub access: RedisAccessArgs,
+}
+
+/// Credentials and TLS of the connections to Redis (read model, pub/sub, nudges). A user and
+/// password may also be given in the URLs (`redis://user:password@host:port`); these flags win.
+/// TLS is on for `rediss://` URLs.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RedisAccessArgs {
+    /// ACL user to log in as (needs a password too); without it a password logs in as the
+    /// `default` user.
+    #[arg(long, env = "ESQ_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+    /// ACL password. Prefer --redis-password-file: a value here is visible in the process
+    /// list.
+    #[arg(
+        long,
+        env = "ESQ_REDIS_PASSWORD",
+        hide_env_values = true,
+        conflicts_with = "redis_password_file"
+    )]
+    pub redis_password: Option<Secret>,
+    /// File holding the ACL password (one line; a trailing newline is ignored).
+    #[arg(long, env = "ESQ_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+    /// PEM file of the CA the servers' certificates must chain to (default: the system's
+    /// roots). Needs rediss:// URLs.
+    #[arg(long, env = "ESQ_REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<PathBuf>,
+    /// PEM client certificate chain, for servers with `tls-auth-clients yes` (with
+    /// --redis-tls-key).
+    #[arg(long, env = "ESQ_REDIS_TLS_CERT", requires = "redis_tls_key")]
+    pub redis_tls_cert: Option<PathBuf>,
+    /// PEM private key of --redis-tls-cert.
+    #[arg(long, env = "ESQ_REDIS_TLS_KEY", requires = "redis_tls_cert")]
+    pub redis_tls_key: Option<PathBuf>,
+}
+
+impl RedisAccessArgs {
+    /// The access these flags describe, with the password and certificate files read; an error
+    /// names the flag and the file.
+    pub async fn load(&self) -> anyhow::Result<RedisAccess> {
+        let password = secret(
+            self.redis_password.as_ref().map(Secret::expose),
+            self.redis_password_file.as_deref(),
+            "--redis-password-file",
+        )
+        .await?;
+        if self.redis_username.is_some() && password.is_none() {
+            anyhow::bail!(
+                "--redis-username (ESQ_REDIS_USERNAME) needs --redis-password or \
+                 --redis-password-file"
+            );
+        }
+        let ca_pem = match &self.redis_tls_ca {
+            Some(path) => Some(read_pem(path, "--redis-tls-ca").await?),
+            None => None,
+        };
+        let client = client_pair(
+            self.redis_tls_cert.as_deref(),
+            self.redis_tls_key.as_deref(),
+            "--redis-tls",
+        )
+        .await?;
+        let tls = (ca_pem.is_some() || client.is_some()).then_some(RedisTls { ca_pem, client });
+        Ok(RedisAccess {
+            username: self.redis_username.clone(),
+            password,
+            tls,
+        })
+    }
+}
+
+/// A password given on the command line or in the environment: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the driver that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The secret given inline or in a file (read asynchronously, one trailing newline dropped).
+async fn secret(
+    inline: Option<&str>,
+    file: Option<&Path>,
+    flag: &str,
+) -> anyhow::Result<Option<String>> {
+    if let Some(value) = inline {
+        return Ok(Some(value.to_owned()));
+    }
+    let Some(path) = file else {
+        return Ok(None);
+    };
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .with_context(|| format!("{flag}: cannot read {}", path.display()))?;
+    let value = text
+        .strip_suffix('\n')
+        .map(|v| v.strip_suffix('\r').unwrap_or(v))
+        .unwrap_or(&text);
+    if value.is_empty() {
+        anyhow::bail!("{flag}: {} is empty", path.display());
+    }
+    Ok(Some(value.to_owned()))
+}
+
+/// A PEM file's contents; an error if it cannot be read or holds no PEM block.
+async fn read_pem(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
+    let bytes = tokio::fs::read(path)
+        .await
+        .with_context(|| format!("{flag}: cannot read {}", path.display()))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        anyhow::bail!("{flag}: {} is not a PEM file", path.display());
+    }
+    Ok(bytes)
+}
+
+/// The client certificate and key files (`<prefix>-cert`, `<prefix>-key`), both or neither.
+async fn client_pair(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    prefix: &str,
+) -> anyhow::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some((
+            read_pem(cert, &format!("{prefix}-cert")).await?,
+            read_pem(key, &format!("{prefix}-key")).await?,
+        ))),
+        (None, None) => Ok(None),
+        _ => anyhow::bail!("{prefix}-cert and {prefix}-key go together"),
+    }
 }
 
 impl RedisArgs {
-    /// The read-store configuration these flags describe.
-    pub fn config(&self) -> RedisConfig {
-        RedisConfig {
+    /// The read-store configuration these flags describe, with the password and certificate
+    /// files read; an error names the flag and the file.
+    pub async fn config(&self) -> anyhow::Result<RedisConfig> {
+        Ok(RedisConfig {
             urls: self.redis_url.clone(),
             cluster: self.redis_cluster,
             prefix: self.redis_prefix.clone(),
             timeout: Duration::from_millis(self.redis_timeout_ms),
-        }
+            access: self.access.load().await?,
+        })
     }
 
     /// Connects, retrying while Redis is unavailable; `Ok(None)` on shutdown, an error at once
@@ -247,7 +458,7 @@ impl RedisArgs {
         &self,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<RedisStore>> {
-        let config = self.config();
+        let config = self.config().await?;
         crate::connect_with_retry("the read store", shutdown, || {
             RedisStore::connect(config.clone())
         })
@@ -259,6 +470,111 @@ impl RedisArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use clap::Parser as _;
+
+    #[derive(clap::Parser, Debug)]
+    struct Stores {
+        #[command(flatten)]
+        cql: CqlArgs,
+        #[command(flatten)]
+        redis: RedisArgs,
+    }
+
+    fn parse(args: &[&str]) -> Stores {
+        let base = [
+            "test",
+            "--cql-nodes",
+            "127.0.0.1:1",
+            "--redis-url",
+            "redis://127.0.0.1:1",
+        ];
+        Stores::try_parse_from(base.iter().chain(args)).expect("valid flags")
+    }
+
+    #[tokio::test]
+    async fn store_passwords_come_from_files_and_never_show_in_debug() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret-from-file\n").expect("write");
+        let file = file.display().to_string();
+        let args = parse(&[
+            "--cql-username",
+            "esq",
+            "--cql-password-file",
+            &file,
+            "--redis-username",
+            "esq",
+            "--redis-password",
+            "inline-s3cret",
+        ]);
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("inline-s3cret"), "{shown}");
+        let cql = args.cql.config().await.expect("config");
+        let credentials = cql.credentials.clone().expect("credentials");
+        assert_eq!(credentials.password, "s3cret-from-file");
+        assert!(!format!("{cql:?}").contains("s3cret"), "{cql:?}");
+        let redis = args.redis.config().await.expect("config");
+        assert_eq!(redis.access.password.as_deref(), Some("inline-s3cret"));
+        assert!(!format!("{redis:?}").contains("s3cret"), "{redis:?}");
+    }
+
+    #[tokio::test]
+    async fn bad_store_security_flags_name_the_flag_and_the_file() {
+        let err = parse(&["--cql-username", "esq"])
+            .cql
+            .config()
+            .await
+            .expect_err("no password");
+        assert!(err.to_string().contains("--cql-password"), "{err}");
+        let err = parse(&[
+            "--cql-username",
+            "esq",
+            "--cql-password-file",
+            "/nonexistent/pw",
+        ])
+        .cql
+        .config()
+        .await
+        .expect_err("unreadable");
+        assert!(
+            err.to_string().contains("--cql-password-file")
+                && err.to_string().contains("/nonexistent/pw"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "hello").expect("write");
+        let not_pem = not_pem.display().to_string();
+        let err = parse(&["--redis-tls-ca", &not_pem])
+            .redis
+            .config()
+            .await
+            .expect_err("not PEM");
+        assert!(
+            err.to_string().contains("--redis-tls-ca") && err.to_string().contains(&not_pem),
+            "{err}"
+        );
+        let err = parse(&["--redis-username", "esq"])
+            .redis
+            .config()
+            .await
+            .expect_err("no password");
+        assert!(err.to_string().contains("--redis-password"), "{err}");
+        assert!(
+            Stores::try_parse_from([
+                "test",
+                "--cql-nodes",
+                "n:1",
+                "--redis-url",
+                "redis://h:1",
+                "--cql-tls-cert",
+                "c.pem"
+            ])
+            .is_err(),
+            "a client certificate needs its key"
+        );
+    }
 
     #[test]
     fn durations_parse() {

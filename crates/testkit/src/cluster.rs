@@ -342,6 +342,7 @@ impl ClusterHarness {
                 cluster: false,
                 prefix: self.prefix.clone(),
                 timeout: Duration::from_secs(5),
+                access: Default::default(),
             })
             .await?,
         )

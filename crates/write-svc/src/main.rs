@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use esq_readstore::redis::RedisConfig;
-use esq_runtime::config::{CqlArgs, ServerArgs, TelemetryArgs};
+use esq_runtime::config::{CqlArgs, RedisAccessArgs, ServerArgs, TelemetryArgs};
 use esq_runtime::metrics::{Metered, MetricsArgs};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +28,9 @@ struct Args {
     snapshots: esq_write_svc::SnapshotArgs,
     #[command(flatten)]
     cql: CqlArgs,
+    /// Credentials and TLS of the nudge connection (the projector's Redis settings).
+    #[command(flatten)]
+    nudge_access: RedisAccessArgs,
     #[command(flatten)]
     telemetry: TelemetryArgs,
     #[command(flatten)]
@@ -45,15 +48,23 @@ async fn main() -> anyhow::Result<()> {
     let Some(store) = args.cql.connect(&shutdown).await? else {
         return Ok(());
     };
-    let nudge = args.nudge_url.map(|url| {
-        let redis = RedisConfig {
-            urls: vec![url],
-            cluster: false,
-            prefix: "esq".into(),
-            timeout: Duration::from_secs(1),
-        };
-        esq_write_svc::redis_nudge(redis, args.nudge_channel, shutdown.clone())
-    });
+    let nudge = match args.nudge_url {
+        Some(url) => {
+            let redis = RedisConfig {
+                urls: vec![url],
+                cluster: false,
+                prefix: "esq".into(),
+                timeout: Duration::from_secs(1),
+                access: args.nudge_access.load().await?,
+            };
+            Some(esq_write_svc::redis_nudge(
+                redis,
+                args.nudge_channel,
+                shutdown.clone(),
+            ))
+        }
+        None => None,
+    };
     let deps = esq_write_svc::Deps {
         store: Arc::new(Metered(store)),
         nudge,

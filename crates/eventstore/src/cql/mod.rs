@@ -52,6 +52,13 @@
 //! differently. The Scylla-only paths (tablets DDL, the CDC feed) cannot run in this project's
 //! test environment, which has Cassandra only; they are kept small and unit-tested.
 //!
+//! # Credentials and TLS
+//! [`CqlConfig::credentials`] logs in with the cluster's password authenticator and
+//! [`CqlConfig::tls`] wraps every connection in TLS (rustls, trusting only the given CA,
+//! optionally presenting a client certificate). A session that cannot open because the cluster
+//! refused the credentials or a certificate fails with [`StoreError::Internal`] at once: no
+//! retry cures it, so the process stops with the reason instead of retrying forever.
+//!
 //! # Failures
 //! Every request carries [`CqlConfig::request_timeout`] (in the driver and around the call), and
 //! driver errors are translated at this boundary: no reachable node, broken connections and
@@ -68,10 +75,12 @@ mod changes;
 mod error;
 mod read;
 mod schema;
+mod security;
 mod snapshots;
 mod statements;
 
 pub use changes::shard_of;
+pub use security::{CqlCredentials, CqlTls};
 
 use crate::{ChangeFeed, ChangePage, EventStore, ReadRequest, StoreError, StreamPage};
 use esq_domain::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent, StreamId, StreamInfo};
@@ -175,6 +184,11 @@ pub struct CqlConfig {
     /// [`StoreError::EventIdReused`], as the [`EventStore`] contract requires. Turn it off
     /// only where clients never reuse ids.
     pub check_ids_on_exact: bool,
+    /// Username and password for the cluster's password authenticator; `None` logs in
+    /// anonymously (`AllowAllAuthenticator`).
+    pub credentials: Option<CqlCredentials>,
+    /// Client TLS towards the nodes; `None` is plaintext.
+    pub tls: Option<CqlTls>,
 }
 
 impl CqlConfig {
@@ -196,6 +210,8 @@ impl CqlConfig {
             feed: FeedKind::ChangesTable,
             id_window: 100,
             check_ids_on_exact: true,
+            credentials: None,
+            tls: None,
         }
     }
 
@@ -352,15 +368,24 @@ async fn open_session(config: &CqlConfig) -> Result<Session, StoreError> {
         .consistency(Consistency::LocalQuorum)
         .serial_consistency(Some(SerialConsistency::LocalSerial))
         .build();
-    let builder = SessionBuilder::new()
+    let mut builder = SessionBuilder::new()
         .known_nodes(&config.nodes)
         .connection_timeout(config.request_timeout)
         .default_execution_profile_handle(profile.into_handle())
         .keyspaces_to_fetch([config.keyspace.clone()])
         .schema_agreement_timeout(config.request_timeout * 6);
+    if let Some(credentials) = &config.credentials {
+        builder = builder.user(&credentials.username, &credentials.password);
+    }
+    if let Some(tls) = &config.tls {
+        let client = tls
+            .client_config()
+            .map_err(|e| StoreError::Internal(format!("bad CQL TLS configuration: {e}")))?;
+        builder = builder.tls_context(Some(client));
+    }
     let connect = builder.build();
     match tokio::time::timeout(config.request_timeout * 2, connect).await {
-        Ok(session) => session.map_err(error::new_session),
+        Ok(session) => session.map_err(|e| security::session_error(e, error::new_session)),
         Err(_) => Err(StoreError::Unavailable(format!(
             "no CQL node of {:?} answered within {:?}",
             config.nodes,
