@@ -7,6 +7,7 @@
 mod bus;
 mod cluster;
 mod core;
+mod deploy;
 mod derived;
 mod dev;
 mod fuzz;

@@ -104,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = esq_runtime::bind(args.listen).await?;
     let mut options = esq_runtime::GrpcOptions::new(&[esq_projector::admin::SERVICE]);
     options.grace = args.server.shutdown_grace;
+    options.health_listen = args.server.health_listen;
     options.tls = tls;
     options.limits = args.server.limits.limits();
     let admin = esq_projector::admin::server(Arc::clone(&projector));

@@ -53,6 +53,9 @@ pub struct Config {
     pub health_probe: Duration,
     /// Longest drain on shutdown before open connections are closed.
     pub shutdown_grace: Duration,
+    /// Where to also serve health alone, plaintext (`--health-listen`; see
+    /// [`esq_runtime::GrpcOptions::health_listen`]).
+    pub health_listen: Option<std::net::SocketAddr>,
     /// TLS of the gRPC server; `None` serves plaintext.
     pub tls: Option<esq_runtime::tls::ServerTls>,
     /// Load shedding and the default deadline of the gRPC server.
@@ -66,6 +69,7 @@ impl Default for Config {
             wait_recheck: DEFAULT_WAIT_RECHECK,
             health_probe: Duration::from_secs(1),
             shutdown_grace: esq_runtime::config::DEFAULT_SHUTDOWN_GRACE,
+            health_listen: None,
             tls: None,
             limits: esq_runtime::limits::Limits::default(),
         }
@@ -128,6 +132,7 @@ pub async fn run_with<R: ReadStore, H: EventStore>(
     tracing::info!(addr = ?listener.local_addr().ok(), "read-svc listening");
     let mut options = esq_runtime::GrpcOptions::new(services);
     options.grace = config.shutdown_grace;
+    options.health_listen = config.health_listen;
     options.tls = config.tls.clone();
     options.limits = config.limits.clone();
     let probe = options

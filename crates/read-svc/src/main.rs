@@ -74,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         max_wait: Duration::from_millis(args.max_wait_ms),
         wait_recheck: Duration::from_millis(args.wait_recheck_ms.max(1)),
         shutdown_grace: args.server.shutdown_grace,
+        health_listen: args.server.health_listen,
         tls,
         limits: args.server.limits.limits(),
         ..esq_read_svc::Config::default()

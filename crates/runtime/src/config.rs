@@ -40,6 +40,11 @@ pub struct ServerArgs {
     /// number is seconds).
     #[arg(long, env = "ESQ_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Also serve gRPC health (grpc.health.v1 only) on this address, plaintext and without
+    /// authentication, for probes that cannot speak TLS (the kubelet's gRPC probes), e.g.
+    /// `0.0.0.0:8086`. It tells only whether the server is up and ready.
+    #[arg(long, env = "ESQ_HEALTH_LISTEN")]
+    pub health_listen: Option<std::net::SocketAddr>,
     /// Transport security.
     #[command(flatten)]
     pub tls: TlsArgs,

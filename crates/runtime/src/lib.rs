@@ -15,6 +15,7 @@ use tonic::service::Routes;
 use tracing_subscriber::EnvFilter;
 
 pub mod config;
+mod health;
 pub mod incoming;
 pub mod limits;
 pub mod metrics;
@@ -136,7 +137,7 @@ pub const HTTP2_STREAM_WINDOW: u32 = 1024 * 1024;
 pub const HTTP2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// How long a server waits after the grace period, once connections are closed by force, for
 /// its connection tasks to end.
-const HARD_STOP_WAIT: Duration = Duration::from_secs(2);
+pub(crate) const HARD_STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// How a gRPC server is run.
 #[derive(Debug, Clone)]
@@ -147,6 +148,9 @@ pub struct GrpcOptions {
     pub readiness: Readiness,
     /// Longest drain after shutdown before open connections are closed by force.
     pub grace: Duration,
+    /// Where to serve health alone, plaintext and unauthenticated, besides `listener`
+    /// (`--health-listen`; see [`health`]): for probes that cannot speak TLS.
+    pub health_listen: Option<SocketAddr>,
     /// TLS for every connection; `None` serves plaintext (`--insecure`, `esq dev`).
     pub tls: Option<tls::ServerTls>,
     /// Load shedding and the default deadline ([`limits`]).
@@ -160,6 +164,7 @@ impl GrpcOptions {
             services,
             readiness: Readiness::default(),
             grace: config::DEFAULT_SHUTDOWN_GRACE,
+            health_listen: None,
             tls: None,
             limits: limits::Limits::default(),
         }
@@ -182,6 +187,9 @@ impl GrpcOptions {
 /// connections are TLS ([`tls`]: handshakes off the accept loop, files reloaded when they
 /// change); `options.limits` sheds calls over the server-wide limit and gives calls without a
 /// deadline the default one ([`limits`]).
+///
+/// With `options.health_listen`, the same health statuses are also served alone, in plaintext,
+/// on that address (see [`health`]) for as long as this runs.
 pub async fn serve_grpc(
     listener: TcpListener,
     routes: Routes,
@@ -194,6 +202,7 @@ pub async fn serve_grpc(
         services,
         readiness,
         grace,
+        health_listen,
         tls,
         limits,
     } = options;
@@ -212,6 +221,16 @@ pub async fn serve_grpc(
     for name in services.iter().copied().chain([""]) {
         reporter.set_service_status(name, initial).await;
     }
+    // Dropped when this returns, which closes the health-only listener.
+    let _health_only = match health_listen {
+        Some(addr) => {
+            let listener = bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("--health-listen (ESQ_HEALTH_LISTEN): {e:#}"))?;
+            Some(health::HealthOnly::spawn(listener, health.clone()))
+        }
+        None => None,
+    };
     // One task owns the reporter, so that the last status written on shutdown is NOT_SERVING.
     let follower = tokio::spawn(follow_readiness(
         reporter,
@@ -589,5 +608,131 @@ mod tests {
         assert_eq!(next(&mut watch).await, ServingStatus::NotServing);
         drop(watch);
         server.await.expect("join").expect("serve");
+    }
+
+    /// `health_listen` serves the same health statuses alone, in plaintext: they follow
+    /// readiness and shutdown, nothing but health is served there, and the port closes when
+    /// the server returns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_only_listener_serves_health_alone() {
+        use tonic_reflection::pb::v1::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, ServerReflectionRequest,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // A free port for the health-only listener, which serve_grpc binds itself.
+        let health_addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let shutdown = CancellationToken::new();
+        let mut options = GrpcOptions::new(&["test.Service"]);
+        options.grace = Duration::from_secs(2);
+        options.health_listen = Some(health_addr);
+        let readiness = options.readiness.clone();
+        let server = tokio::spawn(serve_grpc(
+            listener,
+            Routes::default(),
+            options,
+            shutdown.clone(),
+        ));
+        // The main port up means the health-only one is bound too (it is bound first).
+        let main = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the main port");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{health_addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the health-only port");
+        let mut health = HealthClient::new(channel.clone());
+        for service in ["", "test.Service"] {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .expect("check")
+                .into_inner()
+                .status();
+            assert_eq!(status, ServingStatus::Serving, "service {service:?}");
+        }
+        let mut watch = health
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        async fn next(
+            watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+        ) -> ServingStatus {
+            tokio::time::timeout(Duration::from_secs(20), watch.message())
+                .await
+                .expect("a health change")
+                .expect("status")
+                .expect("a status")
+                .status()
+        }
+        assert_eq!(next(&mut watch).await, ServingStatus::Serving);
+        readiness.set(false);
+        assert_eq!(next(&mut watch).await, ServingStatus::NotServing);
+        readiness.set(true);
+        assert_eq!(next(&mut watch).await, ServingStatus::Serving);
+
+        // Reflection is served on the main port and not on the health-only one.
+        let list = || {
+            tokio_stream::iter([ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            }])
+        };
+        ServerReflectionClient::new(main)
+            .server_reflection_info(list())
+            .await
+            .expect("reflection on the main port");
+        let refused = ServerReflectionClient::new(channel)
+            .server_reflection_info(list())
+            .await
+            .expect_err("no reflection on the health-only port");
+        assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+
+        shutdown.cancel();
+        assert_eq!(next(&mut watch).await, ServingStatus::NotServing);
+        tokio::time::timeout(Duration::from_secs(20), server)
+            .await
+            .expect("serve_grpc returns")
+            .expect("join")
+            .expect("serve");
+        // The health-only server stops in its own task: wait (bounded) for the port to close.
+        let closed = tokio::time::timeout(Duration::from_secs(20), async {
+            while tokio::net::TcpStream::connect(health_addr).await.is_ok() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the health-only port is still open");
+    }
+
+    /// A health address that cannot be bound stops the server with an error naming the flag.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_listen_bind_error_names_the_flag() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut options = GrpcOptions::new(&["test.Service"]);
+        options.health_listen = Some(taken.local_addr().expect("addr"));
+        let err = serve_grpc(
+            listener,
+            Routes::default(),
+            options,
+            CancellationToken::new(),
+        )
+        .await
+        .expect_err("the health address is taken");
+        let message = format!("{err:#}");
+        assert!(message.contains("--health-listen"), "{message}");
+        assert!(message.contains("ESQ_HEALTH_LISTEN"), "{message}");
     }
 }

@@ -60,6 +60,9 @@ pub struct Config {
     /// Aggregate snapshots: a command whose load folded this many events past its starting
     /// point writes one in the background (0: off). See [`commands::DEFAULT_SNAPSHOT_EVERY`].
     pub snapshot_every: u64,
+    /// Where to also serve health alone, plaintext (`--health-listen`; see
+    /// [`esq_runtime::GrpcOptions::health_listen`]).
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -71,6 +74,7 @@ impl Default for Config {
             limits: esq_runtime::limits::Limits::default(),
             subscribe_poll: Duration::from_millis(100),
             snapshot_every: commands::DEFAULT_SNAPSHOT_EVERY,
+            health_listen: None,
         }
     }
 }
@@ -123,6 +127,7 @@ pub async fn run<S: EventStore + ChangeFeed + Snapshots>(
     tracing::info!(addr = ?listener.local_addr().ok(), "write-svc listening");
     let mut options = esq_runtime::GrpcOptions::new(SERVICES);
     options.grace = config.shutdown_grace;
+    options.health_listen = config.health_listen;
     options.tls = config.tls.clone();
     options.limits = config.limits.clone();
     let probe =

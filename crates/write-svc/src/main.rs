@@ -73,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = esq_runtime::bind(args.listen).await?;
     let config = esq_write_svc::Config {
         shutdown_grace: args.server.shutdown_grace,
+        health_listen: args.server.health_listen,
         snapshot_every: args.snapshots.snapshot_every,
         tls,
         limits: args.server.limits.limits(),

@@ -98,9 +98,104 @@ The Redis URL write-svc publishes nudges to.
 {{- end }}
 
 {{/*
+Security: whether server TLS and token authentication are configured ("true" or ""), and the
+Secrets that hold them (the user's, or the chart's own made from PEM/lines in values).
+*/}}
+{{- define "esq.tls.enabled" -}}
+{{- if or .Values.tls.existingSecret .Values.tls.certificate }}true{{ end }}
+{{- end }}
+
+{{- define "esq.tls.secretName" -}}
+{{- default (printf "%s-tls" (include "esq.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
+{{- define "esq.auth.enabled" -}}
+{{- if or .Values.auth.existingSecret .Values.auth.tokens }}true{{ end }}
+{{- end }}
+
+{{- define "esq.auth.secretName" -}}
+{{- default (printf "%s-auth" (include "esq.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+
+{{/*
+Where the secret volumes are mounted (read-only) in every container.
+*/}}
+{{- define "esq.mount.tls" -}}/etc/esq/tls{{- end }}
+{{- define "esq.mount.auth" -}}/etc/esq/auth{{- end }}
+{{- define "esq.mount.cqlTls" -}}/etc/esq/cql-tls{{- end }}
+{{- define "esq.mount.redisTls" -}}/etc/esq/redis-tls{{- end }}
+
+{{/*
+Checks of the security values; renders nothing. Insecure mode must be asked for: without it,
+missing TLS or tokens stop the render with what to set.
+*/}}
+{{- define "esq.validate.security" -}}
+{{- if and .Values.tls.existingSecret (or .Values.tls.certificate .Values.tls.key) }}
+{{- fail "tls: set either tls.existingSecret or tls.certificate/tls.key, not both" }}
+{{- end }}
+{{- if and (not .Values.tls.existingSecret) (or .Values.tls.certificate .Values.tls.key) (not (and .Values.tls.certificate .Values.tls.key)) }}
+{{- fail "tls: tls.certificate and tls.key go together (PEM certificate chain and private key), e.g. --set-file tls.certificate=certs/server.pem --set-file tls.key=certs/server-key.pem" }}
+{{- end }}
+{{- if and .Values.tls.certificate (not (contains "-----BEGIN" .Values.tls.certificate)) }}
+{{- fail "tls.certificate: not PEM (no -----BEGIN line); pass the file with --set-file tls.certificate=server.pem" }}
+{{- end }}
+{{- if and .Values.tls.key (not (contains "-----BEGIN" .Values.tls.key)) }}
+{{- fail "tls.key: not PEM (no -----BEGIN line); pass the file with --set-file tls.key=server-key.pem" }}
+{{- end }}
+{{- if and .Values.tls.clientCa (not (include "esq.tls.enabled" .)) }}
+{{- fail "tls.clientCa (mutual TLS) needs server TLS: set tls.existingSecret or tls.certificate/tls.key" }}
+{{- end }}
+{{- if and .Values.tls.clientCa .Values.tls.certificate (not .Values.tls.clientCaCertificate) }}
+{{- fail "tls.clientCa: with tls.certificate/tls.key, put the client CA's PEM in tls.clientCaCertificate (with tls.existingSecret, its ca.crt key is used)" }}
+{{- end }}
+{{- if and .Values.tls.clientCaCertificate (not (contains "-----BEGIN" .Values.tls.clientCaCertificate)) }}
+{{- fail "tls.clientCaCertificate: not PEM (no -----BEGIN line); pass the file with --set-file tls.clientCaCertificate=ca.pem" }}
+{{- end }}
+{{- if and .Values.auth.existingSecret .Values.auth.tokens }}
+{{- fail "auth: set either auth.existingSecret or auth.tokens, not both" }}
+{{- end }}
+{{- range $i, $line := .Values.auth.tokens }}
+{{- if not (regexMatch "^(reader|writer|admin) [0-9a-f]{64} [^[:space:]]+$" (toString $line)) }}
+{{- fail (printf "auth.tokens[%d]: not a token-file line \"<role> <sha256-hex> <name>\" (role reader, writer or admin; 64 lowercase hex digits). Put only the hash here, never the token: `esq token new` prints the line, `esq token hash` hashes a token from stdin" $i) }}
+{{- end }}
+{{- end }}
+{{- if not .Values.insecure }}
+{{- if not (include "esq.tls.enabled" .) }}
+{{- fail "TLS is not configured: set tls.existingSecret (a kubernetes.io/tls Secret with tls.crt and tls.key) or tls.certificate and tls.key (PEM; `esq tls generate` makes a test set), or set insecure=true to serve plaintext without authentication (development only)" }}
+{{- end }}
+{{- if not (include "esq.auth.enabled" .) }}
+{{- fail "authentication is not configured: set auth.existingSecret (a Secret whose key `tokens` holds the token file) or auth.tokens (lines \"<role> <sha256-hex> <name>\" from `esq token new --role writer --name NAME`), or set insecure=true to serve without authentication (development only)" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.cql.existingSecret (not .Values.cql.username) }}
+{{- fail "cql.existingSecret holds the password: set cql.username too" }}
+{{- end }}
+{{- if and .Values.cql.username (not .Values.cql.existingSecret) }}
+{{- fail "cql.username: set cql.existingSecret, the Secret holding its password (key cql.passwordKey)" }}
+{{- end }}
+{{- if and .Values.cql.tls.enabled (not .Values.cql.tls.existingSecret) }}
+{{- fail "cql.tls.enabled: set cql.tls.existingSecret, a Secret with the CA of the nodes' certificates under ca.crt" }}
+{{- end }}
+{{- if and .Values.redis.tls.enabled (not .Values.redis.tls.existingSecret) }}
+{{- fail "redis.tls.enabled: set redis.tls.existingSecret, a Secret with the CA of Redis' certificate under ca.crt" }}
+{{- end }}
+{{- if .Values.redis.tls.enabled }}
+{{- range $url := .Values.redis.urls }}
+{{- if not (hasPrefix "rediss://" $url) }}
+{{- fail (printf "redis.tls.enabled: %q is not a rediss:// URL (TLS needs rediss://)" $url) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.nudge.url (not (hasPrefix "rediss://" .Values.nudge.url)) }}
+{{- fail (printf "redis.tls.enabled: nudge.url %q is not a rediss:// URL (TLS needs rediss://)" .Values.nudge.url) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Checks of values the schema cannot express; renders nothing.
 */}}
 {{- define "esq.validate" -}}
+{{- include "esq.validate.security" . }}
 {{- if not .Values.cql.nodes }}
 {{- fail "cql.nodes: set at least one ScyllaDB/Cassandra contact point (host:port)" }}
 {{- end }}
@@ -109,6 +204,12 @@ Checks of values the schema cannot express; renders nothing.
 {{- end }}
 {{- if not (has .Values.cql.changeFeed (list "table" "scylla-cdc")) }}
 {{- fail (printf "cql.changeFeed: %q is not one of table, scylla-cdc" .Values.cql.changeFeed) }}
+{{- end }}
+{{- if has (int .Values.probes.healthPort) (list (int .Values.writeSvc.port) (int .Values.readSvc.port) (int .Values.projector.port)) }}
+{{- fail (printf "probes.healthPort: %d is also a gRPC port; give health a port of its own" (int .Values.probes.healthPort)) }}
+{{- end }}
+{{- if and .Values.metrics.enabled (eq (int .Values.metrics.port) (int .Values.probes.healthPort)) }}
+{{- fail (printf "probes.healthPort: %d is also metrics.port; give health a port of its own" (int .Values.probes.healthPort)) }}
 {{- end }}
 {{- if and .Values.metrics.enabled (has (int .Values.metrics.port) (list (int .Values.writeSvc.port) (int .Values.readSvc.port) (int .Values.projector.port))) }}
 {{- fail (printf "metrics.port: %d is also a gRPC port; give metrics a port of their own" (int .Values.metrics.port)) }}
@@ -129,6 +230,7 @@ where env holds the component's own environment (ESQ_LISTEN etc.); the shared se
 from the ConfigMap through envFrom.
 */}}
 {{- define "esq.deployment" -}}
+{{- include "esq.validate" .root }}
 {{- $root := .root }}
 {{- $v := .values }}
 {{- $sel := dict "root" $root "component" .component }}
@@ -192,6 +294,11 @@ spec:
               containerPort: {{ int $root.Values.metrics.port }}
               protocol: TCP
             {{- end }}
+            {{- if include "esq.tls.enabled" $root }}
+            - name: health
+              containerPort: {{ int $root.Values.probes.healthPort }}
+              protocol: TCP
+            {{- end }}
           envFrom:
             - configMapRef:
                 name: {{ include "esq.configName" $root }}
@@ -211,23 +318,26 @@ spec:
             {{- with .env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
+            {{- include "esq.securityEnv" $root | nindent 12 }}
             {{- with $root.Values.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
             {{- with $v.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
+          {{- /* The kubelet's gRPC probes speak plaintext only: with TLS they use the health-only port. */}}
+          {{- $probePort := ternary $root.Values.probes.healthPort $v.port (eq (include "esq.tls.enabled" $root) "true") | int }}
           startupProbe:
             grpc:
-              port: {{ int $v.port }}
+              port: {{ $probePort }}
             {{- toYaml $root.Values.probes.startup | nindent 12 }}
           readinessProbe:
             grpc:
-              port: {{ int $v.port }}
+              port: {{ $probePort }}
             {{- toYaml $root.Values.probes.readiness | nindent 12 }}
           livenessProbe:
             grpc:
-              port: {{ int $v.port }}
+              port: {{ $probePort }}
             {{- toYaml $root.Values.probes.liveness | nindent 12 }}
           {{- if gt (int $root.Values.preStopSleepSeconds) 0 }}
           lifecycle:
@@ -242,11 +352,13 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
+            {{- include "esq.secretMounts" $root | nindent 12 }}
       volumes:
         # The root filesystem is read-only; /tmp is the only writable place.
         - name: tmp
           emptyDir:
             sizeLimit: 64Mi
+        {{- include "esq.secretVolumes" $root | nindent 8 }}
       {{- with $v.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -263,4 +375,102 @@ spec:
       topologySpreadConstraints:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+{{- end }}
+
+{{/*
+The environment of the security settings, the same in every component: insecure mode, server
+TLS and tokens (paths into the read-only secret mounts), the health-only listener with TLS, and
+the stores' credentials (secretKeyRef) and TLS files. Renders a YAML list (maybe empty).
+*/}}
+{{- define "esq.securityEnv" -}}
+{{- $env := list }}
+{{- if .Values.insecure }}
+{{- $env = append $env (dict "name" "ESQ_INSECURE" "value" "true") }}
+{{- end }}
+{{- if include "esq.tls.enabled" . }}
+{{- $dir := include "esq.mount.tls" . }}
+{{- $env = append $env (dict "name" "ESQ_TLS_CERT" "value" (printf "%s/tls.crt" $dir)) }}
+{{- $env = append $env (dict "name" "ESQ_TLS_KEY" "value" (printf "%s/tls.key" $dir)) }}
+{{- if .Values.tls.clientCa }}
+{{- $env = append $env (dict "name" "ESQ_TLS_CLIENT_CA" "value" (printf "%s/ca.crt" $dir)) }}
+{{- end }}
+{{- $env = append $env (dict "name" "ESQ_HEALTH_LISTEN" "value" (include "esq.listen" (dict "root" . "port" .Values.probes.healthPort))) }}
+{{- end }}
+{{- if include "esq.auth.enabled" . }}
+{{- $env = append $env (dict "name" "ESQ_AUTH_TOKENS" "value" (printf "%s/tokens" (include "esq.mount.auth" .))) }}
+{{- if .Values.auth.protectReflection }}
+{{- $env = append $env (dict "name" "ESQ_AUTH_REFLECTION" "value" "true") }}
+{{- end }}
+{{- end }}
+{{- if .Values.cql.existingSecret }}
+{{- $env = append $env (dict "name" "ESQ_CQL_USERNAME" "value" .Values.cql.username) }}
+{{- $env = append $env (dict "name" "ESQ_CQL_PASSWORD" "valueFrom" (dict "secretKeyRef" (dict "name" .Values.cql.existingSecret "key" .Values.cql.passwordKey))) }}
+{{- end }}
+{{- if .Values.cql.tls.enabled }}
+{{- $dir := include "esq.mount.cqlTls" . }}
+{{- $env = append $env (dict "name" "ESQ_CQL_TLS_CA" "value" (printf "%s/ca.crt" $dir)) }}
+{{- if .Values.cql.tls.clientCertificate }}
+{{- $env = append $env (dict "name" "ESQ_CQL_TLS_CERT" "value" (printf "%s/tls.crt" $dir)) }}
+{{- $env = append $env (dict "name" "ESQ_CQL_TLS_KEY" "value" (printf "%s/tls.key" $dir)) }}
+{{- end }}
+{{- end }}
+{{- if .Values.redis.existingSecret }}
+{{- $env = append $env (dict "name" "ESQ_REDIS_USERNAME" "valueFrom" (dict "secretKeyRef" (dict "name" .Values.redis.existingSecret "key" .Values.redis.usernameKey "optional" true))) }}
+{{- $env = append $env (dict "name" "ESQ_REDIS_PASSWORD" "valueFrom" (dict "secretKeyRef" (dict "name" .Values.redis.existingSecret "key" .Values.redis.passwordKey))) }}
+{{- end }}
+{{- if .Values.redis.tls.enabled }}
+{{- $dir := include "esq.mount.redisTls" . }}
+{{- $env = append $env (dict "name" "ESQ_REDIS_TLS_CA" "value" (printf "%s/ca.crt" $dir)) }}
+{{- if .Values.redis.tls.clientCertificate }}
+{{- $env = append $env (dict "name" "ESQ_REDIS_TLS_CERT" "value" (printf "%s/tls.crt" $dir)) }}
+{{- $env = append $env (dict "name" "ESQ_REDIS_TLS_KEY" "value" (printf "%s/tls.key" $dir)) }}
+{{- end }}
+{{- end }}
+{{- with $env }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The secret volumes behind the security settings (renders a YAML list, maybe empty). Every one
+is read-only to the pod's group (0440; fsGroup owns the files) and mounted whole, never by
+subPath, so that renewed certificates and edited token files reach the running servers, which
+re-read them.
+*/}}
+{{- define "esq.secretVolumes" -}}
+{{- $volumes := list }}
+{{- if include "esq.tls.enabled" . }}
+{{- $volumes = append $volumes (dict "name" "tls" "secret" (dict "secretName" (include "esq.tls.secretName" .) "defaultMode" 288)) }}
+{{- end }}
+{{- if include "esq.auth.enabled" . }}
+{{- $volumes = append $volumes (dict "name" "auth" "secret" (dict "secretName" (include "esq.auth.secretName" .) "defaultMode" 288)) }}
+{{- end }}
+{{- if .Values.cql.tls.enabled }}
+{{- $volumes = append $volumes (dict "name" "cql-tls" "secret" (dict "secretName" .Values.cql.tls.existingSecret "defaultMode" 288)) }}
+{{- end }}
+{{- if .Values.redis.tls.enabled }}
+{{- $volumes = append $volumes (dict "name" "redis-tls" "secret" (dict "secretName" .Values.redis.tls.existingSecret "defaultMode" 288)) }}
+{{- end }}
+{{- with $volumes }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "esq.secretMounts" -}}
+{{- $mounts := list }}
+{{- if include "esq.tls.enabled" . }}
+{{- $mounts = append $mounts (dict "name" "tls" "mountPath" (include "esq.mount.tls" .) "readOnly" true) }}
+{{- end }}
+{{- if include "esq.auth.enabled" . }}
+{{- $mounts = append $mounts (dict "name" "auth" "mountPath" (include "esq.mount.auth" .) "readOnly" true) }}
+{{- end }}
+{{- if .Values.cql.tls.enabled }}
+{{- $mounts = append $mounts (dict "name" "cql-tls" "mountPath" (include "esq.mount.cqlTls" .) "readOnly" true) }}
+{{- end }}
+{{- if .Values.redis.tls.enabled }}
+{{- $mounts = append $mounts (dict "name" "redis-tls" "mountPath" (include "esq.mount.redisTls" .) "readOnly" true) }}
+{{- end }}
+{{- with $mounts }}
+{{- toYaml . }}
+{{- end }}
 {{- end }}
