@@ -11,6 +11,7 @@ mod core;
 mod deploy;
 mod derived;
 mod dev;
+mod fuzz;
 mod history;
 mod metrics;
 mod operator;

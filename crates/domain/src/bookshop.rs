@@ -28,10 +28,12 @@ pub fn normalize_isbn(raw: &str) -> Result<String, DomainError> {
         .filter(|c| !matches!(c, '-' | ' '))
         .map(|c| c.to_ascii_uppercase())
         .collect();
-    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    let ok = match isbn.len() {
-        13 => digits(&isbn),
-        10 => digits(&isbn[..9]) && (digits(&isbn[9..]) || &isbn[9..] == "X"),
+    // Judged on bytes: a multi-byte character makes the length count bytes, so slicing the
+    // text at a byte index could split one (a panic found by fuzzing GetBookAt).
+    let b = isbn.as_bytes();
+    let ok = match b.len() {
+        13 => b.iter().all(u8::is_ascii_digit),
+        10 => b[..9].iter().all(u8::is_ascii_digit) && (b[9].is_ascii_digit() || b[9] == b'X'),
         _ => false,
     };
     if ok {
@@ -505,6 +507,10 @@ mod tests {
             "X441478122",
             "04414781X2",
             "978-0-441-4781a-5",
+            // Ten bytes with a multi-byte character across the ninth: once a panic (fuzzing).
+            "Ω≈ç√",
+            "12345678é",
+            "123456789√",
         ] {
             assert!(
                 matches!(normalize_isbn(raw), Err(DomainError::Invalid { ref field, .. }) if field == "isbn"),

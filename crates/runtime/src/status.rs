@@ -1,8 +1,10 @@
 //! One tower layer that keeps every gRPC status our servers send honest and small, whichever
 //! service or tonic itself produced it:
 //!
-//! - a request body that is not valid protobuf is the client's fault: INVALID_ARGUMENT, not the
-//!   INTERNAL that tonic's prost codec answers;
+//! - a request body that is not valid protobuf, or not valid gRPC framing (a message cut short,
+//!   a compression flag other than 0 and 1 or set without `grpc-encoding`, no message at all in
+//!   a unary call), is the client's fault: INVALID_ARGUMENT, not the INTERNAL that tonic answers
+//!   (found by the fuzz suite, `tests/it/fuzz.rs`);
 //! - a request over the server's decoding limit is RESOURCE_EXHAUSTED (as in gRPC's own
 //!   status-code guide), not the OUT_OF_RANGE tonic answers;
 //! - no `grpc-message` is longer than [`MAX_STATUS_MESSAGE`] bytes, as defence in depth against
@@ -23,6 +25,13 @@ pub const MAX_STATUS_MESSAGE: usize = 1024;
 
 /// Prefix of the message of tonic's prost codec when a body does not decode.
 const DECODE_FAILURE: &str = "failed to decode Protobuf message";
+/// Prefixes of tonic's messages for request bodies that are not valid gRPC framing.
+const BAD_FRAMING: &[&str] = &[
+    "Unexpected EOF decoding stream",
+    "protocol error: received message with compressed-flag but no grpc-encoding",
+    "protocol error: received message with invalid compression flag",
+    "Missing request message",
+];
 /// Prefix of the message of tonic when a request is over the decoding limit.
 const TOO_LARGE: &str = "Error, decoded message length too large";
 
@@ -31,6 +40,9 @@ pub fn sanitize(status: &Status) -> Option<Status> {
     let message = status.message();
     let code = match status.code() {
         Code::Internal if message.starts_with(DECODE_FAILURE) => Code::InvalidArgument,
+        Code::Internal if BAD_FRAMING.iter().any(|p| message.starts_with(p)) => {
+            Code::InvalidArgument
+        }
         Code::OutOfRange if message.starts_with(TOO_LARGE) => Code::ResourceExhausted,
         code => code,
     };
@@ -168,6 +180,18 @@ mod tests {
             sanitize(&big).expect("mapped").code(),
             Code::ResourceExhausted
         );
+        for framing in [
+            "Unexpected EOF decoding stream.",
+            "protocol error: received message with compressed-flag but no grpc-encoding was \
+             specified",
+            "protocol error: received message with invalid compression flag: 2 (valid flags are \
+             0 and 1), while sending request",
+            "Missing request message.",
+        ] {
+            let mapped = sanitize(&Status::internal(framing)).expect("mapped");
+            assert_eq!(mapped.code(), Code::InvalidArgument, "{framing}");
+            assert_eq!(mapped.message(), framing);
+        }
         assert!(sanitize(&Status::internal("internal error")).is_none());
         assert!(sanitize(&Status::out_of_range("past the end")).is_none());
         let long = Status::invalid_argument("é".repeat(10_000));

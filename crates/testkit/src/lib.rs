@@ -10,6 +10,7 @@ use esq::pb::cart::v1::{
 use esq::pb::v1::{event_store_client::EventStoreClient, state_queries_client::StateQueriesClient};
 pub mod auth;
 pub mod cluster;
+pub mod fuzz;
 pub mod metrics;
 pub mod pki;
 
