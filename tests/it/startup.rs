@@ -78,7 +78,8 @@ async fn an_unreachable_store_is_waited_for() {
     .await;
     assert!(waited.is_ok(), "no retry logged within 60 s: {text}");
     assert!(
-        text.contains("insecure mode: plaintext, no authentication"),
+        text.contains("insecure mode: plaintext (no TLS)")
+            && text.contains("insecure mode: no authentication"),
         "--insecure is logged: {text}"
     );
     assert!(

@@ -122,6 +122,7 @@ impl AuthArgs {
                  `esq token new`), or --insecure (ESQ_INSECURE=true) to serve without \
                  authentication (development only)"
             );
+            tracing::warn!("insecure mode: no authentication (every call admitted)");
             return Ok(None);
         };
         self.load_file(path, shutdown).await.map(Some)
@@ -170,7 +171,9 @@ impl TlsArgs {
                  or --insecure (ESQ_INSECURE=true) to serve plaintext without authentication \
                  (development only)"
             );
-            tracing::warn!(%listen, "insecure mode: plaintext, no authentication");
+            // Whether calls are authenticated is AuthArgs' to say (tokens given with --insecure
+            // are still enforced).
+            tracing::warn!(%listen, "insecure mode: plaintext (no TLS)");
             return Ok(None);
         };
         let mut tls = ServerTls::load(TlsFiles {
