@@ -716,6 +716,9 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_over_tls() {
     use tonic::transport::{Identity, Server, ServerTlsConfig};
+    // tonic's server TLS takes rustls' process-wide provider, and this process has two
+    // compiled in (the CQL driver brings aws-lc-rs): name one, as esq's own servers do.
+    esq_readstore::redis::install_crypto_provider();
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
     openssl(
