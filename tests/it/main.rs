@@ -18,6 +18,7 @@ mod operator;
 mod parked;
 mod replay;
 mod snapshots;
+mod soak;
 mod startup;
 mod stores;
 mod suite;

@@ -106,6 +106,28 @@ impl Proc {
     }
 }
 
+/// The kinds of process a harness runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A write-svc.
+    Writer,
+    /// A projector.
+    Projector,
+    /// The read-svc.
+    Reader,
+}
+
+impl Role {
+    /// The binary of this role.
+    pub fn binary(self) -> &'static str {
+        match self {
+            Role::Writer => "write-svc",
+            Role::Projector => "projector",
+            Role::Reader => "read-svc",
+        }
+    }
+}
+
 /// write-svc(s), projector(s) and read-svc as processes over one keyspace and key prefix.
 pub struct ClusterHarness {
     /// The backends.
@@ -312,6 +334,53 @@ impl ClusterHarness {
             metrics_addr,
             child,
         })
+    }
+
+    /// Kills process `index` of `role` with SIGKILL (no chance to clean up), starts a
+    /// replacement with the same settings (on new ports: a restarted pod gets a new address
+    /// too, and clients must find it again) in its place, and waits until it serves. Returns
+    /// the replacement's gRPC address. The read-svc has index 0. The harness's `clients` are
+    /// not reconnected: a caller that restarts the process they use connects anew.
+    pub async fn kill_and_restart(
+        &mut self,
+        role: Role,
+        index: usize,
+        within: Duration,
+    ) -> anyhow::Result<SocketAddr> {
+        let name = role.binary();
+        let old = match role {
+            Role::Writer => self.writers.get_mut(index),
+            Role::Projector => self.projectors.get_mut(index),
+            Role::Reader => self.reader.as_mut().filter(|_| index == 0),
+        }
+        .with_context(|| format!("no {name} #{index} in this harness"))?;
+        old.child.start_kill()?;
+        old.child.wait().await?;
+        let fresh = self.spawn(name).await?;
+        let addr = fresh.addr;
+        match role {
+            Role::Writer => self.writers[index] = fresh,
+            Role::Projector => self.projectors[index] = fresh,
+            Role::Reader => self.reader = Some(fresh),
+        }
+        wait_serving_with(addr, within, self.client_tls().as_ref()).await?;
+        Ok(addr)
+    }
+
+    /// Every running process of the harness: `(label, pid)`, the label naming its role and
+    /// index (`write-svc#0`, `projector#1`, `read-svc#0`).
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        let named = |procs: &[Proc]| {
+            procs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| Some((format!("{}#{i}", p.name), p.pid()?)))
+                .collect::<Vec<_>>()
+        };
+        let mut all = named(&self.writers);
+        all.extend(named(&self.projectors));
+        all.extend(named(self.reader.as_slice()));
+        all
     }
 
     /// Where the processes' logs are.
