@@ -17,6 +17,7 @@ mod metrics;
 mod operator;
 mod parked;
 mod replay;
+mod ring;
 mod snapshots;
 mod soak;
 mod startup;
