@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod fuzz;
 pub mod metrics;
 pub mod pki;
+pub mod redis_ha;
 
 use esq_cli::dev::{DevConfig, DevStack};
 use std::net::SocketAddr;
