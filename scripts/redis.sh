@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Starts and stops throwaway Redis servers for esq's tests: loopback only, no persistence.
+# Starts and stops throwaway Redis servers for esq's tests: loopback only, no persistence
+# (except the HA cluster's append-only files, so a killed node can come back).
 #
 #   scripts/redis.sh install                          apt-get install redis-server if missing
 #   scripts/redis.sh start DIR PORT                   one standalone server
@@ -7,6 +8,9 @@
 #   scripts/redis.sh certs CERTS                      a throwaway CA, server and client certificates
 #   scripts/redis.sh start-secure DIR CERTS PORT      a standalone server: TLS only, ACL user `esq`
 #   scripts/redis.sh start-cluster-secure DIR CERTS P1 P2 P3   the same as a Cluster of three
+#   scripts/redis.sh start-cluster-ha DIR P1 P2 P3 P4 P5 P6   3 masters + 3 replicas, AOF on
+#   scripts/redis.sh kill DIR PORT                    SIGKILL the server on PORT (reaped)
+#   scripts/redis.sh restart DIR PORT                 relaunch it with its nodes.conf and data
 #   scripts/redis.sh stop DIR                         stop every server started under DIR
 #
 # Cluster buses listen on each port + $ESQ_REDIS_BUS_OFFSET (default 10000, as Redis does).
@@ -14,6 +18,14 @@
 #   eval "$(scripts/redis.sh start /tmp/esq-redis 6390)"
 # sets ESQ_TEST_REDIS (or ESQ_TEST_REDIS_CLUSTER). Everything else goes to stderr or to logs
 # under DIR/<port>/.
+#
+# The HA cluster (`start-cluster-ha`) is for failover tests: cluster-node-timeout 2000 ms so a
+# replica takes over a killed master within seconds (replica-validity-factor 0: whatever its
+# replication lag; `start-cluster-ha` returns once every replica is synced), append-only file on (a restarted node
+# comes back with its data and nodes.conf and rejoins, as a replica of whoever took over).
+# It prints ESQ_TEST_REDIS_CLUSTER_HA (all six URLs) and ESQ_TEST_REDIS_CLUSTER_HA_DIR.
+# `kill` sends SIGKILL (no shutdown, no AOF fsync beyond what the server already did);
+# `restart` relaunches the node of DIR/PORT with the options it was started with.
 #
 # The secure servers listen with TLS only (`--port 0 --tls-port PORT`, cluster bus and
 # replication over TLS too) and require client certificates signed by CERTS/ca.pem; the
@@ -36,7 +48,7 @@ die() {
 }
 
 usage() {
-  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -163,6 +175,110 @@ create_cluster() {
   echo "export $var=${urls[*]}"
 }
 
+# Options of one HA cluster node (also what `restart` relaunches it with).
+ha_opts() {
+  local port=$1
+  HA_OPTS=(--cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000
+    --cluster-port $((port + BUS_OFFSET)) --appendonly yes --appendfsync everysec
+    --cluster-replica-validity-factor 0)
+}
+
+cmd_start_cluster_ha() {
+  (($# == 7)) || usage
+  need_redis
+  local dir ports=("$2" "$3" "$4" "$5" "$6" "$7") port
+  for port in "${ports[@]}"; do
+    check_port "$port"
+  done
+  dir=$(abs_dir "$1")
+  for port in "${ports[@]}"; do
+    # A fresh cluster every time: forget the topology and data of an earlier run in this DIR.
+    rm -rf "${dir:?}/$port"
+    ha_opts "$port"
+    start_server "$dir" "$port" "${HA_OPTS[@]}"
+  done
+  local nodes=() urls=()
+  for port in "${ports[@]}"; do
+    wait_ping "$dir" "$port"
+    nodes+=("$HOST:$port")
+    urls+=("redis://$HOST:$port")
+  done
+  # redis-cli makes the first three masters and gives each a replica among the last three.
+  if ! redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes \
+    >"$dir/cluster-create.log" 2>&1; then
+    cat "$dir/cluster-create.log" >&2
+    die "redis-cli --cluster create failed"
+  fi
+  wait_ha_ok "$dir" "${ports[@]}"
+  local IFS=,
+  echo "export ESQ_TEST_REDIS_CLUSTER_HA=${urls[*]}"
+  echo "export ESQ_TEST_REDIS_CLUSTER_HA_DIR=$dir"
+}
+
+# Waits until every node on PORTS says cluster_state:ok and sees 3 replicas, and every replica's
+# link to its master is up (synced: only then can it take over with the master's data).
+wait_ha_ok() {
+  local dir=$1 port
+  shift
+  for port in "$@"; do
+    local ok=
+    for _ in $(seq 1 $((WAIT_SECONDS * 10))); do
+      if cli "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' &&
+        [[ "$(cli "$port" cluster nodes 2>/dev/null | awk '$3 ~ /slave/ && $3 !~ /fail/ && $8 == "connected"' | wc -l)" == 3 ]] &&
+        { cli "$port" info replication 2>/dev/null | grep -q '^role:master' ||
+          cli "$port" info replication 2>/dev/null | grep -q '^master_link_status:up'; }; then
+        ok=1
+        break
+      fi
+      sleep 0.1
+    done
+    [[ -n "$ok" ]] || die "cluster node $port not ok with 3 replicas within ${WAIT_SECONDS}s"
+  done
+}
+
+# The pid of the redis-server we started on DIR/PORT, or nothing.
+node_pid() {
+  local pidfile=$1/redis.pid pid
+  pid=$(cat "$pidfile" 2>/dev/null || true)
+  if [[ "$pid" =~ ^[0-9]+$ ]] && [[ "$(ps -p "$pid" -o comm= 2>/dev/null || true)" == redis-server* ]]; then
+    echo "$pid"
+  fi
+}
+
+cmd_kill() {
+  (($# == 2)) || usage
+  local dir port=$2 node pid
+  dir=$(abs_dir "$1")
+  node="$dir/$port"
+  [[ -d "$node" ]] || die "no node under $node"
+  pid=$(node_pid "$node")
+  [[ -n "$pid" ]] || die "no redis-server of ours runs on port $port ($node/redis.pid)"
+  kill -9 "$pid"
+  # Reaped by init (it daemonized); wait until the pid is gone and nobody listens any more.
+  for _ in $(seq 1 $((WAIT_SECONDS * 10))); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -0 "$pid" 2>/dev/null && die "redis pid $pid survived SIGKILL"
+  rm -f "$node/redis.pid"
+  echo "redis.sh: killed redis pid $pid (port $port) with SIGKILL" >&2
+}
+
+cmd_restart() {
+  (($# == 2)) || usage
+  need_redis
+  local dir port=$2 node
+  dir=$(abs_dir "$1")
+  node="$dir/$port"
+  [[ -f "$node/nodes.conf" ]] || die "no cluster node to restart under $node (no nodes.conf)"
+  [[ -z "$(node_pid "$node")" ]] || die "redis on port $port still runs; kill it first"
+  check_port "$port"
+  ha_opts "$port"
+  start_server "$dir" "$port" "${HA_OPTS[@]}"
+  wait_ping "$dir" "$port"
+  echo "redis.sh: restarted redis on port $port" >&2
+}
+
 cmd_certs() {
   (($# == 1)) || usage
   local dir esq=${ESQ_BIN:-esq}
@@ -278,6 +394,9 @@ case "$command" in
   certs) cmd_certs "$@" ;;
   start-secure) cmd_start_secure "$@" ;;
   start-cluster-secure) cmd_start_cluster_secure "$@" ;;
+  start-cluster-ha) cmd_start_cluster_ha "$@" ;;
+  kill) cmd_kill "$@" ;;
+  restart) cmd_restart "$@" ;;
   stop) cmd_stop "$@" ;;
   *) usage ;;
 esac

@@ -68,6 +68,16 @@ pub struct ClusterOptions {
     pub env: Vec<(String, String)>,
 }
 
+impl ClusterOptions {
+    /// These options with the processes pointed at a Redis Cluster (`ESQ_REDIS_CLUSTER=true`):
+    /// for `Backends::redis` holding the comma list of its seed URLs.
+    pub fn redis_cluster(mut self) -> Self {
+        self.env
+            .push(("ESQ_REDIS_CLUSTER".to_owned(), "true".to_owned()));
+        self
+    }
+}
+
 impl Default for ClusterOptions {
     fn default() -> Self {
         Self {
@@ -383,13 +393,24 @@ impl ClusterHarness {
         all
     }
 
+    /// Whether the processes talk to a Redis Cluster (`ESQ_REDIS_CLUSTER=true` in the options'
+    /// environment; `Backends::redis` is then the comma list of seed URLs).
+    pub fn redis_cluster(&self) -> bool {
+        self.options
+            .env
+            .iter()
+            .any(|(k, v)| k == "ESQ_REDIS_CLUSTER" && v == "true")
+    }
+
     /// Where the processes' logs are.
     pub fn logs(&self) -> &std::path::Path {
         &self.logs
     }
 
-    /// The owners of the projector shard leases right now (one entry per leased shard).
+    /// The owners of the projector shard leases right now (one entry per leased shard). A
+    /// standalone Redis only.
     pub async fn lease_owners(&self) -> anyhow::Result<Vec<String>> {
+        anyhow::ensure!(!self.redis_cluster(), "lease_owners: standalone Redis only");
         let client = redis::Client::open(self.backends.redis.as_str())?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let mut owners = Vec::new();
@@ -407,8 +428,8 @@ impl ClusterHarness {
     pub async fn read_store(&self) -> anyhow::Result<esq_readstore::redis::RedisStore> {
         Ok(
             esq_readstore::redis::RedisStore::connect(esq_readstore::redis::RedisConfig {
-                urls: vec![self.backends.redis.clone()],
-                cluster: false,
+                urls: self.backends.redis.split(',').map(str::to_owned).collect(),
+                cluster: self.redis_cluster(),
                 prefix: self.prefix.clone(),
                 timeout: Duration::from_secs(5),
                 access: Default::default(),
@@ -450,8 +471,13 @@ impl ClusterHarness {
     }
 
     /// Deletes every Redis key of this deployment (what a FLUSHALL does to it, without
-    /// touching other tests' keys on the shared server). Returns how many keys went.
+    /// touching other tests' keys on the shared server). Returns how many keys went. A
+    /// standalone Redis only.
     pub async fn flush_read_model(&self) -> anyhow::Result<usize> {
+        anyhow::ensure!(
+            !self.redis_cluster(),
+            "flush_read_model: standalone Redis only"
+        );
         let client = redis::Client::open(self.backends.redis.as_str())?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let mut cursor = 0u64;

@@ -14,6 +14,7 @@ pub mod fuzz;
 pub mod metrics;
 pub mod pki;
 pub mod ring;
+pub mod redis_ha;
 
 use esq_cli::dev::{DevConfig, DevStack};
 use std::net::SocketAddr;
