@@ -29,6 +29,8 @@ use esq_domain::projection::fold;
 use esq_domain::state::{state_json, StateProjection};
 use esq_domain::RecordedEvent;
 use esq_testkit::cluster::{Backends, ClusterHarness, ClusterOptions, Role};
+use esq_testkit::redis_ha::RedisHa;
+use esq_testkit::ring::Ring;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -636,12 +638,26 @@ enum Fault {
     RedisMaster,
 }
 
-/// The node-level backends, when the run has them.
-struct Nodes {}
+/// The node-level backends, when the run has them: a Cassandra ring
+/// (`ESQ_TEST_CASSANDRA_RING`) and a Redis Cluster with replicas (`ESQ_TEST_REDIS_CLUSTER_HA`).
+/// Each is used when its variable is set; without it the soak runs on the single-node
+/// backends (`ESQ_TEST_CASSANDRA`, `ESQ_TEST_REDIS`) and skips that kind of node fault.
+struct Nodes {
+    ring: Option<Ring>,
+    redis: Option<RedisHa>,
+}
 
 impl Nodes {
-    fn from_env() -> Option<Self> {
-        None
+    fn from_env(test: &str) -> Self {
+        let set = |name: &str| std::env::var_os(name).is_some();
+        Self {
+            ring: set("ESQ_TEST_CASSANDRA_RING")
+                .then(|| Ring::from_env(test))
+                .flatten(),
+            redis: set("ESQ_TEST_REDIS_CLUSTER_HA")
+                .then(|| RedisHa::from_env(test))
+                .flatten(),
+        }
     }
 }
 
@@ -650,7 +666,8 @@ impl Nodes {
 async fn faults(
     h: &mut ClusterHarness,
     live: &Live,
-    nodes: Option<&Nodes>,
+    nodes: &Nodes,
+    started: Instant,
     until: Instant,
 ) -> Vec<String> {
     let mut schedule = vec![
@@ -658,13 +675,14 @@ async fn faults(
         Fault::Process(Role::Projector),
         Fault::Process(Role::Reader),
     ];
-    if nodes.is_some() {
+    if nodes.redis.is_some() {
         schedule.push(Fault::RedisMaster);
+    }
+    if nodes.ring.is_some() {
         schedule.push(Fault::CassandraNode);
     }
     let pause = Duration::from_secs(3);
     let mut log = Vec::new();
-    let started = Instant::now();
     for (n, fault) in schedule.iter().cycle().enumerate() {
         if n >= schedule.len() && Instant::now() >= until {
             break;
@@ -686,7 +704,42 @@ async fn faults(
                 }
                 format!("kill -9 {} #0, restarted at {addr}", role.binary())
             }
-            Fault::CassandraNode | Fault::RedisMaster => unreachable!("no node faults yet"),
+            Fault::CassandraNode => {
+                let ring = nodes.ring.as_ref().expect("a ring");
+                // Node 2, then 3, then 1 (the first contact point), in turn.
+                let i = (n / schedule.len()) % ring.len() + 2;
+                let i = if i > ring.len() { i - ring.len() } else { i };
+                ring.kill(i).await.expect("kill a Cassandra node");
+                // The load runs on two of three replicas for a while.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                ring.restart(i).await.expect("restart the Cassandra node");
+                ring.wait_up(i, WAIT)
+                    .await
+                    .expect("the Cassandra node is up");
+                format!("kill -9 Cassandra node {i}, 5 s down, restarted, up again")
+            }
+            Fault::RedisMaster => {
+                let redis = nodes.redis.as_ref().expect("a Redis Cluster");
+                let masters = redis.masters().await.expect("Redis masters");
+                let port = masters[(n / schedule.len()) % masters.len()];
+                redis.kill(port).await.expect("kill a Redis master");
+                redis
+                    .wait_failover(port, WAIT)
+                    .await
+                    .expect("a replica took over");
+                let failed_over = started.elapsed() - at;
+                redis.restart(port).await.expect("restart the Redis node");
+                // Every master has a replica again before anything else is killed.
+                redis
+                    .wait_healthy(WAIT)
+                    .await
+                    .expect("the Redis Cluster is whole again");
+                format!(
+                    "kill -9 Redis master :{port}, failed over after {:.1} s, restarted as a \
+                     replica",
+                    failed_over.as_secs_f64()
+                )
+            }
         };
         let line = format!(
             "{:>6.1}s  {what} ({:.1}s)",
@@ -968,16 +1021,45 @@ fn soak_secs() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_load_with_faults() {
     let test = "soak::mixed_load_with_faults";
-    let Some(backends) = Backends::from_env(test) else {
+    if std::env::var("ESQ_SKIP_REAL_BACKENDS").as_deref() == Ok("1") {
+        eprintln!("{test}: SKIPPED by request (ESQ_SKIP_REAL_BACKENDS=1)");
         return;
+    }
+    let nodes = Nodes::from_env(test);
+    let single = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!(
+                "{test} needs {name} (or the ring / HA cluster variables); run scripts/test or \
+                 scripts/soak, or set ESQ_SKIP_REAL_BACKENDS=1 to skip it explicitly"
+            )
+        })
     };
-    let nodes = Nodes::from_env();
-    let options = ClusterOptions {
+    let mut options = ClusterOptions {
         write_services: 2,
         projectors: 2,
         ..ClusterOptions::default()
     };
-    let mut h = ClusterHarness::start(backends, options)
+    let cassandra = match &nodes.ring {
+        Some(ring) => {
+            options.env.extend(ring.cluster_env());
+            ring.nodes().to_owned()
+        }
+        None => single("ESQ_TEST_CASSANDRA"),
+    };
+    let redis = match &nodes.redis {
+        Some(ha) => {
+            options = options.redis_cluster();
+            // Nudges take one Redis URL, and the master behind it may be the one killed: on
+            // the HA cluster every change reaches the read model through the change log.
+            options.nudges = false;
+            ha.urls().to_owned()
+        }
+        None => single("ESQ_TEST_REDIS"),
+    };
+    // Fault scenarios on the ring run one at a time; a failing run still leaves it whole.
+    let _lock = Ring::lock().await;
+    let _guard = nodes.ring.as_ref().map(Ring::guard);
+    let mut h = ClusterHarness::start(Backends { cassandra, redis }, options)
         .await
         .unwrap_or_else(|e| panic!("{test}: cannot start the deployment: {e:#}"));
     let secs = soak_secs();
@@ -987,11 +1069,18 @@ async fn mixed_load_with_faults() {
     let mut report = vec![format!(
         "soak: {secs} s of load; logs in {}; {}",
         h.logs().display(),
-        if nodes.is_some() {
-            "faults: esq processes, a Cassandra node and a Redis master".to_owned()
-        } else {
-            "faults: esq processes ONLY (no ESQ_TEST_CASSANDRA_RING / ESQ_TEST_REDIS_CLUSTER_HA)"
-                .to_owned()
+        match (&nodes.ring, &nodes.redis) {
+            (Some(_), Some(_)) =>
+                "faults: esq processes, a Cassandra node of the ring, a Redis master",
+            (Some(_), None) =>
+                "faults: esq processes and a Cassandra node of the ring; NO Redis \
+                 master (no ESQ_TEST_REDIS_CLUSTER_HA)",
+            (None, Some(_)) =>
+                "faults: esq processes and a Redis master; NO Cassandra node \
+                 (no ESQ_TEST_CASSANDRA_RING)",
+            (None, None) =>
+                "faults: esq processes ONLY (no ESQ_TEST_CASSANDRA_RING, no \
+                 ESQ_TEST_REDIS_CLUSTER_HA)",
         }
     )];
     eprintln!("{}", report[0]);
@@ -1045,7 +1134,7 @@ async fn mixed_load_with_faults() {
     tokio::time::sleep(warm_up).await;
     let first_rss = sample_rss(&h);
     let until = started + Duration::from_secs(secs);
-    let fault_log = faults(&mut h, &live, nodes.as_ref(), until).await;
+    let fault_log = faults(&mut h, &live, &nodes, started, until).await;
     let remaining = until.saturating_duration_since(Instant::now());
     tokio::time::sleep(remaining).await;
     let last_rss = sample_rss(&h);

@@ -13,8 +13,8 @@ pub mod cluster;
 pub mod fuzz;
 pub mod metrics;
 pub mod pki;
-pub mod ring;
 pub mod redis_ha;
+pub mod ring;
 
 use esq_cli::dev::{DevConfig, DevStack};
 use std::net::SocketAddr;
