@@ -42,10 +42,12 @@ use tonic::{Code, Status};
 
 /// How long a call whose outcome is unknown is retried before the soak fails: longer than any
 /// fault of the schedule lasts (a Cassandra node restart on a busy 2-core machine included).
-const DEFINITE_WITHIN: Duration = Duration::from_secs(240);
+const DEFINITE_WITHIN: Duration = Duration::from_secs(300);
 /// Generous bound on a process restart, a node coming back, a failover, and the end checks'
 /// waits (the read model and the subscriber catching up).
 const WAIT: Duration = Duration::from_secs(240);
+/// Generous bound on a Cassandra node's restart.
+const NODE_WAIT: Duration = Duration::from_secs(900);
 const CART_TASKS: usize = 4;
 const BOOK_TASKS: usize = 2;
 const RAW_TASKS: usize = 2;
