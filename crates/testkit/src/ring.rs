@@ -106,11 +106,16 @@ impl Ring {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())) else {
             return false;
         };
-        // The state follows the parenthesised command name.
-        stat.rsplit(')')
+        // The state follows the parenthesised command name. A zombie main thread whose other
+        // threads are still exiting (and hold the node's sockets) still counts as running.
+        let zombie = stat
+            .rsplit(')')
             .next()
             .and_then(|rest| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z")
+            .is_none_or(|state| state == "Z");
+        !zombie
+            || std::fs::read_dir(format!("/proc/{}/task", pid.trim()))
+                .is_ok_and(|tasks| tasks.count() > 1)
     }
 
     async fn run(&self, args: &[&str]) -> anyhow::Result<()> {
