@@ -180,7 +180,7 @@ impl Ring {
     }
 }
 
-/// Restarts every stopped node of a [`Ring`] and waits (up to 5 minutes) for the ring when
+/// Restarts every stopped node of a [`Ring`] and waits (up to 10 minutes) for the ring when
 /// dropped, so a failing test still leaves all nodes up. Dropping blocks the thread: it runs at
 /// the end of a test, when nothing else of the test needs the thread.
 pub struct RingGuard {
@@ -208,7 +208,7 @@ impl Drop for RingGuard {
             let ok = std::process::Command::new(script())
                 .arg("ring-wait")
                 .arg(&ring.dir)
-                .arg("300")
+                .arg("600")
                 .status()
                 .is_ok_and(|s| s.success());
             if !ok {
