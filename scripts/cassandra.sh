@@ -200,13 +200,20 @@ EOF
 EOF
 }
 
-# Exit 0 when the node of DIR runs: its pid file names a live process (a zombie is dead).
+# Exit 0 when the node of DIR runs: its pid file names a live process. A zombie is dead once
+# it is alone: a JVM's main thread turns zombie while its other threads (holding the sockets)
+# may still be exiting.
 running() {
-    local dir="$1" pid
+    local dir="$1"
     [[ -f "$dir/pid" ]] || return 1
-    pid="$(cat "$dir/pid")"
+    pid_alive "$(cat "$dir/pid")"
+}
+
+pid_alive() {
+    local pid="$1"
     kill -0 "$pid" 2>/dev/null || return 1
-    [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]
+    [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] && return 0
+    (($(ls "/proc/$pid/task" 2>/dev/null | wc -l) > 1))
 }
 
 start() {
@@ -587,6 +594,13 @@ kill_node() {
         waited=$((waited + 1))
     done
     rm -f "$node/pid"
+    # Gone means its ports are free too, so that `restart` can bind them at once.
+    load_node "$node"
+    while port_in_use "$NODE_HOST" "$NODE_PORT" || port_in_use "$NODE_HOST" "$NODE_STORAGE_PORT"; do
+        ((waited < 300)) || die "$NODE_HOST:$NODE_PORT or :$NODE_STORAGE_PORT still accepts 30s after SIGKILL"
+        sleep 0.1
+        waited=$((waited + 1))
+    done
     echo "cassandra: killed pid $pid ($node)"
 }
 
@@ -613,10 +627,10 @@ ring_stop() {
     local pid
     for pid in "${pids[@]}"; do
         for _ in $(seq 1 60); do
-            kill -0 "$pid" 2>/dev/null && [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] || break
+            pid_alive "$pid" || break
             sleep 1
         done
-        if kill -0 "$pid" 2>/dev/null; then
+        if pid_alive "$pid"; then
             echo "cassandra: pid $pid ignored SIGTERM for 60s, killing it" >&2
             kill -9 "$pid" 2>/dev/null || true
         fi

@@ -29,8 +29,9 @@ const OP_BOUND: Duration = Duration::from_secs(120);
 /// The deadline of every call: far beyond the append deadline (6 s), so a hang shows as
 /// DEADLINE_EXCEEDED instead of an answer.
 const CALL_DEADLINE: Duration = Duration::from_secs(20);
-/// How long the ring may take to answer again after a restart.
-const RING_BOUND: Duration = Duration::from_secs(300);
+/// How long the ring may take to answer again after a restart (155 s seen for two nodes at a
+/// load average of 35 on 2 cores).
+const RING_BOUND: Duration = Duration::from_secs(600);
 
 fn redis_url(test: &str) -> String {
     std::env::var("ESQ_TEST_REDIS")

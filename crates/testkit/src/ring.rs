@@ -106,11 +106,16 @@ impl Ring {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())) else {
             return false;
         };
-        // The state follows the parenthesised command name.
-        stat.rsplit(')')
+        // The state follows the parenthesised command name. A zombie main thread whose other
+        // threads are still exiting (and hold the node's sockets) still counts as running.
+        let zombie = stat
+            .rsplit(')')
             .next()
             .and_then(|rest| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z")
+            .is_none_or(|state| state == "Z");
+        !zombie
+            || std::fs::read_dir(format!("/proc/{}/task", pid.trim()))
+                .is_ok_and(|tasks| tasks.count() > 1)
     }
 
     async fn run(&self, args: &[&str]) -> anyhow::Result<()> {
@@ -175,7 +180,7 @@ impl Ring {
     }
 }
 
-/// Restarts every stopped node of a [`Ring`] and waits (up to 5 minutes) for the ring when
+/// Restarts every stopped node of a [`Ring`] and waits (up to 10 minutes) for the ring when
 /// dropped, so a failing test still leaves all nodes up. Dropping blocks the thread: it runs at
 /// the end of a test, when nothing else of the test needs the thread.
 pub struct RingGuard {
@@ -203,7 +208,7 @@ impl Drop for RingGuard {
             let ok = std::process::Command::new(script())
                 .arg("ring-wait")
                 .arg(&ring.dir)
-                .arg("300")
+                .arg("600")
                 .status()
                 .is_ok_and(|s| s.success());
             if !ok {
