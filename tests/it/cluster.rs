@@ -174,7 +174,7 @@ impl Load {
 /// Waits until the read model of every cart reached the store's version, then checks that the
 /// cart view and the generic state equal a fold of the stored events: nothing missing, nothing
 /// applied twice (the cart totals are increments, so a double apply would show).
-async fn assert_read_model_equals_fold(c: &Clients, carts: &[String]) {
+pub(crate) async fn assert_read_model_equals_fold(c: &Clients, carts: &[String]) {
     for id in carts {
         let events: Vec<RecordedEvent> = read_all(c, "cart", id)
             .await
