@@ -53,6 +53,14 @@ fn spawn(
         .env("LOG_FORMAT", "plain")
         .env("ESQ_CQL_NODES", &backends.cassandra)
         .env("ESQ_CQL_KEYSPACE", keyspace)
+        // The chart's default replication (NetworkTopologyStrategy, 3 replicas) needs three
+        // nodes; the test's one node gets a single replica.
+        .env(
+            "ESQ_CQL_REPLICATION",
+            "{'class': 'NetworkTopologyStrategy', 'datacenter1': 1}",
+        )
+        .env("ESQ_CQL_CONSISTENCY", "local-quorum")
+        .env("ESQ_CQL_SERIAL_CONSISTENCY", "local-serial")
         .env("ESQ_CQL_TIMEOUT_MS", "5000")
         .env("ESQ_CONFIDENCE_WINDOW_MS", "1000")
         .env("ESQ_APPEND_DEADLINE_MS", "15000")

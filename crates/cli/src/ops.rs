@@ -20,6 +20,7 @@ use esq::pb::v1 as pb;
 use esq::pb::v1::event_store_client::EventStoreClient;
 use esq::pb::v1::projections_client::ProjectionsClient;
 use esq_domain::StreamId;
+use esq_runtime::auth::BearerToken;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::io::{IsTerminal as _, Write as _};
@@ -56,46 +57,12 @@ pub struct Tls {
     pub token: Option<String>,
 }
 
-/// Adds `authorization: Bearer <token>` to every call when a token is given.
-#[derive(Clone, Debug)]
-pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl Bearer {
-    /// The header for `token`, if any; an error when it cannot travel in a header.
-    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
-        token
-            .map(|t| {
-                format!("Bearer {}", t.trim()).parse().map_err(|_| {
-                    anyhow::anyhow!(
-                        "--token (ESQ_TOKEN) is not a valid token: printable ASCII expected"
-                    )
-                })
-            })
-            .transpose()
-            .map(Self)
-    }
-}
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 /// A channel whose calls carry the `--token`, if any.
-type Conn = InterceptedService<Channel, Bearer>;
+type Conn = InterceptedService<Channel, BearerToken>;
 
 /// [`connect`], then the token of `tls` on every call.
 async fn connect_with_token(url: &str, tls: &Tls) -> anyhow::Result<Conn> {
-    let bearer = Bearer::new(tls.token.as_deref())?;
+    let bearer = BearerToken::new(tls.token.as_deref()).context("--token (ESQ_TOKEN)")?;
     Ok(InterceptedService::new(connect(url, tls).await?, bearer))
 }
 

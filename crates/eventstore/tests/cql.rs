@@ -7,7 +7,7 @@
 //! unit-tested in the crate.
 
 use esq_domain::{ExpectedVersion, NewEvent, StreamId};
-use esq_eventstore::cql::{CqlConfig, CqlStore, Engine};
+use esq_eventstore::cql::{CqlConfig, CqlStore, Engine, QuorumLevel};
 use esq_eventstore::{contract, now_us, ChangeFeed, EventStore, ReadRequest, StoreError};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -71,6 +71,47 @@ fn event(n: u32) -> NewEvent {
         content_type: "application/json".into(),
         data: format!("{{\"n\":{n}}}").into_bytes(),
         metadata: BTreeMap::new(),
+    }
+}
+
+/// The configured level reaches the server: on one node, a keyspace of two replicas can reach
+/// neither `QUORUM` nor `LOCAL_QUORUM`, and the node's refusal names the level it was asked for.
+/// (Weaker levels than a quorum cannot be configured at all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configured_consistency_level_is_the_one_the_node_is_asked_for() {
+    let test = "the_configured_consistency_level_is_the_one_the_node_is_asked_for";
+    let Some(node) = node(test) else {
+        return;
+    };
+    for (level, name) in [
+        (QuorumLevel::LocalQuorum, "LOCAL_QUORUM"),
+        (QuorumLevel::Quorum, "QUORUM"),
+    ] {
+        let mut config = config("levels", &node);
+        config.replication = "{'class': 'SimpleStrategy', 'replication_factor': 2}".into();
+        config.consistency = level;
+        let store = connect(config).await;
+        let err = store
+            .append(&stream("levels"), ExpectedVersion::Any, &[event(1)])
+            .await
+            .expect_err("two replicas on one node: no quorum");
+        let text = err.to_string();
+        assert!(
+            matches!(err, StoreError::Unavailable(_)),
+            "{level:?}: a missing quorum is unavailable, got {err:?}"
+        );
+        let named = text
+            .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+            .any(|word| word == name);
+        assert!(named, "{level:?}: the refusal names {name}: {text}");
+        let read = store
+            .read(&stream("levels"), ReadRequest::forwards(1, 10))
+            .await
+            .expect_err("a quorum read cannot be served either");
+        assert!(
+            matches!(read, StoreError::Unavailable(_)),
+            "{level:?}: {read:?}"
+        );
     }
 }
 

@@ -177,6 +177,37 @@ pub fn new_token() -> anyhow::Result<String> {
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
+/// The client side: adds `authorization: Bearer <token>` to every call (nothing when it holds
+/// no token). Used by the `esq` CLI and the test clients.
+#[derive(Clone, Debug, Default)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl BearerToken {
+    /// The header for `token` (trimmed), if any; an error when it cannot travel in a header
+    /// (only printable ASCII can).
+    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
+        token
+            .map(|t| {
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("not a valid token: printable ASCII expected"))
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// The token-file line that gives `token`'s holder `role` under `name`.
 pub fn token_line(role: Role, token: &str, name: &str) -> String {
     format!("{role} {} {name}", hash_token(token))
@@ -564,7 +595,26 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::service::Interceptor as _;
     use tonic::Code;
+
+    #[test]
+    fn a_bearer_token_travels_trimmed_and_a_bad_one_is_refused() {
+        let mut bearer = BearerToken::new(Some(" t0ken\n")).expect("a printable token");
+        let request = bearer.call(tonic::Request::new(())).expect("passes");
+        assert_eq!(
+            request
+                .metadata()
+                .get("authorization")
+                .map(|v| v.to_str().ok()),
+            Some(Some("Bearer t0ken"))
+        );
+        let mut none = BearerToken::new(None).expect("no token");
+        let request = none.call(tonic::Request::new(())).expect("passes");
+        assert!(request.metadata().get("authorization").is_none());
+        let err = BearerToken::new(Some("tok\u{7f}en")).expect_err("not header-safe");
+        assert!(err.to_string().contains("printable ASCII"), "{err}");
+    }
 
     fn table(lines: &[(Role, &str, &str)]) -> TokenTable {
         let text: String = lines

@@ -4,7 +4,9 @@
 use crate::limits::Limits;
 use crate::tls::{ServerTls, TlsFiles};
 use anyhow::Context as _;
-use esq_eventstore::cql::{CqlConfig, CqlCredentials, CqlStore, CqlTls, FeedKind};
+use esq_eventstore::cql::{
+    CqlConfig, CqlCredentials, CqlStore, CqlTls, FeedKind, QuorumLevel, SerialLevel,
+};
 use esq_readstore::redis::{RedisAccess, RedisConfig, RedisStore, RedisTls};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -235,6 +237,26 @@ pub enum ChangeFeedArg {
     ScyllaCdc,
 }
 
+/// Consistency level of a CQL store's plain reads and writes (see ARCHITECTURE.md,
+/// "Consistency levels"); only quorum levels, so every read sees every acknowledged append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConsistencyArg {
+    /// LOCAL_QUORUM: a majority of the replicas in the local datacenter.
+    LocalQuorum,
+    /// QUORUM: a majority of all replicas, across datacenters.
+    Quorum,
+}
+
+/// Consistency level of a CQL store's appends (their Paxos phase) and of the reads that settle
+/// an append's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SerialConsistencyArg {
+    /// LOCAL_SERIAL: linearizable per stream while each stream's writers are in one datacenter.
+    LocalSerial,
+    /// SERIAL: linearizable per stream across datacenters.
+    Serial,
+}
+
 /// Where the event store is: a ScyllaDB or Apache Cassandra cluster.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CqlArgs {
@@ -251,6 +273,26 @@ pub struct CqlArgs {
         default_value = "{'class': 'SimpleStrategy', 'replication_factor': 1}"
     )]
     pub cql_replication: String,
+    /// Consistency level of plain reads and writes (change-log rows, the commit of an append,
+    /// stream and change-log reads). Use `quorum` when the keyspace spans datacenters and
+    /// readers must see writes made in another datacenter at once.
+    #[arg(
+        long,
+        env = "ESQ_CQL_CONSISTENCY",
+        value_enum,
+        default_value = "local-quorum"
+    )]
+    pub cql_consistency: ConsistencyArg,
+    /// Consistency level of an append's lightweight transaction (the expected-version check)
+    /// and of the reads settling its outcome. Use `serial` when one stream may be written from
+    /// several datacenters.
+    #[arg(
+        long,
+        env = "ESQ_CQL_SERIAL_CONSISTENCY",
+        value_enum,
+        default_value = "local-serial"
+    )]
+    pub cql_serial_consistency: SerialConsistencyArg,
     /// Timeout of every CQL request, in milliseconds.
     #[arg(long, env = "ESQ_CQL_TIMEOUT_MS", default_value_t = 5000)]
     pub cql_timeout_ms: u64,
@@ -305,6 +347,14 @@ impl CqlArgs {
     pub async fn config(&self) -> anyhow::Result<CqlConfig> {
         let mut c = CqlConfig::new(self.cql_nodes.clone(), self.cql_keyspace.clone());
         c.replication = self.cql_replication.clone();
+        c.consistency = match self.cql_consistency {
+            ConsistencyArg::LocalQuorum => QuorumLevel::LocalQuorum,
+            ConsistencyArg::Quorum => QuorumLevel::Quorum,
+        };
+        c.serial_consistency = match self.cql_serial_consistency {
+            SerialConsistencyArg::LocalSerial => SerialLevel::LocalSerial,
+            SerialConsistencyArg::Serial => SerialLevel::Serial,
+        };
         c.request_timeout = Duration::from_millis(self.cql_timeout_ms);
         c.feed = match self.change_feed {
             ChangeFeedArg::Table => FeedKind::ChangesTable,
@@ -579,6 +629,46 @@ mod tests {
             "redis://127.0.0.1:1",
         ];
         Stores::try_parse_from(base.iter().chain(args)).expect("valid flags")
+    }
+
+    #[tokio::test]
+    async fn consistency_levels_default_to_the_local_quorums_and_refuse_weaker_ones() {
+        let defaults = parse(&[]).cql.config().await.expect("config");
+        assert_eq!(defaults.consistency, QuorumLevel::LocalQuorum);
+        assert_eq!(defaults.serial_consistency, SerialLevel::LocalSerial);
+        let chosen = parse(&[
+            "--cql-consistency",
+            "quorum",
+            "--cql-serial-consistency",
+            "serial",
+        ])
+        .cql
+        .config()
+        .await
+        .expect("config");
+        assert_eq!(chosen.consistency, QuorumLevel::Quorum);
+        assert_eq!(chosen.serial_consistency, SerialLevel::Serial);
+        for (flag, weak) in [
+            ("--cql-consistency", "one"),
+            ("--cql-consistency", "local-one"),
+            ("--cql-consistency", "all"),
+            ("--cql-serial-consistency", "quorum"),
+        ] {
+            let base = [
+                "test",
+                "--cql-nodes",
+                "127.0.0.1:1",
+                "--redis-url",
+                "redis://x",
+            ];
+            let err = Stores::try_parse_from(base.iter().chain(&[flag, weak]))
+                .expect_err("a level that may miss acknowledged appends is refused");
+            let text = err.to_string();
+            assert!(
+                text.contains(weak) && text.contains(flag),
+                "the error names the flag and the value: {text}"
+            );
+        }
     }
 
     #[tokio::test]

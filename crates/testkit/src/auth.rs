@@ -1,49 +1,21 @@
 //! Bearer tokens for system tests: a token file with fresh random tokens of every role, made
 //! at run time (no secret is ever in the repository), and an interceptor that sends a token.
 
+pub use esq_runtime::auth::BearerToken;
 use esq_runtime::auth::{new_token, token_line, Authenticator, Role};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-
-/// Adds `authorization: Bearer <token>` to every call (nothing when it holds no token).
-#[derive(Clone, Debug, Default)]
-pub struct BearerToken(Option<MetadataValue<Ascii>>);
-
-impl BearerToken {
-    /// Sends `token`.
-    pub fn new(token: &str) -> Self {
-        Self(Some(
-            format!("Bearer {token}")
-                .parse()
-                .expect("a token is header-safe text"),
-        ))
-    }
-}
-
-impl tonic::service::Interceptor for BearerToken {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
 
 /// A channel whose calls carry a bearer token.
 pub type TokenChannel = InterceptedService<Channel, BearerToken>;
 
 /// `channel` with `token` on every call.
 pub fn with_token(channel: Channel, token: &str) -> TokenChannel {
-    InterceptedService::new(channel, BearerToken::new(token))
+    let bearer = BearerToken::new(Some(token)).expect("a test token is header-safe text");
+    InterceptedService::new(channel, bearer)
 }
 
 /// `message` as a request carrying `token` (none: no header).

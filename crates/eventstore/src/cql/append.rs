@@ -57,7 +57,6 @@ use scylla::serialize::row::{RowSerializationContext, SerializeRow};
 use scylla::serialize::writers::RowWriter;
 use scylla::serialize::SerializationError;
 use scylla::statement::batch::{Batch, BatchType};
-use scylla::statement::SerialConsistency;
 use scylla::value::{CqlValue, Row};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -721,7 +720,7 @@ impl Inner {
         let recorded_at = commit_time(crate::now_us(), newest);
         let (kind, id) = (stream.kind.as_str(), stream.id.as_str());
         let mut batch = Batch::new(BatchType::Unlogged);
-        batch.set_serial_consistency(Some(SerialConsistency::LocalSerial));
+        batch.set_serial_consistency(Some(self.config.serial_consistency.driver()));
         let mut values = Vec::with_capacity(events.len() + 1);
         if base == 0 {
             batch.append_statement(self.stmts.head_first.clone());

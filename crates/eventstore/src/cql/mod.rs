@@ -128,6 +128,66 @@ pub enum Engine {
     Cassandra,
 }
 
+/// Consistency level of every plain read and write: the change-log notification, the events'
+/// commit phase of an append, stream and change-log reads, snapshots.
+///
+/// Only quorum levels are offered: an acknowledged append is then on a majority of the
+/// replicas, and every later quorum read meets at least one of them, so the projector, the
+/// verifier and every read that decides see every acknowledged append. `ONE`, `TWO` or `ANY`
+/// could acknowledge an append a later read does not see (the projector would skip its
+/// notification as an orphan), and `ALL` gives up the tolerance of a node loss.
+/// See ARCHITECTURE.md, "Consistency levels".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuorumLevel {
+    /// `LOCAL_QUORUM`: a majority of the replicas in the coordinator's datacenter. On one
+    /// datacenter the same as `QUORUM`; on several, each datacenter's clients see their own
+    /// datacenter's writes at once and others' after replication.
+    #[default]
+    LocalQuorum,
+    /// `QUORUM`: a majority of all replicas, across datacenters: every read sees every
+    /// acknowledged write wherever it was made, at the price of cross-datacenter round trips.
+    Quorum,
+}
+
+impl QuorumLevel {
+    pub(crate) fn driver(self) -> Consistency {
+        match self {
+            Self::LocalQuorum => Consistency::LocalQuorum,
+            Self::Quorum => Consistency::Quorum,
+        }
+    }
+}
+
+/// Consistency level of the Paxos phase of an append (the lightweight transaction that checks
+/// the expected version) and of the reads that settle an append's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SerialLevel {
+    /// `LOCAL_SERIAL`: Paxos among the local datacenter's replicas. Linearizable per stream as
+    /// long as every writer of a stream is in one datacenter.
+    #[default]
+    LocalSerial,
+    /// `SERIAL`: Paxos among all replicas: linearizable per stream even with writers in
+    /// several datacenters, at the price of cross-datacenter round trips per append.
+    Serial,
+}
+
+impl SerialLevel {
+    pub(crate) fn driver(self) -> SerialConsistency {
+        match self {
+            Self::LocalSerial => SerialConsistency::LocalSerial,
+            Self::Serial => SerialConsistency::Serial,
+        }
+    }
+
+    /// The level of a read that must see (or complete) every Paxos round before it.
+    pub(crate) fn as_read(self) -> Consistency {
+        match self {
+            Self::LocalSerial => Consistency::LocalSerial,
+            Self::Serial => Consistency::Serial,
+        }
+    }
+}
+
 /// How to reach the cluster and lay out the data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CqlConfig {
@@ -138,6 +198,11 @@ pub struct CqlConfig {
     /// CQL replication map used when the keyspace is created, e.g.
     /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3}`.
     pub replication: String,
+    /// Consistency level of plain reads and writes ([`QuorumLevel`]).
+    pub consistency: QuorumLevel,
+    /// Consistency level of appends' Paxos phase and of the reads settling an append
+    /// ([`SerialLevel`]).
+    pub serial_consistency: SerialLevel,
     /// Longest wait for any one request (and for each connection attempt; opening the session
     /// at connect waits at most twice this); past it the call fails with
     /// [`StoreError::Unavailable`]. The cluster's own write and CAS timeouts should not be
@@ -193,7 +258,7 @@ pub struct CqlConfig {
 
 impl CqlConfig {
     /// A configuration for `nodes` and `keyspace` with defaults for the rest: replication
-    /// factor 1 (SimpleStrategy), 5 s requests, a 15 s append deadline, 16 shards, a 2 s
+    /// factor 1 (SimpleStrategy), `LOCAL_QUORUM` and `LOCAL_SERIAL`, 5 s requests, a 15 s append deadline, 16 shards, a 2 s
     /// confidence window, notifications kept 7 days in one-minute buckets, the changes-table
     /// feed, and a 100-event idempotency window checked by every append.
     pub fn new(nodes: Vec<String>, keyspace: impl Into<String>) -> Self {
@@ -201,6 +266,8 @@ impl CqlConfig {
             nodes,
             keyspace: keyspace.into(),
             replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+            consistency: QuorumLevel::default(),
+            serial_consistency: SerialLevel::default(),
             request_timeout: Duration::from_secs(5),
             append_deadline: Duration::from_secs(15),
             shard_count: 16,
@@ -312,7 +379,9 @@ impl CqlStore {
             ));
         }
         schema::ensure(&session, &config, engine).await?;
-        let stmts = statements::Statements::prepare(&session, &config.keyspace).await?;
+        let stmts =
+            statements::Statements::prepare(&session, &config.keyspace, config.serial_consistency)
+                .await?;
         let snapshots = snapshots::SnapshotStatements::prepare(&session, &config.keyspace).await?;
         // The Scylla CDC feed keeps this first session for its reader even if a later one
         // replaces it for requests.
@@ -365,8 +434,8 @@ impl CqlStore {
 async fn open_session(config: &CqlConfig) -> Result<Session, StoreError> {
     let profile = ExecutionProfile::builder()
         .request_timeout(Some(config.request_timeout))
-        .consistency(Consistency::LocalQuorum)
-        .serial_consistency(Some(SerialConsistency::LocalSerial))
+        .consistency(config.consistency.driver())
+        .serial_consistency(Some(config.serial_consistency.driver()))
         .build();
     let mut builder = SessionBuilder::new()
         .known_nodes(&config.nodes)

@@ -1,10 +1,10 @@
 //! Every statement the store runs, prepared once at connect and held as fields.
 
 use super::error;
+use super::SerialLevel;
 use crate::StoreError;
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
-use scylla::statement::{Consistency, SerialConsistency};
 
 /// Rows per page of a stream read: events can be large (up to 512 KiB each), so pages stay
 /// small enough for one frame.
@@ -52,7 +52,13 @@ pub(crate) struct Statements {
 }
 
 impl Statements {
-    pub(crate) async fn prepare(session: &Session, ks: &str) -> Result<Self, StoreError> {
+    /// Prepares every statement of keyspace `ks`; the appends' conditional statements and the
+    /// reads settling an append use `serial` (everything else the session's default level).
+    pub(crate) async fn prepare(
+        session: &Session,
+        ks: &str,
+        serial: SerialLevel,
+    ) -> Result<Self, StoreError> {
         let pk = "stream_type = ? AND stream_id = ? AND bucket = ?";
         let prepare = |cql: String, idempotent: bool| async move {
             let mut stmt = session.prepare(cql).await.map_err(error::prepare)?;
@@ -68,13 +74,13 @@ impl Statements {
         )
         .await?;
         // After a lost race the winner's rows must be visible: read them through Paxos.
-        events_serial.set_consistency(Consistency::LocalSerial);
+        events_serial.set_consistency(serial.as_read());
         let mut head_serial = prepare(
             format!("SELECT head FROM {ks}.events WHERE {pk} LIMIT 1"),
             true,
         )
         .await?;
-        head_serial.set_consistency(Consistency::LocalSerial);
+        head_serial.set_consistency(serial.as_read());
         let mut read_forwards = prepare(
             format!(
                 "SELECT {EVENT_COLUMNS} FROM {ks}.events \
@@ -101,13 +107,13 @@ impl Statements {
             false,
         )
         .await?;
-        head_first.set_serial_consistency(Some(SerialConsistency::LocalSerial));
+        head_first.set_serial_consistency(Some(serial.driver()));
         let mut head_next = prepare(
             format!("UPDATE {ks}.events SET head = ?, updated_at = ? WHERE {pk} IF head = ?"),
             false,
         )
         .await?;
-        head_next.set_serial_consistency(Some(SerialConsistency::LocalSerial));
+        head_next.set_serial_consistency(Some(serial.driver()));
         Ok(Self {
             head_first,
             head_next,
