@@ -16,6 +16,7 @@ mod history;
 mod metrics;
 mod operator;
 mod parked;
+mod redis_ha;
 mod replay;
 mod ring;
 mod snapshots;

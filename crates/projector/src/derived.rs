@@ -233,6 +233,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         );
         let mut cursor = None;
         let mut sources = 0u64;
+        let epoch = self.replication_epoch();
         loop {
             let page = self
                 .store
@@ -261,6 +262,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             sources,
             "derived projection filled"
         );
+        // The marker vouches for every contribution above.
+        self.ensure_replicated(epoch).await?;
         self.read
             .save_checkpoint(
                 &self.derived_fill_marker(d.name(), generation),

@@ -16,6 +16,7 @@ mod leases;
 pub mod ops;
 mod parked;
 mod rebuild;
+mod replication;
 mod shards;
 mod sync;
 #[cfg(test)]
@@ -97,6 +98,11 @@ pub struct Config {
     pub sync_concurrency: usize,
     /// At most this many owned shards are polled at once.
     pub shard_concurrency: usize,
+    /// Progress markers (shard checkpoints, a rebuild's swap, derived fill markers) move past
+    /// applies only once every read-store primary has them on at least this many replicas
+    /// and no primary was replaced meanwhile (see `replication`); 0: at once (a standalone
+    /// server, or replicas not trusted to survive).
+    pub wait_replicas: u32,
 }
 
 impl Default for Config {
@@ -120,6 +126,7 @@ impl Default for Config {
             status_interval: Duration::from_secs(1),
             sync_concurrency: DEFAULT_SYNC_CONCURRENCY,
             shard_concurrency: DEFAULT_SHARD_CONCURRENCY,
+            wait_replicas: 0,
         }
     }
 }
@@ -163,6 +170,8 @@ pub struct Projector<E, F, R> {
     targets: generations::Targets,
     /// Bounds the streams synced at once ([`Config::sync_concurrency`]).
     syncs: tokio::sync::Semaphore,
+    /// When the last "not replicated yet" warning was logged (they are rate-limited).
+    replication_warned: std::sync::Mutex<Option<std::time::Instant>>,
     /// Tests: how many times a document's starting point was read (see `sync`).
     #[cfg(test)]
     starts: std::sync::atomic::AtomicU64,
@@ -183,6 +192,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             windows: Default::default(),
             targets: generations::Targets::default(),
             syncs: tokio::sync::Semaphore::new(config.sync_concurrency.max(1)),
+            replication_warned: Default::default(),
             config,
             #[cfg(test)]
             starts: Default::default(),

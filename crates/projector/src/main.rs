@@ -35,6 +35,13 @@ struct Args {
     /// Owned change-log shards polled at once.
     #[arg(long, env = "ESQ_SHARD_CONCURRENCY", default_value_t = esq_projector::DEFAULT_SHARD_CONCURRENCY)]
     shard_concurrency: usize,
+    /// Move progress markers (shard checkpoints, rebuild swaps, derived fill markers) only
+    /// past applies every Redis primary has on at least this many replicas (Redis WAIT), so
+    /// that a failover cannot lose an apply a checkpoint has passed. 0: off (a standalone
+    /// server). With N >= 1 a checkpoint waits while a primary has fewer than N live replicas:
+    /// applying goes on, only the checkpoints stall (and a restart re-applies from them).
+    #[arg(long, env = "ESQ_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    redis_wait_replicas: u32,
     /// Pub/sub channel of the nudges.
     #[arg(long, env = "ESQ_NUDGE_CHANNEL", default_value = "esq:nudge")]
     nudge_channel: String,
@@ -71,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
         append_deadline: Duration::from_millis(args.cql.append_deadline_ms),
         sync_concurrency: args.sync_concurrency.max(1),
         shard_concurrency: args.shard_concurrency.max(1),
+        wait_replicas: args.redis_wait_replicas,
         ..Config::default()
     };
     if let Some(id) = args.projector_id {
@@ -89,7 +97,9 @@ async fn main() -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
     let subscriber = {
         let (wake, shutdown) = (Arc::clone(&wake), shutdown.clone());
-        let url = args.redis.redis_url.first().cloned().unwrap_or_default();
+        // Any node of a Cluster hears every PUBLISH: the subscription takes the URLs in turn,
+        // so it moves to another node when its node dies.
+        let urls = args.redis.redis_url.clone();
         let access = args.redis.access.load().await?;
         let channel = args.nudge_channel.clone();
         tokio::spawn(async move {
@@ -99,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 None => wake.notify_one(),
             };
-            subscribe_nudges(&url, &access, &channel, sink, shutdown).await;
+            subscribe_nudges(&urls, &access, &channel, sink, shutdown).await;
         })
     };
     let listener = esq_runtime::bind(args.listen).await?;

@@ -311,8 +311,11 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 tokio::time::sleep(self.config.lease_ttl).await;
             }
             progress.streams_total = Some(self.count_streams().await?);
+            let epoch = self.replication_epoch();
             self.scan_into(p, &namespace(projection, generation), &mut progress)
                 .await?;
+            // The swap and the derived fill markers vouch for every apply of the scan.
+            self.ensure_replicated(epoch).await?;
             let swapped = update_record(self.read.as_ref(), projection, |r| {
                 if r.building != Some(generation) {
                     return false;

@@ -3,6 +3,7 @@
 //! committed (orphans) skipped after the append deadline, and the checkpoint saved.
 
 use crate::ops::ShardStatus;
+use crate::replication::Gate;
 use crate::sync::Synced;
 use crate::{ProjectError, Projector};
 use esq_domain::StreamId;
@@ -63,14 +64,19 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         // Taken out while in use (one poller per shard); lost on an error, which only means
         // re-reading from the checkpoint.
         let taken = self.windows.lock().expect("windows").remove(&shard);
+        // The read-store epoch the window's applies are made in (see `replication`).
+        let epoch = self.replication_epoch();
         let mut window = match taken {
-            Some(w) if w.base == checkpoint => w,
-            // New, or another projector moved the checkpoint meanwhile.
+            Some(w) if w.base == checkpoint && w.epoch == epoch => w,
+            // New, another projector moved the checkpoint meanwhile, or a read-store failover
+            // may have lost applies the window counts as done: start over from the checkpoint.
             _ => {
                 let noted = self
                     .recorded_checkpoint_time(shard, checkpoint.as_deref())
                     .await?;
-                Window::new(checkpoint.clone(), noted)
+                let mut w = Window::new(checkpoint.clone(), noted);
+                w.epoch = epoch;
+                w
             }
         };
         let stopped = |t: Option<Instant>| t.is_some_and(|t| Instant::now() >= t);
@@ -116,14 +122,22 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 });
             }
         }
-        // The checkpoint covers the changes done before the earliest unresolved one.
-        let mut done = None;
-        while window
+        // The checkpoint covers the changes done before the earliest unresolved one, once
+        // their applies are on enough read-store replicas.
+        let resolved = window
             .entries
-            .front()
-            .is_some_and(|e| e.unresolved.is_none())
-        {
-            done = window.entries.pop_front();
+            .iter()
+            .take_while(|e| e.unresolved.is_none())
+            .count();
+        let mut done = None;
+        if resolved > 0 {
+            match self.replicated_since(window.epoch).await? {
+                Gate::Open => done = window.entries.drain(..resolved).last(),
+                // Kept: the checkpoint moves once the replicas have caught up.
+                Gate::Lagging => {}
+                // Dropped: the next poll reads again from the checkpoint and re-applies.
+                Gate::Moved => return Ok(false),
+            }
         }
         if let Some(entry) = done {
             // A full window that made room: read on at once.
@@ -365,6 +379,9 @@ pub(crate) struct Window {
     entries: VecDeque<Entry>,
     /// When the shard's status is next recorded.
     status_due: Option<Instant>,
+    /// The read store's replication epoch when the window was started: its done entries
+    /// count only while the epoch stays (see `replication`).
+    epoch: u64,
 }
 
 /// One change read past the checkpoint.

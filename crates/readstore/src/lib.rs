@@ -30,6 +30,16 @@ pub enum ReadError {
     Internal(String),
 }
 
+/// How far the writes acknowledged so far reached replicas ([`ReadStore::wait_replicated`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    /// The fewest replicas that acknowledged every earlier write of this store, over all
+    /// primaries (`u32::MAX` for a store without replicas to wait for: it loses nothing).
+    pub acked: u32,
+    /// The store's topology epoch after the wait (see [`ReadStore::replication_epoch`]).
+    pub epoch: u64,
+}
+
 /// A document: the flat field map of one aggregate in one projection.
 pub type Doc = HashMap<String, String>;
 
@@ -216,6 +226,31 @@ pub trait ReadStore: Send + Sync + 'static {
 
     /// How many records `set` holds.
     fn record_count(&self, set: &str) -> impl Future<Output = Result<u64, ReadError>> + Send;
+
+    /// The topology epoch as last seen: it changes whenever a primary of the store was seen
+    /// replaced or restarted (a failover), after which earlier acknowledged writes may be gone.
+    /// Stores without replication stay at 0.
+    fn replication_epoch(&self) -> u64 {
+        0
+    }
+
+    /// Waits (briefly) until every write this store acknowledged so far reached `replicas`
+    /// replicas on every primary, and refreshes [`ReadStore::replication_epoch`]. A progress
+    /// marker may move past writes only when `acked >= replicas` and the epoch did not change
+    /// since before those writes. The default: nothing to wait for.
+    fn wait_replicated(
+        &self,
+        replicas: u32,
+    ) -> impl Future<Output = Result<Replication, ReadError>> + Send {
+        let _ = replicas;
+        let epoch = self.replication_epoch();
+        async move {
+            Ok(Replication {
+                acked: u32::MAX,
+                epoch,
+            })
+        }
+    }
 }
 
 /// Coordination between projector replicas that share the change-log shards: leases with

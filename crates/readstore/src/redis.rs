@@ -23,7 +23,7 @@
 //! [`ReadError::Unavailable`], everything else [`ReadError::Internal`].
 
 use crate::notify::{AppliedFeed, Watch};
-use crate::{Doc, ReadError, ReadStore};
+use crate::{Doc, ReadError, ReadStore, Replication};
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
@@ -33,7 +33,8 @@ use esq_domain::derived::{Column, Contribution};
 use esq_domain::projection::{ApplyOutcome, Batch, FieldOp, INDEX_PENDING_FIELD};
 use futures::StreamExt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -280,6 +281,58 @@ struct Shared {
     clear_pending: Script,
     contribute: Script,
     swap: Script,
+    /// The primaries as last seen by [`ReadStore::wait_replicated`] (address and run id of
+    /// each, sorted): `None` until first seen.
+    topology: Mutex<Option<String>>,
+    /// Bumped whenever `topology` changes (see [`ReadStore::replication_epoch`]).
+    epoch: AtomicU64,
+}
+
+/// The longest a `WAIT` blocks: every other call on that node's connection queues behind it,
+/// so it is short; replicas on a live link acknowledge within milliseconds.
+const WAIT_TIMEOUT_MS: u64 = 250;
+
+/// One primary as `INFO server replication` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Primary {
+    address: String,
+    run_id: String,
+    replicas: u32,
+}
+
+/// Parses the `INFO` text of `address`: its run id and connected replicas.
+fn parse_primary(address: &str, info: &str) -> Result<Primary, ReadError> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+            .map(str::to_owned)
+    };
+    let run_id = field("run_id")
+        .ok_or_else(|| ReadError::Internal(format!("INFO of {address} has no run_id")))?;
+    if field("role").as_deref() != Some("master") {
+        // A node the client still takes for a primary was demoted: the topology is moving.
+        return Err(ReadError::Unavailable(format!(
+            "{address} is no longer a primary"
+        )));
+    }
+    let replicas = field("connected_slaves")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Ok(Primary {
+        address: address.to_owned(),
+        run_id,
+        replicas,
+    })
+}
+
+/// The topology fingerprint of `primaries`: who they are and which process runs each.
+fn fingerprint(primaries: &[Primary]) -> String {
+    let mut parts: Vec<String> = primaries
+        .iter()
+        .map(|p| format!("{}/{}", p.address, p.run_id))
+        .collect();
+    parts.sort();
+    parts.join(",")
 }
 
 /// The one multiplexed connection; both variants reconnect by themselves.
@@ -445,8 +498,15 @@ impl RedisStore {
                 clear_pending: Script::new(CLEAR_PENDING_LUA),
                 contribute: Script::new(CONTRIBUTE_LUA),
                 swap: Script::new(SWAP_LUA),
+                topology: Mutex::new(None),
+                epoch: AtomicU64::new(0),
             }),
         };
+        // The topology the store starts from (best effort: a failure leaves it unknown, and
+        // the first wait then counts as a change).
+        if let Ok(primaries) = store.primaries().await {
+            *store.shared.topology.lock().expect("topology") = Some(fingerprint(&primaries));
+        }
         // Load once up front (to every primary in a Cluster); a server that restarts and forgets
         // them gets them again on the first NOSCRIPT.
         for script in [
@@ -461,6 +521,44 @@ impl RedisStore {
             bounded(timeout, script.load_async(&mut conn)).await?;
         }
         Ok(store)
+    }
+
+    /// Every primary (the server itself on a standalone connection) with its run id and
+    /// connected replicas: `INFO server replication`, which the Cluster client sends to every
+    /// primary of its slot map and answers per address.
+    async fn primaries(&self) -> Result<Vec<Primary>, ReadError> {
+        let mut cmd = ::redis::cmd("INFO");
+        cmd.arg("server").arg("replication");
+        let value: Value = self.query(&cmd).await?;
+        let text = |v: Value| -> Result<String, ReadError> {
+            match v {
+                Value::ServerError(e) => Err(translate(e.into())),
+                v => ::redis::from_redis_value(v).map_err(|e| ReadError::Internal(e.to_string())),
+            }
+        };
+        match value {
+            Value::Map(entries) => entries
+                .into_iter()
+                .map(|(address, info)| parse_primary(&text(address)?, &text(info)?))
+                .collect(),
+            other => Ok(vec![parse_primary("server", &text(other)?)?]),
+        }
+    }
+
+    /// Records `primaries` as the topology seen now; bumps the epoch if it differs from the
+    /// one seen before (or none was). Returns the epoch.
+    fn observe_topology(&self, primaries: &[Primary]) -> u64 {
+        let now = fingerprint(primaries);
+        let mut seen = self.shared.topology.lock().expect("topology");
+        if seen.as_deref() != Some(now.as_str()) {
+            if let Some(before) = seen.as_deref() {
+                tracing::warn!(before, now = %now, "Redis primaries changed (a failover or restart)");
+            }
+            *seen = Some(now);
+            self.shared.epoch.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            self.shared.epoch.load(Ordering::SeqCst)
+        }
     }
 
     /// Publishes `message` on pub/sub `channel` (used verbatim, not prefixed). Best effort: a
@@ -1007,6 +1105,33 @@ impl ReadStore for RedisStore {
         self.query(&cmd).await
     }
 
+    fn replication_epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::SeqCst)
+    }
+
+    /// `WAIT` on every primary (the Cluster client sends it to each over the same per-node
+    /// connection the writes took, and answers the smallest count), between two looks at the
+    /// primaries: a primary replaced or restarted around the wait bumps the epoch, since a
+    /// `WAIT` on a new connection covers none of the writes sent on the old one. A primary
+    /// with fewer connected replicas than asked is not waited on (the wait could only time
+    /// out while blocking that node's connection).
+    async fn wait_replicated(&self, replicas: u32) -> Result<Replication, ReadError> {
+        let before = self.primaries().await?;
+        self.observe_topology(&before);
+        let fewest = before.iter().map(|p| p.replicas).min().unwrap_or(0);
+        let acked = if replicas == 0 || fewest < replicas {
+            fewest
+        } else {
+            let mut cmd = ::redis::cmd("WAIT");
+            cmd.arg(replicas).arg(WAIT_TIMEOUT_MS);
+            let n: i64 = self.query(&cmd).await?;
+            u32::try_from(n).unwrap_or(0)
+        };
+        let after = self.primaries().await?;
+        let epoch = self.observe_topology(&after);
+        Ok(Replication { acked, epoch })
+    }
+
     async fn put_record(&self, set: &str, key: &str, record: &str) -> Result<(), ReadError> {
         let (records, keys) = self.record_keys(set);
         let mut cmd = ::redis::cmd("EVAL");
@@ -1087,27 +1212,27 @@ impl ReadStore for RedisStore {
     }
 }
 
-/// Calls `on_message(Some(payload))` for every message published on `channel` at the Redis
-/// server at `url` (any node, for a Cluster: classic pub/sub is broadcast), until `shutdown` is
-/// cancelled. `on_message` must not block.
+/// Calls `on_message(Some(payload))` for every message published on `channel` at one of the
+/// Redis servers at `urls` (any node, for a Cluster: classic pub/sub is broadcast; tried in
+/// turn, so a dead node's subscribers move to the next), until `shutdown` is cancelled.
+/// `on_message` must not block.
 ///
 /// Uses its own pub/sub connection. Best effort: when Redis goes away it reconnects with
 /// backoff (100 ms doubling to 5 s), and it calls `on_message(None)` after every
 /// (re)subscription because messages may have been missed meanwhile.
 pub async fn subscribe_nudges(
-    url: &str,
+    urls: &[String],
     access: &RedisAccess,
     channel: &str,
     on_message: impl Fn(Option<&str>) + Send,
     shutdown: CancellationToken,
 ) {
-    let urls = [url.to_owned()];
     let on_event = move |event: Subscription<'_>| match event {
         Subscription::Up => on_message(None),
         Subscription::Message(m) => on_message(Some(m)),
         Subscription::Down => {}
     };
-    subscribe(&urls, access, channel, on_event, shutdown).await;
+    subscribe(urls, access, channel, on_event, shutdown).await;
 }
 
 /// What a pub/sub subscription reports.
@@ -1255,6 +1380,42 @@ impl crate::Coordination for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn info_gives_run_id_role_and_replicas() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:abc123\r\n\r\n# Replication\r\n\
+                    role:master\r\nconnected_slaves:2\r\nslave0:ip=127.0.0.1,port=1\r\n";
+        let p = parse_primary("127.0.0.1:1", info).unwrap();
+        assert_eq!((p.run_id.as_str(), p.replicas), ("abc123", 2));
+        let replica = "run_id:x\r\nrole:slave\r\nmaster_link_status:up\r\n";
+        assert!(matches!(
+            parse_primary("a", replica),
+            Err(ReadError::Unavailable(_))
+        ));
+        assert!(matches!(
+            parse_primary("a", "role:master\r\n"),
+            Err(ReadError::Internal(_))
+        ));
+        let a = Primary {
+            address: "b:2".into(),
+            run_id: "r2".into(),
+            replicas: 1,
+        };
+        let b = Primary {
+            address: "a:1".into(),
+            run_id: "r1".into(),
+            replicas: 0,
+        };
+        assert_eq!(
+            fingerprint(&[a.clone(), b.clone()]),
+            fingerprint(&[b.clone(), a.clone()])
+        );
+        let restarted = Primary {
+            run_id: "r3".into(),
+            ..a.clone()
+        };
+        assert_ne!(fingerprint(&[a, b.clone()]), fingerprint(&[restarted, b]));
+    }
 
     #[test]
     fn urls_are_shown_without_their_password() {

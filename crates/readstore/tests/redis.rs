@@ -153,7 +153,14 @@ async fn nudges(backend: Backend, test: &str) {
                     notify.notify_one();
                 }
             };
-            subscribe_nudges(&subscribe_url, &Default::default(), &channel, got, shutdown).await
+            subscribe_nudges(
+                &[subscribe_url],
+                &Default::default(),
+                &channel,
+                got,
+                shutdown,
+            )
+            .await
         }
     });
     // The first wake-up is the one after subscribing; from then on only messages wake it.

@@ -173,7 +173,7 @@ async fn round_trip(backend: Backend, test: &str) {
                     notify.notify_one();
                 }
             };
-            subscribe_nudges(&url, &access, &channel, got, shutdown).await
+            subscribe_nudges(&[url], &access, &channel, got, shutdown).await
         }
     });
     tokio::time::timeout(WAIT, notify.notified())

@@ -182,13 +182,12 @@ impl RedisHa {
     /// every live node reports `cluster_state:ok`.
     pub async fn wait_failover(&self, killed_port: u16, within: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + within;
-        let mut last = String::new();
         loop {
-            match self.failover_done(killed_port).await {
+            let last = match self.failover_done(killed_port).await {
                 Ok(None) => return Ok(()),
-                Ok(Some(why)) => last = why,
-                Err(e) => last = format!("{e:#}"),
-            }
+                Ok(Some(why)) => why,
+                Err(e) => format!("{e:#}"),
+            };
             if tokio::time::Instant::now() >= deadline {
                 anyhow::bail!("no failover of {killed_port} within {within:?}: {last}");
             }
@@ -234,13 +233,12 @@ impl RedisHa {
     /// failover tests).
     pub async fn wait_healthy(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + within;
-        let mut last = String::new();
         loop {
-            match self.healthy().await {
+            let last = match self.healthy().await {
                 Ok(None) => return Ok(()),
-                Ok(Some(why)) => last = why,
-                Err(e) => last = format!("{e:#}"),
-            }
+                Ok(Some(why)) => why,
+                Err(e) => format!("{e:#}"),
+            };
             if tokio::time::Instant::now() >= deadline {
                 anyhow::bail!("the HA cluster is not healthy within {within:?}: {last}");
             }

@@ -16,7 +16,8 @@ struct Args {
     #[arg(long, env = "ESQ_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
     /// Redis URL for fast-path nudges to projectors (optional; without it projectors rely on
-    /// the change log alone).
+    /// the change log alone). Several, comma-separated: the nodes of a Redis Cluster (nudges
+    /// then survive the loss of a node).
     #[arg(long, env = "ESQ_NUDGE_URL")]
     nudge_url: Option<String>,
     /// Pub/sub channel of the nudges.
@@ -51,9 +52,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let nudge = match args.nudge_url {
         Some(url) => {
+            let urls: Vec<String> = url.split(',').map(|u| u.trim().to_owned()).collect();
             let redis = RedisConfig {
-                urls: vec![url],
-                cluster: false,
+                cluster: urls.len() > 1,
+                urls,
                 prefix: "esq".into(),
                 timeout: Duration::from_secs(1),
                 access: args.nudge_access.load().await?,
