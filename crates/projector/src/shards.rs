@@ -132,7 +132,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let mut done = None;
         if resolved > 0 {
             match self.replicated_since(window.epoch).await? {
-                Gate::Open => done = window.entries.drain(..resolved).last(),
+                Gate::Open => done = window.entries.drain(..resolved).next_back(),
                 // Kept: the checkpoint moves once the replicas have caught up.
                 Gate::Lagging => {}
                 // Dropped: the next poll reads again from the checkpoint and re-applies.
