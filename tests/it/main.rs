@@ -18,6 +18,7 @@ mod operator;
 mod parked;
 mod redis_ha;
 mod replay;
+mod ring;
 mod snapshots;
 mod startup;
 mod stores;

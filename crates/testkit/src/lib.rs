@@ -14,6 +14,7 @@ pub mod fuzz;
 pub mod metrics;
 pub mod pki;
 pub mod redis_ha;
+pub mod ring;
 
 use esq_cli::dev::{DevConfig, DevStack};
 use std::net::SocketAddr;
