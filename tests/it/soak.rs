@@ -1031,19 +1031,12 @@ fn soak_secs() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_load_with_faults() {
     let test = "soak::mixed_load_with_faults";
-    if std::env::var("ESQ_SKIP_REAL_BACKENDS").as_deref() == Ok("1") {
-        eprintln!("{test}: SKIPPED by request (ESQ_SKIP_REAL_BACKENDS=1)");
+    if esq_testkit::real_backends_skipped(test) {
         return;
     }
     let nodes = Nodes::from_env(test);
-    let single = |name: &str| {
-        std::env::var(name).unwrap_or_else(|_| {
-            panic!(
-                "{test} needs {name} (or the ring / HA cluster variables); run scripts/test or \
-                 scripts/soak, or set ESQ_SKIP_REAL_BACKENDS=1 to skip it explicitly"
-            )
-        })
-    };
+    let how = "run scripts/test or scripts/soak (or give the ring and HA cluster variables)";
+    let single = |name: &str| esq_testkit::required_env(test, name, how);
     let mut options = ClusterOptions {
         write_services: 2,
         projectors: 2,

@@ -28,22 +28,12 @@ struct SecureStores {
 
 impl SecureStores {
     fn from_env(test: &str) -> Option<Self> {
-        if std::env::var("ESQ_SKIP_REAL_BACKENDS").as_deref() == Ok("1") {
-            eprintln!("{test}: SKIPPED by request (ESQ_SKIP_REAL_BACKENDS=1)");
+        if esq_testkit::real_backends_skipped(test) {
             return None;
         }
-        let get = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .filter(|v| !v.trim().is_empty())
-                .unwrap_or_else(|| {
-                    panic!(
-                        "{test} needs {name}: run scripts/test (which starts a Cassandra node with \
-                         a login and TLS and a Redis with ACL and TLS), or set \
-                         ESQ_SKIP_REAL_BACKENDS=1 to skip the real-backend tests explicitly"
-                    )
-                })
-        };
+        let how = "run scripts/test (which starts a Cassandra node with a login and TLS and a \
+                   Redis with ACL and TLS)";
+        let get = |name: &str| esq_testkit::required_env(test, name, how);
         let or = |name: &str, default: &str| {
             std::env::var(name)
                 .ok()

@@ -57,6 +57,30 @@ pub async fn tls_channel(addr: SocketAddr, tls: &pki::ClientTls) -> anyhow::Resu
     connect_endpoint(addr, endpoint(addr, Some(tls))?).await
 }
 
+/// Whether the run opted out of the real backends (`ESQ_SKIP_REAL_BACKENDS=1`); if so, says on
+/// stderr that `test` is skipped by request.
+pub fn real_backends_skipped(test: &str) -> bool {
+    let skipped = std::env::var("ESQ_SKIP_REAL_BACKENDS").as_deref() == Ok("1");
+    if skipped {
+        eprintln!("{test}: SKIPPED by request (ESQ_SKIP_REAL_BACKENDS=1)");
+    }
+    skipped
+}
+
+/// The non-empty environment variable `name` that `test` needs. Panics otherwise, naming it,
+/// `how` to get it, and the explicit opt-out: a test never skips silently.
+pub fn required_env(test: &str, name: &str, how: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| {
+            panic!(
+                "{test} needs {name}; {how}, or set ESQ_SKIP_REAL_BACKENDS=1 to skip the \
+                 real-backend tests explicitly"
+            )
+        })
+}
+
 /// The endpoint of a server on loopback: plaintext, or TLS with `tls`.
 pub fn endpoint(addr: SocketAddr, tls: Option<&pki::ClientTls>) -> anyhow::Result<Endpoint> {
     let endpoint = match tls {

@@ -77,19 +77,12 @@ impl RedisHa {
     /// The cluster named by the environment; `None` (with a note on stderr) only when the run
     /// opted out with `ESQ_SKIP_REAL_BACKENDS=1`. Panics with instructions otherwise.
     pub fn from_env(test: &str) -> Option<Self> {
-        if std::env::var("ESQ_SKIP_REAL_BACKENDS").as_deref() == Ok("1") {
-            eprintln!("{test}: SKIPPED by request (ESQ_SKIP_REAL_BACKENDS=1)");
+        if crate::real_backends_skipped(test) {
             return None;
         }
-        let get = |name: &str| {
-            std::env::var(name).unwrap_or_else(|_| {
-                panic!(
-                    "{test} needs {name}; run scripts/test (which starts the HA Redis Cluster: \
-                     scripts/redis.sh start-cluster-ha), or set ESQ_SKIP_REAL_BACKENDS=1 to \
-                     skip the real-backend tests explicitly"
-                )
-            })
-        };
+        let how = "run scripts/test (which starts the HA Redis Cluster: \
+                   scripts/redis.sh start-cluster-ha)";
+        let get = |name: &str| crate::required_env(test, name, how);
         let urls = get("ESQ_TEST_REDIS_CLUSTER_HA");
         let dir = PathBuf::from(get("ESQ_TEST_REDIS_CLUSTER_HA_DIR"));
         let ports = urls

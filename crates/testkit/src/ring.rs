@@ -29,20 +29,12 @@ impl Ring {
     /// The ring named by the environment; `None` (with a note on stderr) only when the run opted
     /// out with `ESQ_SKIP_REAL_BACKENDS=1`. Panics naming `ESQ_TEST_CASSANDRA_RING` otherwise.
     pub fn from_env(test: &str) -> Option<Self> {
-        if std::env::var("ESQ_SKIP_REAL_BACKENDS").as_deref() == Ok("1") {
-            eprintln!("{test}: SKIPPED by request (ESQ_SKIP_REAL_BACKENDS=1)");
+        if crate::real_backends_skipped(test) {
             return None;
         }
-        let get = |name: &str| {
-            std::env::var(name).unwrap_or_else(|_| {
-                panic!(
-                    "{test} needs ESQ_TEST_CASSANDRA_RING and ESQ_TEST_CASSANDRA_RING_DIR (missing \
-                     {name}); run scripts/test, or `eval \"$(scripts/cassandra.sh ring-start DIR \
-                     PORT)\"` and export both, or set ESQ_SKIP_REAL_BACKENDS=1 to skip the \
-                     real-backend tests explicitly"
-                )
-            })
-        };
+        let how = "run scripts/test, or `eval \"$(scripts/cassandra.sh ring-start DIR PORT)\"` \
+                   and export ESQ_TEST_CASSANDRA_RING and ESQ_TEST_CASSANDRA_RING_DIR";
+        let get = |name: &str| crate::required_env(test, name, how);
         let nodes = get("ESQ_TEST_CASSANDRA_RING");
         let dir = PathBuf::from(get("ESQ_TEST_CASSANDRA_RING_DIR"));
         let count = nodes.split(',').filter(|n| !n.trim().is_empty()).count();
