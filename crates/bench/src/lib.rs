@@ -45,6 +45,7 @@
 //! has `Cpu::sample`, `peak_rss_mib` (VmHWM) and `rss_mib`; [`report`] the [`report::Line`]
 //! and the cell formatters.
 
+pub mod cqlops;
 pub mod ctx;
 pub mod load;
 pub mod report;

@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 /// The outcome of one measured interval.
 #[derive(Debug, Clone, Default)]
 pub struct Run {
-    /// Operations completed.
+    /// Operations completed in the measured interval.
     pub ops: u64,
+    /// Operations made in all, warm-up and the stragglers of the interval's end included (what
+    /// the engines saw; [`crate::cqlops`] divides by it).
+    pub calls: u64,
     /// Wall time of the measured interval, seconds.
     pub secs: f64,
     /// Operations per second.
@@ -31,6 +34,7 @@ impl Run {
     pub fn measured(ops: u64, secs: f64, p50_ms: f64, p99_ms: f64, cpu: Vec<CpuUse>) -> Self {
         Self {
             ops,
+            calls: ops,
             secs,
             rate: if secs > 0.0 { ops as f64 / secs } else { 0.0 },
             p50_ms,
@@ -55,6 +59,7 @@ impl Run {
         }
         Run {
             ops: median_of(runs.iter().map(|r| r.ops as f64)) as u64,
+            calls: median_of(runs.iter().map(|r| r.calls as f64)) as u64,
             secs: median_of(runs.iter().map(|r| r.secs)),
             rate: median_of(runs.iter().map(|r| r.rate)),
             p50_ms: median_of(runs.iter().map(|r| r.p50_ms)),
@@ -191,6 +196,7 @@ where
     let secs = elapsed.as_secs_f64().max(load.duration.as_secs_f64());
     Ok(Run {
         ops: all.len() as u64,
+        calls: counter.load(Ordering::Relaxed),
         secs,
         rate: all.len() as f64 / secs,
         p50_ms: percentile_ms(&all, 0.50),
@@ -256,6 +262,7 @@ where
     let secs = load.duration.as_secs_f64();
     Ok(Run {
         ops: all.len() as u64,
+        calls: i,
         secs,
         rate: all.len() as f64 / secs,
         p50_ms: percentile_ms(&all, 0.50),

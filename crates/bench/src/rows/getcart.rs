@@ -129,6 +129,7 @@ pub fn parse_redis_benchmark_csv(text: &str) -> anyhow::Result<Run> {
     let p99 = figure("p99_latency_ms").unwrap_or(0.0);
     Ok(Run {
         ops: 0,
+        calls: 0,
         secs: 0.0,
         rate: rps,
         p50_ms: p50,

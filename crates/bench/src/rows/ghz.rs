@@ -130,6 +130,7 @@ pub fn parse_ghz_json(text: &str) -> anyhow::Result<Run> {
     };
     Ok(Run {
         ops,
+        calls: ops,
         secs,
         rate,
         p50_ms: pct(50),
