@@ -15,6 +15,7 @@
 //! CPU per process is sampled on each side (the projector's from its start, by its own
 //! counters).
 
+use crate::cqlops::CqlOps;
 use crate::ctx::{Cluster, Ctx};
 use crate::load::Run;
 use crate::report::{cpu, rate, Line};
@@ -104,50 +105,63 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     me.extend(backends.iter().cloned());
     let (mut esq, mut base, mut batched, mut per_event) = (vec![], vec![], vec![], vec![]);
     let (mut startup, mut rss) = (Vec::new(), Vec::new());
+    // What Cassandra did on each side, per event (operations per table).
+    let (mut esq_ops, mut raw_ops) = (CqlOps::default(), CqlOps::default());
+    let ks = cluster.keyspace.as_str();
     for round in 0..ctx.rounds() {
         let tag = format!("{}r{round}", cluster.prefix);
-        // esq: a projector from scratch on a fresh prefix.
-        let prefix = format!("{tag}esq");
-        let sample = Cpu::sample(&backends);
-        let started = Instant::now();
-        let projector = cluster
-            .start_projector(ctx, &[("ESQ_REDIS_PREFIX".to_owned(), prefix.clone())])
-            .await?;
-        startup.push(started.elapsed().as_secs_f64());
-        wait_current(&mut conn, &prefix, n).await?;
-        let secs = started.elapsed().as_secs_f64();
-        let mut used = sample.cores();
-        let ticks = cpu_ticks(projector.pid).context("the projector is gone")?;
-        used.insert(
-            0,
-            CpuUse {
-                name: "projector".to_owned(),
-                cores: ticks as f64 / crate::sys::ticks_per_second() / secs,
-            },
-        );
-        rss.push(crate::sys::peak_rss_mib(projector.pid)?);
-        cluster.stop_projector().await?;
-        esq.push(Run::measured(events, secs, 0.0, 0.0, used));
-
-        // raw: read by partition + batched fenced apply, pipelined.
-        let prefix = format!("{tag}raw");
-        let sample = Cpu::sample(&me);
-        let started = Instant::now();
-        let work: Vec<_> = (0..n)
-            .map(|c| raw.read_apply(conn.clone(), &sha, &prefix, cart(c)))
-            .collect();
-        let results: Vec<anyhow::Result<()>> = futures::stream::iter(work)
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
-        results.into_iter().collect::<anyhow::Result<()>>()?;
-        base.push(Run::measured(
-            events,
-            started.elapsed().as_secs_f64(),
-            0.0,
-            0.0,
-            sample.cores(),
-        ));
+        // The sides in turn, the first alternating from round to round (the writes before
+        // the first round leave Cassandra flushing and compacting for a while).
+        for esq_side in [round % 2 == 0, round % 2 == 1] {
+            if esq_side {
+                // esq: a projector from scratch on a fresh prefix.
+                let prefix = format!("{tag}esq");
+                let ops_before = CqlOps::snapshot(&raw.session, ks).await;
+                let sample = Cpu::sample(&backends);
+                let started = Instant::now();
+                let projector = cluster
+                    .start_projector(ctx, &[("ESQ_REDIS_PREFIX".to_owned(), prefix.clone())])
+                    .await?;
+                startup.push(started.elapsed().as_secs_f64());
+                wait_current(&mut conn, &prefix, n).await?;
+                let secs = started.elapsed().as_secs_f64();
+                let mut used = sample.cores();
+                let ticks = cpu_ticks(projector.pid).context("the projector is gone")?;
+                used.insert(
+                    0,
+                    CpuUse {
+                        name: "projector".to_owned(),
+                        cores: ticks as f64 / crate::sys::ticks_per_second() / secs,
+                    },
+                );
+                rss.push(crate::sys::peak_rss_mib(projector.pid)?);
+                cluster.stop_projector().await?;
+                esq_ops.add(&CqlOps::snapshot(&raw.session, ks).await.since(&ops_before));
+                esq.push(Run::measured(events, secs, 0.0, 0.0, used));
+            } else {
+                // raw: read by partition + batched fenced apply, pipelined.
+                let prefix = format!("{tag}raw");
+                let ops_before = CqlOps::snapshot(&raw.session, ks).await;
+                let sample = Cpu::sample(&me);
+                let started = Instant::now();
+                let work: Vec<_> = (0..n)
+                    .map(|c| raw.read_apply(conn.clone(), &sha, &prefix, cart(c)))
+                    .collect();
+                let results: Vec<anyhow::Result<()>> = futures::stream::iter(work)
+                    .buffer_unordered(CONCURRENCY)
+                    .collect()
+                    .await;
+                results.into_iter().collect::<anyhow::Result<()>>()?;
+                raw_ops.add(&CqlOps::snapshot(&raw.session, ks).await.since(&ops_before));
+                base.push(Run::measured(
+                    events,
+                    started.elapsed().as_secs_f64(),
+                    0.0,
+                    0.0,
+                    sample.cores(),
+                ));
+            }
+        }
 
         // The Lua alone, batched per stream and per event.
         for (side, whole) in [(&mut batched, true), (&mut per_event, false)] {
@@ -200,10 +214,13 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     first.path = path;
     first.note = format!(
         "esq timed from the projector's spawn (start-up until serving: {:.2} s); projector \
-         peak RSS {:.0} MiB; {} rounds, medians",
+         peak RSS {:.0} MiB; {} rounds, medians; Cassandra operations per event: esq {} · \
+         base {}",
         startup[startup.len() / 2],
         rss[rss.len() / 2],
-        ctx.rounds()
+        ctx.rounds(),
+        esq_ops.per(events * ctx.rounds() as u64),
+        raw_ops.per(events * ctx.rounds() as u64),
     );
     Ok(vec![
         first,
