@@ -174,6 +174,31 @@ impl Raw {
     }
 }
 
+/// Runs `a` and `b` one after the other, `a` first when `a_first`.
+async fn in_turn<A, B>(
+    a_first: bool,
+    a: impl std::future::Future<Output = A>,
+    b: impl std::future::Future<Output = B>,
+) -> (A, B) {
+    if a_first {
+        let a = a.await;
+        (a, b.await)
+    } else {
+        let b = b.await;
+        (a.await, b)
+    }
+}
+
+/// Cassandra's CPU per completed call of `run` (`1.85 ms`), if it was watched.
+fn cassandra_ms(run: &Run) -> String {
+    run.cpu
+        .iter()
+        .find(|c| c.name == "cassandra")
+        .filter(|_| run.rate > 0.0)
+        .map(|c| format!("{:.2} ms", c.cores / run.rate * 1000.0))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
 fn esq_eventstore_shard(stream: &esq_domain::StreamId) -> u32 {
     // The change log's stable FNV-1a shard hash (eventstore `cql::shard_of`), restated so the
     // bench does not link the store.
@@ -336,21 +361,37 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
     let (ses, ks) = (&raw.session, cluster.keyspace.as_str());
     for round in 0..ctx.rounds() as u64 {
         let salt = salt + round * 1_000;
+        // Each pair in turn, the first alternating from round to round: a side inherits the
+        // flushes and compactions of the writes before it.
+        let esq_first = round % 2 == 0;
         let [o_e1, o_n1, o_b1, o_eo, o_bo, o_e50, o_n50] = &mut ops;
-        let side = esq_appends(cluster, &load, salt, 1, None);
-        esq1.push(o_e1.around(ses, ks, side).await?);
-        let side = raw_distinct(&raw, &load, salt, 1, true);
-        note1.push(o_n1.around(ses, ks, side).await?);
+        let (e, n) = in_turn(
+            esq_first,
+            o_e1.around(ses, ks, esq_appends(cluster, &load, salt, 1, None)),
+            o_n1.around(ses, ks, raw_distinct(&raw, &load, salt, 1, true)),
+        )
+        .await;
+        esq1.push(e?);
+        note1.push(n?);
         let side = raw_distinct(&raw, &load, salt, 1, false);
         bare1.push(o_b1.around(ses, ks, side).await?);
         let one = stream_id("one", salt, 0);
-        let side = esq_appends(cluster, &load, salt, 1, Some(&one));
-        esq_one.push(o_eo.around(ses, ks, side).await?);
-        bare_one.push(o_bo.around(ses, ks, raw_one(&raw, &load, salt)).await?);
-        let side = esq_appends(cluster, &load, salt + 1, 50, None);
-        esq50.push(o_e50.around(ses, ks, side).await?);
-        let side = raw_distinct(&raw, &load, salt + 1, 50, true);
-        note50.push(o_n50.around(ses, ks, side).await?);
+        let (e, b) = in_turn(
+            esq_first,
+            o_eo.around(ses, ks, esq_appends(cluster, &load, salt, 1, Some(&one))),
+            o_bo.around(ses, ks, raw_one(&raw, &load, salt)),
+        )
+        .await;
+        esq_one.push(e?);
+        bare_one.push(b?);
+        let (e, n) = in_turn(
+            esq_first,
+            o_e50.around(ses, ks, esq_appends(cluster, &load, salt + 1, 50, None)),
+            o_n50.around(ses, ks, raw_distinct(&raw, &load, salt + 1, 50, true)),
+        )
+        .await;
+        esq50.push(e?);
+        note50.push(n?);
     }
     // Where the gap of the first row goes: the same pair again with the projector stopped, so
     // that neither side's appends are read back by it (it reads each appended stream and the
@@ -364,18 +405,25 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
     for round in 0..ctx.rounds() as u64 {
         let salt = salt + 500 + round * 1_000;
         let [o_ea, o_na] = &mut alone;
-        let side = esq_appends(cluster, &load_alone, salt, 1, None);
-        esq_alone.push(o_ea.around(ses, ks, side).await?);
-        let side = raw_distinct(&raw, &load_alone, salt, 1, true);
-        note_alone.push(o_na.around(ses, ks, side).await?);
+        let (e, n) = in_turn(
+            round % 2 == 0,
+            o_ea.around(ses, ks, esq_appends(cluster, &load_alone, salt, 1, None)),
+            o_na.around(ses, ks, raw_distinct(&raw, &load_alone, salt, 1, true)),
+        )
+        .await;
+        esq_alone.push(e?);
+        note_alone.push(n?);
     }
     cluster.start_projector(ctx, &[]).await?;
     let (ea, na) = (Run::median(&esq_alone), Run::median(&note_alone));
     let [o_ea, o_na] = &alone;
     let [o_e1, o_n1, o_b1, o_eo, o_bo, o_e50, o_n50] = &ops;
-    let per = |esq: &Tally, base: &Tally| {
+    let per = |esq: &Tally, e: &Run, base: &Tally, b: &Run| {
         format!(
-            "Cassandra operations per call: esq {} · base {}",
+            "Cassandra CPU per call: esq {} · base {}; Cassandra operations per call: esq {} · \
+             base {}",
+            cassandra_ms(e),
+            cassandra_ms(b),
             esq.per_call(),
             base.per_call()
         )
@@ -391,7 +439,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
             "raw driver, notification + LWT batch",
             &n1,
         )
-        .note(per(o_e1, o_n1)),
+        .note(per(o_e1, &e1, o_n1, &n1)),
         Line::rates(
             "same, projector stopped (where the gap goes)",
             "(reference)",
@@ -399,7 +447,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
             "raw driver, notification + LWT batch",
             &na,
         )
-        .note(per(o_ea, o_na)),
+        .note(per(o_ea, &ea, o_na, &na)),
         Line::rates(
             "same, vs the bare LWT batch",
             "≥ 0.75",
@@ -407,7 +455,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
             "bare LWT batch",
             &b1,
         )
-        .note(per(o_e1, o_b1)),
+        .note(per(o_e1, &e1, o_b1, &b1)),
         Line::rates(
             format!("Append, one stream, c{CONCURRENCY}"),
             "≥ 0.75",
@@ -415,7 +463,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
             "bare LWT batch, one stream (committed appends)",
             &bo,
         )
-        .note(per(o_eo, o_bo)),
+        .note(per(o_eo, &eo, o_bo, &bo)),
         Line::rates(
             format!("Append 50 events, distinct streams, c{CONCURRENCY}"),
             "≥ 0.9",
@@ -423,7 +471,10 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Line>> {
             "raw driver, notification + LWT batch of 50",
             &n50,
         )
-        .note(format!("appends/s (× 50 events); {}", per(o_e50, o_n50))),
+        .note(format!(
+            "appends/s (× 50 events); {}",
+            per(o_e50, &e50, o_n50, &n50)
+        )),
     ])
 }
 
