@@ -142,48 +142,22 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
                 // raw: read by partition + batched fenced apply, pipelined.
                 let prefix = format!("{tag}raw");
                 let ops_before = CqlOps::snapshot(&raw.session, ks).await;
-                let sample = Cpu::sample(&me);
-                let started = Instant::now();
-                let work: Vec<_> = (0..n)
+                let work = (0..n)
                     .map(|c| raw.read_apply(conn.clone(), &sha, &prefix, cart(c)))
                     .collect();
-                let results: Vec<anyhow::Result<()>> = futures::stream::iter(work)
-                    .buffer_unordered(CONCURRENCY)
-                    .collect()
-                    .await;
-                results.into_iter().collect::<anyhow::Result<()>>()?;
+                base.push(all_of(events, &me, work).await?);
                 raw_ops.add(&CqlOps::snapshot(&raw.session, ks).await.since(&ops_before));
-                base.push(Run::measured(
-                    events,
-                    started.elapsed().as_secs_f64(),
-                    0.0,
-                    0.0,
-                    sample.cores(),
-                ));
             }
         }
 
         // The Lua alone, batched per stream and per event.
         for (side, whole) in [(&mut batched, true), (&mut per_event, false)] {
             let prefix = format!("{tag}lua{}", u8::from(whole));
-            let sample = Cpu::sample(&me);
-            let started = Instant::now();
-            let work: Vec<_> = all
+            let work = all
                 .iter()
                 .map(|events| raw.apply(conn.clone(), &sha, &prefix, events, whole))
                 .collect();
-            let results: Vec<anyhow::Result<()>> = futures::stream::iter(work)
-                .buffer_unordered(CONCURRENCY)
-                .collect()
-                .await;
-            results.into_iter().collect::<anyhow::Result<()>>()?;
-            side.push(Run::measured(
-                events,
-                started.elapsed().as_secs_f64(),
-                0.0,
-                0.0,
-                sample.cores(),
-            ));
+            side.push(all_of(events, &me, work).await?);
         }
         delete_prefix(&mut conn, &tag).await?;
     }
@@ -329,6 +303,23 @@ impl Raw {
 }
 
 /// Writes `n` carts × [`EVENTS_PER_CART`] AddItems through write-svc (each cart's in order).
+/// Runs `work` with [`CONCURRENCY`] in flight, timed and with `watch` sampled from its
+/// start, as a run of `events` events; the first error fails it.
+async fn all_of<F>(events: u64, watch: &[Watched], work: Vec<F>) -> anyhow::Result<Run>
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let sample = Cpu::sample(watch);
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(work)
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect::<anyhow::Result<()>>()?;
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Run::measured(events, secs, 0.0, 0.0, sample.cores()))
+}
+
 async fn write_carts(cluster: &Cluster, n: u64) -> anyhow::Result<()> {
     let work: Vec<_> = (0..n).map(|c| add_items(cluster.carts(), c)).collect();
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(work)
