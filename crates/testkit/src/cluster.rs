@@ -157,13 +157,27 @@ pub struct ClusterHarness {
 /// Linux's ephemeral range (32768 and up): a port the kernel handed out (port 0) is free only
 /// until the process binds it, and meanwhile any outgoing connection (to Cassandra, Redis, a
 /// service) may take it as its local port; below that range only another listener can.
+///
+/// A port is handed out at most once per test process: tests run concurrently, and two of them
+/// drawing the same port before either process binds it left one service unable to listen
+/// while the health check of the other answered for it (a read-svc "serving" as a projector).
 pub fn free_addr() -> anyhow::Result<SocketAddr> {
     const FIRST: u128 = 22_000;
     const COUNT: u128 = 10_000;
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    if given.len() > COUNT as usize / 2 {
+        // A very long run: forget the oldest half (their processes are long gone).
+        given.drain(..COUNT as usize / 4);
+    }
     for _ in 0..1000 {
-        let port = FIRST + uuid::Uuid::new_v4().as_u128() % COUNT;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        let port = (FIRST + uuid::Uuid::new_v4().as_u128() % COUNT) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         if TcpListener::bind(addr).is_ok() {
+            given.push(port);
             return Ok(addr);
         }
     }
