@@ -125,7 +125,7 @@ impl DevStack {
 
         let wake = Arc::new(Notify::new());
         let nudge_target = Arc::clone(&wake);
-        let nudge: esq_write_svc::Nudge = Arc::new(move |_, _| nudge_target.notify_one());
+        let nudge: esq_write_svc::Nudge = Arc::new(move |_, _, _| nudge_target.notify_one());
 
         let mut tasks = JoinSet::new();
         let s = shutdown.clone();

@@ -301,6 +301,30 @@ pub struct AppendResult {
     pub committed_at_us: i64,
 }
 
+impl AppendResult {
+    /// The events of this append as the store records them: `events` at `first_version`
+    /// onwards, each stamped with the commit time. A store's read of those versions returns
+    /// exactly these (the adapters' contract tests hold them to it), so whoever made the append
+    /// can hand its events on without reading them back.
+    pub fn recorded(&self, stream: &StreamId, events: &[NewEvent]) -> Vec<RecordedEvent> {
+        events
+            .iter()
+            .zip(self.first_version..)
+            .map(|(e, version)| RecordedEvent {
+                stream: stream.clone(),
+                version,
+                event_id: e.event_id,
+                event_type: e.event_type.clone(),
+                schema_version: e.schema_version,
+                content_type: e.content_type.clone(),
+                data: e.data.clone(),
+                metadata: e.metadata.clone(),
+                recorded_at_us: self.committed_at_us,
+            })
+            .collect()
+    }
+}
+
 /// Summary of one stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamInfo {

@@ -278,27 +278,182 @@ pub fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
-/// The payload of a fast-path nudge: `kind/id@version`.
-pub fn nudge_message(stream: &StreamId, version: u64) -> String {
-    format!("{}/{}@{version}", stream.kind, stream.id)
+/// Most payload bytes (data and metadata) a nudge carries; a larger append's nudge names only
+/// its stream and version.
+pub const NUDGE_CARRY_BYTES: usize = 16 * 1024;
+
+/// A fast-path nudge: `stream` reached `version`. `events`, when not empty, are the events of
+/// the append that got it there (contiguous, ending at `version`), carried so that a projector
+/// need not read them back from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NudgeMessage {
+    /// The stream appended to.
+    pub stream: StreamId,
+    /// Its version after the append.
+    pub version: u64,
+    /// The append's events as recorded, or none.
+    pub events: Vec<RecordedEvent>,
 }
 
-/// Parses a nudge payload written by [`nudge_message`]; `None` if it is not one.
-pub fn parse_nudge(message: &str) -> Option<(StreamId, u64)> {
-    let (key, version) = message.rsplit_once('@')?;
+/// The payload of a fast-path nudge for an append of `events` to `stream`: `kind/id@version`,
+/// then — when the events' payloads total at most [`NUDGE_CARRY_BYTES`] — a space and the
+/// recorded events ([`AppendResult::recorded`]) in postcard, hex-encoded (pub/sub payloads are
+/// handled as text; a stream id never holds a space).
+pub fn nudge_message(stream: &StreamId, result: &AppendResult, events: &[NewEvent]) -> String {
+    let mut message = format!("{}/{}@{}", stream.kind, stream.id, result.last_version);
+    let size: usize = events
+        .iter()
+        .map(|e| {
+            e.data.len()
+                + e.metadata
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+        })
+        .sum();
+    if !events.is_empty() && size <= NUDGE_CARRY_BYTES {
+        if let Ok(bytes) = postcard::to_allocvec(&result.recorded(stream, events)) {
+            message.reserve(1 + 2 * bytes.len());
+            message.push(' ');
+            for b in bytes {
+                message.push(char::from(HEX[usize::from(b >> 4)]));
+                message.push(char::from(HEX[usize::from(b & 0xf)]));
+            }
+        }
+    }
+    message
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Parses a nudge payload written by [`nudge_message`]; `None` if it is not one. Carried
+/// events that do not decode, or are not of the stream, contiguous and ending at the version,
+/// are dropped: the nudge then only names the stream, as a plain one does.
+pub fn parse_nudge(message: &str) -> Option<NudgeMessage> {
+    let (head, carried) = match message.split_once(' ') {
+        Some((head, carried)) => (head, Some(carried)),
+        None => (message, None),
+    };
+    let (key, version) = head.rsplit_once('@')?;
     let (kind, id) = key.split_once('/')?;
-    Some((StreamId::new(kind, id).ok()?, version.parse().ok()?))
+    let stream = StreamId::new(kind, id).ok()?;
+    let version = version.parse().ok()?;
+    let events = carried
+        .and_then(unhex)
+        .and_then(|bytes| postcard::from_bytes::<Vec<RecordedEvent>>(&bytes).ok())
+        .filter(|events| {
+            let contiguous = events.windows(2).all(|w| w[1].version == w[0].version + 1);
+            contiguous
+                && events.last().is_some_and(|e| e.version == version)
+                && events.iter().all(|e| e.stream == stream && e.version > 0)
+        })
+        .unwrap_or_default();
+    Some(NudgeMessage {
+        stream,
+        version,
+        events,
+    })
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let bytes = text.as_bytes();
+    if bytes.len() % 2 != 0 {
+        return None;
+    }
+    bytes
+        .chunks_exact(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
 }
 
 #[cfg(test)]
 mod nudge_tests {
     use super::*;
 
+    fn appended(first: u64, n: usize, bytes: usize) -> (AppendResult, Vec<NewEvent>) {
+        let events: Vec<NewEvent> = (0..n)
+            .map(|i| {
+                let mut e = NewEvent::json("ItemAdded", 2, &serde_json::json!({ "n": i }));
+                e.data.resize(e.data.len().max(bytes), b' ');
+                e.metadata.insert("correlation".into(), format!("c-{i}"));
+                e
+            })
+            .collect();
+        let result = AppendResult {
+            first_version: first,
+            last_version: first + n as u64 - 1,
+            committed_at_us: 1_764_000_000_000_000,
+        };
+        (result, events)
+    }
+
     #[test]
-    fn nudges_round_trip() {
+    fn nudges_round_trip_with_their_events() {
         let s = StreamId::new("cart", "a@b:c").expect("valid");
-        assert_eq!(parse_nudge(&nudge_message(&s, 42)), Some((s, 42)));
+        let (result, events) = appended(41, 2, 0);
+        let message = nudge_message(&s, &result, &events);
+        let parsed = parse_nudge(&message).expect("parses");
+        assert_eq!(parsed.stream, s);
+        assert_eq!(parsed.version, 42);
+        assert_eq!(parsed.events, result.recorded(&s, &events));
+        // Without events (or from an older writer): the stream and version only.
+        let plain = parse_nudge(&nudge_message(&s, &result, &[])).expect("parses");
+        assert_eq!((plain.version, plain.events.len()), (42, 0));
+        assert_eq!(parse_nudge("cart/x@7").map(|n| n.version), Some(7));
         assert_eq!(parse_nudge("garbage"), None);
         assert_eq!(parse_nudge("cart/x@notanumber"), None);
+    }
+
+    #[test]
+    fn large_appends_are_nudged_without_their_events() {
+        let s = StreamId::new("cart", "big").expect("valid");
+        let (result, events) = appended(1, 2, NUDGE_CARRY_BYTES / 2 + 1);
+        let message = nudge_message(&s, &result, &events);
+        assert_eq!(message, "cart/big@2");
+        let (result, events) = appended(1, 2, NUDGE_CARRY_BYTES / 4);
+        assert_eq!(
+            parse_nudge(&nudge_message(&s, &result, &events))
+                .expect("parses")
+                .events
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn carried_events_that_do_not_fit_the_nudge_are_dropped() {
+        let s = StreamId::new("cart", "c-1").expect("valid");
+        let other = StreamId::new("cart", "c-2").expect("valid");
+        let (result, events) = appended(5, 3, 0);
+        let carried = |stream: &StreamId, recorded: Vec<RecordedEvent>, version: u64| {
+            let bytes = postcard::to_allocvec(&recorded).expect("encodes");
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            parse_nudge(&format!("{}/{}@{version} {hex}", stream.kind, stream.id)).expect("parses")
+        };
+        let good = result.recorded(&s, &events);
+        assert_eq!(carried(&s, good.clone(), 7).events.len(), 3);
+        // Of another stream, not ending at the version, or with a gap: the nudge stays, the
+        // events go.
+        assert!(carried(&s, result.recorded(&other, &events), 7)
+            .events
+            .is_empty());
+        assert!(carried(&s, good.clone(), 8).events.is_empty());
+        let mut gap = good.clone();
+        gap.remove(1);
+        assert!(carried(&s, gap, 7).events.is_empty());
+        // Not hex, or not postcard.
+        assert!(parse_nudge("cart/c-1@7 zz")
+            .expect("parses")
+            .events
+            .is_empty());
+        assert!(parse_nudge("cart/c-1@7 abc")
+            .expect("parses")
+            .events
+            .is_empty());
+        assert!(parse_nudge("cart/c-1@7 00ff")
+            .expect("parses")
+            .events
+            .is_empty());
     }
 }

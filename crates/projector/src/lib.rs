@@ -25,10 +25,10 @@ mod verify;
 
 use esq_domain::derived::Derived;
 use esq_domain::projection::Projection;
-use esq_domain::StreamId;
 use esq_eventstore::{ChangeFeed, EventStore, StoreError};
 use esq_readstore::{Coordination, ReadError, ReadStore};
 use futures::StreamExt;
+use std::collections::hash_map::Entry;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,8 +177,9 @@ pub struct Projector<E, F, R> {
     starts: std::sync::atomic::AtomicU64,
 }
 
-/// A fast-path notification: this stream reached this version.
-pub type NudgeMessage = (StreamId, u64);
+/// A fast-path notification: this stream reached this version, perhaps with the append's
+/// events.
+pub use esq_eventstore::NudgeMessage;
 
 impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, R> {
     /// A projector with the [`default_projections`].
@@ -276,8 +277,9 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     }
 
     /// Brings the nudged streams of the shards this projector holds up to date: the first
-    /// nudge and any others already queued, each stream once at its highest version. A miss is
-    /// fine: the change log brings the stream up to date later.
+    /// nudge and any others already queued, each stream once at its highest version (with that
+    /// nudge's events, if it carries them). A miss is fine: the change log brings the stream
+    /// up to date later.
     async fn handle_nudges(
         &self,
         first: NudgeMessage,
@@ -285,21 +287,28 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         owned: &BTreeSet<u32>,
     ) {
         let mut streams = std::collections::HashMap::new();
-        streams.insert(first.0, first.1);
+        streams.insert(first.stream.clone(), first);
         if let Some(rx) = queue {
             while streams.len() < self.config.nudge_batch {
-                let Ok((stream, version)) = rx.try_recv() else {
+                let Ok(nudge) = rx.try_recv() else {
                     break;
                 };
-                let v = streams.entry(stream).or_insert(version);
-                *v = (*v).max(version);
+                match streams.entry(nudge.stream.clone()) {
+                    Entry::Occupied(mut held) if held.get().version < nudge.version => {
+                        held.insert(nudge);
+                    }
+                    Entry::Occupied(_) => {}
+                    Entry::Vacant(slot) => {
+                        slot.insert(nudge);
+                    }
+                }
             }
         }
         // Distinct streams concurrently, bounded like the shards' syncs.
         let syncs: Vec<_> = streams
-            .into_iter()
-            .filter(|(stream, _)| owned.contains(&self.feed.shard_of(stream)))
-            .map(|(stream, version)| self.nudged_sync(stream, version))
+            .into_values()
+            .filter(|nudge| owned.contains(&self.feed.shard_of(&nudge.stream)))
+            .map(|nudge| self.nudged_sync(nudge))
             .collect();
         let mut syncs =
             futures::stream::iter(syncs).buffer_unordered(self.config.sync_concurrency.max(1));
@@ -313,11 +322,15 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     }
 
     /// One stream of [`Projector::handle_nudges`]: false if the sync failed.
-    async fn nudged_sync(&self, stream: StreamId, version: u64) -> bool {
+    async fn nudged_sync(&self, nudge: NudgeMessage) -> bool {
         let Ok(_permit) = self.syncs.acquire().await else {
             return false;
         };
-        match self.sync(&stream, Some(version)).await {
+        let (stream, version) = (&nudge.stream, nudge.version);
+        match self
+            .sync_only(stream, Some(version), None, &nudge.events)
+            .await
+        {
             Ok(_) => true,
             Err(e) => {
                 tracing::debug!(error = %e, %stream, "fast-path sync failed");

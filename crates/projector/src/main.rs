@@ -92,7 +92,8 @@ async fn main() -> anyhow::Result<()> {
         config,
     ));
 
-    // The fast path: nudges name a stream; a lost or late one only costs latency.
+    // The fast path: nudges name a stream (and carry a small append's events); a lost or late
+    // one only costs latency.
     let wake = Arc::new(Notify::new());
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
     let subscriber = {

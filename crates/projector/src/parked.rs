@@ -119,7 +119,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             return Ok(RetryOutcome::NotParked);
         };
         self.read.delete_record(&set, &key).await?;
-        if let Err(e) = self.sync_only(stream, None, Some(projection)).await {
+        if let Err(e) = self.sync_only(stream, None, Some(projection), &[]).await {
             // Not tried: it stays parked as it was.
             self.read.put_record(&set, &key, &record).await?;
             return Err(e);
@@ -166,7 +166,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         tracing::warn!(projection, %stream, version, reason, "event skipped by an operator");
         self.read.delete_record(&set, &key).await?;
         // Brings the stream on past the skipped event (it may park again at a later one).
-        match self.sync_only(stream, None, Some(projection)).await? {
+        match self.sync_only(stream, None, Some(projection), &[]).await? {
             Synced::Done | Synced::Missing => {}
         }
         Ok(true)

@@ -11,6 +11,7 @@ use esq_domain::projection::{
 use esq_domain::{RecordedEvent, StreamId};
 use esq_eventstore::{ChangeFeed, EventStore, ReadRequest};
 use esq_readstore::{Coordination, ReadError, ReadStore};
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 /// How far a stream could be brought.
@@ -39,17 +40,20 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         stream: &StreamId,
         target: Option<u64>,
     ) -> Result<Synced, ProjectError> {
-        self.sync_only(stream, target, None).await
+        self.sync_only(stream, target, None, &[]).await
     }
 
     /// [`Projector::sync`] for the projections of `stream`, or only for the one named `only`,
     /// in each of their generations ([`crate::generations::Targets`]: building first, then
-    /// active). A projection that parks is left behind; the others go on.
+    /// active). A projection that parks is left behind; the others go on. `carried` are events
+    /// of the stream the caller already has (a nudge's), used instead of a read when they
+    /// start at or before the lowest projected version's successor and reach `target`.
     pub(crate) async fn sync_only(
         &self,
         stream: &StreamId,
         target: Option<u64>,
         only: Option<&str>,
+        carried: &[RecordedEvent],
     ) -> Result<Synced, ProjectError> {
         let mut pairs = Vec::new();
         for p in self
@@ -62,16 +66,18 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             })?;
             pairs.extend(namespaces.into_iter().map(|ns| (p.as_ref(), ns)));
         }
-        self.sync_into(stream, target, pairs).await
+        self.sync_into(stream, target, pairs, carried).await
     }
 
     /// Brings `stream` up to `target` (or to its end when `None`) in each (projection,
-    /// namespace) of `pairs`, in that order, pulling events after the lowest version in pages.
+    /// namespace) of `pairs`, in that order, pulling events after the lowest version in pages
+    /// (or taking them from `carried`, see [`Projector::sync_only`]).
     pub(crate) async fn sync_into(
         &self,
         stream: &StreamId,
         target: Option<u64>,
         mut pairs: Vec<(&dyn Projection, String)>,
+        mut carried: &[RecordedEvent],
     ) -> Result<Synced, ProjectError> {
         // Where each pair starts, read concurrently (distinct documents): its version, and
         // its document when the apply needs it and it has no pending work (see `start`).
@@ -89,13 +95,23 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             if target.is_some_and(|t| low >= t) || pairs.is_empty() {
                 return Ok(Synced::Done);
             }
-            let events = self
-                .store
-                .read(
-                    stream,
-                    ReadRequest::forwards(low + 1, self.config.read_page),
+            let covers = carried.first().is_some_and(|e| e.version <= low + 1)
+                && carried
+                    .last()
+                    .is_some_and(|e| target.is_some_and(|t| e.version >= t));
+            let events = if covers {
+                // The writer's own record of the append: what a read would return.
+                Cow::Borrowed(std::mem::take(&mut carried))
+            } else {
+                Cow::Owned(
+                    self.store
+                        .read(
+                            stream,
+                            ReadRequest::forwards(low + 1, self.config.read_page),
+                        )
+                        .await?,
                 )
-                .await?;
+            };
             if events.is_empty() {
                 return Ok(if target.is_some() {
                     Synced::Missing
@@ -321,4 +337,84 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
 
 fn skip_contains(skipped: &Option<BTreeSet<u64>>, version: u64) -> bool {
     skipped.as_ref().is_some_and(|s| s.contains(&version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{cart, setup};
+    use crate::Config;
+    use esq_domain::aggregate::encode;
+    use esq_domain::cart::CartEvent;
+    use esq_domain::{AppendResult, ExpectedVersion, NewEvent};
+
+    fn added(sku: &str) -> NewEvent {
+        encode(&CartEvent::ItemAdded {
+            sku: sku.into(),
+            quantity: 1,
+            unit_price_cents: 100,
+        })
+    }
+
+    /// A nudge's events that reach from the document's next version to the target are applied
+    /// as they are, without a read; events that leave a gap before them are not, and the
+    /// store is read instead.
+    #[tokio::test]
+    async fn carried_events_replace_the_read_only_when_they_cover_the_gap() {
+        let (_dir, store, feed, read) = setup(1).await;
+        let s = cart("carried");
+        let stored = [added("stored-1"), added("stored-2")];
+        for (i, e) in stored.iter().enumerate() {
+            let expected = match i {
+                0 => ExpectedVersion::NoStream,
+                n => ExpectedVersion::Exact(n as u64),
+            };
+            store
+                .append(&s, expected, std::slice::from_ref(e))
+                .await
+                .expect("append");
+        }
+        let p = Projector::new(store.clone(), feed, read.clone(), Config::default());
+        p.refresh_generations(false).await.expect("generations");
+        let ns = p.targets.of("cart2").expect("targets").remove(0);
+        let doc = || async { read.get(&ns, &s.id).await.expect("get").unwrap_or_default() };
+
+        // Events the store does not hold at version 1: seeing them applied shows the store
+        // was not read (a real nudge carries exactly what the store holds, see write-svc's
+        // `nudges` test).
+        let result = |first: u64| AppendResult {
+            first_version: first,
+            last_version: first,
+            committed_at_us: 1,
+        };
+        let carried = result(1).recorded(&s, &[added("carried-1")]);
+        assert_eq!(
+            p.sync_only(&s, Some(1), None, &carried)
+                .await
+                .expect("sync"),
+            Synced::Done
+        );
+        let d = doc().await;
+        assert_eq!(doc_version(&d), 1);
+        assert!(d.contains_key("item:carried-1") && !d.contains_key("item:stored-1"));
+
+        // Version 3 carried while the document is at 1: version 2 is missing from the nudge,
+        // so the store is read for it; the carried event then follows without another read.
+        let carried = result(3).recorded(&s, &[added("carried-3")]);
+        assert_eq!(
+            p.sync_only(&s, Some(3), None, &carried)
+                .await
+                .expect("sync"),
+            Synced::Done
+        );
+        let d = doc().await;
+        assert_eq!(doc_version(&d), 3);
+        assert!(d.contains_key("item:stored-2") && d.contains_key("item:carried-3"));
+
+        // Without carried events, a target the store does not reach is reported missing.
+        assert_eq!(
+            p.sync_only(&s, Some(4), None, &[]).await.expect("sync"),
+            Synced::Missing
+        );
+    }
 }

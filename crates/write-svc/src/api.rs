@@ -142,7 +142,7 @@ impl<S: EventStore + ChangeFeed + Snapshots> pb::event_store_server::EventStore
                 .await
                 .map_err(status_from_store)?;
             if let Some(nudge) = &self.nudge {
-                nudge(&stream, result.last_version);
+                nudge(&stream, &result, &events);
             }
             result
         };

@@ -313,7 +313,7 @@ impl<S: EventStore + Snapshots> Executor<S> {
         match self.store.append(stream, expected, events).await {
             Ok(result) => {
                 if let Some(nudge) = &self.nudge {
-                    nudge(stream, result.last_version);
+                    nudge(stream, &result, events);
                 }
                 Ok(Attempt::Done(result))
             }
@@ -326,7 +326,7 @@ impl<S: EventStore + Snapshots> Executor<S> {
                 match self.find_appended(stream, version, events).await {
                     Some(Found::Ours(result)) => {
                         if let Some(nudge) = &self.nudge {
-                            nudge(stream, result.last_version);
+                            nudge(stream, &result, events);
                         }
                         Ok(Attempt::Done(result))
                     }

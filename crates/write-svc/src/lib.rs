@@ -18,15 +18,16 @@ pub mod timelines;
 use esq::pb::bookshop::v1::book_commands_server::BookCommandsServer;
 use esq::pb::cart::v1::cart_commands_server::CartCommandsServer;
 use esq::pb::v1::event_store_server::EventStoreServer;
-use esq_domain::StreamId;
+use esq_domain::{AppendResult, NewEvent, StreamId};
 use esq_eventstore::{ChangeFeed, EventStore, Snapshots};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// A best-effort notification that `stream` reached a version. Must not block.
-pub type Nudge = Arc<dyn Fn(&StreamId, u64) + Send + Sync>;
+/// A best-effort notification of an append to `stream`: what it reported, and its events (so
+/// a nudge can carry them, sparing the projector a read). Must not block.
+pub type Nudge = Arc<dyn Fn(&StreamId, &AppendResult, &[NewEvent]) + Send + Sync>;
 
 /// The gRPC services write-svc reports in health checks.
 pub const SERVICES: &[&str] = &[
@@ -149,7 +150,8 @@ pub async fn run<S: EventStore + ChangeFeed + Snapshots>(
     served
 }
 
-/// A [`Nudge`] that publishes `kind/id@version` on a Redis pub/sub channel. Appends never wait
+/// A [`Nudge`] that publishes `kind/id@version` on a Redis pub/sub channel, with the append's
+/// events when they are small ([`esq_eventstore::nudge_message`]). Appends never wait
 /// for it: messages go through a bounded queue to one publisher task, which connects (and
 /// reconnects) in the background; messages are dropped while Redis is away or the queue is full
 /// (the change log still carries every change).
@@ -181,7 +183,7 @@ pub fn redis_nudge(
             }
         }
     });
-    Arc::new(move |stream, version| {
-        let _ = tx.try_send(esq_eventstore::nudge_message(stream, version));
+    Arc::new(move |stream, result, events| {
+        let _ = tx.try_send(esq_eventstore::nudge_message(stream, result, events));
     })
 }

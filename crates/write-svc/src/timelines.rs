@@ -115,7 +115,7 @@ impl<S: EventStore> Timelines<S> {
             .await
             .map_err(status_from_store)?;
         if let Some(nudge) = &self.nudge {
-            nudge(&at, result.last_version);
+            nudge(&at, &result, std::slice::from_ref(&event));
         }
         Ok(timeline(
             req.name,
