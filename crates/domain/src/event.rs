@@ -84,7 +84,36 @@ pub struct NewEvent {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// Bytes of an event's payload and metadata (keys and values): what a size limit counts.
+fn payload_bytes(data: &[u8], metadata: &BTreeMap<String, String>) -> usize {
+    data.len()
+        + metadata
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
 impl NewEvent {
+    /// This event as recorded at `version` of `stream` by an append committed at `at_us`.
+    pub fn recorded_as(&self, stream: &StreamId, version: u64, at_us: i64) -> RecordedEvent {
+        RecordedEvent {
+            stream: stream.clone(),
+            version,
+            event_id: self.event_id,
+            event_type: self.event_type.clone(),
+            schema_version: self.schema_version,
+            content_type: self.content_type.clone(),
+            data: self.data.clone(),
+            metadata: self.metadata.clone(),
+            recorded_at_us: at_us,
+        }
+    }
+
+    /// Bytes of its payload and metadata.
+    pub fn payload_bytes(&self) -> usize {
+        payload_bytes(&self.data, &self.metadata)
+    }
+
     /// A JSON event with a fresh id and no metadata.
     pub fn json(event_type: &str, schema_version: u32, data: &serde_json::Value) -> Self {
         Self {
@@ -280,6 +309,11 @@ pub struct RecordedEvent {
 }
 
 impl RecordedEvent {
+    /// Bytes of its payload and metadata.
+    pub fn payload_bytes(&self) -> usize {
+        payload_bytes(&self.data, &self.metadata)
+    }
+
     /// The payload parsed as JSON, if it is JSON.
     pub fn json(&self) -> Option<serde_json::Value> {
         if is_json(&self.content_type) {
@@ -310,17 +344,7 @@ impl AppendResult {
         events
             .iter()
             .zip(self.first_version..)
-            .map(|(e, version)| RecordedEvent {
-                stream: stream.clone(),
-                version,
-                event_id: e.event_id,
-                event_type: e.event_type.clone(),
-                schema_version: e.schema_version,
-                content_type: e.content_type.clone(),
-                data: e.data.clone(),
-                metadata: e.metadata.clone(),
-                recorded_at_us: self.committed_at_us,
-            })
+            .map(|(e, version)| e.recorded_as(stream, version, self.committed_at_us))
             .collect()
     }
 }

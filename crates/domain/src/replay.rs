@@ -401,18 +401,7 @@ fn plan(
                     let Edit::Insert { events, .. } = &edits[edit] else {
                         unreachable!("inserted origins name insert edits")
                     };
-                    let e = &events[index];
-                    RecordedEvent {
-                        stream: stream.clone(),
-                        version: position,
-                        event_id: e.event_id,
-                        event_type: e.event_type.clone(),
-                        schema_version: e.schema_version,
-                        content_type: e.content_type.clone(),
-                        data: e.data.clone(),
-                        metadata: e.metadata.clone(),
-                        recorded_at_us: now_us,
-                    }
+                    events[index].recorded_as(stream, position, now_us)
                 }
             };
             Step {

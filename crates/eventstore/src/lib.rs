@@ -301,16 +301,7 @@ pub struct NudgeMessage {
 /// handled as text; a stream id never holds a space).
 pub fn nudge_message(stream: &StreamId, result: &AppendResult, events: &[NewEvent]) -> String {
     let mut message = format!("{}/{}@{}", stream.kind, stream.id, result.last_version);
-    let size: usize = events
-        .iter()
-        .map(|e| {
-            e.data.len()
-                + e.metadata
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>()
-        })
-        .sum();
+    let size: usize = events.iter().map(NewEvent::payload_bytes).sum();
     if !events.is_empty() && size <= NUDGE_CARRY_BYTES {
         if let Ok(bytes) = postcard::to_allocvec(&result.recorded(stream, events)) {
             message.reserve(1 + 2 * bytes.len());

@@ -130,17 +130,7 @@ mod tests {
     }
 
     fn recorded(e: &NewEvent, version: u64) -> RecordedEvent {
-        RecordedEvent {
-            stream: StreamId::new("s", "1").expect("valid"),
-            version,
-            event_id: e.event_id,
-            event_type: e.event_type.clone(),
-            schema_version: e.schema_version,
-            content_type: e.content_type.clone(),
-            data: e.data.clone(),
-            metadata: e.metadata.clone(),
-            recorded_at_us: 7,
-        }
+        e.recorded_as(&StreamId::new("s", "1").expect("valid"), version, 7)
     }
 
     fn at(version: u64, append: (u64, u64)) -> Option<Known> {

@@ -261,16 +261,7 @@ impl<S: EventStore> Timelines<S> {
                 .await
                 .map_err(status_from_store)?;
             let full = page.len() == PAGE as usize;
-            bytes += page
-                .iter()
-                .map(|e| {
-                    e.data.len()
-                        + e.metadata
-                            .iter()
-                            .map(|(k, v)| k.len() + v.len())
-                            .sum::<usize>()
-                })
-                .sum::<usize>();
+            bytes += page.iter().map(RecordedEvent::payload_bytes).sum::<usize>();
             events.extend(page);
             if bytes > replay::MAX_STREAM_BYTES {
                 return Err(Status::resource_exhausted(format!(
