@@ -282,6 +282,16 @@ pub fn now_us() -> i64 {
 /// its stream and version.
 pub const NUDGE_CARRY_BYTES: usize = 16 * 1024;
 
+/// Most nudges carrying events that a queue of nudges (write-svc's publisher, the projector's
+/// subscriber) holds: past it, nudges are queued plain, so that a slow consumer costs at most
+/// this many carried appends of memory (a few MiB), not the queue's length of them.
+pub const NUDGE_CARRIED_QUEUED: usize = 256;
+
+/// Whether a nudge queued now may carry its events: the queue of `max` slots has `free` left.
+pub fn nudge_may_carry(free: usize, max: usize) -> bool {
+    max.saturating_sub(free) < NUDGE_CARRIED_QUEUED
+}
+
 /// A fast-path nudge: `stream` reached `version`. `events`, when not empty, are the events of
 /// the append that got it there (contiguous, ending at `version`), carried so that a projector
 /// need not read them back from the store.
@@ -394,6 +404,14 @@ mod nudge_tests {
         assert_eq!(parse_nudge("cart/x@7").map(|n| n.version), Some(7));
         assert_eq!(parse_nudge("garbage"), None);
         assert_eq!(parse_nudge("cart/x@notanumber"), None);
+    }
+
+    #[test]
+    fn only_the_head_of_a_nudge_queue_carries_events() {
+        assert!(nudge_may_carry(4096, 4096));
+        assert!(nudge_may_carry(4096 - NUDGE_CARRIED_QUEUED + 1, 4096));
+        assert!(!nudge_may_carry(4096 - NUDGE_CARRIED_QUEUED, 4096));
+        assert!(!nudge_may_carry(0, 4096));
     }
 
     #[test]

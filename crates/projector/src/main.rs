@@ -2,7 +2,7 @@
 //! and serves `esq.v1.Projections` (the operator's API) plus health and reflection on `--listen`.
 
 use clap::Parser;
-use esq_eventstore::parse_nudge;
+use esq_eventstore::{nudge_may_carry, parse_nudge};
 use esq_projector::{Config, Projector};
 use esq_readstore::redis::subscribe_nudges;
 use esq_runtime::config::{CqlArgs, RedisArgs, ServerArgs, TelemetryArgs};
@@ -105,7 +105,11 @@ async fn main() -> anyhow::Result<()> {
         let channel = args.nudge_channel.clone();
         tokio::spawn(async move {
             let sink = move |m: Option<&str>| match m.and_then(parse_nudge) {
-                Some(n) => {
+                Some(mut n) => {
+                    // A backed-up queue holds plain nudges only (see `NUDGE_CARRIED_QUEUED`).
+                    if !nudge_may_carry(tx.capacity(), tx.max_capacity()) {
+                        n.events = Vec::new();
+                    }
                     let _ = tx.try_send(n);
                 }
                 None => wake.notify_one(),

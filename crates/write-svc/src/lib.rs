@@ -184,6 +184,12 @@ pub fn redis_nudge(
         }
     });
     Arc::new(move |stream, result, events| {
-        let _ = tx.try_send(esq_eventstore::nudge_message(stream, result, events));
+        // A backed-up queue holds plain nudges only (see `NUDGE_CARRIED_QUEUED`).
+        let carried = if esq_eventstore::nudge_may_carry(tx.capacity(), tx.max_capacity()) {
+            events
+        } else {
+            &[]
+        };
+        let _ = tx.try_send(esq_eventstore::nudge_message(stream, result, carried));
     })
 }
