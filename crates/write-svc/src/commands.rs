@@ -34,7 +34,7 @@ const LOAD_PAGE: u32 = 1000;
 const HEAD_PAGE: u32 = 32;
 /// Default of [`SnapshotPolicy::every`] (`--snapshot-every`): measured on AddItem to a long
 /// cart, see ARCHITECTURE.md ("Aggregate snapshots").
-pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100;
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 50;
 /// Snapshot writes in flight at once per executor; a snapshot due while all are busy is
 /// skipped (the next load past the interval offers it again).
 const SNAPSHOT_WRITES: usize = 4;
