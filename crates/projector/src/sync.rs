@@ -1,8 +1,9 @@
 //! Bringing one stream into the read model: pull its events after the lowest version its
-//! projections hold, fold them through the domain's projections and apply each batch behind the
-//! read store's version fence, so duplicate, late or concurrent syncs are harmless. An event a
-//! projection cannot apply parks the stream for that projection (see `parked`); the stream's
-//! other projections, and every other stream, go on.
+//! projections hold (or take them from a nudge that carries them), fold them through the
+//! domain's projections and apply each batch behind the read store's version fence, so
+//! duplicate, late or concurrent syncs are harmless. An event a projection cannot apply parks
+//! the stream for that projection (see `parked`); the stream's other projections, and every
+//! other stream, go on.
 
 use crate::{ProjectError, Projector};
 use esq_domain::projection::{
