@@ -48,6 +48,7 @@
 pub mod cqlops;
 pub mod ctx;
 pub mod load;
+pub mod redisops;
 pub mod report;
 pub mod rows;
 pub mod sys;

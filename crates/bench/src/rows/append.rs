@@ -36,7 +36,7 @@ const SHARDS: u32 = 16;
 const PAYLOAD: &[u8] = br#"{"sku":"sku-1","quantity":1,"price_cents":1999}"#;
 
 /// The raw driver's statements: the same CQL esq prepares, on the stack's keyspace.
-struct Raw {
+pub(crate) struct Raw {
     session: Session,
     note: PreparedStatement,
     head_first: PreparedStatement,
@@ -45,7 +45,8 @@ struct Raw {
 }
 
 impl Raw {
-    async fn prepare(ctx: &Ctx, ks: &str) -> anyhow::Result<Self> {
+    /// Prepares the statements on a new session to `ctx`'s Cassandra, in keyspace `ks`.
+    pub(crate) async fn prepare(ctx: &Ctx, ks: &str) -> anyhow::Result<Self> {
         let session = ctx.scylla().await?;
         let pk = "stream_type = ? AND stream_id = ? AND bucket = ?";
         let mut head_first = session
@@ -231,7 +232,7 @@ fn timeuuid(now_us: i64) -> uuid::Uuid {
     )
 }
 
-fn now_us() -> i64 {
+pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -313,6 +314,27 @@ async fn raw_distinct(
                 raw.note(&id, 1, n as i64).await?;
             }
             anyhow::ensure!(raw.lwt(&id, 0, n).await?.is_none(), "a new stream lost");
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// The raw driver's notification + conditional batch of one event to a new stream per call, in
+/// an open loop at `rate` calls per second (the latency the engine alone gives an append).
+pub(crate) async fn raw_open_loop(
+    raw: &Arc<Raw>,
+    load: &Load,
+    rate: f64,
+    salt: u64,
+) -> anyhow::Result<Run> {
+    let raw = Arc::clone(raw);
+    crate::load::open_loop(load, rate, move |i| {
+        let raw = Arc::clone(&raw);
+        async move {
+            let id = stream_id("l", salt, i);
+            raw.note(&id, 1, 1).await?;
+            anyhow::ensure!(raw.lwt(&id, 0, 1).await?.is_none(), "a new stream lost");
             Ok(())
         }
     })

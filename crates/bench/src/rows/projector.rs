@@ -18,6 +18,7 @@
 use crate::cqlops::CqlOps;
 use crate::ctx::{Cluster, Ctx};
 use crate::load::Run;
+use crate::redisops::RedisOps;
 use crate::report::{cpu, rate, Line};
 use crate::sys::{cpu_ticks, Cpu, CpuUse, Watched};
 use anyhow::Context as _;
@@ -107,6 +108,8 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     let (mut startup, mut rss) = (Vec::new(), Vec::new());
     // What Cassandra did on each side, per event (operations per table).
     let (mut esq_ops, mut raw_ops) = (CqlOps::default(), CqlOps::default());
+    // What Redis did on each side (calls per command), the harness's own polling left out.
+    let (mut esq_redis, mut raw_redis) = (RedisOps::default(), RedisOps::default());
     let ks = cluster.keyspace.as_str();
     for round in 0..ctx.rounds() {
         let tag = format!("{}r{round}", cluster.prefix);
@@ -117,13 +120,14 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
                 // esq: a projector from scratch on a fresh prefix.
                 let prefix = format!("{tag}esq");
                 let ops_before = CqlOps::snapshot(&raw.session, ks).await;
+                let redis_before = RedisOps::snapshot(&mut conn).await;
                 let sample = Cpu::sample(&backends);
                 let started = Instant::now();
                 let projector = cluster
                     .start_projector(ctx, &[("ESQ_REDIS_PREFIX".to_owned(), prefix.clone())])
                     .await?;
                 startup.push(started.elapsed().as_secs_f64());
-                wait_current(&mut conn, &prefix, n).await?;
+                let polled = wait_current(&mut conn, &prefix, n).await?;
                 let secs = started.elapsed().as_secs_f64();
                 let mut used = sample.cores();
                 let ticks = cpu_ticks(projector.pid).context("the projector is gone")?;
@@ -137,16 +141,21 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
                 rss.push(crate::sys::peak_rss_mib(projector.pid)?);
                 cluster.stop_projector().await?;
                 esq_ops.add(&CqlOps::snapshot(&raw.session, ks).await.since(&ops_before));
+                let mut redis_ops = RedisOps::snapshot(&mut conn).await.since(&redis_before);
+                redis_ops.remove("hget", polled);
+                esq_redis.add(&redis_ops);
                 esq.push(Run::measured(events, secs, 0.0, 0.0, used));
             } else {
                 // raw: read by partition + batched fenced apply, pipelined.
                 let prefix = format!("{tag}raw");
                 let ops_before = CqlOps::snapshot(&raw.session, ks).await;
+                let redis_before = RedisOps::snapshot(&mut conn).await;
                 let work = (0..n)
                     .map(|c| raw.read_apply(conn.clone(), &sha, &prefix, cart(c)))
                     .collect();
                 base.push(all_of(events, &me, work).await?);
                 raw_ops.add(&CqlOps::snapshot(&raw.session, ks).await.since(&ops_before));
+                raw_redis.add(&RedisOps::snapshot(&mut conn).await.since(&redis_before));
             }
         }
 
@@ -189,12 +198,14 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     first.note = format!(
         "esq timed from the projector's spawn (start-up until serving: {:.2} s); projector \
          peak RSS {:.0} MiB; {} rounds, medians; Cassandra operations per event: esq {} · \
-         base {}",
+         base {}; Redis calls per event: esq {} · base {}",
         startup[startup.len() / 2],
         rss[rss.len() / 2],
         ctx.rounds(),
         esq_ops.per(events * ctx.rounds() as u64),
         raw_ops.per(events * ctx.rounds() as u64),
+        esq_redis.per(events * ctx.rounds() as u64),
+        raw_redis.per(events * ctx.rounds() as u64),
     );
     Ok(vec![
         first,
@@ -358,12 +369,13 @@ async fn add_items(
 
 /// Waits until every cart's document under `prefix` is at version [`EVENTS_PER_CART`]:
 /// the remaining carts are checked in pipelined chunks, front first, so the check costs
-/// little Redis time while the projector works.
+/// little Redis time while the projector works. Returns the HGETs it sent.
 async fn wait_current(
     conn: &mut redis::aio::MultiplexedConnection,
     prefix: &str,
     n: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
+    let mut sent = 0;
     const CHUNK: usize = 64;
     let give_up = Instant::now() + Duration::from_secs(600);
     let mut remaining: std::collections::VecDeque<u64> = (0..n).collect();
@@ -381,6 +393,7 @@ async fn wait_current(
                 .arg(VERSION_FIELD);
         }
         let versions: Vec<Option<u64>> = pipe.query_async(conn).await?;
+        sent += chunk.len() as u64;
         let done = versions
             .iter()
             .take_while(|v| **v == Some(EVENTS_PER_CART))
@@ -390,7 +403,7 @@ async fn wait_current(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    Ok(())
+    Ok(sent)
 }
 
 /// Deletes every key under `prefix` (this round's documents, checkpoints and leases).
