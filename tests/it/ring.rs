@@ -42,6 +42,8 @@ async fn harness(ring: &Ring, redis: &str, nudges: bool) -> ClusterHarness {
     let options = ClusterOptions {
         nudges,
         env: ring.cluster_env(),
+        // The schema is created on the ring: each statement waits for schema agreement.
+        serving_within: RING_BOUND,
         ..ClusterOptions::default()
     };
     ClusterHarness::start(ring.backends(redis), options)

@@ -1045,6 +1045,8 @@ async fn mixed_load_with_faults() {
     let cassandra = match &nodes.ring {
         Some(ring) => {
             options.env.extend(ring.cluster_env());
+            // The schema is created on the ring: each statement waits for schema agreement.
+            options.serving_within = NODE_WAIT;
             ring.nodes().to_owned()
         }
         None => single("ESQ_TEST_CASSANDRA"),

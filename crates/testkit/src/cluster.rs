@@ -59,6 +59,12 @@ pub struct ClusterOptions {
     pub tls: bool,
     /// Extra environment for every process.
     pub env: Vec<(String, String)>,
+    /// How long each process may take to answer SERVING when the harness starts. The first
+    /// write-svc creates the keyspace and tables first: on a Cassandra ring each statement
+    /// waits for the nodes to agree on the schema, which took over 120 s on a loaded 2-core
+    /// machine (a fresh-clone CI run, 2026-12-02: 12 s agreement timeouts, retried, for the
+    /// keyspace and each table).
+    pub serving_within: Duration,
 }
 
 impl ClusterOptions {
@@ -80,6 +86,7 @@ impl Default for ClusterOptions {
             nudges: true,
             tls: false,
             env: Vec::new(),
+            serving_within: Duration::from_secs(120),
         }
     }
 }
@@ -257,7 +264,8 @@ impl ClusterHarness {
         let tls = h.client_tls();
         // The first write-svc creates the schema; the others start once it is there.
         let first = h.spawn("write-svc").await?;
-        wait_serving_with(first.addr, Duration::from_secs(120), tls.as_ref()).await?;
+        let within = options.serving_within;
+        wait_serving_with(first.addr, within, tls.as_ref()).await?;
         h.writers.push(first);
         for _ in 1..options.write_services {
             let w = h.spawn("write-svc").await?;
@@ -270,7 +278,7 @@ impl ClusterHarness {
         let r = h.spawn("read-svc").await?;
         h.reader = Some(r);
         for p in h.writers.iter().chain(&h.projectors).chain(&h.reader) {
-            wait_serving_with(p.addr, Duration::from_secs(120), tls.as_ref()).await?;
+            wait_serving_with(p.addr, within, tls.as_ref()).await?;
         }
         h.clients = match &tls {
             Some(tls) => Clients::connect_tls(h.writers[0].addr, h.read_addr(), tls).await?,
