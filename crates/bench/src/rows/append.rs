@@ -42,6 +42,9 @@ pub(crate) struct Raw {
     head_first: PreparedStatement,
     head_next: PreparedStatement,
     insert: PreparedStatement,
+    /// A command's load: the stream's snapshot and its first page of events (`HEAD_PAGE`, 32).
+    snapshot: PreparedStatement,
+    head_page: PreparedStatement,
 }
 
 impl Raw {
@@ -75,13 +78,41 @@ impl Raw {
                  first_version, last_version) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?"
             ))
             .await?;
+        let snapshot = session
+            .prepare(format!(
+                "SELECT version, event_id, fingerprint, state FROM {ks}.snapshots \
+                 WHERE stream_type = ? AND stream_id = ?"
+            ))
+            .await?;
+        let head_page = session
+            .prepare(format!(
+                "SELECT version, event_id, event_type, schema_version, content_type, data, \
+                 metadata, recorded_at FROM {ks}.events \
+                 WHERE {pk} AND version >= ? AND version <= ? LIMIT ?"
+            ))
+            .await?;
         Ok(Self {
             session,
             note,
             head_first,
             head_next,
             insert,
+            snapshot,
+            head_page,
         })
+    }
+
+    /// What a command reads before it decides (write-svc's `Executor::load` on a short
+    /// stream): the snapshot and the first 32 events of `id`, concurrently. Returns the events
+    /// found.
+    async fn load(&self, id: &str) -> anyhow::Result<usize> {
+        let (snapshot, head) = tokio::join!(
+            self.session.execute_unpaged(&self.snapshot, (KIND, id)),
+            self.session
+                .execute_unpaged(&self.head_page, (KIND, id, 0i32, 1i64, i64::MAX, 32i32)),
+        );
+        snapshot?.into_rows_result()?;
+        Ok(head?.into_rows_result()?.rows_num())
     }
 
     /// The notification row of an append of `first..=last` to `id`.
@@ -321,18 +352,24 @@ async fn raw_distinct(
 }
 
 /// The raw driver's notification + conditional batch of one event to a new stream per call, in
-/// an open loop at `rate` calls per second (the latency the engine alone gives an append).
+/// an open loop at `rate` calls per second (the latency the engine alone gives an append); with
+/// `read_first`, after the read a command makes before it decides ([`Raw::load`]: what the
+/// engine alone gives a command such as AddItem).
 pub(crate) async fn raw_open_loop(
     raw: &Arc<Raw>,
     load: &Load,
     rate: f64,
     salt: u64,
+    read_first: bool,
 ) -> anyhow::Result<Run> {
     let raw = Arc::clone(raw);
     crate::load::open_loop(load, rate, move |i| {
         let raw = Arc::clone(&raw);
         async move {
-            let id = stream_id("l", salt, i);
+            let id = stream_id(if read_first { "c" } else { "l" }, salt, i);
+            if read_first {
+                anyhow::ensure!(raw.load(&id).await? == 0, "a new stream holds events");
+            }
             raw.note(&id, 1, 1).await?;
             anyhow::ensure!(raw.lwt(&id, 0, 1).await?.is_none(), "a new stream lost");
             Ok(())

@@ -9,6 +9,10 @@
 //!   prepared statement of the `scylla` driver, folded with the domain's `batch` and applied
 //!   with the project's own fenced script (`apply.lua`) by EVALSHA, one call per projection and
 //!   cart, concurrent calls pipelined on one multiplexed connection;
+//! - **raw + change log**: the raw program, but finding the carts as the projector must: by
+//!   reading each shard's change log (the bucket index, then the notification rows in pages of
+//!   the projector's `poll_limit`, with the same CQL, four shards at a time), each cart read and
+//!   applied as soon as a page names it for the first time;
 //! - **Lua alone**: the same EVALSHAs from events already in memory, batched per stream, and
 //!   one call per event.
 //!
@@ -41,6 +45,11 @@ pub fn carts(ctx: &Ctx) -> u64 {
 
 /// Concurrency of the writers and of the raw program (the projector's default sync bound).
 const CONCURRENCY: usize = 32;
+/// Shards of the stack's change log (write-svc's default), scanned this many at a time (the
+/// projector's default shard concurrency), in pages of this many rows (its `poll_limit`).
+const SHARDS: i32 = 16;
+const SHARDS_AT_ONCE: usize = 4;
+const CHANGE_PAGE: i32 = 512;
 
 fn cart(n: u64) -> String {
     format!("catchup-{n:06}")
@@ -67,9 +76,35 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
             cluster.keyspace
         ))
         .await?;
+    let buckets = session
+        .prepare(format!(
+            "SELECT bucket FROM {}.change_buckets \
+             WHERE shard = ? AND bucket >= ? AND bucket <= ? LIMIT ?",
+            cluster.keyspace
+        ))
+        .await?;
+    let from_start = session
+        .prepare(format!(
+            "SELECT id, stream_type, stream_id, first_version, last_version \
+             FROM {}.changes WHERE shard = ? AND bucket = ? \
+             AND id < minTimeuuid(?) LIMIT ?",
+            cluster.keyspace
+        ))
+        .await?;
+    let after = session
+        .prepare(format!(
+            "SELECT id, stream_type, stream_id, first_version, last_version \
+             FROM {}.changes WHERE shard = ? AND bucket = ? \
+             AND id > ? AND id < minTimeuuid(?) LIMIT ?",
+            cluster.keyspace
+        ))
+        .await?;
     let raw = Raw {
         session: Arc::new(session),
         select,
+        buckets,
+        from_start,
+        after,
         projections: esq_domain::registry::projections()
             .into_iter()
             .filter(|p| p.handles("cart"))
@@ -105,6 +140,7 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     let mut me = vec![Watched::me()];
     me.extend(backends.iter().cloned());
     let (mut esq, mut base, mut batched, mut per_event) = (vec![], vec![], vec![], vec![]);
+    let mut scanned = Vec::new();
     let (mut startup, mut rss) = (Vec::new(), Vec::new());
     // What Cassandra did on each side, per event (operations per table).
     let (mut esq_ops, mut raw_ops) = (CqlOps::default(), CqlOps::default());
@@ -159,6 +195,18 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
             }
         }
 
+        // raw + change log: the carts found by scanning the change log, as the projector must.
+        let prefix = format!("{tag}scan");
+        let sample = Cpu::sample(&me);
+        let started = Instant::now();
+        let (carts, applied) = raw.scan_apply(&conn, &sha, &prefix).await?;
+        let secs = started.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            carts == n && applied == n,
+            "the change log named {carts} carts ({applied} applied), not {n}"
+        );
+        scanned.push(Run::measured(events, secs, 0.0, 0.0, sample.cores()));
+
         // The Lua alone, batched per stream and per event.
         for (side, whole) in [(&mut batched, true), (&mut per_event, false)] {
             let prefix = format!("{tag}lua{}", u8::from(whole));
@@ -172,6 +220,7 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     }
     let (esq, base) = (Run::median(&esq), Run::median(&base));
     let (batched, per_event) = (Run::median(&batched), Run::median(&per_event));
+    let scanned = Run::median(&scanned);
     startup.sort_by(f64::total_cmp);
     rss.sort_by(f64::total_cmp);
     let path = format!(
@@ -207,8 +256,18 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
         esq_redis.per(events * ctx.rounds() as u64),
         raw_redis.per(events * ctx.rounds() as u64),
     );
+    let mut with_log = versus(
+        "raw program + change log (the carts found by reading each shard's change log, as the \
+         projector must)",
+        &scanned,
+        "(reference)",
+    );
+    with_log.note = "the storage work a projector cannot avoid: the raw program does not read \
+                     the 1 change-log row per event that tells which streams to read"
+        .to_owned();
     Ok(vec![
         first,
+        with_log,
         versus("the Lua alone, batched per stream", &batched, "(reference)"),
         versus(
             "the Lua alone, one call per event",
@@ -222,6 +281,10 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
 struct Raw {
     session: Arc<scylla::client::session::Session>,
     select: scylla::statement::prepared::PreparedStatement,
+    /// The change log's statements, as the CQL store prepares them.
+    buckets: scylla::statement::prepared::PreparedStatement,
+    from_start: scylla::statement::prepared::PreparedStatement,
+    after: scylla::statement::prepared::PreparedStatement,
     projections: Vec<Arc<dyn Projection>>,
 }
 
@@ -274,6 +337,90 @@ impl Raw {
     ) -> anyhow::Result<()> {
         let events = self.read(id).await?;
         self.apply(conn, sha, prefix, &events, true).await
+    }
+
+    /// Scans every shard's change log ([`SHARDS_AT_ONCE`] shards at a time, pages of
+    /// [`CHANGE_PAGE`] rows) and reads and applies each cart the first time a page names it,
+    /// [`CONCURRENCY`] at once, overlapping the scan. Returns (carts named, carts applied).
+    async fn scan_apply(
+        &self,
+        conn: &redis::aio::MultiplexedConnection,
+        sha: &str,
+        prefix: &str,
+    ) -> anyhow::Result<(u64, u64)> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<String>(4 * CONCURRENCY);
+        let scan = async move {
+            let shards = futures::stream::iter(0..SHARDS)
+                .map(|shard| self.scan_shard(shard, tx.clone()))
+                .buffer_unordered(SHARDS_AT_ONCE);
+            let named: Vec<u64> = shards
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<anyhow::Result<_>>()?;
+            anyhow::Ok(named.iter().sum::<u64>())
+        };
+        let ids =
+            futures::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|id| (id, rx)) },
+            );
+        let apply = ids
+            .map(|id| self.read_apply(conn.clone(), sha, prefix, id))
+            .buffer_unordered(CONCURRENCY)
+            .fold(anyhow::Ok(0u64), |done, r| async move {
+                Ok(done? + r.map(|()| 1)?)
+            });
+        let (named, applied) = tokio::join!(scan, apply);
+        Ok((named?, applied?))
+    }
+
+    /// One shard's change log, every bucket of its index, in pages; each stream named for the
+    /// first time is sent on `tx`. Returns the streams named.
+    async fn scan_shard(
+        &self,
+        shard: i32,
+        tx: tokio::sync::mpsc::Sender<String>,
+    ) -> anyhow::Result<u64> {
+        let cutoff = scylla::value::CqlTimestamp(crate::rows::append::now_us() / 1000);
+        let buckets = self
+            .session
+            .execute_unpaged(&self.buckets, (shard, 0i64, i64::MAX, 1000i32))
+            .await?
+            .into_rows_result()?;
+        let mut seen = std::collections::HashSet::new();
+        for bucket in buckets.rows::<(i64,)>()? {
+            let bucket = bucket?.0;
+            let mut last: Option<scylla::value::CqlTimeuuid> = None;
+            loop {
+                let rows = match last {
+                    None => {
+                        self.session
+                            .execute_unpaged(&self.from_start, (shard, bucket, cutoff, CHANGE_PAGE))
+                            .await?
+                    }
+                    Some(id) => {
+                        self.session
+                            .execute_unpaged(&self.after, (shard, bucket, id, cutoff, CHANGE_PAGE))
+                            .await?
+                    }
+                }
+                .into_rows_result()?;
+                let mut count = 0;
+                for row in rows.rows::<(scylla::value::CqlTimeuuid, String, String, i64, i64)>()? {
+                    let (id, _kind, stream, _first, _last) = row?;
+                    last = Some(id);
+                    count += 1;
+                    if seen.insert(stream.clone()) {
+                        tx.send(stream).await?;
+                    }
+                }
+                if count < CHANGE_PAGE {
+                    break;
+                }
+            }
+        }
+        Ok(seen.len() as u64)
     }
 
     /// Folds `events` (one stream's) for each projection of carts and applies them with the

@@ -4,7 +4,8 @@
 //!   projector's apply is visible in Redis), p50/p99 from the moment the append was due;
 //!   baseline: the same appends alone, so the difference is what visibility costs; and, for
 //!   reference, the raw driver's change-log notification + conditional batch at the same
-//!   rate (what the engine alone takes to commit an append: the floor of both).
+//!   rate (what the engine alone takes to commit an append: the floor of both), and the same
+//!   after the two reads a command makes before it decides (the floor of an AddItem).
 //! - [`waiters`]: 500 concurrent `min_version` waiters that are never satisfied (each call
 //!   runs to read-svc's maximum wait and is issued again): the Redis commands per second they
 //!   cause, from `INFO stats` (`total_commands_processed`) over a window with the waiters
@@ -53,10 +54,13 @@ pub mod lag {
         let salt = crate::rows::append::now_us() as u64;
         let mut visible = Vec::new();
         let mut acked = Vec::new();
-        let mut engine = Vec::new();
+        let (mut engine, mut command) = (Vec::new(), Vec::new());
         for n in 0..ctx.rounds() {
-            let side = crate::rows::append::raw_open_loop(&raw, &load, LAG_RATE, salt + n as u64);
+            let salt = salt + n as u64;
+            let side = crate::rows::append::raw_open_loop(&raw, &load, LAG_RATE, salt, false);
             engine.push(side.await?);
+            let side = crate::rows::append::raw_open_loop(&raw, &load, LAG_RATE, salt, true);
+            command.push(side.await?);
             for see in [true, false] {
                 let r = round.fetch_add(1, Ordering::Relaxed);
                 let commands = cluster.carts();
@@ -121,6 +125,7 @@ pub mod lag {
         let v = Run::median(&visible);
         let a = Run::median(&acked);
         let e = Run::median(&engine);
+        let c = Run::median(&command);
         Ok(vec![
             Line {
                 path: format!("append → visible, fast path, {LAG_RATE}/s"),
@@ -159,6 +164,29 @@ pub mod lag {
                 note: format!(
                     "the storage work of an append alone, at {LAG_RATE}/s, open loop: a visible \
                      append waits for at least this"
+                ),
+            },
+            Line {
+                path: "same, a command's storage work".into(),
+                esq: format!(
+                    "the append alone (ack): p50 {} · p99 {}",
+                    crate::report::ms(a.p50_ms),
+                    crate::report::ms(a.p99_ms)
+                ),
+                baseline: format!(
+                    "raw driver, read (snapshot + first 32 events) + notification + LWT batch: \
+                     p50 {} · p99 {}",
+                    crate::report::ms(c.p50_ms),
+                    crate::report::ms(c.p99_ms)
+                ),
+                ratio: None,
+                target: "(reference)".into(),
+                latency: format!("{} · base {}", percentiles(&a), percentiles(&c)),
+                cpu: format!("{} · base {}", cpu(&a.cpu), cpu(&c.cpu)),
+                note: format!(
+                    "AddItem decides on the cart's state: it reads it before it writes (write-svc's \
+                     load on a short stream, two concurrent SELECTs), at {LAG_RATE}/s, open loop; \
+                     a visible AddItem waits for at least this"
                 ),
             },
         ])
