@@ -44,6 +44,11 @@ struct Args {
     /// Extra facts for the report's header (versions), one per flag.
     #[arg(long)]
     fact: Vec<String>,
+    /// Pin Cassandra to core 0 and everything else to the other cores for the whole run (the
+    /// shape of a deployment where the database has its own machine); every core is given
+    /// back at the end.
+    #[arg(long)]
+    pin: bool,
 }
 
 fn command_output(cmd: &str, args: &[&str]) -> String {
@@ -93,6 +98,15 @@ async fn main() -> anyhow::Result<()> {
         .rounds
         .unwrap_or(if args.size == Size::Full { 3 } else { 1 });
     let ctx = Ctx::new(args.size, rounds, Backends { cassandra, redis }, bin_dir)?;
+    let pinned = if args.pin {
+        let cassandra = ctx.cassandra_proc().ok_or_else(|| {
+            anyhow::anyhow!("--pin: no Cassandra process listens on this machine")
+        })?;
+        let redis: Vec<u32> = ctx.redis_proc().into_iter().map(|w| w.pid).collect();
+        Some(esq_bench::sys::Pinned::apply(cassandra.pid, &redis)?)
+    } else {
+        None
+    };
 
     let selected = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let mut groups: Vec<(String, Outcome)> = Vec::new();
@@ -145,12 +159,16 @@ async fn main() -> anyhow::Result<()> {
     if let Err(err) = ctx.finish().await {
         eprintln!("esq-bench: cleaning the backends failed: {err:#}");
     }
+    if let Some(p) = &pinned {
+        p.restore();
+    }
 
     let mut versions = vec![
         command_output("redis-server", &["--version"]),
         command_output("rustc", &["--version"]),
     ];
     versions.extend(args.fact.iter().cloned());
+    versions.extend(pinned.as_ref().map(|p| p.fact.clone()));
     versions.retain(|v| !v.is_empty());
     let facts = RunFacts {
         command: args.command.clone(),

@@ -196,6 +196,73 @@ pub fn machine() -> String {
     )
 }
 
+/// `--pin`: the CPU affinity of a deployment where the database has a machine (here a core) of
+/// its own. Cassandra's threads go to core 0; Redis, this process and everything it starts
+/// afterwards (the services, `esq dev`, ghz, redis-benchmark) go to the other cores. Both sides
+/// of every row run pinned the same way. [`Pinned::restore`] gives every core back.
+pub struct Pinned {
+    pids: Vec<u32>,
+    all: String,
+    /// The header line of the report that says so.
+    pub fact: String,
+}
+
+impl Pinned {
+    /// Pins `cassandra` to core 0 and `others` and this process to cores 1..n; fails on a
+    /// machine of one core, without `taskset`, or when a process cannot be pinned.
+    pub fn apply(cassandra: u32, others: &[u32]) -> anyhow::Result<Self> {
+        let n = std::thread::available_parallelism()?.get();
+        anyhow::ensure!(
+            n >= 2,
+            "--pin needs at least 2 cores; this process may use {n}"
+        );
+        let rest = if n == 2 {
+            "1".to_owned()
+        } else {
+            format!("1-{}", n - 1)
+        };
+        let mut pids = vec![cassandra];
+        pids.extend(others);
+        pids.push(std::process::id());
+        let pinned = Self {
+            pids,
+            all: format!("0-{}", n - 1),
+            fact: format!(
+                "pinned (--pin): Cassandra on core 0; Redis, esq-bench and every process it \
+                 starts on cores {rest}"
+            ),
+        };
+        taskset(cassandra, "0")?;
+        for &pid in &pinned.pids[1..] {
+            taskset(pid, &rest)?;
+        }
+        Ok(pinned)
+    }
+
+    /// Every pinned process (still running) may use every core again.
+    pub fn restore(&self) {
+        for &pid in &self.pids {
+            if let Err(e) = taskset(pid, &self.all) {
+                eprintln!("esq-bench: giving process {pid} every core back failed: {e:#}");
+            }
+        }
+    }
+}
+
+/// Sets the affinity of every thread of `pid` to `cpus` (a `taskset -c` list).
+fn taskset(pid: u32, cpus: &str) -> anyhow::Result<()> {
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .output()
+        .context("running taskset (util-linux)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "taskset -a -p -c {cpus} {pid}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,29 +76,24 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
             cluster.keyspace
         ))
         .await?;
-    let buckets = session
-        .prepare(format!(
-            "SELECT bucket FROM {}.change_buckets \
-             WHERE shard = ? AND bucket >= ? AND bucket <= ? LIMIT ?",
-            cluster.keyspace
-        ))
-        .await?;
-    let from_start = session
-        .prepare(format!(
-            "SELECT id, stream_type, stream_id, first_version, last_version \
-             FROM {}.changes WHERE shard = ? AND bucket = ? \
-             AND id < minTimeuuid(?) LIMIT ?",
-            cluster.keyspace
-        ))
-        .await?;
-    let after = session
-        .prepare(format!(
-            "SELECT id, stream_type, stream_id, first_version, last_version \
-             FROM {}.changes WHERE shard = ? AND bucket = ? \
-             AND id > ? AND id < minTimeuuid(?) LIMIT ?",
-            cluster.keyspace
-        ))
-        .await?;
+    // The change log's statements, as the CQL store prepares them.
+    let changes = format!(
+        "SELECT id, stream_type, stream_id, first_version, last_version FROM {}.changes \
+         WHERE shard = ? AND bucket = ?",
+        cluster.keyspace
+    );
+    let prepare = |cql: String| session.prepare(cql);
+    let buckets = prepare(format!(
+        "SELECT bucket FROM {}.change_buckets \
+         WHERE shard = ? AND bucket >= ? AND bucket <= ? LIMIT ?",
+        cluster.keyspace
+    ))
+    .await?;
+    let from_start = prepare(format!("{changes} AND id < minTimeuuid(?) LIMIT ?")).await?;
+    let after = prepare(format!(
+        "{changes} AND id > ? AND id < minTimeuuid(?) LIMIT ?"
+    ))
+    .await?;
     let raw = Raw {
         session: Arc::new(session),
         select,
