@@ -209,7 +209,8 @@ pub struct Pinned {
 
 impl Pinned {
     /// Pins `cassandra` to core 0 and `others` and this process to cores 1..n; fails on a
-    /// machine of one core, without `taskset`, or when a process cannot be pinned.
+    /// machine of one core, without `taskset`, or when a process cannot be pinned (then
+    /// every process it had pinned has every core again).
     pub fn apply(cassandra: u32, others: &[u32]) -> anyhow::Result<Self> {
         let n = std::thread::available_parallelism()?.get();
         anyhow::ensure!(
@@ -232,11 +233,21 @@ impl Pinned {
                  starts on cores {rest}"
             ),
         };
-        taskset(cassandra, "0")?;
-        for &pid in &pinned.pids[1..] {
-            taskset(pid, &rest)?;
+        let pin_all = || {
+            taskset(cassandra, "0")?;
+            for &pid in &pinned.pids[1..] {
+                taskset(pid, &rest)?;
+            }
+            anyhow::Ok(())
+        };
+        match pin_all() {
+            Ok(()) => Ok(pinned),
+            Err(e) => {
+                // Half pinned is worse than not: give back what was taken.
+                pinned.restore();
+                Err(e)
+            }
         }
-        Ok(pinned)
     }
 
     /// Every pinned process (still running) may use every core again.

@@ -3,16 +3,24 @@
 //! DDL is dialect-aware: ScyllaDB gets `tablets = {'enabled': false}` on the keyspace (LWT and
 //! CDC on vnodes are the proven combination) and `cdc = {...}` on the events table when the
 //! native CDC feed is chosen; Apache Cassandra rejects both options, so it gets neither. Every
-//! statement is retried a few times (DDL on a busy single node can time out) and followed by
-//! a wait for schema agreement.
+//! statement is sent only once the nodes agree on the schema, and followed by a wait for
+//! agreement. A statement that reached a node is never sent again: on a ring, a
+//! `CREATE TABLE IF NOT EXISTS` re-sent to a node that has not yet learnt of the first one
+//! creates a second table of the same name with another id, and the nodes then disagree for
+//! good (seen in the ring test: every later DDL waited for agreement in vain). Only a statement
+//! that failed before any node took it is retried (DDL on a busy single node can time out).
 
 use super::{error, CqlConfig, Engine, FeedKind};
 use crate::StoreError;
 use scylla::client::session::Session;
+use scylla::errors::{ExecutionError, SchemaAgreementError};
 use std::time::Duration;
 
 /// Attempts per DDL statement before giving up.
 const DDL_ATTEMPTS: u32 = 5;
+/// Waits for schema agreement (each the session's `schema_agreement_timeout`) before giving up:
+/// a loaded ring may take minutes to agree, and giving up only makes the caller connect again.
+const AGREEMENT_WAITS: u32 = 10;
 
 /// Columns of the events table with their CQL types; a column missing from an existing table
 /// is added at connect (the whole of what "migration" means so far).
@@ -175,22 +183,44 @@ async fn existing_columns(
 async fn run_ddl(session: &Session, statement: &str) -> Result<(), StoreError> {
     let mut attempt = 1;
     loop {
-        let outcome = match session.query_unpaged(statement, ()).await {
-            Ok(_) => session
-                .await_schema_agreement()
-                .await
-                .map(drop)
-                .map_err(error::schema_agreement),
-            Err(e) => Err(error::execution(e)),
-        };
-        match outcome {
-            Ok(()) => return Ok(()),
-            Err(StoreError::Unavailable(reason)) if attempt < DDL_ATTEMPTS => {
-                tracing::warn!(attempt, %reason, statement, "DDL failed, retrying");
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
-                attempt += 1;
+        // From an agreed schema only: a node that has not yet learnt of an earlier statement
+        // (this process's or another's) must not be asked to create what it already should see.
+        agree(session).await?;
+        match session.query_unpaged(statement, ()).await {
+            Ok(_) => return agree(session).await,
+            // The statement was applied; only the driver's own wait for agreement ran out.
+            // Wait on: sending it again could create a conflicting table (module docs).
+            Err(ExecutionError::SchemaAgreementError(SchemaAgreementError::Timeout(_))) => {
+                return agree(session).await
             }
-            Err(e) => return Err(e),
+            Err(e) => match error::execution(e) {
+                StoreError::Unavailable(reason) if attempt < DDL_ATTEMPTS => {
+                    tracing::warn!(attempt, %reason, statement, "DDL failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                e => return Err(e),
+            },
+        }
+    }
+}
+
+/// Waits until every node reports the same schema version, for up to [`AGREEMENT_WAITS`] of the
+/// session's agreement timeouts.
+async fn agree(session: &Session) -> Result<(), StoreError> {
+    let mut wait = 1;
+    loop {
+        match session.await_schema_agreement().await {
+            Ok(_) => return Ok(()),
+            Err(SchemaAgreementError::Timeout(d)) if wait < AGREEMENT_WAITS => {
+                tracing::warn!(
+                    wait,
+                    waited_ms = d.as_millis() as u64,
+                    "the nodes do not agree on the schema yet; waiting on"
+                );
+                wait += 1;
+            }
+            Err(e) => return Err(error::schema_agreement(e)),
         }
     }
 }
