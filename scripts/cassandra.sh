@@ -244,6 +244,7 @@ NODE_HOST=$2
 NODE_PORT=$3
 NODE_STORAGE_PORT=$4
 NODE_HEAP=$5
+NODE_RING_DELAY_MS=${6:-100}
 EOF
 }
 
@@ -304,7 +305,7 @@ launch() {
         -Dcassandra-foreground=yes
         -Dcassandra.skip_wait_for_gossip_to_settle=0
         "-Dcassandra.triggers_dir=$dir/triggers"
-        -Dcassandra.ring_delay_ms=100
+        "-Dcassandra.ring_delay_ms=${NODE_RING_DELAY_MS:-100}"
         -Dcassandra.superuser_setup_delay_ms=0
         -Dcassandra.native_transport_startup_delay_seconds=0
         -Dio.netty.tryReflectionSetAccessible=true
@@ -470,7 +471,10 @@ ring_start() {
         mkdir -p "$node/conf" "$node/data" "$node/logs" "$node/triggers"
         write_config "$node" "$port" "$storage_port" "127.0.0.$i" "$seeds" "${tokens[$((i - 1))]}" \
             "node $i of a $count-node test ring on loopback"
-        save_node "$node" "127.0.0.$i" "$port" "$storage_port" "${ESQ_CASSANDRA_HEAP:-512m}"
+        # Gossip drops a peer that shows no tokens for ring_delay as a "fat client"; at 100 ms
+        # nodes starting together dropped each other, and one then never got a schema change
+        # (the ring test waited 10 minutes for agreement). 10 s covers a node's start.
+        save_node "$node" "127.0.0.$i" "$port" "$storage_port" "${ESQ_CASSANDRA_HEAP:-512m}" 10000
         launch "$node"
         echo "cassandra $CASSANDRA_VERSION: node $i started, pid $(cat "$node/pid"), CQL on 127.0.0.$i:$port (storage port $storage_port, token ${tokens[$((i - 1))]}), logs in $node/logs" >&2
     done

@@ -7,7 +7,7 @@
 //! agreement. A statement that reached a node is never sent again: on a ring, a
 //! `CREATE TABLE IF NOT EXISTS` re-sent to a node that has not yet learnt of the first one
 //! creates a second table of the same name with another id, and the nodes then disagree for
-//! good (seen in the ring test: every later DDL waited for agreement in vain). Only a statement
+//! good (Cassandra without transactional metadata). Only a statement
 //! that failed before any node took it is retried (DDL on a busy single node can time out).
 
 use super::{error, CqlConfig, Engine, FeedKind};
