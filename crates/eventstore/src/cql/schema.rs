@@ -7,8 +7,9 @@
 //! agreement. A statement that reached a node is never sent again: on a ring, a
 //! `CREATE TABLE IF NOT EXISTS` re-sent to a node that has not yet learnt of the first one
 //! creates a second table of the same name with another id, and the nodes then disagree for
-//! good (Cassandra without transactional metadata). Only a statement
-//! that failed before any node took it is retried (DDL on a busy single node can time out).
+//! good (Cassandra without transactional metadata). A statement that failed otherwise (DDL on
+//! a busy single node can time out, and a node may still apply it) is sent again, a few
+//! times, but again only once the nodes agree, so that if any node applied it, all have.
 
 use super::{error, CqlConfig, Engine, FeedKind};
 use crate::StoreError;
