@@ -25,12 +25,13 @@ mod verify;
 
 use esq_domain::derived::Derived;
 use esq_domain::projection::Projection;
+use esq_domain::StreamId;
 use esq_eventstore::{ChangeFeed, EventStore, StoreError};
 use esq_readstore::{Coordination, ReadError, ReadStore};
 use futures::StreamExt;
 use std::collections::hash_map::Entry;
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -172,10 +173,18 @@ pub struct Projector<E, F, R> {
     syncs: tokio::sync::Semaphore,
     /// When the last "not replicated yet" warning was logged (they are rate-limited).
     replication_warned: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Streams the fast path brought up to a version lately (see [`Projector::nudged_to`]).
+    nudged: std::sync::Mutex<std::collections::HashMap<StreamId, u64>>,
     /// Tests: how many times a document's starting point was read (see `sync`).
     #[cfg(test)]
     starts: std::sync::atomic::AtomicU64,
+    /// Tests: how many syncs read the store ahead of their starting points (see `sync`).
+    #[cfg(test)]
+    prefetches: std::sync::atomic::AtomicU64,
 }
+
+/// Most streams [`Projector::nudged_to`] remembers; beyond, it starts afresh (a hint only).
+const NUDGED_REMEMBERED: usize = 16_384;
 
 /// A fast-path notification: this stream reached this version, perhaps with the append's
 /// events.
@@ -195,8 +204,11 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             syncs: tokio::sync::Semaphore::new(config.sync_concurrency.max(1)),
             replication_warned: Default::default(),
             config,
+            nudged: Default::default(),
             #[cfg(test)]
             starts: Default::default(),
+            #[cfg(test)]
+            prefetches: Default::default(),
         }
     }
 
@@ -331,12 +343,34 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             .sync_only(stream, Some(version), None, &nudge.events)
             .await
         {
-            Ok(_) => true,
+            Ok(synced) => {
+                if synced == sync::Synced::Done {
+                    self.remember_nudged(stream, version);
+                }
+                true
+            }
             Err(e) => {
                 tracing::debug!(error = %e, %stream, "fast-path sync failed");
                 false
             }
         }
+    }
+
+    /// Whether the fast path brought `stream` to `version` or beyond lately, in this process:
+    /// then the change log's sync of it most likely finds its documents current. A hint for
+    /// how to sync, never trusted for what is applied; bounded, forgotten when full.
+    pub(crate) fn nudged_to(&self, stream: &StreamId, version: u64) -> bool {
+        let nudged = self.nudged.lock().unwrap_or_else(PoisonError::into_inner);
+        nudged.get(stream).is_some_and(|&v| v >= version)
+    }
+
+    fn remember_nudged(&self, stream: &StreamId, version: u64) {
+        let mut nudged = self.nudged.lock().unwrap_or_else(PoisonError::into_inner);
+        if nudged.len() >= NUDGED_REMEMBERED && !nudged.contains_key(stream) {
+            nudged.clear();
+        }
+        let at = nudged.entry(stream.clone()).or_insert(version);
+        *at = (*at).max(version);
     }
 
     /// Brings the read model up to date with everything the store holds now, ignoring leases:

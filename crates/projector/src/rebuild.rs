@@ -430,7 +430,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let _permit = self.syncs.acquire().await.map_err(|_| {
             ProjectError::Read(ReadError::Internal("projector shut down".to_owned()))
         })?;
-        self.sync_into(stream, None, pairs.to_vec(), &[]).await?;
+        self.sync_into(stream, None, pairs.to_vec(), &[], None)
+            .await?;
         Ok(self.read.version(ns, &p.doc_id(stream)).await?)
     }
 

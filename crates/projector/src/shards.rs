@@ -234,7 +234,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         let stream = &changes[0].stream;
         if changes.len() > 1 {
             // Every change of the stream is done once its projections reach the highest.
-            if self.sync(stream, Some(highest)).await? == Synced::Done {
+            let from = changes.iter().map(|c| c.first_version).min().unwrap_or(1);
+            if self.sync_changed(stream, highest, from).await? == Synced::Done {
                 return Ok(vec![true; changes.len()]);
             }
         }
@@ -252,7 +253,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         // still commits before its deadline, so the read below would see it.
         let checked_at = now_us();
         Ok(
-            match self.sync(&change.stream, Some(change.last_version)).await? {
+            match self
+                .sync_changed(&change.stream, change.last_version, change.first_version)
+                .await?
+            {
                 Synced::Done => true,
                 Synced::Missing if self.is_orphan(change, checked_at) => {
                     tracing::warn!(stream = %change.stream, last = change.last_version,
@@ -415,10 +419,11 @@ impl Window {
 
 #[cfg(test)]
 mod tests {
+    use crate::sync::Synced;
     use crate::testing::{cart, change, setup};
     use crate::{Config, Projector};
     use esq_domain::{ExpectedVersion, NewEvent};
-    use esq_eventstore::{now_us, EventStore};
+    use esq_eventstore::{now_us, Change, EventStore};
     use esq_readstore::ReadStore;
     use std::time::Duration;
     use tokio::time::Instant;
@@ -636,6 +641,57 @@ mod tests {
         let starts = p.starts.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(starts, 10 * 2, "one sync per stream");
         assert_eq!(checkpoint(&read).await.as_deref(), Some("11"));
+    }
+
+    /// The change log's sync reads the store from the changes' first event at the same time as
+    /// the documents' versions: used when it starts at or before where the documents stand,
+    /// discarded when they stand further back; and a stream the fast path brought there
+    /// lately is not read ahead at all.
+    #[tokio::test]
+    async fn the_change_logs_sync_reads_ahead_only_where_it_helps() {
+        let (_dir, store, feed, read) = setup(1).await;
+        let p = Projector::new(store.clone(), feed.clone(), read.clone(), Config::default());
+        p.refresh_generations(false).await.expect("generations");
+        let noted = now_us();
+        let (a, b, c, d) = (cart("a"), cart("b"), cart("c"), cart("d"));
+        for (s, n) in [(&a, 3), (&b, 3), (&c, 1), (&d, 3)] {
+            for v in 0..n {
+                store
+                    .append(s, ExpectedVersion::Exact(v), &[item()])
+                    .await
+                    .expect("append");
+            }
+        }
+        // d's documents are already at 3 (another projector); c's were brought to 1 by the
+        // fast path.
+        assert_eq!(p.sync(&d, Some(3)).await.expect("sync"), Synced::Done);
+        let nudge = esq_eventstore::NudgeMessage {
+            stream: c.clone(),
+            version: 1,
+            events: Vec::new(),
+        };
+        assert!(p.nudged_sync(nudge).await);
+        // a: every change (a catch-up); b: only its last (its documents stand before the
+        // changes); c and d: their first.
+        let mut changes: Vec<(u32, Change)> =
+            (1..=3).map(|v| (0, change(a.clone(), v, noted))).collect();
+        changes.push((0, change(b.clone(), 3, noted)));
+        changes.push((0, change(c.clone(), 1, noted)));
+        changes.push((0, change(d.clone(), 1, noted)));
+        feed.changes.lock().expect("lock").extend(changes);
+        let before = p.prefetches.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(!p.poll_shard(0).await.expect("poll"));
+        for (s, v) in [(&a, 3), (&b, 3), (&c, 1), (&d, 3)] {
+            assert_eq!(read.version("cart2:g1", &s.id).await.expect("v"), v, "{s}");
+            assert_eq!(
+                read.get("cart2:g1", &s.id).await.expect("get"),
+                Some(folded(&store, s).await),
+                "{s} folded from its first event"
+            );
+        }
+        let read_ahead = p.prefetches.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert_eq!(read_ahead, 3, "a, b and d read ahead; c (nudged) not");
+        assert_eq!(checkpoint(&read).await.as_deref(), Some("5"));
     }
 
     #[tokio::test]

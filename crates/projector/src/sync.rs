@@ -56,6 +56,35 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         only: Option<&str>,
         carried: &[RecordedEvent],
     ) -> Result<Synced, ProjectError> {
+        let pairs = self.pairs(stream, only)?;
+        self.sync_into(stream, target, pairs, carried, None).await
+    }
+
+    /// The change log's [`Projector::sync`]: `stream` up to `target`, for changes whose
+    /// earliest event is `from`. Unless the fast path brought the stream there recently (then
+    /// its documents are most likely current, and reading the store would be wasted), the
+    /// events from `from` on are read at the same time as the documents' versions rather than
+    /// after them: on a catch-up the documents stand just before `from` (the checkpoint covers
+    /// the changes before), so the read is the one the sync needs, a round trip sooner. When a
+    /// document stands elsewhere the read is discarded or completed as usual.
+    pub(crate) async fn sync_changed(
+        &self,
+        stream: &StreamId,
+        target: u64,
+        from: u64,
+    ) -> Result<Synced, ProjectError> {
+        let pairs = self.pairs(stream, None)?;
+        let prefetch = (!self.nudged_to(stream, target)).then_some(from.max(1));
+        self.sync_into(stream, Some(target), pairs, &[], prefetch)
+            .await
+    }
+
+    /// The (projection, namespace) pairs of `stream` (of projection `only`, if named).
+    fn pairs(
+        &self,
+        stream: &StreamId,
+        only: Option<&str>,
+    ) -> Result<Vec<(&dyn Projection, String)>, ProjectError> {
         let mut pairs = Vec::new();
         for p in self
             .projections
@@ -67,23 +96,37 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             })?;
             pairs.extend(namespaces.into_iter().map(|ns| (p.as_ref(), ns)));
         }
-        self.sync_into(stream, target, pairs, carried).await
+        Ok(pairs)
     }
 
     /// Brings `stream` up to `target` (or to its end when `None`) in each (projection,
     /// namespace) of `pairs`, in that order, pulling events after the lowest version in pages
-    /// (or taking them from `carried`, see [`Projector::sync_only`]).
+    /// (or taking them from `carried`, see [`Projector::sync_only`]). With `prefetch`, the
+    /// first page is read from that version concurrently with the starting points, and used
+    /// if it begins at or before the lowest one's successor (see [`Projector::sync_changed`]).
     pub(crate) async fn sync_into(
         &self,
         stream: &StreamId,
         target: Option<u64>,
         mut pairs: Vec<(&dyn Projection, String)>,
         mut carried: &[RecordedEvent],
+        prefetch: Option<u64>,
     ) -> Result<Synced, ProjectError> {
         // Where each pair starts, read concurrently (distinct documents): its version, and
         // its document when the apply needs it and it has no pending work (see `start`).
         let starts =
-            futures::future::join_all(pairs.iter().map(|(p, ns)| self.start(*p, ns, stream))).await;
+            futures::future::join_all(pairs.iter().map(|(p, ns)| self.start(*p, ns, stream)));
+        let (starts, mut prefetched) = match prefetch {
+            Some(from) => {
+                #[cfg(test)]
+                self.prefetches
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let page = ReadRequest::forwards(from, self.config.read_page);
+                let (starts, read) = tokio::join!(starts, self.store.read(stream, page));
+                (starts, Some((from, read)))
+            }
+            None => (starts.await, None),
+        };
         let mut versions = Vec::with_capacity(pairs.len());
         let mut known = Vec::with_capacity(pairs.len());
         for start in starts {
@@ -103,6 +146,10 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             let events = if covers {
                 // The writer's own record of the append: what a read would return.
                 Cow::Borrowed(std::mem::take(&mut carried))
+            } else if let Some((_, read)) = prefetched.take().filter(|(from, _)| *from <= low + 1) {
+                // Read from at or before where the lowest document stands: what the read below
+                // would return, perhaps with events every document already has in front.
+                Cow::Owned(read?)
             } else {
                 Cow::Owned(
                     self.store
@@ -120,26 +167,45 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                     Synced::Done
                 });
             }
-            let mut i = 0;
-            while i < pairs.len() {
-                let (p, ns) = (pairs[i].0, pairs[i].1.clone());
-                // The document read at the start describes only the first apply.
-                let doc = known[i].take();
-                match self
-                    .apply(p, &ns, stream, &events, versions[i], doc.as_ref())
-                    .await?
-                {
-                    Step::At(v) => {
-                        versions[i] = v;
-                        i += 1;
-                    }
-                    Step::Parked => {
-                        pairs.remove(i);
-                        versions.remove(i);
-                        known.remove(i);
+            // The projections' documents are distinct, so their applies of this page run at
+            // once (one read-store round trip for all, not one each). A projection's own
+            // generations keep their order, building first (see `generations`), and each
+            // document's applies stay in order, page after page.
+            let docs: Vec<Option<Doc>> = known.iter_mut().map(Option::take).collect();
+            let page: &[RecordedEvent] = &events;
+            let (pairs_at, versions_at, docs_at) = (&pairs, &versions, &docs);
+            let runs = by_projection(&pairs).into_iter().map(|group| async move {
+                let mut steps = Vec::with_capacity(group.len());
+                for i in group {
+                    let (p, ns) = (pairs_at[i].0, pairs_at[i].1.as_str());
+                    // The document read at the start describes only the first apply.
+                    let doc = docs_at[i].as_ref();
+                    let step = self.apply(p, ns, stream, page, versions_at[i], doc).await;
+                    let failed = step.is_err();
+                    steps.push((i, step));
+                    if failed {
+                        break;
                     }
                 }
+                steps
+            });
+            let mut steps = vec![Step::Parked; pairs.len()];
+            for run in futures::future::join_all(runs).await {
+                for (i, step) in run {
+                    steps[i] = step?;
+                }
             }
+            let mut kept = 0;
+            for (i, step) in steps.into_iter().enumerate() {
+                if let Step::At(v) = step {
+                    pairs.swap(kept, i);
+                    versions[kept] = v;
+                    kept += 1;
+                }
+            }
+            pairs.truncate(kept);
+            versions.truncate(kept);
+            known.truncate(kept);
             if events.len() < self.config.read_page as usize && target.is_none() {
                 return Ok(Synced::Done);
             }
@@ -334,6 +400,18 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
             _ => Ok(Step::At(at)),
         }
     }
+}
+
+/// The indexes of `pairs` grouped by projection, each group in the order of `pairs`.
+fn by_projection(pairs: &[(&dyn Projection, String)]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, (p, _)) in pairs.iter().enumerate() {
+        match groups.iter_mut().find(|g| pairs[g[0]].0.name() == p.name()) {
+            Some(group) => group.push(i),
+            None => groups.push(vec![i]),
+        }
+    }
+    groups
 }
 
 fn skip_contains(skipped: &Option<BTreeSet<u64>>, version: u64) -> bool {

@@ -138,7 +138,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
         record(report, options, kind, &doc_id, detail);
         if options.repair {
             self.read.delete_doc(ns, &doc_id).await?;
-            self.sync_into(stream, None, vec![(p, ns.to_owned())], &[])
+            self.sync_into(stream, None, vec![(p, ns.to_owned())], &[], None)
                 .await?;
             report.repaired += 1;
         }

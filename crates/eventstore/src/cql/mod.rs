@@ -379,10 +379,10 @@ impl CqlStore {
             ));
         }
         schema::ensure(&session, &config, engine).await?;
-        let stmts =
-            statements::Statements::prepare(&session, &config.keyspace, config.serial_consistency)
-                .await?;
-        let snapshots = snapshots::SnapshotStatements::prepare(&session, &config.keyspace).await?;
+        let (stmts, snapshots) = futures::try_join!(
+            statements::Statements::prepare(&session, &config.keyspace, config.serial_consistency),
+            snapshots::SnapshotStatements::prepare(&session, &config.keyspace),
+        )?;
         // The Scylla CDC feed keeps this first session for its reader even if a later one
         // replaces it for requests.
         let session = Arc::new(session);

@@ -29,21 +29,18 @@ pub(crate) struct SnapshotStatements {
 
 impl SnapshotStatements {
     pub(crate) async fn prepare(session: &Session, ks: &str) -> Result<Self, StoreError> {
-        let mut read = session
-            .prepare(format!(
+        let (mut read, mut write) = futures::try_join!(
+            session.prepare(format!(
                 "SELECT version, event_id, fingerprint, state FROM {ks}.snapshots \
                  WHERE stream_type = ? AND stream_id = ?"
-            ))
-            .await
-            .map_err(error::prepare)?;
-        read.set_is_idempotent(true);
-        let mut write = session
-            .prepare(format!(
+            )),
+            session.prepare(format!(
                 "INSERT INTO {ks}.snapshots (stream_type, stream_id, version, event_id, \
                  fingerprint, state) VALUES (?, ?, ?, ?, ?, ?)"
-            ))
-            .await
-            .map_err(error::prepare)?;
+            )),
+        )
+        .map_err(error::prepare)?;
+        read.set_is_idempotent(true);
         write.set_is_idempotent(true);
         Ok(Self { read, write })
     }

@@ -65,133 +65,146 @@ impl Statements {
             stmt.set_is_idempotent(idempotent);
             Ok::<_, StoreError>(stmt)
         };
-        let mut events_serial = prepare(
-            format!(
-                "SELECT {EVENT_COLUMNS}, append_first, append_last FROM {ks}.events \
-                 WHERE {pk} AND version >= ? AND version <= ?"
+        // All at once: each is a round trip to the cluster, and a start waits for them.
+        let (
+            mut events_serial,
+            mut head_serial,
+            mut read_forwards,
+            mut read_backwards,
+            mut head_first,
+            mut head_next,
+            insert_event,
+            tail,
+            info,
+            list_streams,
+            note_change,
+            changes_after,
+            changes_from_start,
+            index_bucket,
+            buckets,
+        ) = futures::try_join!(
+            prepare(
+                format!(
+                    "SELECT {EVENT_COLUMNS}, append_first, append_last FROM {ks}.events \
+                     WHERE {pk} AND version >= ? AND version <= ?"
+                ),
+                true,
             ),
-            true,
-        )
-        .await?;
-        // After a lost race the winner's rows must be visible: read them through Paxos.
-        events_serial.set_consistency(serial.as_read());
-        let mut head_serial = prepare(
-            format!("SELECT head FROM {ks}.events WHERE {pk} LIMIT 1"),
-            true,
-        )
-        .await?;
-        head_serial.set_consistency(serial.as_read());
-        let mut read_forwards = prepare(
-            format!(
-                "SELECT {EVENT_COLUMNS} FROM {ks}.events \
-                 WHERE {pk} AND version >= ? AND version <= ? LIMIT ?"
+            prepare(
+                format!("SELECT head FROM {ks}.events WHERE {pk} LIMIT 1"),
+                true,
             ),
-            true,
-        )
-        .await?;
-        read_forwards.set_page_size(READ_PAGE_ROWS);
-        let mut read_backwards = prepare(
-            format!(
-                "SELECT {EVENT_COLUMNS} FROM {ks}.events \
-                 WHERE {pk} AND version >= ? AND version <= ? ORDER BY version DESC LIMIT ?"
+            prepare(
+                format!(
+                    "SELECT {EVENT_COLUMNS} FROM {ks}.events \
+                     WHERE {pk} AND version >= ? AND version <= ? LIMIT ?"
+                ),
+                true,
             ),
-            true,
-        )
-        .await?;
-        read_backwards.set_page_size(READ_PAGE_ROWS);
-        let mut head_first = prepare(
-            format!(
-                "UPDATE {ks}.events SET head = ?, created_at = ?, updated_at = ? \
-                 WHERE {pk} IF head = NULL"
+            prepare(
+                format!(
+                    "SELECT {EVENT_COLUMNS} FROM {ks}.events \
+                     WHERE {pk} AND version >= ? AND version <= ? ORDER BY version DESC LIMIT ?"
+                ),
+                true,
             ),
-            false,
-        )
-        .await?;
-        head_first.set_serial_consistency(Some(serial.driver()));
-        let mut head_next = prepare(
-            format!("UPDATE {ks}.events SET head = ?, updated_at = ? WHERE {pk} IF head = ?"),
-            false,
-        )
-        .await?;
-        head_next.set_serial_consistency(Some(serial.driver()));
-        Ok(Self {
-            head_first,
-            head_next,
-            insert_event: prepare(
+            prepare(
+                format!(
+                    "UPDATE {ks}.events SET head = ?, created_at = ?, updated_at = ? \
+                     WHERE {pk} IF head = NULL"
+                ),
+                false,
+            ),
+            prepare(
+                format!("UPDATE {ks}.events SET head = ?, updated_at = ? WHERE {pk} IF head = ?"),
+                false,
+            ),
+            prepare(
                 format!(
                     "INSERT INTO {ks}.events (stream_type, stream_id, bucket, version, event_id, \
                      event_type, schema_version, content_type, data, metadata, recorded_at, \
                      append_first, append_last) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 ),
                 false,
-            )
-            .await?,
-            tail: prepare(
+            ),
+            prepare(
                 format!(
                     "SELECT head, version, event_id, recorded_at, append_first, append_last \
                      FROM {ks}.events WHERE {pk} ORDER BY version DESC LIMIT ?"
                 ),
                 true,
-            )
-            .await?,
-            events_serial,
-            head_serial,
-            read_forwards,
-            read_backwards,
-            info: prepare(
+            ),
+            prepare(
                 format!("SELECT head, created_at, updated_at FROM {ks}.events WHERE {pk} LIMIT 1"),
                 true,
-            )
-            .await?,
-            list_streams: prepare(
+            ),
+            prepare(
                 format!(
                     "SELECT DISTINCT stream_type, stream_id, bucket FROM {ks}.events \
                      WHERE token(stream_type, stream_id, bucket) > ? LIMIT ?"
                 ),
                 true,
-            )
-            .await?,
-            note_change: prepare(
+            ),
+            prepare(
                 format!(
                     "INSERT INTO {ks}.changes (shard, bucket, id, stream_type, stream_id, \
                      first_version, last_version) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?"
                 ),
                 true,
-            )
-            .await?,
-            changes_after: prepare(
+            ),
+            prepare(
                 format!(
                     "SELECT id, stream_type, stream_id, first_version, last_version \
                      FROM {ks}.changes WHERE shard = ? AND bucket = ? \
                      AND id > ? AND id < minTimeuuid(?) LIMIT ?"
                 ),
                 true,
-            )
-            .await?,
-            changes_from_start: prepare(
+            ),
+            prepare(
                 format!(
                     "SELECT id, stream_type, stream_id, first_version, last_version \
                      FROM {ks}.changes WHERE shard = ? AND bucket = ? \
                      AND id < minTimeuuid(?) LIMIT ?"
                 ),
                 true,
-            )
-            .await?,
-            index_bucket: prepare(
+            ),
+            prepare(
                 format!(
                     "INSERT INTO {ks}.change_buckets (shard, bucket) VALUES (?, ?) USING TTL ?"
                 ),
                 true,
-            )
-            .await?,
-            buckets: prepare(
+            ),
+            prepare(
                 format!(
                     "SELECT bucket FROM {ks}.change_buckets \
                      WHERE shard = ? AND bucket >= ? AND bucket <= ? LIMIT ?"
                 ),
                 true,
-            )
-            .await?,
+            ),
+        )?;
+        // After a lost race the winner's rows must be visible: read them through Paxos.
+        events_serial.set_consistency(serial.as_read());
+        head_serial.set_consistency(serial.as_read());
+        read_forwards.set_page_size(READ_PAGE_ROWS);
+        read_backwards.set_page_size(READ_PAGE_ROWS);
+        head_first.set_serial_consistency(Some(serial.driver()));
+        head_next.set_serial_consistency(Some(serial.driver()));
+        Ok(Self {
+            head_first,
+            head_next,
+            insert_event,
+            tail,
+            events_serial,
+            head_serial,
+            read_forwards,
+            read_backwards,
+            info,
+            list_streams,
+            note_change,
+            changes_after,
+            changes_from_start,
+            index_bucket,
+            buckets,
         })
     }
 }
