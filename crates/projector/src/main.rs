@@ -131,7 +131,10 @@ async fn main() -> anyhow::Result<()> {
         options,
         shutdown.clone(),
     ));
-    projector.run(wake, Some(rx), shutdown).await;
+    // A task of the runtime rather than the main thread's future: its I/O then wakes it on
+    // the worker that polled the I/O, not across threads.
+    let running = tokio::spawn(async move { projector.run(wake, Some(rx), shutdown).await });
+    running.await?;
     let _ = subscriber.await;
     health.await??;
     Ok(())

@@ -136,7 +136,7 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     me.extend(backends.iter().cloned());
     let (mut esq, mut base, mut batched, mut per_event) = (vec![], vec![], vec![], vec![]);
     let mut scanned = Vec::new();
-    let (mut startup, mut rss) = (Vec::new(), Vec::new());
+    let (mut startup, mut first_doc, mut rss) = (Vec::new(), Vec::new(), Vec::new());
     // What Cassandra did on each side, per event (operations per table).
     let (mut esq_ops, mut raw_ops) = (CqlOps::default(), CqlOps::default());
     // What Redis did on each side (calls per command), the harness's own polling left out.
@@ -158,7 +158,8 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
                     .start_projector(ctx, &[("ESQ_REDIS_PREFIX".to_owned(), prefix.clone())])
                     .await?;
                 startup.push(started.elapsed().as_secs_f64());
-                let polled = wait_current(&mut conn, &prefix, n).await?;
+                let (polled, first) = wait_current(&mut conn, &prefix, n, started).await?;
+                first_doc.push(first);
                 let secs = started.elapsed().as_secs_f64();
                 let mut used = sample.cores();
                 let ticks = cpu_ticks(projector.pid).context("the projector is gone")?;
@@ -217,6 +218,7 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     let (batched, per_event) = (Run::median(&batched), Run::median(&per_event));
     let scanned = Run::median(&scanned);
     startup.sort_by(f64::total_cmp);
+    first_doc.sort_by(f64::total_cmp);
     rss.sort_by(f64::total_cmp);
     let path = format!(
         "projector catch-up, {} events ({} carts × {EVENTS_PER_CART})",
@@ -240,10 +242,13 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     );
     first.path = path;
     first.note = format!(
-        "esq timed from the projector's spawn (start-up until serving: {:.2} s); projector \
-         peak RSS {:.0} MiB; {} rounds, medians; Cassandra operations per event: esq {} · \
+        "esq timed from the projector's spawn (start-up until serving: {:.2} s, first document \
+         after {:.2} s, all {} documents after {:.2} s); projector peak RSS {:.0} MiB; {} rounds, medians; Cassandra operations per event: esq {} · \
          base {}; Redis calls per event: esq {} · base {}",
         startup[startup.len() / 2],
+        first_doc[first_doc.len() / 2],
+        crate::report::thousands(n),
+        events as f64 / esq.rate,
         rss[rss.len() / 2],
         ctx.rounds(),
         esq_ops.per(events * ctx.rounds() as u64),
@@ -511,13 +516,17 @@ async fn add_items(
 
 /// Waits until every cart's document under `prefix` is at version [`EVENTS_PER_CART`]:
 /// the remaining carts are checked in pipelined chunks, front first, so the check costs
-/// little Redis time while the projector works. Returns the HGETs it sent.
+/// little Redis time while the projector works. Returns the HGETs it sent, and when (since
+/// `since`) a checked document was first seen (the front chunk's carts are spread over every
+/// shard, and among the first of each shard's log, so this is close to the first apply).
 async fn wait_current(
     conn: &mut redis::aio::MultiplexedConnection,
     prefix: &str,
     n: u64,
-) -> anyhow::Result<u64> {
+    since: Instant,
+) -> anyhow::Result<(u64, f64)> {
     let mut sent = 0;
+    let mut first = None;
     const CHUNK: usize = 64;
     let give_up = Instant::now() + Duration::from_secs(600);
     let mut remaining: std::collections::VecDeque<u64> = (0..n).collect();
@@ -536,6 +545,9 @@ async fn wait_current(
         }
         let versions: Vec<Option<u64>> = pipe.query_async(conn).await?;
         sent += chunk.len() as u64;
+        if first.is_none() && versions.iter().any(Option::is_some) {
+            first = Some(since.elapsed().as_secs_f64());
+        }
         let done = versions
             .iter()
             .take_while(|v| **v == Some(EVENTS_PER_CART))
@@ -545,7 +557,7 @@ async fn wait_current(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    Ok(sent)
+    Ok((sent, first.unwrap_or_else(|| since.elapsed().as_secs_f64())))
 }
 
 /// Deletes every key under `prefix` (this round's documents, checkpoints and leases).
