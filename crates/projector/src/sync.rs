@@ -100,7 +100,8 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
     }
 
     /// Brings `stream` up to `target` (or to its end when `None`) in each (projection,
-    /// namespace) of `pairs`, in that order, pulling events after the lowest version in pages
+    /// namespace) of `pairs` — the projections at once, a projection's namespaces in the order
+    /// of `pairs` (building first) — pulling events after the lowest version in pages
     /// (or taking them from `carried`, see [`Projector::sync_only`]). With `prefetch`, the
     /// first page is read from that version concurrently with the starting points, and used
     /// if it begins at or before the lowest one's successor (see [`Projector::sync_changed`]).
@@ -189,6 +190,7 @@ impl<E: EventStore, F: ChangeFeed, R: ReadStore + Coordination> Projector<E, F, 
                 }
                 steps
             });
+            // Every entry is overwritten below, or an error returns first.
             let mut steps = vec![Step::Parked; pairs.len()];
             for run in futures::future::join_all(runs).await {
                 for (i, step) in run {

@@ -243,7 +243,8 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     first.path = path;
     first.note = format!(
         "esq timed from the projector's spawn (start-up until serving: {:.2} s, first document \
-         after {:.2} s, all {} documents after {:.2} s); projector peak RSS {:.0} MiB; {} rounds, medians; Cassandra operations per event: esq {} · \
+         after {:.2} s, all {} documents after {:.2} s); projector peak RSS {:.0} MiB; {} \
+         rounds, medians; Cassandra operations per event: esq {} · \
          base {}; Redis calls per event: esq {} · base {}",
         startup[startup.len() / 2],
         first_doc[first_doc.len() / 2],
