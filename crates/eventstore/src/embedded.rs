@@ -21,8 +21,9 @@
 //! with `Unavailable` — and acknowledges none. Change-log sequence numbers are given in queue
 //! order inside the transaction, so the feed is still in commit order.
 //!
-//! redb calls block, so they run on the writer thread or on tokio's blocking pool, never on an
-//! async worker.
+//! redb calls block, so they never run on an async worker: appends on the writer thread, reads
+//! on the store's few reader threads (see `readers`: cheaper than tokio's blocking pool for
+//! reads of a few microseconds), and snapshot writes and reopens on tokio's blocking pool.
 //!
 //! After an I/O error redb refuses every later operation until the database is reopened. So an
 //! I/O error marks the store broken (reported as `Unavailable`, and by [`EventStore::ping`], so
@@ -59,7 +60,10 @@ use std::sync::{Arc, Weak};
 use tokio::sync::{mpsc, oneshot, RwLock};
 use uuid::Uuid;
 
+mod readers;
 mod snapshots;
+
+pub use readers::READ_QUEUE_CAPACITY;
 
 /// Name of the database file inside the store's directory.
 pub const DB_FILE_NAME: &str = "events.redb";
@@ -185,6 +189,8 @@ pub struct EmbeddedStore {
     appends: mpsc::Sender<Request>,
     /// Group transactions the writer has committed.
     commits: Arc<std::sync::atomic::AtomicU64>,
+    /// The threads that run reads; they end when the last clone of the store is dropped.
+    readers: Arc<readers::Readers>,
     #[cfg(test)]
     hold: Arc<Hold>,
 }
@@ -260,20 +266,40 @@ impl EmbeddedStore {
             .name("esq-redb-writer".into())
             .spawn(move || writer.run(queue))
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
+        let readers = Arc::new(readers::Readers::start(readers::default_threads())?);
         Ok(Self {
             db,
             broken,
             opener,
             appends,
             commits,
+            readers,
             #[cfg(test)]
             hold,
         })
     }
 
-    /// Runs `f` against the database on the blocking pool, reopening it first if an I/O error
-    /// left it broken, and marking it broken if `f` meets one.
+    /// Runs the read `f` against the database on a reader thread, reopening it first if an I/O
+    /// error left it broken, and marking it broken if `f` meets one.
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.guarded(f, true).await
+    }
+
+    /// [`EmbeddedStore::run`] on tokio's blocking pool, for work that may wait on redb's writer
+    /// lock (a snapshot's write transaction), which must not hold a reader thread.
+    async fn run_blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.guarded(f, false).await
+    }
+
+    async fn guarded<T, F>(&self, f: F, read: bool) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
@@ -282,14 +308,19 @@ impl EmbeddedStore {
             self.reopen().await?;
         }
         let db = Arc::clone(&self.db).read_owned().await;
-        let result = tokio::task::spawn_blocking(move || match db.as_ref() {
+        let f = move || match db.as_ref() {
             Some(db) => f(db),
             None => Err(StoreError::Unavailable(
                 "the event store could not be reopened".into(),
             )),
-        })
-        .await
-        .map_err(|e| StoreError::Internal(format!("embedded store task failed: {e}")))?;
+        };
+        let result = if read {
+            self.readers.run(f).await
+        } else {
+            tokio::task::spawn_blocking(f)
+                .await
+                .map_err(|e| StoreError::Internal(format!("embedded store task failed: {e}")))?
+        };
         if let Err(StoreError::Unavailable(cause) | StoreError::OutcomeUnknown(cause)) = &result {
             if !self.broken.swap(true, Ordering::AcqRel) {
                 tracing::error!(%cause, "embedded event store I/O error: reopening on next use");

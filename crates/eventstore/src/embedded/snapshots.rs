@@ -63,7 +63,7 @@ impl Snapshots for EmbeddedStore {
             fingerprint: snapshot.fingerprint.clone(),
             state: snapshot.state.clone(),
         })?;
-        self.run(move |db| {
+        self.run_blocking(move |db| {
             let mut txn = db.begin_write().map_err(db_err)?;
             txn.set_durability(Durability::None)
                 .map_err(|e| StoreError::Internal(format!("redb: {e}")))?;
