@@ -47,6 +47,28 @@ pub struct Backends {
 }
 
 impl Backends {
+    /// A new multiplexed Redis connection; its I/O task runs on the runtime of the caller.
+    pub async fn redis(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.redis.as_str())?;
+        // The crate's default 500 ms response timeout fails a baseline on a busy machine (a
+        // SCAN or a pipeline waiting behind the load); latencies are measured, not bounded.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(30)));
+        Ok(client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?)
+    }
+
+    /// A new raw `scylla` driver session to Cassandra (for the raw-driver baselines; prepare
+    /// statements on it, as esq does); its connections' tasks run on the runtime of the caller.
+    pub async fn scylla(&self) -> anyhow::Result<scylla::client::session::Session> {
+        Ok(scylla::client::session_builder::SessionBuilder::new()
+            .known_node(&self.cassandra)
+            .build()
+            .await?)
+    }
+
     /// Redis's `(host, port)` from its URL.
     pub fn redis_host_port(&self) -> anyhow::Result<(String, u16)> {
         let rest = self
@@ -158,26 +180,14 @@ impl Ctx {
         pid_listening_on(port).map(|pid| Watched::new("cassandra", pid))
     }
 
-    /// A new multiplexed connection to Redis (one connection, pipelined).
+    /// A new multiplexed Redis connection (see [`Backends::redis`]).
     pub async fn redis(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        let client = redis::Client::open(self.backends.redis.as_str())?;
-        // The crate's default 500 ms response timeout fails a baseline on a busy machine (a
-        // SCAN or a pipeline waiting behind the load); latencies are measured, not bounded.
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(30)));
-        Ok(client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?)
+        self.backends.redis().await
     }
 
-    /// A new raw `scylla` driver session to Cassandra (for the raw-driver baselines; prepare
-    /// statements on it, as esq does).
+    /// A new raw `scylla` driver session to Cassandra (see [`Backends::scylla`]).
     pub async fn scylla(&self) -> anyhow::Result<scylla::client::session::Session> {
-        Ok(scylla::client::session_builder::SessionBuilder::new()
-            .known_node(&self.backends.cassandra)
-            .build()
-            .await?)
+        self.backends.scylla().await
     }
 
     /// The shared cluster stack (write-svc, projector, read-svc as processes over Cassandra +

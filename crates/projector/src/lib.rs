@@ -47,6 +47,10 @@ pub const READ_MODEL_LAYOUT: u32 = 2;
 pub const DEFAULT_SYNC_CONCURRENCY: usize = 32;
 /// Default of [`Config::shard_concurrency`].
 pub const DEFAULT_SHARD_CONCURRENCY: usize = 4;
+/// Default worker threads of the projector binary's runtime (`--worker-threads`): one, so that
+/// its tasks and the drivers' I/O tasks wake each other on one thread (ARCHITECTURE.md,
+/// "Projector throughput").
+pub const DEFAULT_WORKER_THREADS: usize = 1;
 
 /// Tunables of a projector.
 #[derive(Debug, Clone)]

@@ -45,6 +45,13 @@ struct Args {
     /// Pub/sub channel of the nudges.
     #[arg(long, env = "ESQ_NUDGE_CHANNEL", default_value = "esq:nudge")]
     nudge_channel: String,
+    /// Worker threads of the async runtime. One by default: a projector's work is waiting on
+    /// Cassandra and Redis for many streams at once, and on one thread its tasks and the
+    /// drivers' I/O tasks wake each other without crossing threads (less CPU per event, a
+    /// faster catch-up; BENCHMARKS.md). Raise it when one core is not enough for the shards a
+    /// replica owns, or run more replicas.
+    #[arg(long, env = "ESQ_WORKER_THREADS", default_value_t = esq_projector::DEFAULT_WORKER_THREADS)]
+    worker_threads: usize,
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
@@ -57,9 +64,18 @@ struct Args {
     metrics: MetricsArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.max(1))
+        .enable_all()
+        .build()?;
+    // A task of the runtime rather than the main thread's future: its I/O then wakes it on
+    // the worker that polled the I/O, not across threads.
+    runtime.block_on(async move { tokio::spawn(serve(args)).await? })
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     args.telemetry.init();
     // Before anything else: a server without TLS and without --insecure must not start.
     let tls = args.server.tls.load(args.listen).await?;
@@ -131,10 +147,7 @@ async fn main() -> anyhow::Result<()> {
         options,
         shutdown.clone(),
     ));
-    // A task of the runtime rather than the main thread's future: its I/O then wakes it on
-    // the worker that polled the I/O, not across threads.
-    let running = tokio::spawn(async move { projector.run(wake, Some(rx), shutdown).await });
-    running.await?;
+    projector.run(wake, Some(rx), shutdown).await;
     let _ = subscriber.await;
     health.await??;
     Ok(())

@@ -16,11 +16,16 @@
 //! - **Lua alone**: the same EVALSHAs from events already in memory, batched per stream, and
 //!   one call per event.
 //!
+//! The raw programs run as tasks of a runtime of their own with as many worker threads as the
+//! projector binary has by default (one), their driver connections made there: a program on a
+//! worker per core pays for its tasks waking each other across threads, which would make the
+//! baseline slower than it needs to be (or the projector's single thread an unfair advantage).
+//!
 //! CPU per process is sampled on each side (the projector's from its start, by its own
 //! counters).
 
 use crate::cqlops::CqlOps;
-use crate::ctx::{Cluster, Ctx};
+use crate::ctx::{Backends, Cluster, Ctx};
 use crate::load::Run;
 use crate::redisops::RedisOps;
 use crate::report::{cpu, rate, Line};
@@ -67,58 +72,48 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
     cluster.stop_projector().await?;
     let n = carts(ctx);
     write_carts(cluster, n).await?;
-    let session = ctx.scylla().await?;
-    let select = session
-        .prepare(format!(
-            "SELECT version, event_id, event_type, schema_version, content_type, data, \
-             metadata, recorded_at FROM {}.events \
-             WHERE stream_type = 'cart' AND stream_id = ? AND bucket = 0",
-            cluster.keyspace
+    // The raw programs run on a runtime of their own with as many workers as the projector
+    // binary's (one by default, `--worker-threads`), their driver connections made there, so
+    // both sides' tasks wake each other the same way.
+    let raw_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(PROJECTOR_WORKERS)
+        .enable_all()
+        .build()?;
+    let result = on_runtime(ctx, cluster, n, &raw_rt).await;
+    // Dropping a runtime waits for its tasks, which an async context must not do.
+    raw_rt.shutdown_background();
+    result
+}
+
+/// The worker threads of the projector binary's runtime by default: the raw programs get as
+/// many.
+const PROJECTOR_WORKERS: usize = esq_projector::DEFAULT_WORKER_THREADS;
+
+/// The rounds of the row, the raw sides spawned on `raw_rt`.
+async fn on_runtime(
+    ctx: &Ctx,
+    cluster: &Cluster,
+    n: u64,
+    raw_rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<Vec<Line>> {
+    let (raw, raw_conn, sha) = raw_rt
+        .spawn(Raw::prepare(
+            ctx.backends().clone(),
+            cluster.keyspace.clone(),
         ))
-        .await?;
-    // The change log's statements, as the CQL store prepares them.
-    let changes = format!(
-        "SELECT id, stream_type, stream_id, first_version, last_version FROM {}.changes \
-         WHERE shard = ? AND bucket = ?",
-        cluster.keyspace
-    );
-    let prepare = |cql: String| session.prepare(cql);
-    let buckets = prepare(format!(
-        "SELECT bucket FROM {}.change_buckets \
-         WHERE shard = ? AND bucket >= ? AND bucket <= ? LIMIT ?",
-        cluster.keyspace
-    ))
-    .await?;
-    let from_start = prepare(format!("{changes} AND id < minTimeuuid(?) LIMIT ?")).await?;
-    let after = prepare(format!(
-        "{changes} AND id > ? AND id < minTimeuuid(?) LIMIT ?"
-    ))
-    .await?;
-    let raw = Raw {
-        session: Arc::new(session),
-        select,
-        buckets,
-        from_start,
-        after,
-        projections: esq_domain::registry::projections()
-            .into_iter()
-            .filter(|p| p.handles("cart"))
-            .collect(),
-    };
+        .await??;
+    let raw = Arc::new(raw);
     let mut conn = ctx.redis().await?;
-    let sha: String = redis::cmd("SCRIPT")
-        .arg("LOAD")
-        .arg(APPLY_SCRIPT)
-        .query_async(&mut conn)
-        .await?;
     // The events in memory, for the Lua-alone sides (read once, untimed).
     let reads: Vec<_> = (0..n).map(|c| raw.read(cart(c))).collect();
-    let all: Vec<Vec<RecordedEvent>> = futures::stream::iter(reads)
-        .buffer_unordered(CONCURRENCY)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<_>>()?;
+    let all: Arc<Vec<Vec<RecordedEvent>>> = Arc::new(
+        futures::stream::iter(reads)
+            .buffer_unordered(CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<_>>()?,
+    );
     anyhow::ensure!(
         all.iter().all(|e| e.len() as u64 == EVENTS_PER_CART),
         "a cart does not hold {EVENTS_PER_CART} events"
@@ -182,10 +177,15 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
                 let prefix = format!("{tag}raw");
                 let ops_before = CqlOps::snapshot(&raw.session, ks).await;
                 let redis_before = RedisOps::snapshot(&mut conn).await;
-                let work = (0..n)
-                    .map(|c| raw.read_apply(conn.clone(), &sha, &prefix, cart(c)))
-                    .collect();
-                base.push(all_of(events, &me, work).await?);
+                let (side, side_conn, side_sha, side_me) =
+                    (Arc::clone(&raw), raw_conn.clone(), sha.clone(), me.clone());
+                let run = raw_rt.spawn(async move {
+                    let work = (0..n)
+                        .map(|c| side.read_apply(side_conn.clone(), &side_sha, &prefix, cart(c)))
+                        .collect();
+                    all_of(events, &side_me, work).await
+                });
+                base.push(run.await??);
                 raw_ops.add(&CqlOps::snapshot(&raw.session, ks).await.since(&ops_before));
                 raw_redis.add(&RedisOps::snapshot(&mut conn).await.since(&redis_before));
             }
@@ -193,24 +193,41 @@ async fn measure(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<Vec<Line>> {
 
         // raw + change log: the carts found by scanning the change log, as the projector must.
         let prefix = format!("{tag}scan");
-        let sample = Cpu::sample(&me);
-        let started = Instant::now();
-        let (carts, applied) = raw.scan_apply(&conn, &sha, &prefix).await?;
-        let secs = started.elapsed().as_secs_f64();
+        let (side, side_conn, side_sha, side_me) =
+            (Arc::clone(&raw), raw_conn.clone(), sha.clone(), me.clone());
+        let (carts, applied, secs, cores) = raw_rt
+            .spawn(async move {
+                let sample = Cpu::sample(&side_me);
+                let started = Instant::now();
+                let (carts, applied) = side.scan_apply(&side_conn, &side_sha, &prefix).await?;
+                let secs = started.elapsed().as_secs_f64();
+                anyhow::Ok((carts, applied, secs, sample.cores()))
+            })
+            .await??;
         anyhow::ensure!(
             carts == n && applied == n,
             "the change log named {carts} carts ({applied} applied), not {n}"
         );
-        scanned.push(Run::measured(events, secs, 0.0, 0.0, sample.cores()));
+        scanned.push(Run::measured(events, secs, 0.0, 0.0, cores));
 
         // The Lua alone, batched per stream and per event.
-        for (side, whole) in [(&mut batched, true), (&mut per_event, false)] {
+        for (runs, whole) in [(&mut batched, true), (&mut per_event, false)] {
             let prefix = format!("{tag}lua{}", u8::from(whole));
-            let work = all
-                .iter()
-                .map(|events| raw.apply(conn.clone(), &sha, &prefix, events, whole))
-                .collect();
-            side.push(all_of(events, &me, work).await?);
+            let (side, side_conn, side_sha, side_me, all) = (
+                Arc::clone(&raw),
+                raw_conn.clone(),
+                sha.clone(),
+                me.clone(),
+                Arc::clone(&all),
+            );
+            let run = raw_rt.spawn(async move {
+                let work = all
+                    .iter()
+                    .map(|events| side.apply(side_conn.clone(), &side_sha, &prefix, events, whole))
+                    .collect();
+                all_of(events, &side_me, work).await
+            });
+            runs.push(run.await??);
         }
         delete_prefix(&mut conn, &tag).await?;
     }
@@ -302,6 +319,57 @@ type Row = (
 );
 
 impl Raw {
+    /// Connects to `backends` and prepares the statements on keyspace `ks`; also returns a
+    /// Redis connection and the apply script's SHA. Call it on the runtime the raw program
+    /// runs on.
+    async fn prepare(
+        backends: Backends,
+        ks: String,
+    ) -> anyhow::Result<(Self, redis::aio::MultiplexedConnection, String)> {
+        let session = backends.scylla().await?;
+        let select = session
+            .prepare(format!(
+                "SELECT version, event_id, event_type, schema_version, content_type, data, \
+                 metadata, recorded_at FROM {ks}.events \
+                 WHERE stream_type = 'cart' AND stream_id = ? AND bucket = 0"
+            ))
+            .await?;
+        // The change log's statements, as the CQL store prepares them.
+        let changes = format!(
+            "SELECT id, stream_type, stream_id, first_version, last_version FROM {ks}.changes \
+             WHERE shard = ? AND bucket = ?"
+        );
+        let prepare = |cql: String| session.prepare(cql);
+        let buckets = prepare(format!(
+            "SELECT bucket FROM {ks}.change_buckets \
+             WHERE shard = ? AND bucket >= ? AND bucket <= ? LIMIT ?"
+        ))
+        .await?;
+        let from_start = prepare(format!("{changes} AND id < minTimeuuid(?) LIMIT ?")).await?;
+        let after = prepare(format!(
+            "{changes} AND id > ? AND id < minTimeuuid(?) LIMIT ?"
+        ))
+        .await?;
+        let raw = Raw {
+            session: Arc::new(session),
+            select,
+            buckets,
+            from_start,
+            after,
+            projections: esq_domain::registry::projections()
+                .into_iter()
+                .filter(|p| p.handles("cart"))
+                .collect(),
+        };
+        let mut conn = backends.redis().await?;
+        let sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(APPLY_SCRIPT)
+            .query_async(&mut conn)
+            .await?;
+        Ok((raw, conn, sha))
+    }
+
     /// A cart's events, read by partition with the prepared statement.
     async fn read(&self, id: String) -> anyhow::Result<Vec<RecordedEvent>> {
         let rows = self
