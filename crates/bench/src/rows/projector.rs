@@ -149,9 +149,15 @@ async fn on_runtime(
                 let redis_before = RedisOps::snapshot(&mut conn).await;
                 let sample = Cpu::sample(&backends);
                 let started = Instant::now();
-                let projector = cluster
-                    .start_projector(ctx, &[("ESQ_REDIS_PREFIX".to_owned(), prefix.clone())])
-                    .await?;
+                // Its worker threads said, not inherited: the raw runtime has as many.
+                let env = [
+                    ("ESQ_REDIS_PREFIX".to_owned(), prefix.clone()),
+                    (
+                        "ESQ_WORKER_THREADS".to_owned(),
+                        PROJECTOR_WORKERS.to_string(),
+                    ),
+                ];
+                let projector = cluster.start_projector(ctx, &env).await?;
                 startup.push(started.elapsed().as_secs_f64());
                 let (polled, first) = wait_current(&mut conn, &prefix, n, started).await?;
                 first_doc.push(first);
@@ -260,7 +266,8 @@ async fn on_runtime(
     first.path = path;
     first.note = format!(
         "esq timed from the projector's spawn (start-up until serving: {:.2} s, first document \
-         after {:.2} s, all {} documents after {:.2} s); projector peak RSS {:.0} MiB; {} \
+         after {:.2} s, all {} documents after {:.2} s); projector peak RSS {:.0} MiB; the \
+         projector and the raw programs on {PROJECTOR_WORKERS} runtime worker thread(s) each; {} \
          rounds, medians; Cassandra operations per event: esq {} · \
          base {}; Redis calls per event: esq {} · base {}",
         startup[startup.len() / 2],

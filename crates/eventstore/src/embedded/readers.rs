@@ -61,7 +61,9 @@ impl Queue {
         loop {
             if let Some(job) = state.jobs.pop_front() {
                 drop(state);
-                job();
+                // A job answers its own panics (see `Readers::run`); this only keeps the thread
+                // alive should anything else in it unwind.
+                let _ = catch_unwind(AssertUnwindSafe(job));
                 state = self.lock();
                 continue;
             }
@@ -125,6 +127,15 @@ impl Readers {
             // A caller that gave up has dropped its receiver: nothing to tell.
             let _ = tx.send(answer);
         });
+        self.push(job);
+        rx.await
+            .map_err(|_| StoreError::Internal("an embedded store read was dropped".into()))?
+    }
+}
+
+impl Readers {
+    /// Queues `job`, waking a thread only if one is idle and not already being woken.
+    fn push(&self, job: Job) {
         let wake = {
             let mut state = self.queue.lock();
             state.jobs.push_back(job);
@@ -137,8 +148,6 @@ impl Readers {
         if wake {
             self.queue.ready.notify_one();
         }
-        rx.await
-            .map_err(|_| StoreError::Internal("an embedded store read was dropped".into()))?
     }
 }
 
@@ -172,7 +181,7 @@ mod tests {
             })
             .collect();
         for (i, task) in tasks.into_iter().enumerate() {
-            let (doubled, thread) = task.await.unwrap().unwrap();
+            let (doubled, thread) = answered(task).await.unwrap().unwrap();
             assert_eq!(doubled, 2 * i as u64);
             assert_eq!(thread.as_deref(), Some("esq-redb-reader"));
         }
@@ -181,43 +190,74 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_read_answers_with_an_error_and_the_thread_goes_on() {
         let readers = Readers::start(1).unwrap();
-        let err = readers
-            .run(|| -> Result<(), StoreError> { panic!("boom") })
+        let err = answered(readers.run(|| -> Result<(), StoreError> { panic!("boom") }))
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::Internal(ref m) if m.contains("panicked")));
-        assert_eq!(readers.run(|| Ok(7)).await.unwrap(), 7);
+        assert_eq!(answered(readers.run(|| Ok(7))).await.unwrap(), 7);
+    }
+
+    /// A read's answer, or a failure after a generous bound instead of a hung test.
+    async fn answered<T>(read: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(60), read)
+            .await
+            .expect("a read got no answer within 60 s")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_read_does_not_hold_up_the_others_with_two_threads() {
         let readers = Arc::new(Readers::start(2).unwrap());
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
         let (release, held) = std::sync::mpsc::channel::<()>();
         let slow = {
             let readers = Arc::clone(&readers);
             tokio::spawn(async move {
                 readers
                     .run(move || {
+                        started_tx.send(()).unwrap();
                         held.recv_timeout(Duration::from_secs(60)).ok();
                         Ok(())
                     })
                     .await
             })
         };
+        // The slow read holds one thread before the others are queued.
+        tokio::task::spawn_blocking(move || started.recv_timeout(Duration::from_secs(60)))
+            .await
+            .unwrap()
+            .expect("the slow read never started");
         let done = Arc::new(AtomicUsize::new(0));
         for _ in 0..20 {
             let done = Arc::clone(&done);
-            readers
-                .run(move || {
-                    done.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
-                })
-                .await
-                .unwrap();
+            answered(readers.run(move || {
+                done.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }))
+            .await
+            .unwrap();
         }
         assert_eq!(done.load(Ordering::Relaxed), 20);
         release.send(()).unwrap();
-        slow.await.unwrap().unwrap();
+        answered(slow).await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn jobs_queued_when_the_pool_is_dropped_still_run() {
+        let readers = Readers::start(1).unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (tx, ran) = std::sync::mpsc::channel::<u32>();
+        let tx2 = tx.clone();
+        readers.push(Box::new(move || {
+            held.recv_timeout(Duration::from_secs(60)).ok();
+            tx.send(1).unwrap();
+        }));
+        readers.push(Box::new(move || tx2.send(2).unwrap()));
+        // The pool goes while its only thread holds the first job and the second is queued.
+        drop(readers);
+        release.send(()).unwrap();
+        let wait = Duration::from_secs(60);
+        assert_eq!(ran.recv_timeout(wait), Ok(1));
+        assert_eq!(ran.recv_timeout(wait), Ok(2));
     }
 
     #[test]
